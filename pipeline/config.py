@@ -1,0 +1,256 @@
+"""One typed experiment config shared by every stage.
+
+A config is a YAML file whose sections map onto the dataclasses below. Loading checks
+every key and type and every value range before any heavy work starts; command-line
+overrides (``section.key=value``) go through the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+DISTILL_MODES = ("none", "kd", "wsld", "bkd", "mixed")
+FLOAT_DTYPES = ("float16", "float32")
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist5k"
+    # Fixed, seeded train/test split of the embedded datasets.
+    split_seed: int = 0
+    test_size: int = 1000
+    # Use only the first `limit` samples of each split (tiny runs, tests); null = all.
+    limit: int | None = None
+
+
+@dataclass
+class TeacherConfig:
+    model: str = "resnet18"  # any timm model name
+    # Replace the 7x7/2 stem convolution with a 3x3/1 one so 28x28 inputs keep spatial detail.
+    small_input_stem: bool = True
+    checkpoint: str = "models/teacher.safetensors"
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    device: str = "auto"
+
+
+@dataclass
+class ExtractConfig:
+    store: str = "cache/mnist5k-resnet18.zarr"
+    splits: list[str] = field(default_factory=lambda: ["train", "test"])
+    chunk_size: int = 256  # samples per chunk (the unit the reader streams)
+    chunks_per_shard: int = 4  # chunks per shard (the unit of work that writes)
+    batch_size: int = 256
+    feature_dtype: str = "float16"
+    logits_dtype: str = "float16"
+    zstd_level: int = 3
+
+
+@dataclass
+class BKDConfig:
+    blur_ratio: float = 0.15  # lambda: probability of zeroing each channel
+    alpha: float = 2e-3
+    rescale: bool = True  # rescale teacher features to the student's max ("clip" in the public code)
+
+
+@dataclass
+class LogitsConfig:
+    temperature: float = 2.0
+    weight: float = 1.0
+
+
+@dataclass
+class StudentConfig:
+    model: str = "sew_resnet_mnist"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    timesteps: int = 4
+    distill: str = "mixed"
+    epochs: int = 6
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    bkd: BKDConfig = field(default_factory=BKDConfig)
+    logits: LogitsConfig = field(default_factory=LogitsConfig)
+    shuffle_buffer_chunks: int = 4  # chunks held in memory by the streaming reader
+    out_dir: str = "runs/student"
+    device: str = "auto"
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; build nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float:
+        # YAML reads `1e-3` as a string (YAML 1.1); accept ints and numeric strings.
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} at {where}")
+
+
+def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for key, value in raw.items():
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> Config:
+    """Range checks that types alone cannot express."""
+    from pipeline.data import DATASETS  # local import: data pulls in torch
+
+    _check(cfg.data.name in DATASETS, f"data.name: unknown dataset '{cfg.data.name}' (known: {', '.join(DATASETS)})")
+    _check(cfg.data.test_size > 0, "data.test_size must be > 0")
+    _check(cfg.data.limit is None or cfg.data.limit > 0, "data.limit must be > 0 or null")
+    for section in (cfg.teacher, cfg.student):
+        name = "teacher" if section is cfg.teacher else "student"
+        _check(section.epochs >= 1, f"{name}.epochs must be >= 1, got {section.epochs}")
+        _check(section.batch_size >= 1, f"{name}.batch_size must be >= 1, got {section.batch_size}")
+        _check(section.lr > 0, f"{name}.lr must be > 0, got {section.lr}")
+        _check(section.weight_decay >= 0, f"{name}.weight_decay must be >= 0")
+        _check(
+            section.device == "auto" or section.device == "cpu" or section.device.startswith("cuda"),
+            f"{name}.device must be auto, cpu or cuda[:N], got '{section.device}'",
+        )
+    ex = cfg.extract
+    _check(ex.chunk_size >= 1, f"extract.chunk_size must be >= 1, got {ex.chunk_size}")
+    _check(ex.chunks_per_shard >= 1, f"extract.chunks_per_shard must be >= 1, got {ex.chunks_per_shard}")
+    _check(ex.batch_size >= 1, "extract.batch_size must be >= 1")
+    _check(bool(ex.splits), "extract.splits must name at least one split")
+    for split in ex.splits:
+        _check(split in ("train", "test"), f"extract.splits: unknown split '{split}' (known: train, test)")
+    _check(ex.feature_dtype in FLOAT_DTYPES, f"extract.feature_dtype must be one of {FLOAT_DTYPES}")
+    _check(ex.logits_dtype in FLOAT_DTYPES, f"extract.logits_dtype must be one of {FLOAT_DTYPES}")
+    _check(1 <= ex.zstd_level <= 22, "extract.zstd_level must be in [1, 22]")
+    st = cfg.student
+    _check(st.timesteps >= 1, f"student.timesteps (T) must be >= 1, got {st.timesteps}")
+    _check(st.distill in DISTILL_MODES, f"student.distill: unknown mode '{st.distill}' (known: {', '.join(DISTILL_MODES)})")
+    _check(0.0 <= st.bkd.blur_ratio < 1.0, f"student.bkd.blur_ratio (lambda) must be in [0, 1), got {st.bkd.blur_ratio}")
+    _check(st.bkd.alpha >= 0, f"student.bkd.alpha must be >= 0, got {st.bkd.alpha}")
+    _check(st.logits.temperature > 0, f"student.logits.temperature must be > 0, got {st.logits.temperature}")
+    _check(st.logits.weight >= 0, f"student.logits.weight must be >= 0, got {st.logits.weight}")
+    _check(st.shuffle_buffer_chunks >= 1, "student.shuffle_buffer_chunks must be >= 1")
+    return cfg
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one ``dotted.key=value`` override to a raw config mapping (value parsed as YAML)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override '{assignment}' must look like section.key=value")
+    dotted, text = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{assignment}': '{key}' is not a section")
+    node[keys[-1]] = _parse_scalar(text)
+
+
+def load_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -> Config:
+    """Read a YAML config (or the built-in defaults when `path` is None), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return validate(_build(Config, raw, ""))
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

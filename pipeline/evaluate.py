@@ -1,0 +1,137 @@
+"""Accuracy, firing rates, metrics JSON and plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.neurons import spiking_layers
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split, device: torch.device, batch_size: int = 500) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    preds = []
+    for start in range(0, len(split), batch_size):
+        images = split.images[start:start + batch_size].to(device)
+        preds.append(model(images).argmax(1).cpu())
+    model.train(was_training)
+    return torch.cat(preds)
+
+
+def accuracy(model: nn.Module, split, device: torch.device) -> float:
+    return (predict(model, split, device) == split.labels).float().mean().item()
+
+
+@torch.no_grad()
+def firing_rates(model: nn.Module, split, device: torch.device, batch_size: int = 500) -> dict[str, float]:
+    """Mean spikes per neuron per timestep of every spiking layer over `split`."""
+    totals: dict[str, list[float]] = {}
+    hooks = []
+    for name, module in spiking_layers(model):
+        totals[name] = [0.0, 0.0]  # spikes, neuron-timesteps
+
+        def hook(_m, _inp, out, name=name):
+            totals[name][0] += out.sum().item()
+            totals[name][1] += out.numel()
+
+        hooks.append(module.register_forward_hook(hook))
+    try:
+        predict(model, split, device, batch_size)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: s / n for name, (s, n) in totals.items() if n}
+
+
+def plot_training_curves(history: list[dict], title: str, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    loss_keys = [k for k in history[0] if k.startswith("train_") and k != "train_accuracy"]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in loss_keys:
+        ax_loss.plot(epochs, [row[key] for row in history], marker="o", label=key.removeprefix("train_"))
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss terms", yscale="log")
+    ax_loss.legend()
+    for key in ("train_accuracy", "test_accuracy"):
+        ax_acc.plot(epochs, [row[key] for row in history], marker="o", label=key.replace("_", " "))
+    ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy", title="accuracy")
+    ax_acc.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_firing_rates(rates: dict[str, float], title: str, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rates)), 4))
+    ax.bar(range(len(rates)), list(rates.values()))
+    ax.set_xticks(range(len(rates)), list(rates), rotation=45, ha="right", fontsize=8)
+    ax.set(ylabel="spikes / neuron / timestep", title=title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def teacher_accuracy(targets, labels: torch.Tensor) -> float:
+    """The teacher's top-1 on a split, from its cached logits (the teacher is not run)."""
+    correct = 0
+    for chunk in range(targets.layout.num_chunks):
+        rows = targets.read_chunk(chunk)
+        start = chunk * targets.chunk_size
+        correct += int((rows["logits"].argmax(1) == labels[start:start + len(rows["logits"])].numpy()).sum())
+    return correct / len(targets)
+
+
+def evaluate_student(cfg, run_dir: str | Path, plots_dir: str | Path) -> dict:
+    """Metrics of a trained student run: accuracies, firing rates; writes PNG plots."""
+    import json
+
+    from pipeline import checkpoint
+    from pipeline.data import load_split
+    from pipeline.extract import open_student_targets
+    from pipeline.models import create_student
+    from pipeline.train import resolve_device
+
+    scfg = cfg.student
+    run_dir, plots_dir = Path(run_dir), Path(plots_dir)
+    weights = run_dir / "student.safetensors"
+    history_path = run_dir / "history.json"
+    if not weights.is_file() or not history_path.is_file():
+        from pipeline.errors import BkdError
+
+        raise BkdError(f"no trained student in {run_dir} (run `bkd train-student --distill {scfg.distill}` first)")
+    device = resolve_device(scfg.device)
+    test = load_split(cfg.data, "test")
+    student = create_student(scfg.model, test.num_classes, test.images.shape[1], scfg.timesteps, **scfg.model_kwargs)
+    student.load_state_dict(checkpoint.load_weights(weights))
+    student.to(device).eval()
+    rates = firing_rates(student, test, device)
+    history = json.loads(history_path.read_text())
+    teacher = teacher_accuracy(open_student_targets(cfg, "test", test), test.labels)
+    plot_training_curves(history, f"student [{scfg.distill}], T={scfg.timesteps}", plots_dir / "training_curves.png")
+    plot_firing_rates(rates, f"firing rate per spiking layer [{scfg.distill}]", plots_dir / "firing_rates.png")
+    return {
+        "distill": scfg.distill,
+        "test_accuracy": accuracy(student, test, device),
+        "teacher_test_accuracy": teacher,
+        "firing_rate_mean": float(np.mean(list(rates.values()))),
+        "firing_rates": rates,
+        "epochs": len(history),
+        "train_seconds": float(sum(row["seconds"] for row in history)),
+    }

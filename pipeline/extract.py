@@ -1,0 +1,103 @@
+"""Stage one: run the teacher once and write its targets into the store, shard by shard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import checkpoint
+from pipeline.config import Config
+from pipeline.data import ImageSplit, load_split
+from pipeline.errors import BkdError
+from pipeline.models import create_teacher, teacher_outputs
+from pipeline.store import SplitLayout, StoreWriter, TeacherTargets, make_manifest
+
+
+def expected_manifest(cfg: Config, splits: dict[str, ImageSplit], require_checkpoint: bool = True,
+                      num_features: int | None = None) -> dict:
+    """The identity a store built from this config records (and a training run must find)."""
+    ckpt = Path(cfg.teacher.checkpoint)
+    if ckpt.is_file():
+        sha = checkpoint.sha256_file(ckpt)
+    elif require_checkpoint:
+        raise BkdError(f"teacher checkpoint not found: {ckpt} (run `bkd train-teacher` or set teacher.checkpoint)")
+    else:
+        sha = None  # cannot be checked: compared as missing, so the store must agree it is unknown
+    any_split = next(iter(splits.values()))
+    return make_manifest(
+        teacher={"model": cfg.teacher.model, "checkpoint_sha256": sha,
+                 "small_input_stem": cfg.teacher.small_input_stem,
+                 "num_classes": any_split.num_classes, "num_features": num_features},
+        dataset={"name": cfg.data.name, "split_seed": cfg.data.split_seed,
+                 "test_size": cfg.data.test_size, "limit": cfg.data.limit},
+        splits={name: {"num_samples": len(s), "fingerprint": s.fingerprint()} for name, s in splits.items()},
+        transform=any_split.transform,
+        arrays={"features": cfg.extract.feature_dtype, "logits": cfg.extract.logits_dtype,
+                "labels": "int64", "index": "int64"},
+        chunking={"chunk_size": cfg.extract.chunk_size, "chunks_per_shard": cfg.extract.chunks_per_shard},
+    )
+
+
+def open_student_targets(cfg: Config, split: str, images) -> TeacherTargets:
+    """Open the store for `split` and refuse it unless it was built for this config's run."""
+    targets = TeacherTargets(cfg.extract.store, split)
+    expected = expected_manifest(cfg, {split: images}, require_checkpoint=False)
+    if expected["teacher"]["checkpoint_sha256"] is None:
+        # Only the store is here (e.g. copied from another machine): trust its teacher hash.
+        tqdm.write(f"warning: {cfg.teacher.checkpoint} not found; the store's teacher checkpoint hash is not checked")
+        expected["teacher"]["checkpoint_sha256"] = targets.manifest["teacher"]["checkpoint_sha256"]
+    targets.check_matches(expected)
+    return targets
+
+
+def load_teacher(cfg: Config, split: ImageSplit, weights: str | None = None) -> torch.nn.Module:
+    """The timm teacher with `weights` (default: cfg.teacher.checkpoint) loaded, in eval mode."""
+    weights = weights or cfg.teacher.checkpoint
+    model = create_teacher(cfg.teacher, split.num_classes, split.images.shape[1])
+    state = checkpoint.load_weights(weights)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise BkdError(f"{weights} does not fit teacher.model '{cfg.teacher.model}': "
+                       f"{str(exc).splitlines()[1] if len(str(exc).splitlines()) > 1 else exc}") from None
+    return model.eval()
+
+
+def extract_teacher(cfg: Config, device: torch.device, overwrite: bool = False) -> dict:
+    """Write the teacher's pre-logits and logits for every configured split; resume if interrupted."""
+    ex = cfg.extract
+    store = ex.store
+    splits = {name: load_split(cfg.data, name) for name in ex.splits}
+    first = next(iter(splits.values()))
+    model = load_teacher(cfg, first).to(device)
+    manifest = expected_manifest(cfg, splits, num_features=model.num_features)
+    layouts = {name: SplitLayout(len(s), ex.chunk_size, ex.chunks_per_shard) for name, s in splits.items()}
+    writer = StoreWriter(store, manifest, layouts, model.num_features, first.num_classes,
+                         ex.feature_dtype, ex.logits_dtype, ex.zstd_level, overwrite=overwrite)
+    written = 0
+    for name, split in splits.items():
+        missing = writer.missing_shards(name)
+        bar = tqdm(total=sum(np.diff(layouts[name].shard_rows(s))[0] for s in missing),
+                   desc=f"extract {name}", unit="img", dynamic_ncols=True)
+        for shard in missing:
+            start, stop = layouts[name].shard_rows(shard)
+            features, logits = [], []
+            for b in range(start, stop, ex.batch_size):
+                images = split.images[b:min(b + ex.batch_size, stop)].to(device)
+                f, z = teacher_outputs(model, images)
+                features.append(f.float().cpu().numpy())
+                logits.append(z.float().cpu().numpy())
+                bar.update(len(images))
+            writer.write_shard(name, shard, {
+                "features": np.concatenate(features).astype(ex.feature_dtype),
+                "logits": np.concatenate(logits).astype(ex.logits_dtype),
+                "labels": split.labels[start:stop].numpy(),
+                "index": np.arange(start, stop, dtype=np.int64),
+            })
+            written += 1
+        bar.close()
+    writer.finish()
+    return {"store": str(store), "shards_written": written, "num_features": model.num_features}

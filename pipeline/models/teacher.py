@@ -1,0 +1,33 @@
+"""ANN teachers built with timm."""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+from pipeline.config import TeacherConfig
+from pipeline.errors import ConfigError
+
+
+def create_teacher(cfg: TeacherConfig, num_classes: int, in_chans: int) -> nn.Module:
+    """`timm.create_model(cfg.model)` for `in_chans`-channel inputs and `num_classes` classes."""
+    if not timm.is_model(cfg.model):
+        raise ConfigError(f"teacher.model: '{cfg.model}' is not a timm model name")
+    model = timm.create_model(cfg.model, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    if cfg.small_input_stem:
+        stem = getattr(model, "conv1", None)
+        if not isinstance(stem, nn.Conv2d):
+            raise ConfigError(f"teacher.small_input_stem is supported for timm ResNets only, not '{cfg.model}'")
+        # A 3x3 stride-1 stem keeps 28x28 digits at 14x14 after the max-pool instead of 7x7.
+        model.conv1 = nn.Conv2d(in_chans, stem.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    return model
+
+
+@torch.no_grad()
+def teacher_outputs(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pre-logits features, logits) as timm defines them."""
+    feature_map = model.forward_features(images)
+    features = model.forward_head(feature_map, pre_logits=True)
+    logits = model.forward_head(feature_map)
+    return features, logits

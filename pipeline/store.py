@@ -1,0 +1,290 @@
+"""The teacher-target store: a sharded Zarr v3 group with one subgroup per split.
+
+Layout::
+
+    STORE/                       attrs: manifest (identity, shapes, versions), progress, complete
+      train/features  (N, C)     teacher pre-logits
+      train/logits    (N, K)
+      train/labels    (N,)
+      train/index     (N,)       position of each row in the split (sample ids live in the manifest fingerprint)
+      test/...
+
+Arrays are chunked along N (`chunk_size` rows) and packed into shards of `chunks_per_shard`
+chunks. A shard is the unit of work: it is computed and written whole, by one writer, and
+recorded as complete in the attributes only after its data is on disk. `complete` turns
+true only when every shard of every split is written, so a store left by a crash says it
+is incomplete.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+from pipeline.errors import StoreError
+
+FORMAT = "bkd-teacher-targets/1"
+ARRAYS = ("features", "logits", "labels", "index")
+# Manifest fields a training run must agree with, as dotted paths.
+IDENTITY_FIELDS = (
+    "teacher.model",
+    "teacher.checkpoint_sha256",
+    "dataset.name",
+    "dataset.split_seed",
+    "dataset.test_size",
+    "dataset.limit",
+    "transform",
+)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in ("torch", "timm", "zarr", "numcodecs", "numpy", "spikingjelly", "bkd"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _get(mapping: dict, dotted: str) -> Any:
+    for key in dotted.split("."):
+        if not isinstance(mapping, dict) or key not in mapping:
+            return None
+        mapping = mapping[key]
+    return mapping
+
+
+@dataclass(frozen=True)
+class SplitLayout:
+    num_samples: int
+    chunk_size: int
+    chunks_per_shard: int
+
+    @property
+    def shard_size(self) -> int:
+        return self.chunk_size * self.chunks_per_shard
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.num_samples / self.shard_size)
+
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(self.num_samples / self.chunk_size)
+
+    def shard_rows(self, shard: int) -> tuple[int, int]:
+        start = shard * self.shard_size
+        return start, min(start + self.shard_size, self.num_samples)
+
+
+class StoreWriter:
+    """Creates (or reopens, to resume) a store and writes it shard by shard."""
+
+    def __init__(self, path: str | Path, manifest: dict[str, Any], layouts: dict[str, SplitLayout],
+                 feature_dim: int, num_classes: int, feature_dtype: str, logits_dtype: str, zstd_level: int,
+                 overwrite: bool = False):
+        self.path = str(path)
+        self.layouts = layouts
+        if Path(self.path).exists():
+            existing = _open_group(self.path, mode="r") if not overwrite else None
+            if existing is not None:
+                if not _same_identity(existing.attrs["manifest"], manifest):
+                    raise StoreError(f"{self.path} holds targets of another run; pass --overwrite to replace it")
+                self.root = zarr.open_group(self.path, mode="r+")  # resume: keep completed shards
+                return
+        self.root = zarr.open_group(self.path, mode="w", zarr_format=3)
+        compressor = ZstdCodec(level=zstd_level, checksum=True)  # checksums make corrupted chunks detectable
+        for split, layout in layouts.items():
+            group = self.root.create_group(split)
+            n, chunk, shard = layout.num_samples, layout.chunk_size, layout.shard_size
+            specs = {
+                "features": ((n, feature_dim), feature_dtype),
+                "logits": ((n, num_classes), logits_dtype),
+                "labels": ((n,), "int64"),
+                "index": ((n,), "int64"),
+            }
+            for name, (shape, dtype) in specs.items():
+                group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk,) + shape[1:],
+                                   shards=(shard,) + shape[1:], compressors=compressor, fill_value=0)
+        self.root.attrs.update({
+            "manifest": manifest,
+            "progress": {split: [] for split in layouts},
+            "complete": False,
+        })
+
+    def missing_shards(self, split: str) -> list[int]:
+        done = set(self.root.attrs["progress"][split])
+        return [s for s in range(self.layouts[split].num_shards) if s not in done]
+
+    def write_shard(self, split: str, shard: int, arrays: dict[str, np.ndarray]) -> None:
+        start, stop = self.layouts[split].shard_rows(shard)
+        group = self.root[split]
+        for name in ARRAYS:
+            data = arrays[name]
+            if len(data) != stop - start:
+                raise ValueError(f"shard {split}/{shard}: {name} has {len(data)} rows, expected {stop - start}")
+            group[name][start:stop] = data
+        # Record completion only after the shard's data is written.
+        progress = dict(self.root.attrs["progress"])
+        progress[split] = sorted(set(progress[split]) | {shard})
+        self.root.attrs["progress"] = progress
+
+    def finish(self) -> None:
+        if any(self.missing_shards(split) for split in self.layouts):
+            raise StoreError(f"{self.path}: cannot mark complete, shards are missing")
+        self.root.attrs["complete"] = True
+
+
+def _open_group(path: str, mode: str = "r") -> zarr.Group:
+    if not Path(path).exists():
+        raise StoreError(f"teacher-target store not found: {path} (create it with `bkd extract-teacher`)")
+    try:
+        group = zarr.open_group(path, mode=mode)
+    except Exception as exc:
+        raise StoreError(f"{path}: not a readable Zarr store ({type(exc).__name__}: {exc})") from None
+    if group.attrs.get("manifest", {}).get("format") != FORMAT:
+        raise StoreError(f"{path}: not a bkd teacher-target store (no '{FORMAT}' manifest)")
+    return group
+
+
+def _same_identity(a: dict, b: dict) -> bool:
+    keys = IDENTITY_FIELDS + ("splits", "arrays", "chunking")
+    return all(_get(a, k) == _get(b, k) for k in keys)
+
+
+def make_manifest(*, teacher: dict, dataset: dict, splits: dict, transform: dict,
+                  arrays: dict, chunking: dict) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "teacher": teacher,
+        "dataset": dataset,
+        "splits": splits,
+        "transform": transform,
+        "arrays": arrays,
+        "chunking": chunking,
+        "versions": package_versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+class TeacherTargets:
+    """Read-only access to one split of a complete store, one chunk at a time."""
+
+    def __init__(self, path: str | Path, split: str, require_complete: bool = True):
+        self.path, self.split = str(path), split
+        self.root = _open_group(self.path)
+        self.manifest = self.root.attrs["manifest"]
+        if require_complete and not self.root.attrs.get("complete", False):
+            raise StoreError(f"{self.path}: store is incomplete (extraction did not finish); re-run `bkd extract-teacher`")
+        if split not in self.manifest["splits"]:
+            raise StoreError(f"{self.path}: no '{split}' split (has: {', '.join(self.manifest['splits'])})")
+        self.group = self.root[split]
+        self.arrays = {name: self.group[name] for name in ARRAYS}
+        chunking = self.manifest["chunking"]
+        self.layout = SplitLayout(self.manifest["splits"][split]["num_samples"],
+                                  chunking["chunk_size"], chunking["chunks_per_shard"])
+
+    def __len__(self) -> int:
+        return self.layout.num_samples
+
+    @property
+    def chunk_size(self) -> int:
+        return self.layout.chunk_size
+
+    @property
+    def feature_dim(self) -> int:
+        return self.arrays["features"].shape[1]
+
+    def read_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        try:
+            return {name: arr[start:stop] for name, arr in self.arrays.items()}
+        except Exception as exc:  # a codec or checksum error: name where it happened
+            shard = start // self.layout.shard_size
+            raise StoreError(f"{self.path}: cannot read {self.split} rows {start}:{stop} "
+                             f"(shard {shard}): {type(exc).__name__}: {exc}") from None
+
+    def read_chunk(self, chunk: int) -> dict[str, np.ndarray]:
+        start = chunk * self.chunk_size
+        return self.read_rows(start, min(start + self.chunk_size, len(self)))
+
+    def check_matches(self, expected: dict[str, Any]) -> None:
+        """Refuse a store whose identity differs from `expected` (a manifest-shaped mapping)."""
+        for dotted in IDENTITY_FIELDS:
+            want, have = _get(expected, dotted), _get(self.manifest, dotted)
+            if want != have:
+                raise StoreError(f"{self.path} was built for another run: {dotted} is {have!r} in the store, "
+                                 f"{want!r} in the config")
+        want = _get(expected, f"splits.{self.split}.fingerprint")
+        have = _get(self.manifest, f"splits.{self.split}.fingerprint")
+        if want != have:
+            raise StoreError(f"{self.path} was built for another run: splits.{self.split}.fingerprint is "
+                             f"{have!r} in the store, {want!r} in the config")
+
+
+def bytes_on_disk(path: str | Path) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def store_info(path: str | Path) -> dict[str, Any]:
+    root = _open_group(str(path))
+    manifest = root.attrs["manifest"]
+    chunking = manifest["chunking"]
+    progress = root.attrs.get("progress", {})
+    splits = {}
+    for split, meta in manifest["splits"].items():
+        layout = SplitLayout(meta["num_samples"], chunking["chunk_size"], chunking["chunks_per_shard"])
+        splits[split] = {
+            "samples": layout.num_samples,
+            "shards_complete": len(progress.get(split, [])),
+            "shards_total": layout.num_shards,
+        }
+    size = bytes_on_disk(path)
+    samples = sum(s["samples"] for s in splits.values())
+    return {
+        "path": str(path),
+        "complete": bool(root.attrs.get("complete", False)),
+        "splits": splits,
+        "bytes_on_disk": size,
+        "bytes_per_sample": size / samples if samples else 0.0,
+        "manifest": manifest,
+    }
+
+
+def verify_store(path: str | Path) -> Iterator[tuple[str, int, str | None]]:
+    """Read every chunk; yield (split, shard, problem or None) for each shard."""
+    root = _open_group(str(path))
+    manifest = root.attrs["manifest"]
+    num_classes = manifest["teacher"]["num_classes"]
+    for split in manifest["splits"]:
+        targets = TeacherTargets(path, split, require_complete=False)
+        done = set(root.attrs.get("progress", {}).get(split, []))
+        for shard in range(targets.layout.num_shards):
+            if shard not in done:
+                yield split, shard, "not written (extraction incomplete)"
+                continue
+            start, stop = targets.layout.shard_rows(shard)
+            try:
+                rows = targets.read_rows(start, stop)
+            except StoreError as exc:
+                yield split, shard, str(exc).split(": ", 1)[-1]
+                continue
+            problem = None
+            if not np.isfinite(rows["features"]).all():
+                problem = "non-finite features"
+            elif not np.isfinite(rows["logits"]).all():
+                problem = "non-finite logits"
+            elif rows["labels"].min() < 0 or rows["labels"].max() >= num_classes:
+                problem = f"labels outside [0, {num_classes})"
+            elif not np.array_equal(rows["index"], np.arange(start, stop)):
+                problem = "sample index out of order"
+            yield split, shard, problem

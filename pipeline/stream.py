@@ -1,0 +1,92 @@
+"""Stream cached teacher targets in chunk-aligned, shuffled order with bounded memory.
+
+`ChunkShuffleSampler` shuffles the order of chunks, then takes `buffer_chunks` chunks at a
+time and shuffles the samples inside that window. `CachedTargetDataset` serves a batch by
+decoding only the chunks its samples fall in and keeps at most `buffer_chunks` decoded
+chunks, so each chunk is read once per epoch and the store is never loaded whole.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from pipeline.data import ImageSplit
+from pipeline.errors import StoreError
+from pipeline.store import TeacherTargets
+
+
+class ChunkShuffleSampler(Sampler[int]):
+    """Chunk-aligned shuffle, reproducible from (seed, epoch)."""
+
+    def __init__(self, num_samples: int, chunk_size: int, buffer_chunks: int, seed: int = 0):
+        self.num_samples, self.chunk_size, self.buffer_chunks, self.seed = num_samples, chunk_size, buffer_chunks, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        rng = np.random.default_rng((self.seed, self.epoch))
+        num_chunks = -(-self.num_samples // self.chunk_size)
+        chunk_order = rng.permutation(num_chunks)
+        for w in range(0, num_chunks, self.buffer_chunks):
+            window = [np.arange(c * self.chunk_size, min((c + 1) * self.chunk_size, self.num_samples))
+                      for c in chunk_order[w:w + self.buffer_chunks]]
+            yield from rng.permutation(np.concatenate(window)).tolist()
+
+
+class CachedTargetDataset(Dataset):
+    """(image, label, teacher feature, teacher logits) for each sample of a split."""
+
+    def __init__(self, images: ImageSplit, targets: TeacherTargets, buffer_chunks: int):
+        if len(images) != len(targets):
+            raise StoreError(f"{targets.path}: {targets.split} split has {len(targets)} samples, "
+                             f"the dataset has {len(images)}")
+        self.images, self.targets, self.buffer_chunks = images, targets, buffer_chunks
+        self._chunks: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        self.chunks_decoded = 0  # for tests and benchmarks: reads from the store
+        self.max_resident_chunks = 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _chunk(self, chunk: int) -> dict[str, torch.Tensor]:
+        if chunk in self._chunks:
+            self._chunks.move_to_end(chunk)
+            return self._chunks[chunk]
+        rows = self.targets.read_chunk(chunk)
+        decoded = {
+            "features": torch.from_numpy(rows["features"]).float(),
+            "logits": torch.from_numpy(rows["logits"]).float(),
+        }
+        self._chunks[chunk] = decoded
+        self.chunks_decoded += 1
+        while len(self._chunks) > self.buffer_chunks:
+            self._chunks.popitem(last=False)
+        self.max_resident_chunks = max(self.max_resident_chunks, len(self._chunks))
+        return decoded
+
+    def __getitems__(self, indices: list[int]):
+        idx = torch.as_tensor(indices)
+        chunk_ids = idx // self.targets.chunk_size
+        features = torch.empty(len(idx), self.targets.feature_dim)
+        logits = torch.empty(len(idx), self.targets.arrays["logits"].shape[1])
+        for chunk in torch.unique(chunk_ids).tolist():
+            rows = (chunk_ids == chunk).nonzero().squeeze(1)
+            local = idx[rows] - chunk * self.targets.chunk_size
+            data = self._chunk(chunk)
+            features[rows] = data["features"][local]
+            logits[rows] = data["logits"][local]
+        images, labels, _ = self.images.__getitems__(indices)
+        return images, labels, features, logits
+
+    def __getitem__(self, i: int):
+        images, labels, features, logits = self.__getitems__([i])
+        return images[0], labels[0], features[0], logits[0]

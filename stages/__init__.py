@@ -1,0 +1,1 @@
+"""One thin module per pipeline stage: its click command, also the DVC entry point."""

@@ -1,0 +1,30 @@
+"""`bkd train-teacher`: train the ANN teacher, or adopt a user's own weights."""
+
+from __future__ import annotations
+
+import click
+
+from stages.common import build_config, config_options, one_line_errors
+
+
+@click.command("train-teacher")
+@config_options
+@click.option("--epochs", type=int, default=None, help="Override teacher.epochs.")
+@click.option("--checkpoint", "own_weights", type=click.Path(dir_okay=False), default=None,
+              help="Adopt these local weights (safetensors or weights-only torch file) for teacher.model instead of training.")
+@click.option("--run-dir", default="runs/teacher", show_default=True, help="Training checkpoints and history.")
+@click.option("--metrics", default="metrics/teacher.json", show_default=True, help="Metrics JSON to write.")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --run-dir.")
+@one_line_errors
+def main(config_path, overrides, epochs, own_weights, run_dir, metrics, resume):
+    """Train the timm teacher on the configured dataset and save it as safetensors."""
+    from pipeline.train import adopt_teacher, train_teacher, write_json
+
+    cfg = build_config(config_path, overrides, **{"teacher.epochs": epochs})
+    result = adopt_teacher(cfg, own_weights) if own_weights else train_teacher(cfg, run_dir, resume)
+    write_json(result, metrics)
+    click.echo(f"teacher {cfg.teacher.model}: test accuracy {result['test_accuracy']:.4f} -> {cfg.teacher.checkpoint}")
+
+
+if __name__ == "__main__":
+    main()
