@@ -38,6 +38,7 @@ class TeacherConfig:
     # Replace the 7x7/2 stem convolution with a 3x3/1 one so 28x28 inputs keep spatial detail.
     small_input_stem: bool = True
     checkpoint: str = "models/teacher.safetensors"
+    random_shift: int = 2  # training-time translation, in pixels (the teacher sees clean inputs at extraction)
     epochs: int = 5
     batch_size: int = 128
     lr: float = 2e-3
@@ -180,8 +181,14 @@ def _check(condition: bool, message: str) -> None:
 
 def validate(cfg: Config) -> Config:
     """Range checks that types alone cannot express."""
-    from pipeline.data import DATASETS  # local import: data pulls in torch
+    import timm
 
+    from pipeline.data import DATASETS  # local imports: these pull in torch
+    from pipeline.models import STUDENTS
+
+    _check(timm.is_model(cfg.teacher.model), f"teacher.model: '{cfg.teacher.model}' is not a timm model name")
+    _check(cfg.student.model in STUDENTS,
+           f"student.model: unknown student '{cfg.student.model}' (known: {', '.join(sorted(STUDENTS))})")
     _check(cfg.data.name in DATASETS, f"data.name: unknown dataset '{cfg.data.name}' (known: {', '.join(DATASETS)})")
     _check(cfg.data.test_size > 0, "data.test_size must be > 0")
     _check(cfg.data.limit is None or cfg.data.limit > 0, "data.limit must be > 0 or null")
@@ -195,6 +202,7 @@ def validate(cfg: Config) -> Config:
             section.device == "auto" or section.device == "cpu" or section.device.startswith("cuda"),
             f"{name}.device must be auto, cpu or cuda[:N], got '{section.device}'",
         )
+    _check(cfg.teacher.random_shift >= 0, "teacher.random_shift must be >= 0")
     ex = cfg.extract
     _check(ex.chunk_size >= 1, f"extract.chunk_size must be >= 1, got {ex.chunk_size}")
     _check(ex.chunks_per_shard >= 1, f"extract.chunks_per_shard must be >= 1, got {ex.chunks_per_shard}")

@@ -91,6 +91,16 @@ class ImageSplit(Dataset):
         return digest.hexdigest()
 
 
+def random_shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Translate each image by up to `max_shift` pixels in x and y, padding with its corner value."""
+    if max_shift == 0:
+        return images
+    n, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (max_shift,) * 4, mode="replicate")
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n)).tolist()
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+
+
 def collate_batch(batch):
     """Collate for loaders over ImageSplit: `__getitems__` already returns stacked tensors."""
     return batch

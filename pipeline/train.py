@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pipeline import checkpoint
 from pipeline.config import Config, dump_config
-from pipeline.data import collate_batch, load_split
+from pipeline.data import collate_batch, load_split, random_shift
 from pipeline.errors import BkdError
 from pipeline.evaluate import accuracy
 from pipeline.losses import DistillationLoss
@@ -169,7 +169,7 @@ def train_teacher(cfg: Config, run_dir: str | Path, resume: bool = False) -> dic
 
     def step(batch):
         images, labels, _ = batch
-        logits = model(images)
+        logits = model(random_shift(images, tcfg.random_shift))
         loss = nn.functional.cross_entropy(logits, labels)
         return {"loss": loss}, logits, labels
 

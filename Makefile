@@ -1,0 +1,31 @@
+# `make run`: create the environment if missing, then run the whole pipeline with DVC.
+# `make test`: create the environment if missing, then run the test suite.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+# Stage commands (`bkd ...`) and dvc come from the project's environment.
+export PATH := $(abspath $(BIN)):$(PATH)
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: install run test bench clean
+
+install: $(VENV)/.installed
+
+# Re-installs when the dependencies change. torch/torchvision are pinned to the builds on local disk.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[test]'
+	touch $@
+
+run: install
+	$(BIN)/dvc repro
+	$(BIN)/dvc metrics show
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python -m benchmarks.step_time
+
+clean:
+	rm -rf runs metrics plots models cache/*.zarr

@@ -1,0 +1,277 @@
+"""Student training-step time: no distillation vs mixed BKD from the cache vs mixed BKD online.
+
+Run from the repository root::
+
+    python -m benchmarks.step_time [--steps N] [--warmup W] [--batch-size B] [--json OUT]
+
+Three settings on the default config (MNIST-5k, SEW-ResNet student, ResNet-18 teacher), each
+with its own identically seeded student, loss and optimizer:
+
+  none    student + cross-entropy, batches from the plain image split (no teacher anywhere);
+  cached  distill=mixed (CE + BKD + WSLD), batches from `CachedTargetDataset` over a real store;
+  online  distill=mixed, the teacher (eval mode, no_grad) runs on every batch, as in the public
+          BKDSNN code.
+
+The store is built in a temporary directory from a randomly initialised teacher (accuracy does
+not matter for timing) with the project's own `extract_teacher`. A timed step runs from fetching
+the batch out of the DataLoader to the end of `optimizer.step()`, so the cached reader's chunk
+decoding and the online teacher's forward both count. The settings run round-robin, one step
+each per round with the order rotated every round, so machine noise hits all three alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pipeline import checkpoint
+from pipeline.config import Config, load_config
+from pipeline.data import ImageSplit, collate_batch, load_split
+from pipeline.extract import extract_teacher, load_teacher, open_student_targets
+from pipeline.losses import DistillationLoss
+from pipeline.models import create_student, create_teacher, teacher_outputs
+from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler
+from pipeline.train import _optimizer
+
+CONFIG = "configs/mnist5k.yaml"
+SETTINGS = ("none", "cached", "online")
+LABELS = {
+    "none": "none (CE only)",
+    "cached": "mixed, from cache",
+    "online": "mixed, online teacher",
+}
+
+
+@dataclass
+class Setting:
+    """One student, its loss and optimizer, and an endless stream of batches."""
+
+    name: str
+    student: nn.Module
+    criterion: DistillationLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: DataLoader
+    sampler: ChunkShuffleSampler
+    targets: Callable[[tuple], tuple]  # batch -> (images, labels, teacher_features, teacher_logits)
+    epoch: int = 0
+    step_s: list[float] = field(default_factory=list)
+    load_s: list[float] = field(default_factory=list)
+    _it: object = None
+
+    def next_batch(self) -> tuple:
+        if self._it is None:
+            self.sampler.set_epoch(self.epoch)
+            self._it = iter(self.loader)
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.epoch += 1
+            self._it = None
+            return self.next_batch()
+
+    def step(self, record: bool) -> None:
+        """One timed training step: fetch, (teacher), forward, loss, backward, optimizer step."""
+        start = time.perf_counter()
+        batch = self.next_batch()
+        loaded = time.perf_counter()
+        images, labels, teacher_features, teacher_logits = self.targets(batch)
+        # As in pipeline.train.train_student's step and Trainer.fit.
+        features = self.student.forward_features(images)
+        logits = self.student.forward_head(features)
+        loss = self.criterion(features, logits, labels, teacher_features, teacher_logits)["loss"]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        end = time.perf_counter()
+        self.scheduler.step()
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"{self.name}: loss became {loss.item()}")
+        if record:
+            self.step_s.append(end - start)
+            self.load_s.append(loaded - start)
+
+
+def build_store(tmp: Path, batch_size: int) -> Config:
+    """A config whose teacher checkpoint and train-split store live in `tmp`, both written here."""
+    cfg = load_config(CONFIG, [
+        f"teacher.checkpoint={tmp / 'teacher.safetensors'}",
+        f"extract.store={tmp / 'targets.zarr'}",
+        "extract.splits=[train]",
+        "teacher.device=cpu",
+        "student.device=cpu",
+        f"student.batch_size={batch_size}",
+    ])
+    train = load_split(cfg.data, "train")
+    torch.manual_seed(cfg.seed)
+    teacher = create_teacher(cfg.teacher, train.num_classes, train.images.shape[1])
+    checkpoint.save_weights(teacher.state_dict(), cfg.teacher.checkpoint,
+                            metadata={"model": cfg.teacher.model, "source": "random init (benchmark)"})
+    extract_teacher(cfg, torch.device("cpu"))
+    return cfg
+
+
+def make_setting(name: str, cfg: Config, train: ImageSplit, teacher_dim: int, dataset, targets) -> Setting:
+    scfg = cfg.student
+    mode_cfg = dataclasses.replace(scfg, distill="none" if name == "none" else "mixed")
+    torch.manual_seed(cfg.seed)  # the three students start from the same weights
+    student = create_student(scfg.model, train.num_classes, train.images.shape[1], scfg.timesteps,
+                             **scfg.model_kwargs).train()
+    criterion = DistillationLoss(mode_cfg, student.num_features, teacher_dim).train()
+    chunk_size = cfg.extract.chunk_size
+    sampler = ChunkShuffleSampler(len(dataset), chunk_size, scfg.shuffle_buffer_chunks, seed=cfg.seed)
+    # drop_last: every timed step sees a full batch.
+    loader = DataLoader(dataset, batch_size=scfg.batch_size, sampler=sampler, collate_fn=collate_batch,
+                        drop_last=True)
+    params = list(student.parameters()) + list(criterion.parameters())
+    optimizer, scheduler = _optimizer(params, scfg.lr, scfg.weight_decay, scfg.epochs, len(loader))
+    return Setting(name, student, criterion, optimizer, scheduler, loader, sampler, targets)
+
+
+def summarize(seconds: list[float]) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1e3
+    q1, median, q3 = np.percentile(ms, [25, 50, 75])
+    return {"median_ms": float(median), "q1_ms": float(q1), "q3_ms": float(q3), "iqr_ms": float(q3 - q1),
+            "mean_ms": float(ms.mean()), "min_ms": float(ms.min()), "max_ms": float(ms.max())}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.step_time", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per setting (default: 60)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per setting first (default: 3)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="student batch size (default: the config's, 64)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: leave torch's default). On a machine shared with "
+                             "other CPU-heavy work, intra-op threads stall each other badly; 1 gives steadier numbers")
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    batch_size = args.batch_size or load_config(CONFIG).student.batch_size
+
+    with tempfile.TemporaryDirectory(prefix="bkd-step-time-") as tmp:
+        started = time.perf_counter()
+        cfg = build_store(Path(tmp), batch_size)
+        setup_s = time.perf_counter() - started
+        train = load_split(cfg.data, "train")
+        targets = open_student_targets(cfg, "train", train)
+        cached = CachedTargetDataset(train, targets, cfg.student.shuffle_buffer_chunks)
+        teacher = load_teacher(cfg, train)  # eval mode; teacher_outputs runs it under no_grad
+
+        def plain(batch):
+            images, labels, _ = batch
+            return images, labels, None, None
+
+        def from_cache(batch):
+            return batch
+
+        def online(batch):
+            images, labels, _ = batch
+            teacher_features, teacher_logits = teacher_outputs(teacher, images)
+            return images, labels, teacher_features, teacher_logits
+
+        settings = {
+            "none": make_setting("none", cfg, train, targets.feature_dim, train, plain),
+            "cached": make_setting("cached", cfg, train, targets.feature_dim, cached, from_cache),
+            "online": make_setting("online", cfg, train, teacher.num_features, train, online),
+        }
+
+        rounds = args.warmup + args.steps
+        order = list(SETTINGS)
+        for r in tqdm(range(rounds), desc="step-time rounds", unit="round", dynamic_ncols=True):
+            k = r % len(order)
+            for name in order[k:] + order[:k]:  # rotate who goes first
+                settings[name].step(record=r >= args.warmup)
+        chunks_decoded = cached.chunks_decoded
+    load_after = os.getloadavg()
+
+    stats = {name: summarize(s.step_s) for name, s in settings.items()}
+    loads = {name: summarize(s.load_s) for name, s in settings.items()}
+    ratios = {
+        "cached/none": stats["cached"]["median_ms"] / stats["none"]["median_ms"],
+        "online/cached": stats["online"]["median_ms"] / stats["cached"]["median_ms"],
+        "online/none": stats["online"]["median_ms"] / stats["none"]["median_ms"],
+    }
+    mean_ratios = {
+        "cached/none": stats["cached"]["mean_ms"] / stats["none"]["mean_ms"],
+        "online/cached": stats["online"]["mean_ms"] / stats["cached"]["mean_ms"],
+        "online/none": stats["online"]["mean_ms"] / stats["none"]["mean_ms"],
+    }
+
+    threads = torch.get_num_threads()
+    print()
+    print(f"student step time, {cfg.student.model} T={cfg.student.timesteps}, batch {batch_size}, "
+          f"{args.steps} timed steps per setting (+{args.warmup} warm-up), round-robin; "
+          f"torch {torch.__version__}, {os.cpu_count()} CPUs, {threads} threads")
+    header = f"{'setting':<24}{'median ms':>11}{'IQR ms':>9}{'q1–q3 ms':>17}{'mean ms':>10}{'load med':>10}{'load mean':>11}"
+    print(header)
+    print("-" * len(header))
+    for name in SETTINGS:
+        s, ld = stats[name], loads[name]
+        print(f"{LABELS[name]:<24}{s['median_ms']:>11.1f}{s['iqr_ms']:>9.1f}"
+              f"{s['q1_ms']:>8.1f}–{s['q3_ms']:<8.1f}{s['mean_ms']:>10.1f}{ld['median_ms']:>10.2f}{ld['mean_ms']:>11.2f}")
+    print()
+    print(f"{'ratio':<16}{'of medians':>12}{'of means':>10}")
+    for key in ratios:
+        print(f"{key:<16}{ratios[key]:>12.3f}{mean_ratios[key]:>10.3f}")
+    print(f"(cached reader decoded {chunks_decoded} chunks of {cfg.extract.chunk_size} rows; "
+          f"store built in {setup_s:.1f}s)")
+    busiest = max(load_before[0], load_after[0])
+    print(f"1-min load average {load_before[0]:.2f} before, {load_after[0]:.2f} after ({os.cpu_count()} CPUs)")
+    if busiest > (os.cpu_count() or 1) and threads > 1:
+        print(f"warning: the machine was busy with other work; with {threads} intra-op threads the steps stall on "
+              f"each other's barriers, so absolute times are inflated (try --threads 1)")
+
+    result = {
+        "benchmark": "student_step_time",
+        "config": CONFIG,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "num_threads": threads,
+        "device": "cpu",
+        "student_model": cfg.student.model,
+        "timesteps": cfg.student.timesteps,
+        "teacher_model": cfg.teacher.model,
+        "batch_size": batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "median_ms": {name: stats[name]["median_ms"] for name in SETTINGS},
+        "ratios_of_medians": ratios,
+        "ratios_of_means": mean_ratios,
+        "step": stats,
+        "load": loads,
+        "cached_chunks_decoded": chunks_decoded,
+        "store_build_s": setup_s,
+        "loadavg_1min_before": load_before[0],
+        "loadavg_1min_after": load_after[0],
+    }
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

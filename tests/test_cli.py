@@ -1,0 +1,168 @@
+"""The four stage commands end to end on a tiny subset, and their refusals of bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import pytest
+import zarr
+
+from tests.conftest import TINY, run_bkd, run_bkd_process
+
+STORE = "cache/mnist5k-resnet18.zarr"
+
+pytestmark = pytest.mark.slow
+
+
+def test_pipeline_outputs(tiny_project: Path):
+    teacher = json.loads((tiny_project / "metrics/teacher.json").read_text())
+    assert 0.0 <= teacher["test_accuracy"] <= 1.0
+    assert (tiny_project / "models/teacher.safetensors").is_file()
+
+    info = json.loads(run_bkd(["cache", "info", STORE, "--json"], tiny_project).stdout)
+    assert info["complete"] is True
+    assert info["splits"]["train"] == {"samples": 160, "shards_complete": 3, "shards_total": 3}
+    assert info["splits"]["test"] == {"samples": 160, "shards_complete": 3, "shards_total": 3}
+    assert info["manifest"]["teacher"]["num_features"] == 512
+    assert info["bytes_on_disk"] > 0
+
+    root = zarr.open_group(str(tiny_project / STORE), mode="r")
+    features = root["train/features"]
+    assert features.shape == (160, 512) and features.dtype == np.float16
+    assert features.chunks == (32, 512) and features.shards == (64, 512)
+    assert np.array_equal(root["train/index"][:], np.arange(160))
+
+    run_dir = tiny_project / "runs/students/mixed"
+    history = json.loads((run_dir / "history.json").read_text())
+    assert len(history) == 1 and {"train_ce", "train_bkd", "train_wsld", "test_accuracy"} <= set(history[0])
+    metrics = json.loads((tiny_project / "metrics/student-mixed.json").read_text())
+    assert metrics["distill"] == "mixed"
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    # The teacher's accuracy in evaluate comes from the cached logits: it must match stage one's.
+    assert metrics["teacher_test_accuracy"] == pytest.approx(teacher["test_accuracy"], abs=1e-6)
+    assert len(metrics["firing_rates"]) == 9 and all(0.0 <= r <= 1.0 for r in metrics["firing_rates"].values())
+    for png in ("training_curves.png", "firing_rates.png"):
+        assert (tiny_project / "plots/mixed" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_help_for_every_command(tiny_project: Path):
+    for command in ("train-teacher", "extract-teacher", "train-student", "evaluate", "cache"):
+        proc = run_bkd_process([command, "--help"], tiny_project)  # the installed console script
+        assert proc.returncode == 0 and "Usage: bkd" in proc.stdout
+
+
+def test_cache_verify_flags_corrupted_chunk(tiny_project: Path, tmp_path: Path):
+    store = tmp_path / "store.zarr"
+    shutil.copytree(tiny_project / STORE, store)
+    assert run_bkd(["cache", "verify", str(store)], tiny_project).returncode == 0
+    shard_file = store / "train/features/c/1/0"
+    data = bytearray(shard_file.read_bytes())
+    data[len(data) // 3: len(data) // 3 + 64] = b"\x00" * 64  # inside a compressed chunk
+    shard_file.write_bytes(bytes(data))
+    proc = run_bkd(["cache", "verify", str(store)], tiny_project, check=False)
+    assert proc.returncode == 1
+    assert "bad shard train/1" in proc.stderr
+    assert "train/0" not in proc.stderr and "train/2" not in proc.stderr
+
+
+def test_student_refuses_store_of_another_split(tiny_project: Path):
+    proc = run_bkd(["train-student", *TINY, "--set", "data.split_seed=1", "--run-dir", "runs/refused"],
+                   tiny_project, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("bkd: error:") and "dataset.split_seed" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tiny_project / "runs/refused").exists()
+
+
+def test_student_refuses_store_of_another_teacher(tiny_project: Path, tmp_path: Path):
+    other = tmp_path / "other-teacher.safetensors"
+    data = bytearray((tiny_project / "models/teacher.safetensors").read_bytes())
+    data[-4:] = b"\x01\x02\x03\x04"  # different weights, different sha256
+    other.write_bytes(bytes(data))
+    proc = run_bkd(["train-student", *TINY, "--set", f"teacher.checkpoint={other}", "--run-dir", "runs/refused"],
+                   tiny_project, check=False)
+    assert proc.returncode == 2 and "teacher.checkpoint_sha256" in proc.stderr
+
+
+def test_incomplete_store_is_refused(tiny_project: Path, tmp_path: Path):
+    store = tmp_path / "partial.zarr"
+    shutil.copytree(tiny_project / STORE, store)
+    root = zarr.open_group(str(store), mode="r+")
+    root.attrs["complete"] = False
+    proc = run_bkd(["train-student", *TINY, "--set", f"extract.store={store}", "--run-dir", "runs/refused"],
+                   tiny_project, check=False)
+    assert proc.returncode == 2 and "incomplete" in proc.stderr
+
+
+def test_extract_refuses_other_runs_store_without_overwrite(tiny_project: Path, tmp_path: Path):
+    store = tmp_path / "store.zarr"
+    shutil.copytree(tiny_project / STORE, store)
+    proc = run_bkd(["extract-teacher", *TINY, "--set", "data.split_seed=3", "--store", str(store)],
+                   tiny_project, check=False)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "student.bkd.blur_ratio=1.0"], "blur_ratio"),
+    (["--set", "student.timesteps=0"], "timesteps"),
+    (["--set", "student.no_such_key=1"], "student.no_such_key"),
+    (["--config", "configs/missing.yaml"], "config file not found"),
+    (["--set", "student.model=resnet_of_dreams"], "unknown student"),
+])
+def test_bad_input_is_one_line_exit_2(tiny_project: Path, args, message):
+    proc = run_bkd(["train-student", *TINY, *args, "--run-dir", "runs/refused"], tiny_project, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tiny_project / "runs/refused").exists()
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tiny_project: Path, monkeypatch):
+    from pipeline import train
+    from pipeline.checkpoint import load_weights
+    from pipeline.config import load_config
+
+    monkeypatch.chdir(tiny_project)
+    cfg = load_config("configs/mnist5k.yaml", [a for a in TINY if a != "--set"] + ["student.epochs=2"])
+    train.train_student(cfg, "runs/straight")
+
+    real_save = train.Trainer._save
+
+    def save_then_die(self, epoch):
+        real_save(self, epoch)
+        raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+
+    monkeypatch.setattr(train.Trainer, "_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_student(cfg, "runs/resumed")
+    monkeypatch.setattr(train.Trainer, "_save", real_save)
+    assert not (tiny_project / "runs/resumed/student.safetensors").exists()
+    train.train_student(cfg, "runs/resumed", resume=True)
+
+    history = json.loads((tiny_project / "runs/resumed/history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2]
+    # Weights, optimizer, scheduler and RNG (blur masks) all restored: the same final weights.
+    straight = load_weights(tiny_project / "runs/straight/student.safetensors")
+    resumed = load_weights(tiny_project / "runs/resumed/student.safetensors")
+    for name, tensor in straight.items():
+        assert torch.equal(tensor, resumed[name]), name
+
+
+def test_adopt_own_teacher_weights(tiny_project: Path, tmp_path: Path):
+    own = tmp_path / "mine.safetensors"
+    shutil.copy(tiny_project / "models/teacher.safetensors", own)
+    proc = run_bkd(["train-teacher", *TINY, "--checkpoint", str(own), "--set",
+                    f"teacher.checkpoint={tmp_path / 'adopted.safetensors'}", "--metrics", str(tmp_path / "m.json")],
+                   tiny_project)
+    assert "test accuracy" in proc.stdout
+    adopted = json.loads((tmp_path / "m.json").read_text())
+    teacher = json.loads((tiny_project / "metrics/teacher.json").read_text())
+    assert adopted["test_accuracy"] == pytest.approx(teacher["test_accuracy"])
+
+    wrong = run_bkd(["train-teacher", *TINY, "--checkpoint", str(own), "--set", "teacher.model=resnet34",
+                     "--set", f"teacher.checkpoint={tmp_path / 'x.safetensors'}"], tiny_project, check=False)
+    assert wrong.returncode == 2 and "does not fit teacher.model 'resnet34'" in wrong.stderr
+    assert not (tmp_path / "x.safetensors").exists()

@@ -1,0 +1,142 @@
+"""Config loading, overrides and refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import Config, load_config
+from pipeline.errors import BkdError, ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST5K = REPO / "configs" / "mnist5k.yaml"
+
+
+def _assert_matches(cfg_part, raw_part, where=""):
+    """Every value written in the YAML file is the value in the loaded config."""
+    for key, value in raw_part.items():
+        have = getattr(cfg_part, key) if not isinstance(cfg_part, dict) else cfg_part[key]
+        if isinstance(value, dict) and not isinstance(have, dict):
+            _assert_matches(have, value, f"{where}{key}.")
+        else:
+            if isinstance(value, str) and isinstance(have, float):
+                value = float(value)  # YAML 1.1 reads 1e-3 as a string
+            assert have == value, f"{where}{key}: {have!r} != {value!r}"
+
+
+@pytest.fixture(scope="module")
+def mnist_cfg() -> Config:
+    return load_config(MNIST5K)
+
+
+def test_mnist5k_loads_with_file_values(mnist_cfg):
+    raw = yaml.safe_load(MNIST5K.read_text())
+    _assert_matches(mnist_cfg, raw)
+    # spot checks, including nested sections and floats written as 2.0e-3
+    assert mnist_cfg.student.bkd.blur_ratio == 0.15
+    assert mnist_cfg.student.bkd.alpha == pytest.approx(2e-3)
+    assert mnist_cfg.student.logits.temperature == 2.0
+    assert mnist_cfg.extract.splits == ["train", "test"]
+    assert mnist_cfg.data.limit is None
+    assert isinstance(mnist_cfg.teacher.lr, float)
+
+
+def test_override_applies():
+    cfg = load_config(MNIST5K, ["student.lr=0.01", "student.bkd.blur_ratio=0.3", "data.limit=50",
+                                "extract.splits=[train]", "student.distill=kd"])
+    assert cfg.student.lr == 0.01
+    assert cfg.student.bkd.blur_ratio == 0.3
+    assert cfg.data.limit == 50
+    assert cfg.extract.splits == ["train"]
+    assert cfg.student.distill == "kd"
+    # untouched values stay as in the file
+    assert cfg.student.bkd.alpha == pytest.approx(2e-3)
+    assert cfg.teacher.lr == pytest.approx(2e-3)
+
+
+def test_defaults_without_file():
+    cfg = load_config(None)
+    assert cfg == Config()
+
+
+def _write(tmp_path, text: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def _refuse(path, overrides=(), *fragments):
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert isinstance(info.value, BkdError)
+    return message
+
+
+def test_unknown_top_level_key(tmp_path):
+    msg = _refuse(_write(tmp_path, "seed: 0\nbogus: 1\n"), (), "bogus")
+    assert "known" in msg and "student" in msg  # lists the valid keys
+
+
+def test_unknown_nested_key_names_dotted_path(tmp_path):
+    _refuse(_write(tmp_path, "student:\n  bkd:\n    blurr_ratio: 0.1\n"), (), "student.bkd.blurr_ratio")
+    _refuse(MNIST5K, ["teacher.lrr=0.1"], "teacher.lrr")
+
+
+def test_wrong_type_string_for_int(tmp_path):
+    _refuse(_write(tmp_path, "student:\n  timesteps: four\n"), (), "student.timesteps", "integer", "four")
+    _refuse(MNIST5K, ["student.epochs=abc"], "student.epochs", "integer")
+    _refuse(MNIST5K, ["student.epochs=2.5"], "student.epochs")
+    _refuse(MNIST5K, ["student.bkd.rescale=maybe"], "student.bkd.rescale")
+
+
+@pytest.mark.parametrize("value", ["1.0", "-0.1"])
+def test_blur_ratio_out_of_range(value):
+    _refuse(MNIST5K, [f"student.bkd.blur_ratio={value}"], "blur_ratio", "[0, 1)")
+
+
+def test_timesteps_zero():
+    _refuse(MNIST5K, ["student.timesteps=0"], "timesteps", ">= 1")
+
+
+def test_unknown_distill_mode():
+    _refuse(MNIST5K, ["student.distill=magic"], "student.distill", "magic", "mixed")
+
+
+def test_unknown_dataset():
+    _refuse(MNIST5K, ["data.name=imagenet9000"], "data.name", "imagenet9000", "mnist5k")
+
+
+def test_missing_config_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    _refuse(missing, (), "not found", str(missing))
+
+
+def test_invalid_yaml(tmp_path):
+    path = _write(tmp_path, "student: [unclosed\n  lr: 1\n")
+    _refuse(path, (), str(path), "YAML")
+
+
+def test_top_level_not_a_mapping(tmp_path):
+    _refuse(_write(tmp_path, "- a\n- b\n"), (), "mapping")
+
+
+def test_override_without_equals():
+    _refuse(MNIST5K, ["student.lr"], "student.lr", "=")
+
+
+def test_section_given_a_scalar(tmp_path):
+    _refuse(_write(tmp_path, "student: 3\n"), (), "student", "mapping")
+
+
+def test_params_yaml_loads_and_validates():
+    params = REPO / "params.yaml"
+    if not params.exists():
+        pytest.skip("params.yaml not present yet")
+    cfg = load_config(params)
+    raw = yaml.safe_load(params.read_text())
+    _assert_matches(cfg, raw)

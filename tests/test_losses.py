@@ -1,0 +1,345 @@
+"""Distillation losses against independent, explicit computations (see shared METHOD.md)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import BKDConfig, LogitsConfig, StudentConfig
+from pipeline.losses import BKDHead, DistillationLoss, kd_loss, wsld_loss
+
+# ---------------------------------------------------------------------------------------------
+# BKD head
+# ---------------------------------------------------------------------------------------------
+
+
+def _fixed_mask(shape, seed=123, keep=0.7):
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(shape, generator=g) < keep).float()
+    assert 0 < mask.sum() < mask.numel()  # a real mask: some channels kept, some dropped
+    return mask
+
+
+def _pooled_reference(head: BKDHead, f_s, f_t, mask, alpha, rescale):
+    """a = f_s W_a^T + b_a ; b = M a ; g = W2 relu(W1 b + b1) + b2 ; alpha * sum((g - f_t')^2) / N."""
+    f_s = f_s.detach().double()
+    f_t = f_t.detach().double()
+    if isinstance(head.align, nn.Linear):
+        a = f_s @ head.align.weight.detach().double().T + head.align.bias.detach().double()
+    else:
+        a = f_s
+    b = mask.double() * a
+    w1, b1 = head.generation[0].weight.detach().double(), head.generation[0].bias.detach().double()
+    w2, b2 = head.generation[2].weight.detach().double(), head.generation[2].bias.detach().double()
+    h = b @ w1.T + b1
+    h = torch.where(h > 0, h, torch.zeros_like(h))
+    g = h @ w2.T + b2
+    target = f_t / f_t.max() * a.max() if rescale else f_t
+    return alpha * ((g - target) ** 2).sum() / f_s.shape[0]
+
+
+@pytest.mark.parametrize("student_dim,teacher_dim", [(6, 10), (10, 10)])
+@pytest.mark.parametrize("rescale", [True, False])
+def test_bkd_pooled_matches_explicit_formula(student_dim, teacher_dim, rescale):
+    torch.manual_seed(0)
+    n, alpha = 5, 0.37
+    head = BKDHead(student_dim, teacher_dim, blur_ratio=0.15, alpha=alpha, rescale=rescale)
+    if student_dim != teacher_dim:
+        assert isinstance(head.align, nn.Linear)
+    else:
+        assert isinstance(head.align, nn.Identity)
+        assert len(list(head.align.parameters())) == 0
+    f_s = torch.randn(n, student_dim)
+    f_t = torch.rand(n, teacher_dim) * 3 + 0.1  # pre-logits after ReLU+pool are non-negative
+    mask = _fixed_mask((n, teacher_dim))
+
+    got = head(f_s, f_t, mask=mask)
+    want = _pooled_reference(head, f_s, f_t, mask, alpha, rescale)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert got.dim() == 0
+
+    # The mask really matters: with all channels kept the value changes.
+    other = head(f_s, f_t, mask=torch.ones_like(mask))
+    assert not torch.allclose(other, got)
+
+
+def test_bkd_rescale_changes_target():
+    torch.manual_seed(1)
+    f_s, f_t = torch.randn(4, 6), torch.rand(4, 8) * 10 + 1
+    mask = _fixed_mask((4, 8))
+    a = BKDHead(6, 8, rescale=True)
+    b = BKDHead(6, 8, rescale=False)
+    b.load_state_dict(a.state_dict())
+    assert not torch.allclose(a(f_s, f_t, mask=mask), b(f_s, f_t, mask=mask))
+
+
+def test_bkd_gradients_reach_head_and_student_not_teacher():
+    torch.manual_seed(2)
+    head = BKDHead(6, 8, alpha=1.0)
+    f_s = torch.randn(4, 6, requires_grad=True)
+    f_t = (torch.rand(4, 8) + 0.5).requires_grad_(True)
+    loss = head(f_s, f_t, mask=_fixed_mask((4, 8)))
+    loss.backward()
+    assert f_s.grad is not None and f_s.grad.abs().sum() > 0
+    for name, p in head.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.abs().sum() > 0, name
+    assert f_t.grad is None or torch.count_nonzero(f_t.grad) == 0
+
+
+def test_bkd_teacher_shape_mismatch_raises():
+    head = BKDHead(6, 8)
+    with pytest.raises(ValueError):
+        head(torch.randn(3, 6), torch.randn(3, 7))
+
+
+@pytest.mark.parametrize("student_dim,teacher_dim", [(3, 5), (4, 4)])
+@pytest.mark.parametrize("rescale", [True, False])
+def test_bkd_spatial_matches_explicit_convolutions(student_dim, teacher_dim, rescale):
+    torch.manual_seed(3)
+    n, h, w, alpha = 3, 4, 5, 0.05
+    head = BKDHead(student_dim, teacher_dim, alpha=alpha, rescale=rescale, spatial=True)
+    f_s = torch.randn(n, student_dim, h, w)
+    f_t = torch.rand(n, teacher_dim, h, w) + 0.2
+    mask = _fixed_mask((n, teacher_dim, 1, 1), seed=7, keep=0.6)
+
+    got = head(f_s, f_t, mask=mask)
+
+    if student_dim != teacher_dim:
+        assert isinstance(head.align, nn.Conv2d) and head.align.kernel_size == (1, 1)
+        a = F.conv2d(f_s, head.align.weight, head.align.bias)
+    else:
+        assert isinstance(head.align, nn.Identity)
+        a = f_s
+    c1, c2 = head.generation[0], head.generation[2]
+    assert c1.kernel_size == (3, 3) and c2.kernel_size == (3, 3)
+    b = a * mask  # broadcasts over H, W: one decision per sample and channel
+    g = F.conv2d(torch.clamp(F.conv2d(b, c1.weight, c1.bias, padding=1), min=0), c2.weight, c2.bias, padding=1)
+    target = f_t / f_t.max() * a.max() if rescale else f_t
+    want = alpha * ((g - target) ** 2).sum() / n
+    torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blur mask
+# ---------------------------------------------------------------------------------------------
+
+
+def test_blur_mask_drop_rate_and_shape_pooled():
+    torch.manual_seed(4)
+    head = BKDHead(8, 8, blur_ratio=0.15)
+    aligned = torch.randn(400, 250)
+    mask = head.blur_mask(aligned)
+    assert mask.shape == (400, 250)
+    assert set(torch.unique(mask).tolist()) <= {0.0, 1.0}
+    dropped = (mask == 0).float().mean().item()
+    assert abs(dropped - 0.15) < 0.01
+
+
+def test_blur_mask_spatial_is_per_channel():
+    torch.manual_seed(5)
+    head = BKDHead(4, 4, blur_ratio=0.3, spatial=True)
+    aligned = torch.randn(200, 50, 3, 3)
+    mask = head.blur_mask(aligned)
+    assert mask.shape == (200, 50, 1, 1)
+    dropped = (mask == 0).float().mean().item()
+    assert abs(dropped - 0.3) < 0.02
+
+
+def test_blur_in_forward_zeroes_whole_channels_in_spatial_maps():
+    torch.manual_seed(6)
+    n, c = 16, 8
+    head = BKDHead(c, c, blur_ratio=0.5, spatial=True)  # identity align: a == f_s
+    seen = {}
+    head.generation[0].register_forward_hook(lambda m, inp, out: seen.update(x=inp[0].detach().clone()))
+    f_s = torch.rand(n, c, 4, 4) + 1.0  # strictly non-zero, so a zero means "masked"
+    head(f_s, torch.rand(n, c, 4, 4) + 0.1)
+    blurred = seen["x"]
+    zero = (blurred == 0)
+    per_channel = zero.flatten(2)
+    # Each (sample, channel) is either wholly zeroed or wholly kept, over all spatial positions.
+    assert torch.all(per_channel.all(2) | (~per_channel).all(2))
+    kept = ~per_channel.any(2)
+    assert torch.equal(blurred[kept], f_s[kept])
+    assert 0 < per_channel.all(2).sum() < n * c
+
+
+def test_blur_mask_is_fresh_on_each_call():
+    head = BKDHead(8, 8, blur_ratio=0.15)
+    aligned = torch.randn(64, 32)
+    first, second = head.blur_mask(aligned), head.blur_mask(aligned)
+    assert not torch.equal(first, second)
+    # forward draws a fresh mask too: two calls with identical inputs give different losses
+    f_t = torch.rand(64, 8) + 0.1
+    f_s = torch.randn(64, 8)
+    assert head(f_s, f_t).item() != head(f_s, f_t).item()
+
+
+def test_blur_ratio_zero_keeps_everything():
+    head = BKDHead(8, 8, blur_ratio=0.0)
+    assert torch.all(head.blur_mask(torch.randn(100, 30)) == 1)
+    assert torch.all(head.blur_mask(torch.randn(10, 30, 2, 2)) == 1)
+
+
+@pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5])
+def test_blur_ratio_outside_unit_interval_refused(ratio):
+    with pytest.raises(ValueError, match="blur_ratio"):
+        BKDHead(8, 8, blur_ratio=ratio)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logit distillation
+# ---------------------------------------------------------------------------------------------
+
+
+def _np_softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def _np_log_softmax(x):
+    m = x.max()
+    return x - m - math.log(np.exp(x - m).sum())
+
+
+def _logits(n=6, k=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z_s = torch.randn(n, k, generator=g) * 2
+    z_t = torch.randn(n, k, generator=g) * 3
+    y = torch.randint(0, k, (n,), generator=g)
+    return z_s, z_t, y
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0, 4.0])
+def test_kd_loss_matches_explicit_kl(tau):
+    z_s, z_t, _ = _logits()
+    total = 0.0
+    for i in range(len(z_s)):
+        p_s = _np_softmax(z_s[i].double().numpy() / tau)
+        p_t = _np_softmax(z_t[i].double().numpy() / tau)
+        total += sum(p_t[k] * math.log(p_t[k] / p_s[k]) for k in range(len(p_t)))
+    want = tau**2 * total / len(z_s)
+    got = kd_loss(z_s, z_t, tau)
+    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+
+
+def test_kd_loss_zero_for_identical_logits():
+    z, _, _ = _logits()
+    assert kd_loss(z, z.clone(), 2.0).abs().item() < 1e-6
+
+
+def _wsld_weights(z_s, z_t, y):
+    """w_i = 1 - exp(-max(0, CE_s / (CE_t + 1e-7))), computed with numpy from plain numbers."""
+    w = []
+    for i in range(len(z_s)):
+        ce_s = -_np_log_softmax(z_s[i].detach().double().numpy())[y[i]]
+        ce_t = -_np_log_softmax(z_t[i].double().numpy())[y[i]]
+        w.append(1.0 - math.exp(-max(0.0, ce_s / (ce_t + 1e-7))))
+    return w
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_wsld_loss_matches_explicit_loop(tau):
+    z_s, z_t, y = _logits(n=7, k=4, seed=1)
+    weights = _wsld_weights(z_s, z_t, y)
+    terms = []
+    for i in range(len(z_s)):
+        p_t = _np_softmax(z_t[i].double().numpy() / tau)
+        log_p_s = _np_log_softmax(z_s[i].double().numpy() / tau)
+        ce_soft = -sum(p_t[k] * log_p_s[k] for k in range(len(p_t)))
+        terms.append(weights[i] * ce_soft)
+    want = tau**2 * sum(terms) / len(terms)
+    got = wsld_loss(z_s, z_t, y, tau)
+    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+
+
+def test_wsld_weight_uses_detached_student_logits():
+    tau = 2.0
+    z_s, z_t, y = _logits(n=5, k=4, seed=2)
+    z_s = z_s.double().requires_grad_(True)
+    z_t = z_t.double()
+
+    (grad,) = torch.autograd.grad(wsld_loss(z_s, z_t, y, tau), z_s)
+
+    w_const = torch.tensor(_wsld_weights(z_s, z_t, y), dtype=torch.float64)
+
+    def ce_soft(z):
+        return -(F.softmax(z_t / tau, 1) * F.log_softmax(z / tau, 1)).sum(1)
+
+    (want,) = torch.autograd.grad(tau**2 * (w_const * ce_soft(z_s)).mean(), z_s)
+    torch.testing.assert_close(grad, want)
+
+    # Had the weight not been detached, the gradient would be different (the test can fail).
+    ce_s = F.cross_entropy(z_s, y, reduction="none")
+    ce_t = F.cross_entropy(z_t, y, reduction="none")
+    w_live = 1 - torch.exp(-torch.clamp(ce_s / (ce_t + 1e-7), min=0))
+    (live,) = torch.autograd.grad(tau**2 * (w_live * ce_soft(z_s)).mean(), z_s)
+    assert not torch.allclose(live, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# DistillationLoss
+# ---------------------------------------------------------------------------------------------
+
+EXPECTED_KEYS = {
+    "none": {"ce", "loss"},
+    "kd": {"ce", "kd", "loss"},
+    "wsld": {"ce", "wsld", "loss"},
+    "bkd": {"ce", "bkd", "loss"},
+    "mixed": {"ce", "bkd", "wsld", "loss"},
+}
+
+
+def _student_cfg(mode, weight=0.7, tau=3.0):
+    return StudentConfig(distill=mode, bkd=BKDConfig(blur_ratio=0.2, alpha=0.01, rescale=True),
+                         logits=LogitsConfig(temperature=tau, weight=weight))
+
+
+@pytest.mark.parametrize("mode", sorted(EXPECTED_KEYS))
+def test_distillation_loss_terms(mode):
+    torch.manual_seed(8)
+    n, ds, dt, k = 6, 5, 7, 4
+    cfg = _student_cfg(mode)
+    crit = DistillationLoss(cfg, student_dim=ds, teacher_dim=dt)
+    f_s = torch.randn(n, ds, requires_grad=True)
+    z_s = torch.randn(n, k, requires_grad=True)
+    y = torch.randint(0, k, (n,))
+    f_t, z_t = torch.rand(n, dt) + 0.1, torch.randn(n, k)
+
+    if mode == "none":
+        assert crit.bkd is None
+        assert len(list(crit.parameters())) == 0
+        assert not crit.uses_teacher
+        terms = crit(f_s, z_s, y)  # no teacher needed
+    else:
+        assert crit.uses_teacher
+        terms = crit(f_s, z_s, y, f_t, z_t)
+
+    assert set(terms) == EXPECTED_KEYS[mode]
+    parts = [v for key, v in terms.items() if key != "loss"]
+    torch.testing.assert_close(terms["loss"], torch.stack(parts).sum())
+
+    # ce is the plain cross-entropy of the student logits
+    log_p = z_s.detach().log_softmax(1)
+    torch.testing.assert_close(terms["ce"].detach(), -log_p[torch.arange(n), y].mean())
+    if "kd" in terms:
+        torch.testing.assert_close(terms["kd"], 0.7 * kd_loss(z_s, z_t, 3.0))
+    if "wsld" in terms:
+        torch.testing.assert_close(terms["wsld"], 0.7 * wsld_loss(z_s, z_t, y, 3.0))
+
+    if mode in ("bkd", "mixed"):
+        assert isinstance(crit.bkd, BKDHead)
+        params = list(crit.parameters())
+        assert params and len(params) == len(list(crit.bkd.parameters()))
+        assert crit.bkd.blur_ratio == 0.2 and crit.bkd.alpha == 0.01 and crit.bkd.rescale
+        assert isinstance(crit.bkd.align, nn.Linear)  # widths differ
+        terms["loss"].backward()
+        assert all(p.grad is not None for p in params)
+    else:
+        assert crit.bkd is None
+        assert len(list(crit.parameters())) == 0
