@@ -45,7 +45,7 @@ from pipeline.extract import extract_teacher, load_teacher, open_student_targets
 from pipeline.losses import DistillationLoss
 from pipeline.models import create_student, create_teacher, teacher_outputs
 from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler
-from pipeline.train import _optimizer
+from pipeline.train import _optimizer, student_step
 
 CONFIG = "configs/mnist5k.yaml"
 SETTINGS = ("none", "cached", "online")
@@ -89,11 +89,8 @@ class Setting:
         start = time.perf_counter()
         batch = self.next_batch()
         loaded = time.perf_counter()
-        images, labels, teacher_features, teacher_logits = self.targets(batch)
-        # As in pipeline.train.train_student's step and Trainer.fit.
-        features = self.student.forward_features(images)
-        logits = self.student.forward_head(features)
-        loss = self.criterion(features, logits, labels, teacher_features, teacher_logits)["loss"]
+        terms, _, _ = student_step(self.student, self.criterion)(self.targets(batch))
+        loss = terms["loss"]  # then as in Trainer.fit
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

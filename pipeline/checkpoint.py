@@ -49,7 +49,10 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise BkdError(f"checkpoint not found: {path} (train one with `bkd train-teacher`, or pass a local file)")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # SafetensorError, or an OS error on a truncated file
+            raise BkdError(f"{path}: not a readable safetensors file ({exc})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # an untrusted pickle or a corrupt file: refuse, never unpickle code

@@ -8,6 +8,8 @@ overrides (``section.key=value``) go through the same checks.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -196,12 +198,10 @@ def validate(cfg: Config) -> Config:
         name = "teacher" if section is cfg.teacher else "student"
         _check(section.epochs >= 1, f"{name}.epochs must be >= 1, got {section.epochs}")
         _check(section.batch_size >= 1, f"{name}.batch_size must be >= 1, got {section.batch_size}")
-        _check(section.lr > 0, f"{name}.lr must be > 0, got {section.lr}")
+        _check(0 < section.lr < math.inf, f"{name}.lr must be finite and > 0, got {section.lr}")
         _check(section.weight_decay >= 0, f"{name}.weight_decay must be >= 0")
-        _check(
-            section.device == "auto" or section.device == "cpu" or section.device.startswith("cuda"),
-            f"{name}.device must be auto, cpu or cuda[:N], got '{section.device}'",
-        )
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", section.device) is not None,
+               f"{name}.device must be auto, cpu or cuda[:N], got '{section.device}'")
     _check(cfg.teacher.random_shift >= 0, "teacher.random_shift must be >= 0")
     ex = cfg.extract
     _check(ex.chunk_size >= 1, f"extract.chunk_size must be >= 1, got {ex.chunk_size}")
@@ -217,9 +217,10 @@ def validate(cfg: Config) -> Config:
     _check(st.timesteps >= 1, f"student.timesteps (T) must be >= 1, got {st.timesteps}")
     _check(st.distill in DISTILL_MODES, f"student.distill: unknown mode '{st.distill}' (known: {', '.join(DISTILL_MODES)})")
     _check(0.0 <= st.bkd.blur_ratio < 1.0, f"student.bkd.blur_ratio (lambda) must be in [0, 1), got {st.bkd.blur_ratio}")
-    _check(st.bkd.alpha >= 0, f"student.bkd.alpha must be >= 0, got {st.bkd.alpha}")
-    _check(st.logits.temperature > 0, f"student.logits.temperature must be > 0, got {st.logits.temperature}")
-    _check(st.logits.weight >= 0, f"student.logits.weight must be >= 0, got {st.logits.weight}")
+    _check(0 <= st.bkd.alpha < math.inf, f"student.bkd.alpha must be finite and >= 0, got {st.bkd.alpha}")
+    _check(0 < st.logits.temperature < math.inf,
+           f"student.logits.temperature must be finite and > 0, got {st.logits.temperature}")
+    _check(0 <= st.logits.weight < math.inf, f"student.logits.weight must be finite and >= 0, got {st.logits.weight}")
     _check(st.shuffle_buffer_chunks >= 1, "student.shuffle_buffer_chunks must be >= 1")
     return cfg
 

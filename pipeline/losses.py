@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import StudentConfig
+from pipeline.errors import BkdError
 
 
 class BKDHead(nn.Module):
@@ -64,7 +65,11 @@ class BKDHead(nn.Module):
         restored = self.generation(aligned * mask)
         target = teacher_feature.detach().to(aligned.dtype)
         if self.rescale:
-            target = target / target.max() * aligned.max()
+            teacher_max = target.max()
+            if not teacher_max > 0:  # the division would flip signs or blow up
+                raise BkdError(f"BKD rescale needs a positive teacher feature maximum in the batch, "
+                                 f"got {teacher_max.item()}; set student.bkd.rescale: false for this teacher")
+            target = target / teacher_max * aligned.max()
         return self.alpha * (restored - target).pow(2).sum() / student_feature.shape[0]
 
 

@@ -2,8 +2,11 @@
 
 `ChunkShuffleSampler` shuffles the order of chunks, then takes `buffer_chunks` chunks at a
 time and shuffles the samples inside that window. `CachedTargetDataset` serves a batch by
-decoding only the chunks its samples fall in and keeps at most `buffer_chunks` decoded
-chunks, so each chunk is read once per epoch and the store is never loaded whole.
+decoding only the chunks its samples fall in. It keeps at most two windows of decoded chunks
+(`2 * buffer_chunks`, or the chunks of one batch if that is more): a batch that straddles a
+window boundary needs chunks of both windows, and with that capacity, least-recently-used
+eviction that never evicts the current batch's chunks only drops chunks of finished windows.
+So each chunk is decoded once per epoch and the store is never loaded whole.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class CachedTargetDataset(Dataset):
             raise StoreError(f"{targets.path}: {targets.split} split has {len(targets)} samples, "
                              f"the dataset has {len(images)}")
         self.images, self.targets, self.buffer_chunks = images, targets, buffer_chunks
+        self.capacity = 2 * buffer_chunks
         self._chunks: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
         self.chunks_decoded = 0  # for tests and benchmarks: reads from the store
         self.max_resident_chunks = 0
@@ -57,31 +61,37 @@ class CachedTargetDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def _chunk(self, chunk: int) -> dict[str, torch.Tensor]:
-        if chunk in self._chunks:
-            self._chunks.move_to_end(chunk)
-            return self._chunks[chunk]
-        rows = self.targets.read_chunk(chunk)
-        decoded = {
-            "features": torch.from_numpy(rows["features"]).float(),
-            "logits": torch.from_numpy(rows["logits"]).float(),
-        }
-        self._chunks[chunk] = decoded
-        self.chunks_decoded += 1
-        while len(self._chunks) > self.buffer_chunks:
-            self._chunks.popitem(last=False)
+    def _load_chunks(self, chunks: list[int]) -> None:
+        """Make `chunks` resident; evict least-recently-used chunks that are not among them."""
+        for chunk in chunks:  # touch the resident ones first, so they are the most recent
+            if chunk in self._chunks:
+                self._chunks.move_to_end(chunk)
+        needed = set(chunks)
+        for chunk in chunks:
+            if chunk in self._chunks:
+                continue
+            rows = self.targets.read_chunk(chunk)
+            self._chunks[chunk] = {
+                "features": torch.from_numpy(rows["features"]).float(),
+                "logits": torch.from_numpy(rows["logits"]).float(),
+            }
+            self.chunks_decoded += 1
+            evictable = [c for c in self._chunks if c not in needed]
+            while len(self._chunks) > self.capacity and evictable:
+                del self._chunks[evictable.pop(0)]
         self.max_resident_chunks = max(self.max_resident_chunks, len(self._chunks))
-        return decoded
 
     def __getitems__(self, indices: list[int]):
         idx = torch.as_tensor(indices)
         chunk_ids = idx // self.targets.chunk_size
         features = torch.empty(len(idx), self.targets.feature_dim)
         logits = torch.empty(len(idx), self.targets.arrays["logits"].shape[1])
-        for chunk in torch.unique(chunk_ids).tolist():
+        chunks = torch.unique(chunk_ids).tolist()
+        self._load_chunks(chunks)
+        for chunk in chunks:
             rows = (chunk_ids == chunk).nonzero().squeeze(1)
             local = idx[rows] - chunk * self.targets.chunk_size
-            data = self._chunk(chunk)
+            data = self._chunks[chunk]
             features[rows] = data["features"][local]
             logits[rows] = data["logits"][local]
         images, labels, _ = self.images.__getitems__(indices)

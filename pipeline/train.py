@@ -182,6 +182,18 @@ def train_teacher(cfg: Config, run_dir: str | Path, resume: bool = False) -> dic
             "epochs": len(history), "model": tcfg.model}
 
 
+def student_step(student: nn.Module, criterion: DistillationLoss) -> StepFn:
+    """The student's forward for a batch (images, labels, teacher features, teacher logits)."""
+
+    def step(batch):
+        images, labels, teacher_features, teacher_logits = batch
+        features = student.forward_features(images)
+        logits = student.forward_head(features)
+        return criterion(features, logits, labels, teacher_features, teacher_logits), logits, labels
+
+    return step
+
+
 def train_student(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
     """Train the SNN student from cached teacher targets (the teacher is never loaded)."""
     scfg = cfg.student
@@ -199,12 +211,7 @@ def train_student(cfg: Config, run_dir: str | Path, resume: bool = False) -> dic
     params = list(student.parameters()) + list(criterion.parameters())  # the BKD head trains with the student
     optimizer, scheduler = _optimizer(params, scfg.lr, scfg.weight_decay, scfg.epochs, len(loader))
 
-    def step(batch):
-        images, labels, teacher_features, teacher_logits = batch
-        features = student.forward_features(images)
-        logits = student.forward_head(features)
-        return criterion(features, logits, labels, teacher_features, teacher_logits), logits, labels
-
+    step = student_step(student, criterion)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     trainer = Trainer({"student": student, "criterion": criterion}, step, loader, sampler, optimizer, scheduler,

@@ -140,3 +140,23 @@ def test_params_yaml_loads_and_validates():
     cfg = load_config(params)
     raw = yaml.safe_load(params.read_text())
     _assert_matches(cfg, raw)
+
+
+@pytest.mark.parametrize("override,field", [
+    ("student.logits.temperature=.inf", "temperature"),
+    ("student.bkd.alpha=.inf", "alpha"),
+    ("student.logits.weight=.nan", "weight"),
+    ("student.lr=.inf", "student.lr"),
+])
+def test_non_finite_values_refused(override, field):
+    _refuse(MNIST5K, [override], field, "finite")
+
+
+@pytest.mark.parametrize("device", ["gpu", "cudax", "cuda:-1", "cuda:one", "CPU"])
+def test_bad_device_refused(device):
+    _refuse(MNIST5K, [f"student.device={device}"], "student.device", device)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1"])
+def test_good_device_accepted(device):
+    assert load_config(MNIST5K, [f"student.device={device}"]).student.device == device

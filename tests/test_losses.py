@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import BKDConfig, LogitsConfig, StudentConfig
+from pipeline.errors import BkdError
 from pipeline.losses import BKDHead, DistillationLoss, kd_loss, wsld_loss
 
 # ---------------------------------------------------------------------------------------------
@@ -343,3 +344,11 @@ def test_distillation_loss_terms(mode):
     else:
         assert crit.bkd is None
         assert len(list(crit.parameters())) == 0
+
+
+def test_bkd_rescale_refuses_non_positive_teacher_maximum():
+    head = BKDHead(4, 4, blur_ratio=0.0, rescale=True)
+    with pytest.raises(BkdError, match="rescale"):
+        head(torch.randn(3, 4), -torch.rand(3, 4))
+    # Without the rescale the same batch is a plain regression target.
+    assert torch.isfinite(BKDHead(4, 4, blur_ratio=0.0, rescale=False)(torch.randn(3, 4), -torch.rand(3, 4)))

@@ -1,0 +1,321 @@
+"""The sharded Zarr v3 teacher-target store, written and read with pipeline.store directly."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.errors import StoreError
+from pipeline.store import (
+    SplitLayout,
+    StoreWriter,
+    TeacherTargets,
+    make_manifest,
+    store_info,
+    verify_store,
+)
+
+N_TRAIN, N_TEST = 300, 150  # 3 shards (last partial), 2 shards
+CHUNK, PER_SHARD = 64, 2
+DIM, CLASSES = 12, 10
+
+
+def make_arrays(n: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "features": (rng.standard_normal((n, DIM)) * 4).astype(np.float32),  # cast to float16 by the store
+        "logits": (rng.standard_normal((n, CLASSES)) * 8).astype(np.float32),
+        "labels": rng.integers(0, CLASSES, n).astype(np.int64),
+        "index": np.arange(n, dtype=np.int64),
+    }
+
+
+def make_test_manifest(sha: str = "a" * 64, fingerprints: dict | None = None,
+                       n_train: int = N_TRAIN, n_test: int = N_TEST) -> dict:
+    fingerprints = fingerprints or {"train": "f-train", "test": "f-test"}
+    return make_manifest(
+        teacher={"model": "resnet18", "checkpoint_sha256": sha, "small_input_stem": True,
+                 "num_classes": CLASSES, "num_features": DIM},
+        dataset={"name": "digits", "split_seed": 0, "test_size": 100, "limit": None},
+        splits={"train": {"num_samples": n_train, "fingerprint": fingerprints["train"]},
+                "test": {"num_samples": n_test, "fingerprint": fingerprints["test"]}},
+        transform={"scale": 1 / 255, "mean": [0.3], "std": [0.4], "input_shape": [1, 8, 8], "encoding": "direct"},
+        arrays={"features": "float16", "logits": "float16", "labels": "int64", "index": "int64"},
+        chunking={"chunk_size": CHUNK, "chunks_per_shard": PER_SHARD},
+    )
+
+
+def layouts(n_train: int = N_TRAIN, n_test: int = N_TEST) -> dict[str, SplitLayout]:
+    return {"train": SplitLayout(n_train, CHUNK, PER_SHARD), "test": SplitLayout(n_test, CHUNK, PER_SHARD)}
+
+
+def open_writer(path, manifest=None, overwrite=False, n_train=N_TRAIN, n_test=N_TEST) -> StoreWriter:
+    manifest = manifest or make_test_manifest(n_train=n_train, n_test=n_test)
+    return StoreWriter(path, manifest, layouts(n_train, n_test), DIM, CLASSES, "float16", "float16",
+                       zstd_level=3, overwrite=overwrite)
+
+
+def write_split(writer: StoreWriter, split: str, data: dict[str, np.ndarray], shards=None) -> None:
+    layout = writer.layouts[split]
+    for shard in range(layout.num_shards) if shards is None else shards:
+        start, stop = layout.shard_rows(shard)
+        writer.write_shard(split, shard, {k: v[start:stop] for k, v in data.items()})
+
+
+def build_store(path, n_train: int = N_TRAIN, n_test: int = N_TEST, seed: int = 0) -> dict[str, dict]:
+    """A complete two-split store at `path`; returns the arrays written."""
+    writer = open_writer(path, n_train=n_train, n_test=n_test)
+    data = {"train": make_arrays(n_train, seed), "test": make_arrays(n_test, seed + 1)}
+    for split in ("train", "test"):
+        write_split(writer, split, data[split])
+    writer.finish()
+    return data
+
+
+def test_layout_last_shard_is_partial():
+    lay = SplitLayout(N_TRAIN, CHUNK, PER_SHARD)
+    assert lay.shard_size == 128
+    assert lay.num_shards == 3 and lay.num_chunks == 5
+    assert lay.shard_rows(0) == (0, 128)
+    assert lay.shard_rows(2) == (256, 300)
+
+
+def test_round_trip_values(tmp_path):
+    path = tmp_path / "s.zarr"
+    data = build_store(path)
+    for split in ("train", "test"):
+        targets = TeacherTargets(path, split)
+        n = len(data[split]["labels"])
+        assert len(targets) == n
+        assert targets.feature_dim == DIM and targets.chunk_size == CHUNK
+        rows = targets.read_rows(0, n)
+        assert rows["features"].dtype == np.float16 and rows["logits"].dtype == np.float16
+        np.testing.assert_array_equal(rows["features"], data[split]["features"].astype(np.float16))
+        np.testing.assert_array_equal(rows["logits"], data[split]["logits"].astype(np.float16))
+        np.testing.assert_array_equal(rows["labels"], data[split]["labels"])
+        np.testing.assert_array_equal(rows["index"], np.arange(n))
+        # chunk reads cover the split, the last chunk is partial
+        chunks = [targets.read_chunk(c) for c in range(targets.layout.num_chunks)]
+        assert all(len(c["labels"]) == CHUNK for c in chunks[:-1])
+        assert len(chunks[-1]["labels"]) == n - CHUNK * (len(chunks) - 1)
+        np.testing.assert_array_equal(np.concatenate([c["features"] for c in chunks]), rows["features"])
+
+
+def test_complete_only_after_finish(tmp_path):
+    path = tmp_path / "s.zarr"
+    writer = open_writer(path)
+    data = make_arrays(N_TRAIN, 0)
+    assert store_info(path)["complete"] is False
+    write_split(writer, "train", data)
+    write_split(writer, "test", make_arrays(N_TEST, 1), shards=[0])  # test split has 2 shards; shard 1 missing
+    assert store_info(path)["complete"] is False
+    assert writer.missing_shards("test") == [1]
+    with pytest.raises(StoreError, match="missing"):
+        writer.finish()
+    assert store_info(path)["complete"] is False
+    # an incomplete store is refused for training
+    with pytest.raises(StoreError, match="incomplete"):
+        TeacherTargets(path, "train")
+    # but can be inspected
+    assert len(TeacherTargets(path, "train", require_complete=False)) == N_TRAIN
+
+    write_split(writer, "test", make_arrays(N_TEST, 1), shards=[1])
+    writer.finish()
+    assert store_info(path)["complete"] is True
+    TeacherTargets(path, "train")  # now accepted
+
+
+def test_store_info_progress_and_bytes(tmp_path):
+    path = tmp_path / "s.zarr"
+    writer = open_writer(path)
+    info = store_info(path)
+    assert info["splits"]["train"] == {"samples": N_TRAIN, "shards_complete": 0, "shards_total": 3}
+    assert info["splits"]["test"] == {"samples": N_TEST, "shards_complete": 0, "shards_total": 2}
+    before = info["bytes_on_disk"]
+
+    write_split(writer, "train", make_arrays(N_TRAIN, 0), shards=[0, 2])
+    info = store_info(path)
+    assert info["splits"]["train"]["shards_complete"] == 2
+    assert info["splits"]["test"]["shards_complete"] == 0
+    assert info["bytes_on_disk"] > before
+    total = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    assert info["bytes_on_disk"] == total
+    assert info["bytes_per_sample"] == pytest.approx(total / (N_TRAIN + N_TEST))
+    assert info["manifest"]["chunking"] == {"chunk_size": CHUNK, "chunks_per_shard": PER_SHARD}
+
+
+def test_arrays_are_sharded_and_zstd_compressed(tmp_path):
+    path = tmp_path / "s.zarr"
+    build_store(path)
+    targets = TeacherTargets(path, "train")
+    for name, arr in targets.arrays.items():
+        assert arr.chunks[0] == CHUNK, name
+        assert arr.shards is not None and arr.shards[0] == CHUNK * PER_SHARD, name
+        assert any(type(c).__name__ == "ZstdCodec" for c in arr.compressors), name
+
+    meta = json.loads((Path(path) / "train" / "features" / "zarr.json").read_text())
+    assert meta["zarr_format"] == 3
+    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [CHUNK * PER_SHARD, DIM]
+    (sharding,) = [c for c in meta["codecs"] if c["name"] == "sharding_indexed"]
+    assert sharding["configuration"]["chunk_shape"] == [CHUNK, DIM]
+    inner = {c["name"]: c.get("configuration", {}) for c in sharding["configuration"]["codecs"]}
+    assert inner["zstd"]["level"] == 3 and inner["zstd"]["checksum"] is True
+
+    # one object per shard (3), not per chunk (5)
+    files = [f for f in (Path(path) / "train" / "features" / "c").rglob("*") if f.is_file()]
+    assert len(files) == 3
+
+
+def _shard_files(path: Path, split: str, array: str) -> list[Path]:
+    found = []
+    for root, _, files in os.walk(path / split / array / "c"):
+        found += [Path(root) / f for f in files]
+    return sorted(found)
+
+
+def test_verify_store_clean(tmp_path):
+    path = tmp_path / "s.zarr"
+    build_store(path)
+    results = list(verify_store(path))
+    assert sorted((s, i) for s, i, _ in results) == [("test", 0), ("test", 1), ("train", 0), ("train", 1), ("train", 2)]
+    assert all(problem is None for _, _, problem in results)
+
+
+def test_verify_store_flags_corrupted_shard(tmp_path):
+    path = tmp_path / "s.zarr"
+    build_store(path)
+    files = _shard_files(path, "train", "features")
+    # chunk key c/<shard>/0: pick shard 1
+    victim = [f for f in files if f.relative_to(path / "train" / "features" / "c").parts[0] == "1"]
+    assert len(victim) == 1
+    victim = victim[0]
+    raw = bytearray(victim.read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 16] = bytes(b ^ 0xFF for b in raw[middle:middle + 16])
+    victim.write_bytes(bytes(raw))
+
+    problems = {(s, i): p for s, i, p in verify_store(path)}
+    assert problems[("train", 1)] is not None
+    assert "shard 1" in problems[("train", 1)] or "rows 128:256" in problems[("train", 1)]
+    assert problems[("train", 0)] is None and problems[("train", 2)] is None
+    assert problems[("test", 0)] is None and problems[("test", 1)] is None
+    # reading the damaged rows for training fails with a StoreError, not garbage
+    with pytest.raises(StoreError):
+        TeacherTargets(path, "train").read_rows(128, 256)
+
+
+def test_verify_store_flags_non_finite_and_incomplete(tmp_path):
+    path = tmp_path / "s.zarr"
+    writer = open_writer(path)
+    data = make_arrays(N_TRAIN, 0)
+    data["features"][270, 3] = np.nan  # shard 2
+    write_split(writer, "train", data)
+    write_split(writer, "test", make_arrays(N_TEST, 1), shards=[1])
+    problems = {(s, i): p for s, i, p in verify_store(path)}
+    assert problems[("train", 2)] == "non-finite features"
+    assert problems[("train", 0)] is None and problems[("train", 1)] is None
+    assert "not written" in problems[("test", 0)]
+    assert problems[("test", 1)] is None
+
+
+def test_verify_store_flags_bad_logits_and_labels(tmp_path):
+    path = tmp_path / "s.zarr"
+    writer = open_writer(path)
+    data = make_arrays(N_TRAIN, 0)
+    data["logits"][5, 0] = np.inf  # shard 0
+    data["labels"][200] = CLASSES  # shard 1
+    write_split(writer, "train", data)
+    problems = {(s, i): p for s, i, p in verify_store(path)}
+    assert problems[("train", 0)] == "non-finite logits"
+    assert "labels outside" in problems[("train", 1)]
+    assert problems[("train", 2)] is None
+
+
+def test_check_matches(tmp_path):
+    path = tmp_path / "s.zarr"
+    build_store(path)
+    targets = TeacherTargets(path, "train")
+    same = make_test_manifest()
+    targets.check_matches(same)  # the identity it was built with is accepted
+
+    other_sha = make_test_manifest(sha="b" * 64)
+    with pytest.raises(StoreError) as info:
+        targets.check_matches(other_sha)
+    assert "teacher.checkpoint_sha256" in str(info.value)
+    assert "b" * 64 in str(info.value)
+
+    other_split = make_test_manifest(fingerprints={"train": "other", "test": "f-test"})
+    with pytest.raises(StoreError) as info:
+        targets.check_matches(other_split)
+    assert "splits.train.fingerprint" in str(info.value)
+
+    other_transform = copy.deepcopy(same)
+    other_transform["transform"]["mean"] = [0.5]
+    with pytest.raises(StoreError, match="transform"):
+        targets.check_matches(other_transform)
+
+    other_model = copy.deepcopy(same)
+    other_model["teacher"]["model"] = "resnet34"
+    with pytest.raises(StoreError, match="teacher.model"):
+        targets.check_matches(other_model)
+
+    # the test split is checked against its own fingerprint
+    test_targets = TeacherTargets(path, "test")
+    test_targets.check_matches(other_split)  # only the train fingerprint differs
+    with pytest.raises(StoreError, match="splits.test.fingerprint"):
+        test_targets.check_matches(make_test_manifest(fingerprints={"train": "f-train", "test": "x"}))
+
+
+def test_unknown_split_and_missing_store(tmp_path):
+    path = tmp_path / "s.zarr"
+    with pytest.raises(StoreError, match="not found"):
+        TeacherTargets(path, "train")
+    build_store(path)
+    with pytest.raises(StoreError, match="val"):
+        TeacherTargets(path, "val")
+
+
+def test_writer_refuses_other_identity_unless_overwrite(tmp_path):
+    path = tmp_path / "s.zarr"
+    writer = open_writer(path)
+    write_split(writer, "train", make_arrays(N_TRAIN, 0), shards=[0])
+
+    with pytest.raises(StoreError, match="another run"):
+        open_writer(path, manifest=make_test_manifest(sha="c" * 64))
+    # the refused attempt did not touch the store
+    assert store_info(path)["splits"]["train"]["shards_complete"] == 1
+
+    replaced = open_writer(path, manifest=make_test_manifest(sha="c" * 64), overwrite=True)
+    assert replaced.missing_shards("train") == [0, 1, 2]
+    assert store_info(path)["manifest"]["teacher"]["checkpoint_sha256"] == "c" * 64
+
+
+def test_writer_resume_keeps_completed_shards(tmp_path):
+    path = tmp_path / "s.zarr"
+    data = make_arrays(N_TRAIN, 0)
+    writer = open_writer(path)
+    assert writer.missing_shards("train") == [0, 1, 2]
+    write_split(writer, "train", data, shards=[0, 2])
+    del writer  # "crash"
+
+    resumed = open_writer(path, manifest=make_test_manifest())  # same identity, new timestamp
+    assert resumed.missing_shards("train") == [1]
+    assert resumed.missing_shards("test") == [0, 1]
+    write_split(resumed, "train", data, shards=[1])
+    write_split(resumed, "test", make_arrays(N_TEST, 1))
+    resumed.finish()
+    rows = TeacherTargets(path, "train").read_rows(0, N_TRAIN)
+    np.testing.assert_array_equal(rows["features"], data["features"].astype(np.float16))
+
+
+def test_write_shard_rejects_wrong_row_count(tmp_path):
+    writer = open_writer(tmp_path / "s.zarr")
+    data = make_arrays(100, 0)
+    with pytest.raises(ValueError, match="rows"):
+        writer.write_shard("train", 0, data)  # shard 0 holds 128 rows
+    assert writer.missing_shards("train") == [0, 1, 2]

@@ -1,0 +1,194 @@
+"""Chunk-aligned shuffling and the streaming cached-target dataset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.config import DataConfig
+from pipeline.data import ImageSplit, collate_batch
+from pipeline.errors import StoreError
+from pipeline.store import TeacherTargets
+from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler
+from tests.test_store import CHUNK, build_store
+
+# ---------------------------------------------------------------------------------------------
+# ChunkShuffleSampler
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,chunk,buf", [(300, 64, 2), (320, 64, 2), (100, 7, 3), (50, 64, 4), (65, 8, 1)])
+def test_sampler_is_a_permutation_each_epoch(n, chunk, buf):
+    sampler = ChunkShuffleSampler(n, chunk, buf, seed=3)
+    assert len(sampler) == n
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert len(order) == n
+        assert sorted(order) == list(range(n))
+        assert all(isinstance(i, int) for i in order)
+
+
+def test_sampler_reproducible_and_varies_by_epoch_and_seed():
+    a = ChunkShuffleSampler(300, 16, 2, seed=7)
+    b = ChunkShuffleSampler(300, 16, 2, seed=7)
+    orders = []
+    for epoch in range(3):
+        a.set_epoch(epoch)
+        b.set_epoch(epoch)
+        first = list(a)
+        assert first == list(b)  # same (seed, epoch), other instance
+        assert first == list(a)  # same instance iterated again
+        orders.append(first)
+    assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2]
+    other_seed = ChunkShuffleSampler(300, 16, 2, seed=8)
+    assert list(other_seed) != orders[0]
+    # it really shuffles: not the identity, and chunk order is not sorted
+    assert orders[0] != list(range(300))
+    chunk_seq = [i // 16 for i in orders[0]]
+    first_seen = list(dict.fromkeys(chunk_seq))
+    assert first_seen != sorted(first_seen)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_sampler_windows_are_whole_chunks_when_chunks_are_full(seed):
+    n, chunk, buf = 16 * 12, 16, 3  # 12 full chunks, 4 windows
+    order = list(ChunkShuffleSampler(n, chunk, buf, seed=seed))
+    window = buf * chunk
+    for start in range(0, n, window):
+        part = order[start:start + window]
+        chunks = {i // chunk for i in part}
+        assert len(chunks) == buf
+        # each chunk of the window is there whole
+        assert sorted(part) == sorted(i for c in chunks for i in range(c * chunk, (c + 1) * chunk))
+    # and samples are shuffled inside a window, not served chunk after chunk
+    assert any(order[k] // chunk != order[k + 1] // chunk for k in range(chunk - 1))
+
+
+def _max_open_chunks(order, chunk):
+    """Largest number of chunks that are started but not finished at any point of the order."""
+    first, last = {}, {}
+    for pos, i in enumerate(order):
+        c = i // chunk
+        first.setdefault(c, pos)
+        last[c] = pos
+    events = sorted([(p, 0) for p in first.values()] + [(p, 1) for p in last.values()])
+    open_now = best = 0
+    for _, kind in events:  # at equal positions, a start (0) sorts before an end (1)
+        open_now += 1 if kind == 0 else -1
+        best = max(best, open_now)
+    return best
+
+
+@pytest.mark.parametrize("n,chunk,buf", [(300, 64, 2), (1000, 32, 4), (77, 5, 1), (500, 10, 3)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sampler_never_needs_more_than_buffer_chunks(n, chunk, buf, seed):
+    order = list(ChunkShuffleSampler(n, chunk, buf, seed=seed))
+    assert _max_open_chunks(order, chunk) <= buf
+    # sanity: a plain global shuffle would need many more chunks at once
+    global_shuffle = np.random.default_rng(seed).permutation(n).tolist()
+    assert _max_open_chunks(global_shuffle, chunk) > buf
+
+
+# ---------------------------------------------------------------------------------------------
+# CachedTargetDataset
+# ---------------------------------------------------------------------------------------------
+
+
+def _image_split(labels: np.ndarray, seed: int = 0) -> ImageSplit:
+    n = len(labels)
+    images = np.random.default_rng(seed).integers(0, 256, (n, 1, 8, 8), dtype=np.uint8)
+    return ImageSplit("digits", "train", np.arange(n), images, labels, DataConfig(name="digits"))
+
+
+@pytest.fixture()
+def make_dataset(tmp_path):
+    def make(n_train: int, buffer_chunks: int):
+        path = tmp_path / f"s{n_train}.zarr"
+        data = build_store(path, n_train=n_train)["train"]
+        targets = TeacherTargets(path, "train")
+        reads: list[int] = []
+        original = targets.read_chunk
+
+        def counting_read(chunk):  # an independent count of the reads that hit the store
+            reads.append(chunk)
+            return original(chunk)
+
+        targets.read_chunk = counting_read
+        split = _image_split(data["labels"])
+        return CachedTargetDataset(split, targets, buffer_chunks), split, data, reads
+
+    return make
+
+
+def _run_epoch(dataset, sampler, batch_size, split, data):
+    order = list(sampler)  # the order the loader will see (same seed and epoch)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_batch)
+    seen = 0
+    for images, labels, features, logits in loader:
+        idx = order[seen:seen + len(labels)]
+        seen += len(labels)
+        assert features.dtype == torch.float32 and logits.dtype == torch.float32
+        torch.testing.assert_close(features, torch.from_numpy(data["features"][idx].astype(np.float16)).float(),
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(logits, torch.from_numpy(data["logits"][idx].astype(np.float16)).float(),
+                                   rtol=0, atol=0)
+        assert torch.equal(labels, torch.from_numpy(data["labels"][idx]))
+        assert torch.equal(images, split.images[idx])
+    assert seen == len(order)
+
+
+@pytest.mark.parametrize("buffer_chunks", [1, 2, 3])
+def test_dataset_serves_stored_rows_and_decodes_each_chunk_once(make_dataset, buffer_chunks):
+    # 320 = 5 full chunks of 64; batch 32 divides every window, so batches never straddle windows.
+    n = 320
+    dataset, split, data, reads = make_dataset(n, buffer_chunks)
+    num_chunks = n // CHUNK
+    sampler = ChunkShuffleSampler(n, CHUNK, buffer_chunks, seed=0)
+    _run_epoch(dataset, sampler, 32, split, data)
+    assert dataset.chunks_decoded == num_chunks
+    assert sorted(reads) == list(range(num_chunks))  # every chunk read exactly once
+    assert 1 <= dataset.max_resident_chunks <= 2 * buffer_chunks
+
+    sampler.set_epoch(1)
+    before = dataset.chunks_decoded
+    _run_epoch(dataset, sampler, 32, split, data)
+    assert dataset.chunks_decoded - before <= num_chunks
+    assert dataset.max_resident_chunks <= 2 * buffer_chunks
+
+
+@pytest.mark.parametrize("n,batch_size,buffer_chunks", [(300, 32, 2), (300, 50, 3), (320, 50, 2)])
+def test_dataset_values_with_partial_chunk_and_ragged_batches(make_dataset, n, batch_size, buffer_chunks):
+    dataset, split, data, reads = make_dataset(n, buffer_chunks)
+    sampler = ChunkShuffleSampler(n, CHUNK, buffer_chunks, seed=0)
+    _run_epoch(dataset, sampler, batch_size, split, data)
+    assert set(reads) == set(range(-(-n // CHUNK)))
+    assert dataset.max_resident_chunks <= 2 * buffer_chunks
+
+
+@pytest.mark.parametrize("n,batch_size,buffer_chunks", [(300, 32, 2), (320, 50, 2), (500, 50, 3), (300, 200, 1)])
+def test_dataset_decodes_each_chunk_once_when_batches_straddle_windows(make_dataset, n, batch_size,
+                                                                      buffer_chunks):
+    dataset, split, data, reads = make_dataset(n, buffer_chunks)
+    sampler = ChunkShuffleSampler(n, CHUNK, buffer_chunks, seed=0)
+    _run_epoch(dataset, sampler, batch_size, split, data)
+    assert dataset.chunks_decoded == -(-n // CHUNK)
+
+
+def test_getitem_single_sample(make_dataset):
+    dataset, split, data, _ = make_dataset(320, 2)
+    image, label, feature, logit = dataset[133]
+    assert torch.equal(image, split.images[133])
+    assert label.item() == data["labels"][133]
+    assert torch.equal(feature, torch.from_numpy(data["features"][133].astype(np.float16)).float())
+    assert torch.equal(logit, torch.from_numpy(data["logits"][133].astype(np.float16)).float())
+
+
+def test_mismatched_lengths_raise(tmp_path):
+    path = tmp_path / "s.zarr"
+    data = build_store(path, n_train=300)["train"]
+    targets = TeacherTargets(path, "train")
+    with pytest.raises(StoreError, match="300"):
+        CachedTargetDataset(_image_split(data["labels"][:299]), targets, 2)
