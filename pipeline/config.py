@@ -41,7 +41,7 @@ class TeacherConfig:
     small_input_stem: bool = True
     checkpoint: str = "models/teacher.safetensors"
     random_shift: int = 2  # training-time translation, in pixels (the teacher sees clean inputs at extraction)
-    epochs: int = 5
+    epochs: int = 10
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 5e-4
@@ -79,14 +79,14 @@ class StudentConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     timesteps: int = 4
     distill: str = "mixed"
-    epochs: int = 6
+    epochs: int = 8
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 5e-3
     weight_decay: float = 1e-4
     bkd: BKDConfig = field(default_factory=BKDConfig)
     logits: LogitsConfig = field(default_factory=LogitsConfig)
     shuffle_buffer_chunks: int = 4  # chunks held in memory by the streaming reader
-    out_dir: str = "runs/student"
+    out_dir: str = "runs/students"
     device: str = "auto"
 
 
