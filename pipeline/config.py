@@ -35,11 +35,31 @@ class DataConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """The augmentation that makes views, shared by extraction and student training."""
+
+    kind: str = "pad_crop_flip"  # none | pad_crop_flip | resized_crop_flip | event_flip_roll
+    seed: int = 0  # view parameters are a pure function of (seed, sample index, view index)
+    flip: bool = False  # horizontal flip with probability 1/2 (off for digits)
+    pad: int = 2  # pad_crop_flip: zero padding, in pixels, before a crop of the original size
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # resized_crop_flip: area range
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # resized_crop_flip: aspect range
+    max_roll: int = 4  # event_flip_roll: circular shift range, in pixels
+    # Mixup / CutMix alphas (0 = off). Only for distill=none: a mixed image's teacher feature is
+    # not the mix of the two images' features, so cached targets cannot follow a mix.
+    mixup: float = 0.0
+    cutmix: float = 0.0
+
+
+@dataclass
 class TeacherConfig:
     model: str = "resnet18"  # any timm model name
     # Replace the 7x7/2 stem convolution with a 3x3/1 one so 28x28 inputs keep spatial detail.
     small_input_stem: bool = True
     checkpoint: str = "models/teacher.safetensors"
+    # Resize inputs to this side length before the teacher (e.g. 224 for a ViT on 32x32 CIFAR);
+    # part of the teacher only: the student and the cached views keep the dataset's size.
+    input_size: int | None = None
     random_shift: int = 2  # training-time translation, in pixels (the teacher sees clean inputs at extraction)
     epochs: int = 10
     batch_size: int = 128
@@ -52,6 +72,7 @@ class TeacherConfig:
 class ExtractConfig:
     store: str = "cache/mnist5k-resnet18.zarr"
     splits: list[str] = field(default_factory=lambda: ["train", "test"])
+    views: int = 1  # K: view 0 is the clean input, views 1..K-1 augmented (train split; test is clean)
     chunk_size: int = 256  # samples per chunk (the unit the reader streams)
     chunks_per_shard: int = 4  # chunks per shard (the unit of work that writes)
     batch_size: int = 256
@@ -86,6 +107,10 @@ class StudentConfig:
     bkd: BKDConfig = field(default_factory=BKDConfig)
     logits: LogitsConfig = field(default_factory=LogitsConfig)
     shuffle_buffer_chunks: int = 4  # chunks held in memory by the streaming reader
+    # views:  each epoch trains on one cached view per sample (input and targets consistent);
+    # online: fresh random augmentation every step against view 0's (clean-input) targets --
+    #         the inconsistent baseline, kept for ablations.
+    augment: str = "views"
     out_dir: str = "runs/students"
     device: str = "auto"
 
@@ -94,6 +119,7 @@ class StudentConfig:
 class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -203,6 +229,8 @@ def validate(cfg: Config) -> Config:
         _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", section.device) is not None,
                f"{name}.device must be auto, cpu or cuda[:N], got '{section.device}'")
     _check(cfg.teacher.random_shift >= 0, "teacher.random_shift must be >= 0")
+    _check(cfg.teacher.input_size is None or cfg.teacher.input_size >= 1, "teacher.input_size must be >= 1 or null")
+    _validate_augment(cfg)
     ex = cfg.extract
     _check(ex.chunk_size >= 1, f"extract.chunk_size must be >= 1, got {ex.chunk_size}")
     _check(ex.chunks_per_shard >= 1, f"extract.chunks_per_shard must be >= 1, got {ex.chunks_per_shard}")
@@ -223,6 +251,28 @@ def validate(cfg: Config) -> Config:
     _check(0 <= st.logits.weight < math.inf, f"student.logits.weight must be finite and >= 0, got {st.logits.weight}")
     _check(st.shuffle_buffer_chunks >= 1, "student.shuffle_buffer_chunks must be >= 1")
     return cfg
+
+
+def _validate_augment(cfg: Config) -> None:
+    from pipeline.augment import PARAM_NAMES
+
+    aug, views = cfg.augment, cfg.extract.views
+    _check(aug.kind in PARAM_NAMES, f"augment.kind: unknown '{aug.kind}' (known: {', '.join(PARAM_NAMES)})")
+    _check(aug.pad >= 0 and aug.max_roll >= 0, "augment.pad and augment.max_roll must be >= 0")
+    for name in ("scale", "ratio"):
+        low_high = getattr(aug, name)
+        _check(len(low_high) == 2 and 0 < low_high[0] <= low_high[1],
+               f"augment.{name} must be [low, high] with 0 < low <= high, got {low_high}")
+    _check(aug.scale[1] <= 1.0, f"augment.scale must lie in (0, 1], got {aug.scale}")
+    _check(views >= 1, f"extract.views (K) must be >= 1, got {views}")
+    _check(views == 1 or aug.kind != "none", "extract.views > 1 needs an augmentation (augment.kind is none)")
+    _check(cfg.student.augment in ("views", "online"),
+           f"student.augment must be 'views' or 'online', got '{cfg.student.augment}'")
+    _check(aug.mixup >= 0 and aug.cutmix >= 0, "augment.mixup and augment.cutmix must be >= 0")
+    if (aug.mixup > 0 or aug.cutmix > 0) and cfg.student.distill != "none":
+        raise ConfigError(
+            f"augment.mixup/cutmix cannot be used with student.distill={cfg.student.distill}: the cached teacher "
+            "targets belong to unmixed inputs, and a mixed image's teacher feature is not the mix of the features")
 
 
 def _parse_scalar(text: str) -> Any:

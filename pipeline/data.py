@@ -71,6 +71,7 @@ class ImageSplit(Dataset):
         mean = torch.tensor(info.mean).view(1, -1, 1, 1)
         std = torch.tensor(info.std).view(1, -1, 1, 1)
         self.images = (torch.from_numpy(images).float() / 255.0 - mean) / std
+        self.black = (-mean / std).flatten()  # raw pixel 0 after normalization: what padding writes
         self.num_classes = info.num_classes
         self.transform = transform_spec(cfg, tuple(images.shape[1:]))
 

@@ -89,12 +89,12 @@ def plot_firing_rates(rates: dict[str, float], title: str, path: str | Path) -> 
 
 
 def teacher_accuracy(targets, labels: torch.Tensor) -> float:
-    """The teacher's top-1 on a split, from its cached logits (the teacher is not run)."""
+    """The teacher's top-1 on a split's clean inputs (view 0), from its cached logits (not run)."""
     correct = 0
     for chunk in range(targets.layout.num_chunks):
         rows = targets.read_chunk(chunk)
         start = chunk * targets.chunk_size
-        correct += int((rows["logits"].argmax(1) == labels[start:start + len(rows["logits"])].numpy()).sum())
+        correct += int((rows["logits"][:, 0].argmax(1) == labels[start:start + len(rows["logits"])].numpy()).sum())
     return correct / len(targets)
 
 

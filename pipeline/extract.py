@@ -9,11 +9,17 @@ import torch
 from tqdm import tqdm
 
 from pipeline import checkpoint
+from pipeline.augment import ViewAugmenter, view_augmenter
 from pipeline.config import Config
 from pipeline.data import ImageSplit, load_split
 from pipeline.errors import BkdError
 from pipeline.models import create_teacher, teacher_outputs
 from pipeline.store import SplitLayout, StoreWriter, TeacherTargets, make_manifest
+
+
+def split_views(cfg: Config, split: str) -> int:
+    """K views of the training split; the test split is only ever evaluated on clean inputs."""
+    return cfg.extract.views if split == "train" else 1
 
 
 def expected_manifest(cfg: Config, splits: dict[str, ImageSplit], require_checkpoint: bool = True,
@@ -27,16 +33,19 @@ def expected_manifest(cfg: Config, splits: dict[str, ImageSplit], require_checkp
     else:
         sha = None  # cannot be checked: compared as missing, so the store must agree it is unknown
     any_split = next(iter(splits.values()))
+    augment = ViewAugmenter(cfg.augment, tuple(any_split.images.shape[1:])).spec()
     return make_manifest(
         teacher={"model": cfg.teacher.model, "checkpoint_sha256": sha,
                  "small_input_stem": cfg.teacher.small_input_stem,
                  "num_classes": any_split.num_classes, "num_features": num_features},
         dataset={"name": cfg.data.name, "split_seed": cfg.data.split_seed,
                  "test_size": cfg.data.test_size, "limit": cfg.data.limit},
-        splits={name: {"num_samples": len(s), "fingerprint": s.fingerprint()} for name, s in splits.items()},
-        transform=any_split.transform,
+        splits={name: {"num_samples": len(s), "fingerprint": s.fingerprint(), "views": split_views(cfg, name)}
+                for name, s in splits.items()},
+        transform={**any_split.transform, "teacher_input_size": cfg.teacher.input_size},
+        augment=augment,
         arrays={"features": cfg.extract.feature_dtype, "logits": cfg.extract.logits_dtype,
-                "labels": "int64", "index": "int64"},
+                "view_params": "int32", "labels": "int64", "index": "int64"},
         chunking={"chunk_size": cfg.extract.chunk_size, "chunks_per_shard": cfg.extract.chunks_per_shard},
     )
 
@@ -74,26 +83,35 @@ def extract_teacher(cfg: Config, device: torch.device, overwrite: bool = False) 
     first = next(iter(splits.values()))
     model = load_teacher(cfg, first).to(device)
     manifest = expected_manifest(cfg, splits, num_features=model.num_features)
-    layouts = {name: SplitLayout(len(s), ex.chunk_size, ex.chunks_per_shard) for name, s in splits.items()}
+    layouts = {name: SplitLayout(len(s), ex.chunk_size, ex.chunks_per_shard, split_views(cfg, name))
+               for name, s in splits.items()}
+    augmenters = {name: view_augmenter(cfg.augment, s) for name, s in splits.items()}
     writer = StoreWriter(store, manifest, layouts, model.num_features, first.num_classes,
-                         ex.feature_dtype, ex.logits_dtype, ex.zstd_level, overwrite=overwrite)
+                         len(augmenters[ex.splits[0]].param_names), ex.feature_dtype, ex.logits_dtype,
+                         ex.zstd_level, overwrite=overwrite)
     written = 0
     for name, split in splits.items():
+        layout, augmenter = layouts[name], augmenters[name]
         missing = writer.missing_shards(name)
-        bar = tqdm(total=sum(np.diff(layouts[name].shard_rows(s))[0] for s in missing),
-                   desc=f"extract {name}", unit="img", dynamic_ncols=True)
+        bar = tqdm(total=sum(np.diff(layout.shard_rows(s))[0] for s in missing) * layout.views,
+                   desc=f"extract {name}", unit="view", dynamic_ncols=True)
         for shard in missing:
-            start, stop = layouts[name].shard_rows(shard)
-            features, logits = [], []
+            start, stop = layout.shard_rows(shard)
+            params = augmenter.draw(np.arange(start, stop), layout.views)
+            features = np.empty((stop - start, layout.views, model.num_features), np.float32)
+            logits = np.empty((stop - start, layout.views, first.num_classes), np.float32)
             for b in range(start, stop, ex.batch_size):
-                images = split.images[b:min(b + ex.batch_size, stop)].to(device)
-                f, z = teacher_outputs(model, images)
-                features.append(f.float().cpu().numpy())
-                logits.append(z.float().cpu().numpy())
-                bar.update(len(images))
+                e = min(b + ex.batch_size, stop)
+                for v in range(layout.views):
+                    images = augmenter.apply(split.images[b:e], params[b - start:e - start, v]).to(device)
+                    f, z = teacher_outputs(model, images)
+                    features[b - start:e - start, v] = f.float().cpu().numpy()
+                    logits[b - start:e - start, v] = z.float().cpu().numpy()
+                    bar.update(e - b)
             writer.write_shard(name, shard, {
-                "features": np.concatenate(features).astype(ex.feature_dtype),
-                "logits": np.concatenate(logits).astype(ex.logits_dtype),
+                "features": features.astype(ex.feature_dtype),
+                "logits": logits.astype(ex.logits_dtype),
+                "view_params": params,
                 "labels": split.labels[start:stop].numpy(),
                 "index": np.arange(start, stop, dtype=np.int64),
             })

@@ -2,12 +2,13 @@
 
 Layout::
 
-    STORE/                       attrs: manifest (identity, shapes, versions), progress, complete
-      train/features  (N, C)     teacher pre-logits
-      train/logits    (N, K)
-      train/labels    (N,)
-      train/index     (N,)       position of each row in the split (sample ids live in the manifest fingerprint)
-      test/...
+    STORE/                              attrs: manifest (identity, shapes, versions), progress, complete
+      train/features     (N, V, C)      teacher pre-logits of each of the V views of each sample
+      train/logits       (N, V, K)
+      train/view_params  (N, V, P) int32  each view's augmentation parameters (view 0: clean input)
+      train/labels       (N,)
+      train/index        (N,)           position of each row in the split (sample ids live in the fingerprint)
+      test/...                          (V = 1: the clean input)
 
 Arrays are chunked along N (`chunk_size` rows) and packed into shards of `chunks_per_shard`
 chunks. A shard is the unit of work: it is computed and written whole, by one writer, and
@@ -32,8 +33,8 @@ from zarr.codecs import ZstdCodec
 
 from pipeline.errors import StoreError
 
-FORMAT = "bkd-teacher-targets/1"
-ARRAYS = ("features", "logits", "labels", "index")
+FORMAT = "bkd-teacher-targets/2"
+ARRAYS = ("features", "logits", "view_params", "labels", "index")
 # Manifest fields a training run must agree with, as dotted paths.
 IDENTITY_FIELDS = (
     "teacher.model",
@@ -43,6 +44,7 @@ IDENTITY_FIELDS = (
     "dataset.test_size",
     "dataset.limit",
     "transform",
+    "augment",
 )
 
 
@@ -69,6 +71,7 @@ class SplitLayout:
     num_samples: int
     chunk_size: int
     chunks_per_shard: int
+    views: int = 1
 
     @property
     def shard_size(self) -> int:
@@ -91,8 +94,8 @@ class StoreWriter:
     """Creates (or reopens, to resume) a store and writes it shard by shard."""
 
     def __init__(self, path: str | Path, manifest: dict[str, Any], layouts: dict[str, SplitLayout],
-                 feature_dim: int, num_classes: int, feature_dtype: str, logits_dtype: str, zstd_level: int,
-                 overwrite: bool = False):
+                 feature_dim: int, num_classes: int, num_view_params: int, feature_dtype: str, logits_dtype: str,
+                 zstd_level: int, overwrite: bool = False):
         self.path = str(path)
         self.layouts = layouts
         if Path(self.path).exists():
@@ -106,10 +109,11 @@ class StoreWriter:
         compressor = ZstdCodec(level=zstd_level, checksum=True)  # checksums make corrupted chunks detectable
         for split, layout in layouts.items():
             group = self.root.create_group(split)
-            n, chunk, shard = layout.num_samples, layout.chunk_size, layout.shard_size
+            n, chunk, shard, views = layout.num_samples, layout.chunk_size, layout.shard_size, layout.views
             specs = {
-                "features": ((n, feature_dim), feature_dtype),
-                "logits": ((n, num_classes), logits_dtype),
+                "features": ((n, views, feature_dim), feature_dtype),
+                "logits": ((n, views, num_classes), logits_dtype),
+                "view_params": ((n, views, num_view_params), "int32"),
                 "labels": ((n,), "int64"),
                 "index": ((n,), "int64"),
             }
@@ -162,7 +166,7 @@ def _same_identity(a: dict, b: dict) -> bool:
     return all(_get(a, k) == _get(b, k) for k in keys)
 
 
-def make_manifest(*, teacher: dict, dataset: dict, splits: dict, transform: dict,
+def make_manifest(*, teacher: dict, dataset: dict, splits: dict, transform: dict, augment: dict,
                   arrays: dict, chunking: dict) -> dict[str, Any]:
     return {
         "format": FORMAT,
@@ -170,6 +174,7 @@ def make_manifest(*, teacher: dict, dataset: dict, splits: dict, transform: dict
         "dataset": dataset,
         "splits": splits,
         "transform": transform,
+        "augment": augment,
         "arrays": arrays,
         "chunking": chunking,
         "versions": package_versions(),
@@ -191,8 +196,9 @@ class TeacherTargets:
         self.group = self.root[split]
         self.arrays = {name: self.group[name] for name in ARRAYS}
         chunking = self.manifest["chunking"]
-        self.layout = SplitLayout(self.manifest["splits"][split]["num_samples"],
-                                  chunking["chunk_size"], chunking["chunks_per_shard"])
+        meta = self.manifest["splits"][split]
+        self.layout = SplitLayout(meta["num_samples"], chunking["chunk_size"], chunking["chunks_per_shard"],
+                                  meta["views"])
 
     def __len__(self) -> int:
         return self.layout.num_samples
@@ -202,8 +208,16 @@ class TeacherTargets:
         return self.layout.chunk_size
 
     @property
+    def views(self) -> int:
+        return self.layout.views
+
+    @property
     def feature_dim(self) -> int:
-        return self.arrays["features"].shape[1]
+        return self.arrays["features"].shape[2]
+
+    @property
+    def num_classes(self) -> int:
+        return self.arrays["logits"].shape[2]
 
     def read_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
         try:
@@ -224,11 +238,12 @@ class TeacherTargets:
             if want != have:
                 raise StoreError(f"{self.path} was built for another run: {dotted} is {have!r} in the store, "
                                  f"{want!r} in the config")
-        want = _get(expected, f"splits.{self.split}.fingerprint")
-        have = _get(self.manifest, f"splits.{self.split}.fingerprint")
-        if want != have:
-            raise StoreError(f"{self.path} was built for another run: splits.{self.split}.fingerprint is "
-                             f"{have!r} in the store, {want!r} in the config")
+        for key in ("fingerprint", "views"):
+            dotted = f"splits.{self.split}.{key}"
+            want, have = _get(expected, dotted), _get(self.manifest, dotted)
+            if want != have:
+                raise StoreError(f"{self.path} was built for another run: {dotted} is {have!r} in the store, "
+                                 f"{want!r} in the config")
 
 
 def bytes_on_disk(path: str | Path) -> int:
@@ -242,20 +257,25 @@ def store_info(path: str | Path) -> dict[str, Any]:
     progress = root.attrs.get("progress", {})
     splits = {}
     for split, meta in manifest["splits"].items():
-        layout = SplitLayout(meta["num_samples"], chunking["chunk_size"], chunking["chunks_per_shard"])
+        layout = SplitLayout(meta["num_samples"], chunking["chunk_size"], chunking["chunks_per_shard"],
+                             meta["views"])
         splits[split] = {
             "samples": layout.num_samples,
+            "views": layout.views,
             "shards_complete": len(progress.get(split, [])),
             "shards_total": layout.num_shards,
         }
     size = bytes_on_disk(path)
     samples = sum(s["samples"] for s in splits.values())
+    sample_views = sum(s["samples"] * s["views"] for s in splits.values())
     return {
         "path": str(path),
         "complete": bool(root.attrs.get("complete", False)),
+        "views": {split: s["views"] for split, s in splits.items()},
         "splits": splits,
         "bytes_on_disk": size,
         "bytes_per_sample": size / samples if samples else 0.0,
+        "bytes_per_sample_view": size / sample_views if sample_views else 0.0,
         "manifest": manifest,
     }
 

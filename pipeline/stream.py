@@ -7,6 +7,10 @@ decoding only the chunks its samples fall in. It keeps at most two windows of de
 window boundary needs chunks of both windows, and with that capacity, least-recently-used
 eviction that never evicts the current batch's chunks only drops chunks of finished windows.
 So each chunk is decoded once per epoch and the store is never loaded whole.
+
+With K cached views per sample, each epoch serves one view per sample (`view_schedule`): the
+student input is rebuilt from that view's stored augmentation parameters, so it is exactly
+the tensor the teacher saw, and the targets are that view's features and logits.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from pipeline.augment import ViewAugmenter, view_schedule
 from pipeline.data import ImageSplit
 from pipeline.errors import StoreError
 from pipeline.store import TeacherTargets
@@ -46,13 +51,24 @@ class ChunkShuffleSampler(Sampler[int]):
 
 
 class CachedTargetDataset(Dataset):
-    """(image, label, teacher feature, teacher logits) for each sample of a split."""
+    """(image, label, teacher feature, teacher logits) for each sample of a split.
 
-    def __init__(self, images: ImageSplit, targets: TeacherTargets, buffer_chunks: int):
+    policy "views": serve view `view_schedule(...)[i]` of sample i, its input rebuilt by
+    `augmenter` from the stored parameters. policy "online": a fresh random augmentation of
+    sample i each epoch, with the clean input's (view 0) targets. Without an augmenter, the
+    clean input and view 0.
+    """
+
+    def __init__(self, images: ImageSplit, targets: TeacherTargets, buffer_chunks: int,
+                 augmenter: ViewAugmenter | None = None, policy: str = "views", seed: int = 0):
         if len(images) != len(targets):
             raise StoreError(f"{targets.path}: {targets.split} split has {len(targets)} samples, "
                              f"the dataset has {len(images)}")
+        if policy not in ("views", "online"):
+            raise ValueError(f"policy must be 'views' or 'online', got {policy!r}")
         self.images, self.targets, self.buffer_chunks = images, targets, buffer_chunks
+        self.augmenter, self.policy, self.seed = augmenter, policy, seed
+        self.set_epoch(0)
         self.capacity = 2 * buffer_chunks
         self._chunks: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
         self.chunks_decoded = 0  # for tests and benchmarks: reads from the store
@@ -60,6 +76,13 @@ class CachedTargetDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.augmenter is not None and self.policy == "views":
+            self.schedule = torch.from_numpy(view_schedule(len(self), self.targets.views, epoch, self.seed))
+        else:
+            self.schedule = torch.zeros(len(self), dtype=torch.long)
 
     def _load_chunks(self, chunks: list[int]) -> None:
         """Make `chunks` resident; evict least-recently-used chunks that are not among them."""
@@ -74,6 +97,7 @@ class CachedTargetDataset(Dataset):
             self._chunks[chunk] = {
                 "features": torch.from_numpy(rows["features"]).float(),
                 "logits": torch.from_numpy(rows["logits"]).float(),
+                "view_params": torch.from_numpy(rows["view_params"]),
             }
             self.chunks_decoded += 1
             evictable = [c for c in self._chunks if c not in needed]
@@ -84,17 +108,24 @@ class CachedTargetDataset(Dataset):
     def __getitems__(self, indices: list[int]):
         idx = torch.as_tensor(indices)
         chunk_ids = idx // self.targets.chunk_size
+        views = self.schedule[idx]
         features = torch.empty(len(idx), self.targets.feature_dim)
-        logits = torch.empty(len(idx), self.targets.arrays["logits"].shape[1])
+        logits = torch.empty(len(idx), self.targets.num_classes)
+        params = torch.empty(len(idx), self.targets.arrays["view_params"].shape[2], dtype=torch.int32)
         chunks = torch.unique(chunk_ids).tolist()
         self._load_chunks(chunks)
         for chunk in chunks:
             rows = (chunk_ids == chunk).nonzero().squeeze(1)
             local = idx[rows] - chunk * self.targets.chunk_size
             data = self._chunks[chunk]
-            features[rows] = data["features"][local]
-            logits[rows] = data["logits"][local]
+            features[rows] = data["features"][local, views[rows]]
+            logits[rows] = data["logits"][local, views[rows]]
+            params[rows] = data["view_params"][local, views[rows]]
         images, labels, _ = self.images.__getitems__(indices)
+        if self.augmenter is not None:
+            if self.policy == "online":
+                params = self.augmenter.draw_online(idx.numpy(), self.epoch)
+            images = self.augmenter.apply(images, params)
         return images, labels, features, logits
 
     def __getitem__(self, i: int):

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline import checkpoint
-from pipeline.config import Config, dump_config
+from pipeline.augment import view_augmenter
+from pipeline.config import AugmentConfig, Config, dump_config
 from pipeline.data import collate_batch, load_split, random_shift
 from pipeline.errors import BkdError
 from pipeline.evaluate import accuracy
@@ -100,6 +101,8 @@ class Trainer:
             self._restore()
         for epoch in range(self.start_epoch, self.epochs):
             self.sampler.set_epoch(epoch)
+            if hasattr(self.loader.dataset, "set_epoch"):  # e.g. which cached view each sample serves
+                self.loader.dataset.set_epoch(epoch)
             for module in self.modules.values():
                 module.train()
             sums: dict[str, float] = {}
@@ -182,16 +185,37 @@ def train_teacher(cfg: Config, run_dir: str | Path, resume: bool = False) -> dic
             "epochs": len(history), "model": tcfg.model}
 
 
-def student_step(student: nn.Module, criterion: DistillationLoss) -> StepFn:
-    """The student's forward for a batch (images, labels, teacher features, teacher logits)."""
+def student_step(student: nn.Module, criterion: DistillationLoss, mix: nn.Module | None = None) -> StepFn:
+    """The student's forward for a batch (images, labels, teacher features, teacher logits).
+
+    `mix` (Mixup/CutMix, distill=none only) mixes the images and turns the labels the loss sees
+    into soft labels; accuracy is still counted against the hard labels.
+    """
 
     def step(batch):
         images, labels, teacher_features, teacher_logits = batch
+        targets = labels
+        if mix is not None:
+            images, targets = mix(images, labels)
         features = student.forward_features(images)
         logits = student.forward_head(features)
-        return criterion(features, logits, labels, teacher_features, teacher_logits), logits, labels
+        return criterion(features, logits, targets, teacher_features, teacher_logits), logits, labels
 
     return step
+
+
+def batch_mixer(cfg: AugmentConfig, num_classes: int) -> nn.Module | None:
+    """torchvision's MixUp / CutMix (one of them per batch when both are on), or None."""
+    from torchvision.transforms import v2
+
+    mixers = []
+    if cfg.mixup > 0:
+        mixers.append(v2.MixUp(alpha=cfg.mixup, num_classes=num_classes))
+    if cfg.cutmix > 0:
+        mixers.append(v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes))
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
 
 
 def train_student(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
@@ -205,13 +229,14 @@ def train_student(cfg: Config, run_dir: str | Path, resume: bool = False) -> dic
     student = create_student(scfg.model, train.num_classes, train.images.shape[1], scfg.timesteps,
                              **scfg.model_kwargs).to(device)
     criterion = DistillationLoss(scfg, student.num_features, targets.feature_dim).to(device)
-    dataset = CachedTargetDataset(train, targets, scfg.shuffle_buffer_chunks)
+    dataset = CachedTargetDataset(train, targets, scfg.shuffle_buffer_chunks,
+                                  view_augmenter(cfg.augment, train), scfg.augment, seed=cfg.seed)
     sampler = ChunkShuffleSampler(len(dataset), targets.chunk_size, scfg.shuffle_buffer_chunks, seed=cfg.seed)
     loader = DataLoader(dataset, batch_size=scfg.batch_size, sampler=sampler, collate_fn=collate_batch)
     params = list(student.parameters()) + list(criterion.parameters())  # the BKD head trains with the student
     optimizer, scheduler = _optimizer(params, scfg.lr, scfg.weight_decay, scfg.epochs, len(loader))
 
-    step = student_step(student, criterion)
+    step = student_step(student, criterion, batch_mixer(cfg.augment, train.num_classes))
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     trainer = Trainer({"student": student, "criterion": criterion}, step, loader, sampler, optimizer, scheduler,

@@ -34,9 +34,10 @@ def info(store, as_json):
     click.echo(f"transform:  {m['transform']}")
     click.echo(f"arrays:     {m['arrays']} features={m['teacher']['num_features']} classes={m['teacher']['num_classes']}")
     for split, s in data["splits"].items():
-        click.echo(f"{split:>10}: {s['samples']} samples, shards {s['shards_complete']}/{s['shards_total']} complete, "
+        click.echo(f"{split:>10}: {s['samples']} samples x {s['views']} views, shards {s['shards_complete']}/{s['shards_total']} complete, "
                    f"fingerprint {m['splits'][split]['fingerprint'][:16]}")
-    click.echo(f"on disk:    {data['bytes_on_disk']} bytes ({data['bytes_per_sample']:.1f} bytes/sample)")
+    click.echo(f"on disk:    {data['bytes_on_disk']} bytes ({data['bytes_per_sample']:.1f} bytes/sample, "
+               f"{data['bytes_per_sample_view']:.1f} bytes/sample/view)")
     click.echo(f"created:    {m['created']} with {m['versions']}")
 
 

@@ -10,10 +10,11 @@ from stages.common import build_config, config_options, one_line_errors
 @click.command("extract-teacher")
 @config_options
 @click.option("--store", default=None, help="Override extract.store (the Zarr store path).")
+@click.option("--views", type=int, default=None, help="Override extract.views: K cached views per training sample.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--overwrite", is_flag=True, help="Replace a store that was built for another run.")
 @one_line_errors
-def main(config_path, overrides, store, device, overwrite):
+def main(config_path, overrides, store, views, device, overwrite):
     """Write the teacher's pre-logits and logits for each split into a sharded Zarr v3 store.
 
     Re-running the same command after an interruption writes only the missing shards.
@@ -21,7 +22,7 @@ def main(config_path, overrides, store, device, overwrite):
     from pipeline.extract import extract_teacher
     from pipeline.train import resolve_device
 
-    cfg = build_config(config_path, overrides, **{"extract.store": store})
+    cfg = build_config(config_path, overrides, **{"extract.store": store, "extract.views": views})
     result = extract_teacher(cfg, resolve_device(device), overwrite=overwrite)
     click.echo(f"{result['store']}: complete ({result['shards_written']} shards written)")
 

@@ -25,15 +25,16 @@ def test_pipeline_outputs(tiny_project: Path):
 
     info = json.loads(run_bkd(["cache", "info", STORE, "--json"], tiny_project).stdout)
     assert info["complete"] is True
-    assert info["splits"]["train"] == {"samples": 160, "shards_complete": 3, "shards_total": 3}
-    assert info["splits"]["test"] == {"samples": 160, "shards_complete": 3, "shards_total": 3}
+    assert info["splits"]["train"] == {"samples": 160, "views": 1, "shards_complete": 3, "shards_total": 3}
+    assert info["splits"]["test"] == {"samples": 160, "views": 1, "shards_complete": 3, "shards_total": 3}
+    assert info["views"] == {"train": 1, "test": 1}
     assert info["manifest"]["teacher"]["num_features"] == 512
     assert info["bytes_on_disk"] > 0
 
     root = zarr.open_group(str(tiny_project / STORE), mode="r")
     features = root["train/features"]
-    assert features.shape == (160, 512) and features.dtype == np.float16
-    assert features.chunks == (32, 512) and features.shards == (64, 512)
+    assert features.shape == (160, 1, 512) and features.dtype == np.float16
+    assert features.chunks == (32, 1, 512) and features.shards == (64, 1, 512)
     assert np.array_equal(root["train/index"][:], np.arange(160))
 
     run_dir = tiny_project / "runs/students/mixed"
@@ -59,7 +60,7 @@ def test_cache_verify_flags_corrupted_chunk(tiny_project: Path, tmp_path: Path):
     store = tmp_path / "store.zarr"
     shutil.copytree(tiny_project / STORE, store)
     assert run_bkd(["cache", "verify", str(store)], tiny_project).returncode == 0
-    shard_file = store / "train/features/c/1/0"
+    shard_file = store / "train/features/c/1/0/0"
     data = bytearray(shard_file.read_bytes())
     data[len(data) // 3: len(data) // 3 + 64] = b"\x00" * 64  # inside a compressed chunk
     shard_file.write_bytes(bytes(data))
@@ -166,3 +167,24 @@ def test_adopt_own_teacher_weights(tiny_project: Path, tmp_path: Path):
                      "--set", f"teacher.checkpoint={tmp_path / 'x.safetensors'}"], tiny_project, check=False)
     assert wrong.returncode == 2 and "does not fit teacher.model 'resnet34'" in wrong.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_eight_views_end_to_end(tiny_project: Path):
+    """One extraction with K = 8 views feeds training and evaluation through the CLI."""
+    store = "cache/views8.zarr"
+    args = [*TINY, "--set", f"extract.store={store}"]
+    run_bkd(["extract-teacher", *args, "--views", "8"], tiny_project)
+    info = json.loads(run_bkd(["cache", "info", store, "--json"], tiny_project).stdout)
+    assert info["views"] == {"train": 8, "test": 1}
+    assert info["manifest"]["augment"]["kind"] == "pad_crop_flip"
+    assert zarr.open_group(str(tiny_project / store), mode="r")["train/view_params"].shape == (160, 8, 3)
+    assert run_bkd(["cache", "verify", store], tiny_project).returncode == 0
+
+    # Training must be told the store's K: the default config (K = 1) refuses this store.
+    refused = run_bkd(["train-student", *args, "--run-dir", "runs/refused"], tiny_project, check=False)
+    assert refused.returncode == 2 and "splits.train.views" in refused.stderr
+    trained = [*args, "--set", "extract.views=8", "--run-dir", "runs/views8"]
+    run_bkd(["train-student", *trained, "--epochs", "2"], tiny_project)
+    run_bkd(["evaluate", *trained, "--metrics", "metrics/views8.json", "--plots-dir", "plots/views8"], tiny_project)
+    metrics = json.loads((tiny_project / "metrics/views8.json").read_text())
+    assert metrics["epochs"] == 2 and 0.0 <= metrics["test_accuracy"] <= 1.0

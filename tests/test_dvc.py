@@ -47,10 +47,13 @@ def _stages_run(output: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def dvc_copy(tmp_path_factory) -> Path:
-    """A git repository holding the project's tracked files, with tiny params and two modes."""
+    """A git repository holding the project's files (tracked and new), with tiny params and two modes."""
     root = tmp_path_factory.mktemp("dvc-repo")
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for name in tracked:
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if not (REPO / name).is_file():  # deleted in the working tree
+            continue
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, root / name)
     params = yaml.safe_load((root / "params.yaml").read_text())

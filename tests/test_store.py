@@ -23,13 +23,16 @@ from pipeline.store import (
 N_TRAIN, N_TEST = 300, 150  # 3 shards (last partial), 2 shards
 CHUNK, PER_SHARD = 64, 2
 DIM, CLASSES = 12, 10
+VIEWS = {"train": 3, "test": 1}
+PARAMS = 3  # view parameters per view
 
 
-def make_arrays(n: int, seed: int) -> dict[str, np.ndarray]:
+def make_arrays(n: int, seed: int, views: int = 1) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {
-        "features": (rng.standard_normal((n, DIM)) * 4).astype(np.float32),  # cast to float16 by the store
-        "logits": (rng.standard_normal((n, CLASSES)) * 8).astype(np.float32),
+        "features": (rng.standard_normal((n, views, DIM)) * 4).astype(np.float32),  # float16 in the store
+        "logits": (rng.standard_normal((n, views, CLASSES)) * 8).astype(np.float32),
+        "view_params": rng.integers(0, 5, (n, views, PARAMS)).astype(np.int32),
         "labels": rng.integers(0, CLASSES, n).astype(np.int64),
         "index": np.arange(n, dtype=np.int64),
     }
@@ -42,21 +45,24 @@ def make_test_manifest(sha: str = "a" * 64, fingerprints: dict | None = None,
         teacher={"model": "resnet18", "checkpoint_sha256": sha, "small_input_stem": True,
                  "num_classes": CLASSES, "num_features": DIM},
         dataset={"name": "digits", "split_seed": 0, "test_size": 100, "limit": None},
-        splits={"train": {"num_samples": n_train, "fingerprint": fingerprints["train"]},
-                "test": {"num_samples": n_test, "fingerprint": fingerprints["test"]}},
+        splits={"train": {"num_samples": n_train, "fingerprint": fingerprints["train"], "views": VIEWS["train"]},
+                "test": {"num_samples": n_test, "fingerprint": fingerprints["test"], "views": VIEWS["test"]}},
         transform={"scale": 1 / 255, "mean": [0.3], "std": [0.4], "input_shape": [1, 8, 8], "encoding": "direct"},
-        arrays={"features": "float16", "logits": "float16", "labels": "int64", "index": "int64"},
+        augment={"kind": "pad_crop_flip", "seed": 0, "pad": 2, "param_names": ["top", "left", "flip"]},
+        arrays={"features": "float16", "logits": "float16", "view_params": "int32", "labels": "int64",
+                "index": "int64"},
         chunking={"chunk_size": CHUNK, "chunks_per_shard": PER_SHARD},
     )
 
 
 def layouts(n_train: int = N_TRAIN, n_test: int = N_TEST) -> dict[str, SplitLayout]:
-    return {"train": SplitLayout(n_train, CHUNK, PER_SHARD), "test": SplitLayout(n_test, CHUNK, PER_SHARD)}
+    return {split: SplitLayout(n, CHUNK, PER_SHARD, VIEWS[split])
+            for split, n in (("train", n_train), ("test", n_test))}
 
 
 def open_writer(path, manifest=None, overwrite=False, n_train=N_TRAIN, n_test=N_TEST) -> StoreWriter:
     manifest = manifest or make_test_manifest(n_train=n_train, n_test=n_test)
-    return StoreWriter(path, manifest, layouts(n_train, n_test), DIM, CLASSES, "float16", "float16",
+    return StoreWriter(path, manifest, layouts(n_train, n_test), DIM, CLASSES, PARAMS, "float16", "float16",
                        zstd_level=3, overwrite=overwrite)
 
 
@@ -70,7 +76,7 @@ def write_split(writer: StoreWriter, split: str, data: dict[str, np.ndarray], sh
 def build_store(path, n_train: int = N_TRAIN, n_test: int = N_TEST, seed: int = 0) -> dict[str, dict]:
     """A complete two-split store at `path`; returns the arrays written."""
     writer = open_writer(path, n_train=n_train, n_test=n_test)
-    data = {"train": make_arrays(n_train, seed), "test": make_arrays(n_test, seed + 1)}
+    data = {"train": make_arrays(n_train, seed, VIEWS["train"]), "test": make_arrays(n_test, seed + 1)}
     for split in ("train", "test"):
         write_split(writer, split, data[split])
     writer.finish()
@@ -109,7 +115,7 @@ def test_round_trip_values(tmp_path):
 def test_complete_only_after_finish(tmp_path):
     path = tmp_path / "s.zarr"
     writer = open_writer(path)
-    data = make_arrays(N_TRAIN, 0)
+    data = make_arrays(N_TRAIN, 0, VIEWS["train"])
     assert store_info(path)["complete"] is False
     write_split(writer, "train", data)
     write_split(writer, "test", make_arrays(N_TEST, 1), shards=[0])  # test split has 2 shards; shard 1 missing
@@ -134,11 +140,12 @@ def test_store_info_progress_and_bytes(tmp_path):
     path = tmp_path / "s.zarr"
     writer = open_writer(path)
     info = store_info(path)
-    assert info["splits"]["train"] == {"samples": N_TRAIN, "shards_complete": 0, "shards_total": 3}
-    assert info["splits"]["test"] == {"samples": N_TEST, "shards_complete": 0, "shards_total": 2}
+    assert info["splits"]["train"] == {"samples": N_TRAIN, "views": 3, "shards_complete": 0, "shards_total": 3}
+    assert info["splits"]["test"] == {"samples": N_TEST, "views": 1, "shards_complete": 0, "shards_total": 2}
+    assert info["views"] == VIEWS
     before = info["bytes_on_disk"]
 
-    write_split(writer, "train", make_arrays(N_TRAIN, 0), shards=[0, 2])
+    write_split(writer, "train", make_arrays(N_TRAIN, 0, VIEWS["train"]), shards=[0, 2])
     info = store_info(path)
     assert info["splits"]["train"]["shards_complete"] == 2
     assert info["splits"]["test"]["shards_complete"] == 0
@@ -160,9 +167,9 @@ def test_arrays_are_sharded_and_zstd_compressed(tmp_path):
 
     meta = json.loads((Path(path) / "train" / "features" / "zarr.json").read_text())
     assert meta["zarr_format"] == 3
-    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [CHUNK * PER_SHARD, DIM]
+    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [CHUNK * PER_SHARD, VIEWS["train"], DIM]
     (sharding,) = [c for c in meta["codecs"] if c["name"] == "sharding_indexed"]
-    assert sharding["configuration"]["chunk_shape"] == [CHUNK, DIM]
+    assert sharding["configuration"]["chunk_shape"] == [CHUNK, VIEWS["train"], DIM]
     inner = {c["name"]: c.get("configuration", {}) for c in sharding["configuration"]["codecs"]}
     assert inner["zstd"]["level"] == 3 and inner["zstd"]["checksum"] is True
 
@@ -212,8 +219,8 @@ def test_verify_store_flags_corrupted_shard(tmp_path):
 def test_verify_store_flags_non_finite_and_incomplete(tmp_path):
     path = tmp_path / "s.zarr"
     writer = open_writer(path)
-    data = make_arrays(N_TRAIN, 0)
-    data["features"][270, 3] = np.nan  # shard 2
+    data = make_arrays(N_TRAIN, 0, VIEWS["train"])
+    data["features"][270, 1, 3] = np.nan  # shard 2
     write_split(writer, "train", data)
     write_split(writer, "test", make_arrays(N_TEST, 1), shards=[1])
     problems = {(s, i): p for s, i, p in verify_store(path)}
@@ -226,7 +233,7 @@ def test_verify_store_flags_non_finite_and_incomplete(tmp_path):
 def test_verify_store_flags_bad_logits_and_labels(tmp_path):
     path = tmp_path / "s.zarr"
     writer = open_writer(path)
-    data = make_arrays(N_TRAIN, 0)
+    data = make_arrays(N_TRAIN, 0, VIEWS["train"])
     data["logits"][5, 0] = np.inf  # shard 0
     data["labels"][200] = CLASSES  # shard 1
     write_split(writer, "train", data)
@@ -283,7 +290,7 @@ def test_unknown_split_and_missing_store(tmp_path):
 def test_writer_refuses_other_identity_unless_overwrite(tmp_path):
     path = tmp_path / "s.zarr"
     writer = open_writer(path)
-    write_split(writer, "train", make_arrays(N_TRAIN, 0), shards=[0])
+    write_split(writer, "train", make_arrays(N_TRAIN, 0, VIEWS["train"]), shards=[0])
 
     with pytest.raises(StoreError, match="another run"):
         open_writer(path, manifest=make_test_manifest(sha="c" * 64))
@@ -297,7 +304,7 @@ def test_writer_refuses_other_identity_unless_overwrite(tmp_path):
 
 def test_writer_resume_keeps_completed_shards(tmp_path):
     path = tmp_path / "s.zarr"
-    data = make_arrays(N_TRAIN, 0)
+    data = make_arrays(N_TRAIN, 0, VIEWS["train"])
     writer = open_writer(path)
     assert writer.missing_shards("train") == [0, 1, 2]
     write_split(writer, "train", data, shards=[0, 2])

@@ -131,9 +131,9 @@ def _run_epoch(dataset, sampler, batch_size, split, data):
         idx = order[seen:seen + len(labels)]
         seen += len(labels)
         assert features.dtype == torch.float32 and logits.dtype == torch.float32
-        torch.testing.assert_close(features, torch.from_numpy(data["features"][idx].astype(np.float16)).float(),
+        torch.testing.assert_close(features, torch.from_numpy(data["features"][idx, 0].astype(np.float16)).float(),
                                    rtol=0, atol=0)
-        torch.testing.assert_close(logits, torch.from_numpy(data["logits"][idx].astype(np.float16)).float(),
+        torch.testing.assert_close(logits, torch.from_numpy(data["logits"][idx, 0].astype(np.float16)).float(),
                                    rtol=0, atol=0)
         assert torch.equal(labels, torch.from_numpy(data["labels"][idx]))
         assert torch.equal(images, split.images[idx])
@@ -182,8 +182,8 @@ def test_getitem_single_sample(make_dataset):
     image, label, feature, logit = dataset[133]
     assert torch.equal(image, split.images[133])
     assert label.item() == data["labels"][133]
-    assert torch.equal(feature, torch.from_numpy(data["features"][133].astype(np.float16)).float())
-    assert torch.equal(logit, torch.from_numpy(data["logits"][133].astype(np.float16)).float())
+    assert torch.equal(feature, torch.from_numpy(data["features"][133, 0].astype(np.float16)).float())
+    assert torch.equal(logit, torch.from_numpy(data["logits"][133, 0].astype(np.float16)).float())
 
 
 def test_mismatched_lengths_raise(tmp_path):

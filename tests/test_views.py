@@ -1,0 +1,264 @@
+"""Augmentation-consistent cached views: drawing, applying, extraction, and what training rebuilds."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import checkpoint
+from pipeline.augment import PARAM_NAMES, ViewAugmenter, view_augmenter, view_schedule
+from pipeline.config import AugmentConfig, load_config
+from pipeline.data import load_split
+from pipeline.errors import ConfigError, StoreError
+from pipeline.extract import extract_teacher, open_student_targets
+from pipeline.models import create_teacher
+from pipeline.store import TeacherTargets, bytes_on_disk
+from pipeline.stream import CachedTargetDataset
+from tests.conftest import REPO
+
+CONFIG = REPO / "configs" / "mnist5k.yaml"
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing and applying view parameters
+# ---------------------------------------------------------------------------------------------
+
+
+def _augmenter(kind: str, shape=(1, 12, 12), **overrides) -> ViewAugmenter:
+    return ViewAugmenter(dataclasses.replace(AugmentConfig(kind=kind), **overrides), shape)
+
+
+@pytest.mark.parametrize("kind", sorted(PARAM_NAMES))
+def test_draw_is_a_pure_function_of_seed_index_and_view(kind):
+    aug = _augmenter(kind, flip=True)
+    params = aug.draw(np.arange(50), 6)
+    assert params.shape == (50, 6, len(PARAM_NAMES[kind])) and params.dtype == np.int32
+    assert (params[:, 0] == aug.identity()).all()  # view 0 is the clean input
+    np.testing.assert_array_equal(params, aug.draw(np.arange(50), 6))
+    # a sample's views do not depend on which other samples are drawn with it, nor on K
+    np.testing.assert_array_equal(params[17:23, :4], aug.draw(np.arange(17, 23), 4))
+    if kind != "none":
+        other = _augmenter(kind, flip=True, seed=1).draw(np.arange(50), 6)
+        assert not np.array_equal(params[:, 1:], other[:, 1:])
+        assert len({tuple(p) for p in params[:, 1:].reshape(-1, params.shape[2])}) > 10  # really random
+
+
+def test_pad_crop_ranges_and_flip_off():
+    aug = _augmenter("pad_crop_flip", pad=3, flip=False)
+    params = aug.draw(np.arange(400), 4)[:, 1:]
+    assert params[..., :2].min() == 0 and params[..., :2].max() == 6  # every offset in [0, 2 * pad] occurs
+    assert (params[..., 2] == 0).all()
+    flips = _augmenter("pad_crop_flip", flip=True).draw(np.arange(400), 2)[:, 1, 2]
+    assert 0.4 < flips.mean() < 0.6
+
+
+def test_pad_crop_shifts_and_fills_with_black():
+    fill = torch.tensor([-1.5])
+    aug = ViewAugmenter(AugmentConfig(kind="pad_crop_flip", pad=2), (1, 5, 5), fill=fill)
+    image = torch.arange(25.0).view(1, 1, 5, 5)
+    # top = pad + 1, left = pad - 2: the content moves up by 1 and right by 2
+    out = aug.apply(image, np.array([[3, 0, 0]]))[0, 0]
+    expected = torch.full((5, 5), -1.5)
+    expected[:4, 2:] = image[0, 0, 1:, :3]
+    assert torch.equal(out, expected)
+    flipped = aug.apply(image, np.array([[3, 0, 1]]))[0, 0]
+    assert torch.equal(flipped, expected.flip(-1))
+    assert aug.apply(image, aug.identity()[None]) is not None
+    assert torch.equal(aug.apply(image, aug.identity()[None]), image)  # identity: bit for bit
+
+
+def test_resized_crop_matches_torchvision_and_event_roll():
+    import torchvision.transforms.v2.functional as TF
+
+    aug = _augmenter("resized_crop_flip", shape=(3, 16, 16), flip=True)
+    image = torch.rand(1, 3, 16, 16)
+    params = aug.draw(np.array([5]), 3)[0]
+    for p in params[1:]:
+        top, left, h, w, flip = p.tolist()
+        assert 0 <= top and top + h <= 16 and 0 <= left and left + w <= 16
+        expected = TF.resized_crop(image[0], top, left, h, w, [16, 16], antialias=True)
+        expected = expected.flip(-1) if flip else expected
+        assert torch.equal(aug.apply(image, p[None])[0], expected)
+
+    events = _augmenter("event_flip_roll", shape=(4, 2, 8, 8), max_roll=2)
+    frames = torch.rand(1, 4, 2, 8, 8)
+    out = events.apply(frames, np.array([[1, -2, 0]]))
+    assert torch.equal(out, torch.roll(frames, shifts=(1, -2), dims=(-2, -1)))
+
+
+def test_view_schedule_covers_every_view_and_is_reproducible():
+    k, n = 5, 300
+    epochs = np.stack([view_schedule(n, k, e, seed=3) for e in range(k)])
+    assert (np.sort(epochs, axis=0) == np.arange(k)[:, None]).all()  # each sample: every view once in K epochs
+    np.testing.assert_array_equal(epochs, np.stack([view_schedule(n, k, e, seed=3) for e in range(k)]))
+    assert not np.array_equal(epochs[0], view_schedule(n, k, 0, seed=4))
+    assert len(np.unique(epochs[0])) == k  # in one epoch, samples are spread over the views
+    assert (view_schedule(n, 1, 7, seed=0) == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction with K views, and the student's rebuilt inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def _tiny_cfg(tmp: Path, views: int, *extra: str):
+    return load_config(CONFIG, [
+        "data.limit=96", "data.test_size=500", "extract.chunk_size=16", "extract.chunks_per_shard=2",
+        "extract.splits=[train]", f"extract.views={views}", "teacher.device=cpu", "student.device=cpu",
+        f"teacher.checkpoint={tmp / 'teacher.safetensors'}", f"extract.store={tmp / f'k{views}.zarr'}",
+        "student.model_kwargs.widths=[8,16,32]", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    """A randomly initialised teacher (accuracy does not matter here), saved like a trained one."""
+    tmp = tmp_path_factory.mktemp("views")
+    cfg = _tiny_cfg(tmp, 1)
+    split = load_split(cfg.data, "train")
+    torch.manual_seed(0)
+    teacher = create_teacher(cfg.teacher, split.num_classes, split.images.shape[1])
+    checkpoint.save_weights(teacher.state_dict(), cfg.teacher.checkpoint)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def extracted(teacher_dir):
+    """Stores with K = 1, 2, 4 views, and every input the teacher was fed for K = 4."""
+    import pipeline.extract as extract_module
+
+    fed: list[torch.Tensor] = []
+    real = extract_module.teacher_outputs
+
+    def recording(model, images):
+        fed.append(images.clone())
+        return real(model, images)
+
+    stores = {}
+    for k in (1, 2, 4):
+        cfg = _tiny_cfg(teacher_dir, k)
+        extract_module.teacher_outputs = recording
+        try:
+            fed.clear()
+            extract_teacher(cfg, torch.device("cpu"))
+        finally:
+            extract_module.teacher_outputs = real
+        stores[k] = (cfg, [t for t in fed])
+    return stores
+
+
+def test_student_rebuilds_exactly_the_teacher_input(extracted):
+    cfg, fed = extracted[4]
+    # Extraction feeds, per shard (32 rows) and batch, views 0..3 in turn.
+    per_shard, batch = 32, cfg.extract.batch_size
+    assert batch >= per_shard
+    teacher_saw = {}
+    for shard, start in enumerate(range(0, 96, per_shard)):
+        for v in range(4):
+            images = fed[shard * 4 + v]
+            for r in range(len(images)):
+                teacher_saw[(start + r, v)] = images[r]
+
+    train = load_split(cfg.data, "train")
+    targets = open_student_targets(cfg, "train", train)
+    dataset = CachedTargetDataset(train, targets, 2, view_augmenter(cfg.augment, train), "views", seed=cfg.seed)
+    stored = targets.read_rows(0, len(targets))
+    rng = np.random.default_rng(0)
+    checked = set()
+    for epoch in range(4):
+        dataset.set_epoch(epoch)
+        for i in rng.choice(96, size=12, replace=False).tolist():
+            v = int(dataset.schedule[i])
+            image, _, feature, logits = dataset[i]
+            assert torch.equal(image, teacher_saw[(i, v)]), (i, v)  # bit for bit
+            assert torch.equal(feature, torch.from_numpy(stored["features"][i, v]).float())
+            assert torch.equal(logits, torch.from_numpy(stored["logits"][i, v]).float())
+            checked.add(v)
+    assert checked == {0, 1, 2, 3}
+    # the augmented views really differ from the clean input
+    assert sum(not torch.equal(teacher_saw[(i, 1)], teacher_saw[(i, 0)]) for i in range(96)) > 48
+
+
+def test_store_grows_linearly_with_views_and_view0_is_the_clean_extraction(extracted):
+    sizes = {k: bytes_on_disk(cfg.extract.store) for k, (cfg, _) in extracted.items()}
+    per_view_1_2, per_view_2_4 = sizes[2] - sizes[1], (sizes[4] - sizes[2]) / 2
+    assert 0.85 < per_view_2_4 / per_view_1_2 < 1.15, sizes
+    clean = TeacherTargets(extracted[1][0].extract.store, "train").read_rows(0, 96)
+    for k in (2, 4):
+        rows = TeacherTargets(extracted[k][0].extract.store, "train").read_rows(0, 96)
+        assert rows["features"].shape == (96, k, clean["features"].shape[2])
+        np.testing.assert_array_equal(rows["features"][:, 0], clean["features"][:, 0])
+        np.testing.assert_array_equal(rows["logits"][:, 0], clean["logits"][:, 0])
+
+
+@pytest.mark.parametrize("override, field", [
+    ("augment.seed=5", "augment"),
+    ("augment.pad=3", "augment"),
+    ("augment.kind=resized_crop_flip", "augment"),
+    ("extract.views=2", "splits.train.views"),
+    ("teacher.input_size=32", "transform"),
+])
+def test_store_of_another_augmentation_is_refused(extracted, override, field):
+    cfg, _ = extracted[4]
+    cfg = load_config(CONFIG, [f"{k}={v}" for k, v in _flatten(cfg.to_dict())] + [override])
+    train = load_split(cfg.data, "train")
+    with pytest.raises(StoreError, match=field.replace(".", r"\.")):
+        open_student_targets(cfg, "train", train)
+
+
+def _flatten(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "model_kwargs":
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value if value is not None else "null"
+
+
+def test_online_policy_augments_freshly_with_clean_targets(extracted):
+    cfg, _ = extracted[4]
+    train = load_split(cfg.data, "train")
+    targets = open_student_targets(cfg, "train", train)
+    dataset = CachedTargetDataset(train, targets, 2, view_augmenter(cfg.augment, train), "online", seed=0)
+    stored = targets.read_rows(0, 96)
+    images0, _, features, _ = dataset.__getitems__(list(range(96)))
+    torch.testing.assert_close(features, torch.from_numpy(stored["features"][:, 0]).float(), rtol=0, atol=0)
+    assert not torch.equal(images0, train.images)
+    dataset.set_epoch(1)
+    images1, *_ = dataset.__getitems__(list(range(96)))
+    assert not torch.equal(images0, images1)  # fresh every epoch
+
+
+# ---------------------------------------------------------------------------------------------
+# Config refusals
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["augment.mixup=0.2"], "mixup/cutmix"),
+    (["augment.cutmix=1.0", "student.distill=kd"], "mixup/cutmix"),
+    (["extract.views=0"], "extract.views"),
+    (["extract.views=4", "augment.kind=none"], "needs an augmentation"),
+    (["augment.kind=rotate"], "augment.kind"),
+    (["augment.scale=[0.5, 0.2]"], "augment.scale"),
+    (["student.augment=sometimes"], "student.augment"),
+])
+def test_bad_view_configs_refused(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        load_config(CONFIG, overrides)
+
+
+def test_mixup_allowed_without_distillation_and_mixes_the_batch():
+    from pipeline.train import batch_mixer
+
+    cfg = load_config(CONFIG, ["augment.mixup=0.4", "augment.cutmix=1.0", "student.distill=none"])
+    mixer = batch_mixer(cfg.augment, 10)
+    images, labels = torch.rand(8, 1, 28, 28), torch.arange(8)
+    torch.manual_seed(0)
+    mixed, soft = mixer(images, labels)
+    assert soft.shape == (8, 10) and torch.allclose(soft.sum(1), torch.ones(8))
+    assert not torch.equal(mixed, images)
+    assert batch_mixer(load_config(CONFIG).augment, 10) is None
