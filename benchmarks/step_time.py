@@ -115,7 +115,7 @@ def build_store(tmp: Path, batch_size: int) -> Config:
     ])
     train = load_split(cfg.data, "train")
     torch.manual_seed(cfg.seed)
-    teacher = create_teacher(cfg.teacher, train.num_classes, train.images.shape[1])
+    teacher = create_teacher(cfg.teacher, train.num_classes, train.image_shape[-3])
     checkpoint.save_weights(teacher.state_dict(), cfg.teacher.checkpoint,
                             metadata={"model": cfg.teacher.model, "source": "random init (benchmark)"})
     extract_teacher(cfg, torch.device("cpu"))
@@ -126,7 +126,7 @@ def make_setting(name: str, cfg: Config, train: ImageSplit, teacher_dim: int, da
     scfg = cfg.student
     mode_cfg = dataclasses.replace(scfg, distill="none" if name == "none" else "mixed")
     torch.manual_seed(cfg.seed)  # the three students start from the same weights
-    student = create_student(scfg.model, train.num_classes, train.images.shape[1], scfg.timesteps,
+    student = create_student(scfg.model, train.num_classes, train.image_shape, scfg.timesteps,
                              **scfg.model_kwargs).train()
     criterion = DistillationLoss(mode_cfg, student.num_features, teacher_dim).train()
     chunk_size = cfg.extract.chunk_size

@@ -133,4 +133,4 @@ def view_schedule(num_samples: int, views: int, epoch: int, seed: int) -> np.nda
 
 def view_augmenter(cfg: AugmentConfig, split) -> ViewAugmenter:
     """The augmenter for an `ImageSplit`: its image shape, padding with its normalized black."""
-    return ViewAugmenter(cfg, tuple(split.images.shape[1:]), fill=split.black)
+    return ViewAugmenter(cfg, tuple(split.image_shape), fill=split.black)

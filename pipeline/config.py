@@ -26,12 +26,17 @@ FLOAT_DTYPES = ("float16", "float32")
 
 @dataclass
 class DataConfig:
-    name: str = "mnist5k"
-    # Fixed, seeded train/test split of the embedded datasets.
+    name: str = "mnist5k"  # mnist5k | digits | cifar10 | cifar100 | imagenet | hdf5 | dvs_hdf5
+    # Where the on-disk datasets live (not used by the embedded mnist5k / digits).
+    root: str = "data"
+    # Fixed, seeded train/test split of the embedded datasets (mnist5k, digits, and hdf5 files
+    # without a split); datasets with an official split (CIFAR, ImageNet) use it.
     split_seed: int = 0
     test_size: int = 1000
     # Use only the first `limit` samples of each split (tiny runs, tests); null = all.
     limit: int | None = None
+    # imagenet: images are resized (shorter side) and center-cropped to this size on load.
+    image_size: int = 224
 
 
 @dataclass

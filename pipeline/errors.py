@@ -11,3 +11,7 @@ class ConfigError(BkdError):
 
 class StoreError(BkdError):
     """A teacher-target store is missing, incomplete, corrupted or built for another run."""
+
+
+class DataError(BkdError):
+    """A dataset's files are missing or not in the expected format."""

@@ -17,7 +17,7 @@ def predict(model: nn.Module, split, device: torch.device, batch_size: int = 500
     model.eval()
     preds = []
     for start in range(0, len(split), batch_size):
-        images = split.images[start:start + batch_size].to(device)
+        images = split.load(range(start, min(start + batch_size, len(split)))).to(device)
         preds.append(model(images).argmax(1).cpu())
     model.train(was_training)
     return torch.cat(preds)
@@ -118,7 +118,7 @@ def evaluate_student(cfg, run_dir: str | Path, plots_dir: str | Path) -> dict:
         raise BkdError(f"no trained student in {run_dir} (run `bkd train-student --distill {scfg.distill}` first)")
     device = resolve_device(scfg.device)
     test = load_split(cfg.data, "test")
-    student = create_student(scfg.model, test.num_classes, test.images.shape[1], scfg.timesteps, **scfg.model_kwargs)
+    student = create_student(scfg.model, test.num_classes, test.image_shape, scfg.timesteps, **scfg.model_kwargs)
     student.load_state_dict(checkpoint.load_weights(weights))
     student.to(device).eval()
     rates = firing_rates(student, test, device)

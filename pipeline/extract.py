@@ -33,7 +33,7 @@ def expected_manifest(cfg: Config, splits: dict[str, ImageSplit], require_checkp
     else:
         sha = None  # cannot be checked: compared as missing, so the store must agree it is unknown
     any_split = next(iter(splits.values()))
-    augment = ViewAugmenter(cfg.augment, tuple(any_split.images.shape[1:])).spec()
+    augment = ViewAugmenter(cfg.augment, tuple(any_split.image_shape)).spec()
     return make_manifest(
         teacher={"model": cfg.teacher.model, "checkpoint_sha256": sha,
                  "small_input_stem": cfg.teacher.small_input_stem,
@@ -65,7 +65,7 @@ def open_student_targets(cfg: Config, split: str, images) -> TeacherTargets:
 def load_teacher(cfg: Config, split: ImageSplit, weights: str | None = None) -> torch.nn.Module:
     """The timm teacher with `weights` (default: cfg.teacher.checkpoint) loaded, in eval mode."""
     weights = weights or cfg.teacher.checkpoint
-    model = create_teacher(cfg.teacher, split.num_classes, split.images.shape[1])
+    model = create_teacher(cfg.teacher, split.num_classes, split.image_shape[-3])
     state = checkpoint.load_weights(weights)
     try:
         model.load_state_dict(state)
@@ -103,7 +103,7 @@ def extract_teacher(cfg: Config, device: torch.device, overwrite: bool = False) 
             for b in range(start, stop, ex.batch_size):
                 e = min(b + ex.batch_size, stop)
                 for v in range(layout.views):
-                    images = augmenter.apply(split.images[b:e], params[b - start:e - start, v]).to(device)
+                    images = augmenter.apply(split.load(range(b, e)), params[b - start:e - start, v]).to(device)
                     f, z = teacher_outputs(model, images)
                     features[b - start:e - start, v] = f.float().cpu().numpy()
                     logits[b - start:e - start, v] = z.float().cpu().numpy()

@@ -165,7 +165,7 @@ def train_teacher(cfg: Config, run_dir: str | Path, resume: bool = False) -> dic
     device = resolve_device(tcfg.device)
     train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
     torch.manual_seed(cfg.seed)
-    model = create_teacher(tcfg, train.num_classes, train.images.shape[1]).to(device)
+    model = create_teacher(tcfg, train.num_classes, train.image_shape[-3]).to(device)
     sampler = ChunkShuffleSampler(len(train), chunk_size=len(train), buffer_chunks=1, seed=cfg.seed)
     loader = DataLoader(train, batch_size=tcfg.batch_size, sampler=sampler, collate_fn=collate_batch)
     optimizer, scheduler = _optimizer(model.parameters(), tcfg.lr, tcfg.weight_decay, tcfg.epochs, len(loader))
@@ -226,7 +226,7 @@ def train_student(cfg: Config, run_dir: str | Path, resume: bool = False) -> dic
     train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
     targets = open_student_targets(cfg, "train", train)  # checked even for `none`: same data, same split
     torch.manual_seed(cfg.seed)
-    student = create_student(scfg.model, train.num_classes, train.images.shape[1], scfg.timesteps,
+    student = create_student(scfg.model, train.num_classes, train.image_shape, scfg.timesteps,
                              **scfg.model_kwargs).to(device)
     criterion = DistillationLoss(scfg, student.num_features, targets.feature_dim).to(device)
     dataset = CachedTargetDataset(train, targets, scfg.shuffle_buffer_chunks,

@@ -162,3 +162,9 @@ def test_bad_device_refused(device):
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1"])
 def test_good_device_accepted(device):
     assert load_config(MNIST5K, [f"student.device={device}"]).student.device == device
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.student.bkd.blur_ratio == 0.15 and cfg.student.distill == "mixed"

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.config import DataConfig
-from pipeline.data import ImageSplit, collate_batch
+from pipeline.data import ArraySource, ImageSplit, collate_batch
 from pipeline.errors import StoreError
 from pipeline.store import TeacherTargets
 from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler
@@ -100,7 +100,7 @@ def test_sampler_never_needs_more_than_buffer_chunks(n, chunk, buf, seed):
 def _image_split(labels: np.ndarray, seed: int = 0) -> ImageSplit:
     n = len(labels)
     images = np.random.default_rng(seed).integers(0, 256, (n, 1, 8, 8), dtype=np.uint8)
-    return ImageSplit("digits", "train", np.arange(n), images, labels, DataConfig(name="digits"))
+    return ImageSplit("digits", "train", ArraySource(images, labels, 10), np.arange(n), DataConfig(name="digits"))
 
 
 @pytest.fixture()
@@ -136,7 +136,7 @@ def _run_epoch(dataset, sampler, batch_size, split, data):
         torch.testing.assert_close(logits, torch.from_numpy(data["logits"][idx, 0].astype(np.float16)).float(),
                                    rtol=0, atol=0)
         assert torch.equal(labels, torch.from_numpy(data["labels"][idx]))
-        assert torch.equal(images, split.images[idx])
+        assert torch.equal(images, split.load(idx))
     assert seen == len(order)
 
 
@@ -180,7 +180,7 @@ def test_dataset_decodes_each_chunk_once_when_batches_straddle_windows(make_data
 def test_getitem_single_sample(make_dataset):
     dataset, split, data, _ = make_dataset(320, 2)
     image, label, feature, logit = dataset[133]
-    assert torch.equal(image, split.images[133])
+    assert torch.equal(image, split.load([133])[0])
     assert label.item() == data["labels"][133]
     assert torch.equal(feature, torch.from_numpy(data["features"][133, 0].astype(np.float16)).float())
     assert torch.equal(logit, torch.from_numpy(data["logits"][133, 0].astype(np.float16)).float())

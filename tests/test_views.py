@@ -121,7 +121,7 @@ def teacher_dir(tmp_path_factory) -> Path:
     cfg = _tiny_cfg(tmp, 1)
     split = load_split(cfg.data, "train")
     torch.manual_seed(0)
-    teacher = create_teacher(cfg.teacher, split.num_classes, split.images.shape[1])
+    teacher = create_teacher(cfg.teacher, split.num_classes, split.image_shape[-3])
     checkpoint.save_weights(teacher.state_dict(), cfg.teacher.checkpoint)
     return tmp
 
@@ -226,7 +226,7 @@ def test_online_policy_augments_freshly_with_clean_targets(extracted):
     stored = targets.read_rows(0, 96)
     images0, _, features, _ = dataset.__getitems__(list(range(96)))
     torch.testing.assert_close(features, torch.from_numpy(stored["features"][:, 0]).float(), rtol=0, atol=0)
-    assert not torch.equal(images0, train.images)
+    assert not torch.equal(images0, train.load(range(96)))
     dataset.set_epoch(1)
     images1, *_ = dataset.__getitems__(list(range(96)))
     assert not torch.equal(images0, images1)  # fresh every epoch

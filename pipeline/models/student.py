@@ -23,13 +23,31 @@ def register_student(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return fn
 
 
-def create_student(name: str, num_classes: int, in_chans: int, timesteps: int, **kwargs) -> nn.Module:
+def create_student(name: str, num_classes: int, input_shape: tuple[int, ...], timesteps: int,
+                   **kwargs) -> nn.Module:
+    """A registered student for inputs of `input_shape` ((C, H, W) images or (T, C, H, W) frames)."""
     if name not in STUDENTS:
         raise ConfigError(f"student.model: unknown student '{name}' (known: {', '.join(sorted(STUDENTS))})")
     try:
-        return STUDENTS[name](num_classes=num_classes, in_chans=in_chans, timesteps=timesteps, **kwargs)
-    except TypeError as exc:
+        return STUDENTS[name](num_classes=num_classes, input_shape=tuple(input_shape), timesteps=timesteps,
+                              **kwargs)
+    except (TypeError, ValueError) as exc:  # unknown or invalid model_kwargs
         raise ConfigError(f"student.model_kwargs: {exc}") from None
+
+
+def encode(x: torch.Tensor, timesteps: int) -> torch.Tensor:
+    """The student's input as [T, B, C, H, W].
+
+    Images [B, C, H, W] use direct encoding (the same image at every timestep); event frames
+    [B, T, C, H, W] feed one frame per timestep, so T must match the frames.
+    """
+    if x.dim() == 4:
+        return x.unsqueeze(0).expand(timesteps, *x.shape)
+    if x.dim() == 5:
+        if x.shape[1] != timesteps:
+            raise ConfigError(f"the input has {x.shape[1]} event frames but student.timesteps is {timesteps}")
+        return x.transpose(0, 1)
+    raise ValueError(f"expected [B, C, H, W] images or [B, T, C, H, W] frames, got shape {tuple(x.shape)}")
 
 
 class SEWResNet(nn.Module):
@@ -71,8 +89,7 @@ class SEWResNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         functional.reset_net(self)  # membrane potentials start at rest for every batch
-        x = x.unsqueeze(0).expand(self.timesteps, *x.shape)  # direct encoding: [T, B, C, H, W]
-        x = self.pool(self.stages(self.stem(x)))
+        x = self.pool(self.stages(self.stem(encode(x, self.timesteps))))
         return x.flatten(2).mean(0)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
@@ -83,6 +100,73 @@ class SEWResNet(nn.Module):
 
 
 @register_student
-def sew_resnet_mnist(num_classes: int, in_chans: int, timesteps: int, **kwargs) -> SEWResNet:
+def sew_resnet_mnist(num_classes: int, input_shape, timesteps: int, **kwargs) -> SEWResNet:
     """The default student for 28x28 digits: widths 32/64/128, one SEW block per stage."""
-    return SEWResNet(num_classes, in_chans, timesteps, **kwargs)
+    return SEWResNet(num_classes, input_shape[-3], timesteps, **kwargs)
+
+
+@register_student
+def sew_resnet_cifar(num_classes: int, input_shape, timesteps: int, **kwargs) -> SEWResNet:
+    """A CIFAR-style SEW-ResNet-18: 3x3 stem, no max-pool, widths 64-512, two SEW blocks per stage."""
+    kwargs = {"widths": (64, 128, 256, 512), "blocks": (2, 2, 2, 2), **kwargs}
+    return SEWResNet(num_classes, input_shape[-3], timesteps, **kwargs)
+
+
+class TimeAveragedStudent(nn.Module):
+    """A spikingjelly multi-step backbone behind timm's interface.
+
+    `backbone_features` maps [T, B, C, H, W] to per-timestep features [T, B, D];
+    forward_features averages them over T (the feature BKD distills), forward_head is a linear.
+    """
+
+    def __init__(self, backbone: nn.Module, backbone_features: Callable, num_features: int, num_classes: int,
+                 timesteps: int):
+        super().__init__()
+        self.backbone, self._backbone_features = backbone, backbone_features
+        self.timesteps, self.num_features = timesteps, num_features
+        self.fc = nn.Linear(num_features, num_classes)
+        functional.set_step_mode(self.backbone, "m")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        functional.reset_net(self)
+        return self._backbone_features(self.backbone, encode(x, self.timesteps)).mean(0)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _sew_imagenet(depth: int):
+    def build(num_classes: int, input_shape, timesteps: int, cnf: str = "ADD") -> TimeAveragedStudent:
+        from spikingjelly.activation_based.model import sew_resnet
+
+        backbone = getattr(sew_resnet, f"sew_resnet{depth}")(cnf=cnf, spiking_neuron=lif)
+        if input_shape[-3] != 3:
+            backbone.conv1 = layer.Conv2d(input_shape[-3], 64, kernel_size=7, stride=2, padding=3, bias=False)
+        width = backbone.fc.in_features
+        backbone.fc = nn.Identity()
+        return TimeAveragedStudent(backbone, lambda m, x: m(x), width, num_classes, timesteps)
+
+    build.__name__ = f"sew_resnet{depth}"
+    build.__doc__ = f"spikingjelly's SEW-ResNet-{depth} (ImageNet stem), SEW ADD shortcuts."
+    return build
+
+
+for _depth in (18, 34, 50):
+    register_student(_sew_imagenet(_depth))
+
+
+@register_student
+def spikformer(num_classes: int, input_shape, timesteps: int, depths: int = 4, embed_dims: int = 384,
+               num_heads: int = 12, patch_size: int = 4, mlp_ratio: float = 4.0) -> TimeAveragedStudent:
+    """spikingjelly's Spikformer; `depths`-`embed_dims` name the paper's shapes (4-384, 8-768)."""
+    from spikingjelly.activation_based.model import spikformer as sj_spikformer
+
+    backbone = sj_spikformer.Spikformer(T=timesteps, in_channels=input_shape[-3], img_size_h=input_shape[-2],
+                                        img_size_w=input_shape[-1], patch_size=patch_size, num_classes=num_classes,
+                                        embed_dims=embed_dims, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                                        depths=depths)
+    backbone.head = nn.Identity()
+    return TimeAveragedStudent(backbone, lambda m, x: m.forward_features(x), embed_dims, num_classes, timesteps)

@@ -21,25 +21,27 @@ def create_teacher(cfg: TeacherConfig, num_classes: int, in_chans: int) -> nn.Mo
             raise ConfigError(f"teacher.small_input_stem is supported for timm ResNets only, not '{cfg.model}'")
         # A 3x3 stride-1 stem keeps 28x28 digits at 14x14 after the max-pool instead of 7x7.
         model.conv1 = nn.Conv2d(in_chans, stem.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
-    if cfg.input_size is not None:
-        _resize_inputs(model, cfg.input_size)
+    _adapt_inputs(model, cfg.input_size)
     return model
 
 
-def _resize_inputs(model: nn.Module, size: int) -> None:
-    """Make `model` resize its inputs to size x size (bilinear) before `forward_features`.
+def _adapt_inputs(model: nn.Module, size: int | None) -> None:
+    """Make `model` take the student's inputs: event frames [B, T, C, H, W] are averaged over
+    T, and with `size`, images are resized to size x size (bilinear), before `forward_features`.
 
     Set on the instance, so `forward`, `forward_features` and the state dict (no new keys: a
-    user's timm weights still load) all see it; the caller keeps feeding dataset-sized inputs.
+    user's timm weights still load) all see it; callers keep feeding dataset-shaped inputs.
     """
     forward_features = model.forward_features
 
-    def resized_forward_features(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2:] != (size, size):
+    def adapted_forward_features(x: torch.Tensor, **kwargs) -> torch.Tensor:
+        if x.dim() == 5:
+            x = x.mean(1)
+        if size is not None and x.shape[-2:] != (size, size):
             x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        return forward_features(x)
+        return forward_features(x, **kwargs)
 
-    model.forward_features = resized_forward_features
+    model.forward_features = adapted_forward_features
 
 
 @torch.no_grad()

@@ -1,0 +1,172 @@
+"""Datasets read from their real on-disk formats (tiny files written here), and each config
+family end to end through the CLI: train-teacher -> extract-teacher -> train-student -> evaluate."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.config import load_config
+from pipeline.data import load_split
+from pipeline.errors import DataError
+from tests.conftest import REPO, run_bkd
+
+RNG = np.random.default_rng(0)
+
+
+def _cifar_batch(path: Path, n: int, classes: int, label_key: str) -> dict:
+    batch = {"data": RNG.integers(0, 256, (n, 3072), dtype=np.uint8),
+             label_key: RNG.integers(0, classes, n).tolist(), "batch_label": "tiny"}
+    path.write_bytes(pickle.dumps(batch, protocol=2))
+    return batch
+
+
+def write_cifar10(root: Path, per_batch: int = 8) -> dict:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    batches = {name: _cifar_batch(folder / name, per_batch, 10, "labels")
+               for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]}
+    return batches
+
+
+def write_cifar100(root: Path) -> None:
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    _cifar_batch(folder / "train", 24, 100, "fine_labels")
+    _cifar_batch(folder / "test", 12, 100, "fine_labels")
+
+
+def write_imagefolder(root: Path, per_class: int = 6) -> None:
+    for split in ("train", "val"):
+        for cls in ("n01440764", "n01443537"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = RNG.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)  # sizes differ, like real photos
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def write_hdf5(root: Path, key: str, shape: tuple, n: dict, dtype=np.uint8) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for split, count in n.items():
+        with h5py.File(root / f"{split}.h5", "w") as fh:
+            data = RNG.integers(0, 4 if dtype != np.uint8 else 256, (count, *shape)).astype(dtype)
+            fh.create_dataset(key, data=data, chunks=(1, *shape))
+            fh.create_dataset("labels", data=RNG.integers(0, 10, count))
+            fh.attrs["num_classes"] = 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cifar10_reads_the_python_batches(tmp_path):
+    batches = write_cifar10(tmp_path)
+    cfg = load_config(None, ["data.name=cifar10", f"data.root={tmp_path}"]).data
+    train, test = load_split(cfg, "train"), load_split(cfg, "test")
+    assert len(train) == 40 and len(test) == 8 and train.image_shape == (3, 32, 32)
+    raw = batches["data_batch_2"]["data"][3].reshape(3, 32, 32)
+    expected = (torch.from_numpy(raw).float() / 255 - train.mean) / train.std
+    torch.testing.assert_close(train.load([11])[0], expected)  # row 11 = batch 2, image 3
+    assert train.labels[11].item() == batches["data_batch_2"]["labels"][3]
+
+
+def test_cifar_refuses_pickles_that_run_code(tmp_path):
+    write_cifar10(tmp_path)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps({"data": Evil(), "labels": []}))
+    cfg = load_config(None, ["data.name=cifar10", f"data.root={tmp_path}"]).data
+    with pytest.raises(DataError, match="refusing to load builtins.print"):
+        load_split(cfg, "test")
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("cifar10", "cifar-10-batches-py not found"),
+    ("cifar100", "cifar-100-python not found"),
+    ("imagenet", "train/<class>"),
+    ("hdf5", "train.h5 not found"),
+    ("dvs_hdf5", "'frames'"),
+])
+def test_missing_files_name_what_goes_where(tmp_path, name, fragment):
+    cfg = load_config(None, [f"data.name={name}", f"data.root={tmp_path / 'nothing'}"]).data
+    with pytest.raises(DataError, match=fragment) as info:
+        load_split(cfg, "train")
+    assert "\n" not in str(info.value)
+
+
+def test_imagefolder_resizes_and_crops(tmp_path):
+    write_imagefolder(tmp_path)
+    cfg = load_config(None, ["data.name=imagenet", f"data.root={tmp_path}", "data.image_size=24"]).data
+    train = load_split(cfg, "train")
+    assert len(train) == 12 and train.num_classes == 2 and train.image_shape == (3, 24, 24)
+    images = train.load([0, 7, 11])
+    assert images.shape == (3, 3, 24, 24) and torch.isfinite(images).all()
+    assert train.labels.tolist() == [0] * 6 + [1] * 6
+
+
+def test_hdf5_is_read_lazily_in_any_order(tmp_path):
+    write_hdf5(tmp_path, "images", (1, 8, 8), {"train": 20, "test": 10})
+    cfg = load_config(None, ["data.name=hdf5", f"data.root={tmp_path}"]).data
+    train = load_split(cfg, "train")
+    assert train._normalized is None  # not loaded into memory
+    with h5py.File(tmp_path / "train.h5") as fh:
+        raw = fh["images"][:]
+    rows = [7, 2, 7, 19]
+    expected = (torch.from_numpy(raw[rows]).float() / 255 - 0.5) / 0.5
+    torch.testing.assert_close(train.load(rows), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Each config family through the CLI, on tiny real-format data and scaled-down models
+# ---------------------------------------------------------------------------------------------
+
+FAMILIES = {
+    "cifar10-spikformer-4-384.yaml": (
+        write_cifar10, ["teacher.model=vit_tiny_patch16_224", "teacher.input_size=224",
+                        "student.model_kwargs={depths: 1, embed_dims: 32, num_heads: 2, patch_size: 4}"]),
+    "cifar100-spikformer-4-384.yaml": (
+        write_cifar100, ["teacher.model=vit_tiny_patch16_224", "teacher.input_size=224",
+                         "student.model_kwargs={depths: 1, embed_dims: 32, num_heads: 2, patch_size: 4}"]),
+    "imagenet-sew-resnet18.yaml": (write_imagefolder, ["data.image_size=32"]),
+    "imagenet-spikformer-8-768.yaml": (
+        write_imagefolder, ["data.image_size=32", "teacher.model=vit_tiny_patch16_224", "teacher.input_size=224",
+                            "student.model_kwargs={depths: 1, embed_dims: 32, num_heads: 2, patch_size: 4}"]),
+    "cifar10dvs-sew.yaml": (
+        lambda root: write_hdf5(root, "frames", (4, 2, 32, 32), {"train": 12, "test": 6}, np.float32),
+        ["student.timesteps=4"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", sorted(FAMILIES))
+def test_config_family_end_to_end(tmp_path, config):
+    write, overrides = FAMILIES[config]
+    write(tmp_path / "data")
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    args = ["--config", f"configs/{config}", "--set", f"data.root={tmp_path / 'data'}"]
+    for override in overrides + ["extract.views=2", "extract.chunk_size=4", "extract.chunks_per_shard=2",
+                                 "teacher.epochs=1", "teacher.batch_size=8", "extract.batch_size=8",
+                                 "student.epochs=1", "student.batch_size=8"]:
+        args += ["--set", override]
+    run_bkd(["train-teacher", *args], tmp_path)
+    run_bkd(["extract-teacher", *args], tmp_path)
+    cfg = load_config(tmp_path / "configs" / config, [a for a in args[2:] if a != "--set"])
+    info = json.loads(run_bkd(["cache", "info", cfg.extract.store, "--json"], tmp_path).stdout)
+    assert info["complete"] and info["views"]["train"] == 2
+    run_bkd(["train-student", *args, "--run-dir", "runs/s"], tmp_path)
+    run_bkd(["evaluate", *args, "--run-dir", "runs/s", "--metrics", "m.json", "--plots-dir", "plots"], tmp_path)
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["firing_rates"]
