@@ -48,6 +48,52 @@ def firing_rates(model: nn.Module, split, device: torch.device, batch_size: int 
     return {name: s / n for name, (s, n) in totals.items() if n}
 
 
+# Energy per operation in 45 nm CMOS (Horowitz, ISSCC 2014), as SNN papers use them.
+E_MAC_PJ, E_AC_PJ = 4.6, 0.9
+
+
+@torch.no_grad()
+def synaptic_operations(model: nn.Module, split, device: torch.device, batch_size: int = 500) -> dict:
+    """Operations per sample of every Conv2d / Linear layer, summed over the T timesteps.
+
+    MACs_l = sum over calls of (output elements) * (in_channels / groups) * kh * kw, divided by N
+    SOPs_l = MACs_l * s_l,   s_l = mean input value: spikes per input (SEW ADD sums count twice)
+    A layer fed integer-valued inputs (spikes) does accumulates only; a layer fed analog values
+    (the encoding layer on the image) does MACs:
+    energy = E_MAC * MACs(analog layers) + E_AC * SOPs(spiking layers).
+    """
+    stats: dict[str, dict] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        stats[name] = {"macs": 0.0, "sops": 0.0, "spiking_input": True}
+
+        def hook(m, inputs, out, name=name):
+            x = inputs[0]
+            fan_in = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1] \
+                if isinstance(m, nn.Conv2d) else m.in_features
+            macs = out.numel() * fan_in
+            entry = stats[name]
+            entry["macs"] += macs
+            entry["sops"] += macs * x.float().mean().item()
+            entry["spiking_input"] = entry["spiking_input"] and bool(((x >= 0) & (x == x.round())).all())
+
+        hooks.append(module.register_forward_hook(hook))
+    try:
+        predict(model, split, device, batch_size)
+    finally:
+        for h in hooks:
+            h.remove()
+    n = len(split)
+    layers = {name: {"macs": e["macs"] / n, "sops": e["sops"] / n, "spiking_input": e["spiking_input"]}
+              for name, e in stats.items() if e["macs"]}
+    sops = sum(v["sops"] for v in layers.values() if v["spiking_input"])
+    analog_macs = sum(v["macs"] for v in layers.values() if not v["spiking_input"])
+    return {"layers": layers, "total_sops": sops, "total_macs_analog": analog_macs,
+            "energy_mj": (E_MAC_PJ * analog_macs + E_AC_PJ * sops) * 1e-9}  # pJ -> mJ
+
+
 def plot_training_curves(history: list[dict], title: str, path: str | Path) -> None:
     import matplotlib
 
@@ -122,6 +168,7 @@ def evaluate_student(cfg, run_dir: str | Path, plots_dir: str | Path) -> dict:
     student.load_state_dict(checkpoint.load_weights(weights))
     student.to(device).eval()
     rates = firing_rates(student, test, device)
+    operations = synaptic_operations(student, test, device)
     history = json.loads(history_path.read_text())
     teacher = teacher_accuracy(open_student_targets(cfg, "test", test), test.labels)
     plot_training_curves(history, f"student [{scfg.distill}], T={scfg.timesteps}", plots_dir / "training_curves.png")
@@ -132,6 +179,10 @@ def evaluate_student(cfg, run_dir: str | Path, plots_dir: str | Path) -> dict:
         "teacher_test_accuracy": teacher,
         "firing_rate_mean": float(np.mean(list(rates.values()))),
         "firing_rates": rates,
+        "sops_per_sample": operations["total_sops"],
+        "analog_macs_per_sample": operations["total_macs_analog"],
+        "energy_mj_per_sample": operations["energy_mj"],
+        "operations": operations["layers"],
         "epochs": len(history),
         "train_seconds": float(sum(row["seconds"] for row in history)),
     }

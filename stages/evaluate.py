@@ -30,7 +30,8 @@ def main(config_path, overrides, distill, run_dir, metrics, plots_dir, device):
     write_json(result, metrics or f"metrics/student-{mode}.json")
     teacher = result["teacher_test_accuracy"]
     click.echo(f"student [{mode}]: test accuracy {result['test_accuracy']:.4f}, "
-               f"teacher {teacher:.4f}, mean firing rate {result['firing_rate_mean']:.4f}")
+               f"teacher {teacher:.4f}, mean firing rate {result['firing_rate_mean']:.4f}, "
+               f"{result['sops_per_sample'] / 1e6:.2f} M SOPs and {result['energy_mj_per_sample']:.4f} mJ per sample")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ def test_pipeline_outputs(tiny_project: Path):
     assert 0.0 <= metrics["test_accuracy"] <= 1.0
     # The teacher's accuracy in evaluate comes from the cached logits: it must match stage one's.
     assert metrics["teacher_test_accuracy"] == pytest.approx(teacher["test_accuracy"], abs=1e-6)
+    assert metrics["sops_per_sample"] > 0 and metrics["energy_mj_per_sample"] > 0
     assert len(metrics["firing_rates"]) == 9 and all(0.0 <= r <= 1.0 for r in metrics["firing_rates"].values())
     for png in ("training_curves.png", "firing_rates.png"):
         assert (tiny_project / "plots/mixed" / png).read_bytes()[:4] == b"\x89PNG"
