@@ -77,6 +77,9 @@ class TeacherConfig:
 class ExtractConfig:
     store: str = "cache/mnist5k-resnet18.zarr"
     splits: list[str] = field(default_factory=lambda: ["train", "test"])
+    # Store only the k largest logits (and their classes) per view, e.g. 10 of ImageNet's 1000;
+    # the logits losses then see the other classes as far below the k-th (README: the approximation).
+    logits_topk: int | None = None
     views: int = 1  # K: view 0 is the clean input, views 1..K-1 augmented (train split; test is clean)
     chunk_size: int = 256  # samples per chunk (the unit the reader streams)
     chunks_per_shard: int = 4  # chunks per shard (the unit of work that writes)
@@ -240,6 +243,7 @@ def validate(cfg: Config) -> Config:
     _check(ex.chunk_size >= 1, f"extract.chunk_size must be >= 1, got {ex.chunk_size}")
     _check(ex.chunks_per_shard >= 1, f"extract.chunks_per_shard must be >= 1, got {ex.chunks_per_shard}")
     _check(ex.batch_size >= 1, "extract.batch_size must be >= 1")
+    _check(ex.logits_topk is None or ex.logits_topk >= 1, "extract.logits_topk must be >= 1 or null")
     _check(bool(ex.splits), "extract.splits must name at least one split")
     for split in ex.splits:
         _check(split in ("train", "test"), f"extract.splits: unknown split '{split}' (known: train, test)")

@@ -14,7 +14,7 @@ from pipeline.config import Config
 from pipeline.data import ImageSplit, load_split
 from pipeline.errors import BkdError
 from pipeline.models import create_teacher, teacher_outputs
-from pipeline.store import SplitLayout, StoreWriter, TeacherTargets, make_manifest
+from pipeline.store import TOPK_INDEX, SplitLayout, StoreWriter, TeacherTargets, make_manifest
 
 
 def split_views(cfg: Config, split: str) -> int:
@@ -36,7 +36,7 @@ def expected_manifest(cfg: Config, splits: dict[str, ImageSplit], require_checkp
     augment = ViewAugmenter(cfg.augment, tuple(any_split.image_shape)).spec()
     return make_manifest(
         teacher={"model": cfg.teacher.model, "checkpoint_sha256": sha,
-                 "small_input_stem": cfg.teacher.small_input_stem,
+                 "small_input_stem": cfg.teacher.small_input_stem, "logits_topk": cfg.extract.logits_topk,
                  "num_classes": any_split.num_classes, "num_features": num_features},
         dataset={"name": cfg.data.name, "split_seed": cfg.data.split_seed,
                  "test_size": cfg.data.test_size, "limit": cfg.data.limit},
@@ -45,7 +45,8 @@ def expected_manifest(cfg: Config, splits: dict[str, ImageSplit], require_checkp
         transform={**any_split.transform, "teacher_input_size": cfg.teacher.input_size},
         augment=augment,
         arrays={"features": cfg.extract.feature_dtype, "logits": cfg.extract.logits_dtype,
-                "view_params": "int32", "labels": "int64", "index": "int64"},
+                "view_params": "int32", "labels": "int64", "index": "int64",
+                **({TOPK_INDEX: "int32"} if cfg.extract.logits_topk else {})},
         chunking={"chunk_size": cfg.extract.chunk_size, "chunks_per_shard": cfg.extract.chunks_per_shard},
     )
 
@@ -83,12 +84,15 @@ def extract_teacher(cfg: Config, device: torch.device, overwrite: bool = False) 
     first = next(iter(splits.values()))
     model = load_teacher(cfg, first).to(device)
     manifest = expected_manifest(cfg, splits, num_features=model.num_features)
+    topk = ex.logits_topk
+    if topk is not None and topk > first.num_classes:
+        raise BkdError(f"extract.logits_topk is {topk}, but the teacher has only {first.num_classes} classes")
     layouts = {name: SplitLayout(len(s), ex.chunk_size, ex.chunks_per_shard, split_views(cfg, name))
                for name, s in splits.items()}
     augmenters = {name: view_augmenter(cfg.augment, s) for name, s in splits.items()}
     writer = StoreWriter(store, manifest, layouts, model.num_features, first.num_classes,
                          len(augmenters[ex.splits[0]].param_names), ex.feature_dtype, ex.logits_dtype,
-                         ex.zstd_level, overwrite=overwrite)
+                         ex.zstd_level, overwrite=overwrite, logits_topk=topk)
     written = 0
     for name, split in splits.items():
         layout, augmenter = layouts[name], augmenters[name]
@@ -100,6 +104,7 @@ def extract_teacher(cfg: Config, device: torch.device, overwrite: bool = False) 
             params = augmenter.draw(np.arange(start, stop), layout.views)
             features = np.empty((stop - start, layout.views, model.num_features), np.float32)
             logits = np.empty((stop - start, layout.views, first.num_classes), np.float32)
+            arrays = {}
             for b in range(start, stop, ex.batch_size):
                 e = min(b + ex.batch_size, stop)
                 for v in range(layout.views):
@@ -108,7 +113,11 @@ def extract_teacher(cfg: Config, device: torch.device, overwrite: bool = False) 
                     features[b - start:e - start, v] = f.float().cpu().numpy()
                     logits[b - start:e - start, v] = z.float().cpu().numpy()
                     bar.update(e - b)
+            if topk is not None:
+                values, classes = torch.from_numpy(logits).topk(topk, dim=-1)
+                logits, arrays[TOPK_INDEX] = values.numpy(), classes.numpy().astype(np.int32)
             writer.write_shard(name, shard, {
+                **arrays,
                 "features": features.astype(ex.feature_dtype),
                 "logits": logits.astype(ex.logits_dtype),
                 "view_params": params,

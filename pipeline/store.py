@@ -35,10 +35,23 @@ from pipeline.errors import StoreError
 
 FORMAT = "bkd-teacher-targets/2"
 ARRAYS = ("features", "logits", "view_params", "labels", "index")
+TOPK_INDEX = "logits_index"  # with extract.logits_topk: `logits` holds the k largest, this their classes
+# Classes outside the stored top-k get the smallest kept logit minus this: a softmax weight of
+# e^-100 or less (zero in float32 at tau <= 4), yet finite, so KL and CE terms stay finite.
+TOPK_FILL_MARGIN = 100.0
+
+
+def dense_logits(values: np.ndarray, indices: np.ndarray, num_classes: int) -> np.ndarray:
+    """Full logits (..., num_classes) from the top-k `values` and their class `indices` (..., k)."""
+    values = values.astype(np.float32)
+    dense = np.repeat(values.min(-1, keepdims=True) - TOPK_FILL_MARGIN, num_classes, axis=-1)
+    np.put_along_axis(dense, indices.astype(np.int64), values, axis=-1)
+    return dense
 # Manifest fields a training run must agree with, as dotted paths.
 IDENTITY_FIELDS = (
     "teacher.model",
     "teacher.checkpoint_sha256",
+    "teacher.logits_topk",
     "dataset.name",
     "dataset.split_seed",
     "dataset.test_size",
@@ -95,9 +108,10 @@ class StoreWriter:
 
     def __init__(self, path: str | Path, manifest: dict[str, Any], layouts: dict[str, SplitLayout],
                  feature_dim: int, num_classes: int, num_view_params: int, feature_dtype: str, logits_dtype: str,
-                 zstd_level: int, overwrite: bool = False):
+                 zstd_level: int, overwrite: bool = False, logits_topk: int | None = None):
         self.path = str(path)
         self.layouts = layouts
+        self.array_names = ARRAYS + ((TOPK_INDEX,) if logits_topk else ())
         if Path(self.path).exists():
             existing = _open_group(self.path, mode="r") if not overwrite else None
             if existing is not None:
@@ -112,11 +126,13 @@ class StoreWriter:
             n, chunk, shard, views = layout.num_samples, layout.chunk_size, layout.shard_size, layout.views
             specs = {
                 "features": ((n, views, feature_dim), feature_dtype),
-                "logits": ((n, views, num_classes), logits_dtype),
+                "logits": ((n, views, logits_topk or num_classes), logits_dtype),
                 "view_params": ((n, views, num_view_params), "int32"),
                 "labels": ((n,), "int64"),
                 "index": ((n,), "int64"),
             }
+            if logits_topk:
+                specs[TOPK_INDEX] = ((n, views, logits_topk), "int32")
             for name, (shape, dtype) in specs.items():
                 group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk,) + shape[1:],
                                    shards=(shard,) + shape[1:], compressors=compressor, fill_value=0)
@@ -133,7 +149,7 @@ class StoreWriter:
     def write_shard(self, split: str, shard: int, arrays: dict[str, np.ndarray]) -> None:
         start, stop = self.layouts[split].shard_rows(shard)
         group = self.root[split]
-        for name in ARRAYS:
+        for name in self.array_names:
             data = arrays[name]
             if len(data) != stop - start:
                 raise ValueError(f"shard {split}/{shard}: {name} has {len(data)} rows, expected {stop - start}")
@@ -194,7 +210,8 @@ class TeacherTargets:
         if split not in self.manifest["splits"]:
             raise StoreError(f"{self.path}: no '{split}' split (has: {', '.join(self.manifest['splits'])})")
         self.group = self.root[split]
-        self.arrays = {name: self.group[name] for name in ARRAYS}
+        self.topk = self.manifest["teacher"].get("logits_topk")
+        self.arrays = {name: self.group[name] for name in ARRAYS + ((TOPK_INDEX,) if self.topk else ())}
         chunking = self.manifest["chunking"]
         meta = self.manifest["splits"][split]
         self.layout = SplitLayout(meta["num_samples"], chunking["chunk_size"], chunking["chunks_per_shard"],
@@ -217,15 +234,19 @@ class TeacherTargets:
 
     @property
     def num_classes(self) -> int:
-        return self.arrays["logits"].shape[2]
+        return self.manifest["teacher"]["num_classes"]
 
     def read_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of every array; with top-k storage, `logits` comes back dense."""
         try:
-            return {name: arr[start:stop] for name, arr in self.arrays.items()}
+            rows = {name: arr[start:stop] for name, arr in self.arrays.items()}
         except Exception as exc:  # a codec or checksum error: name where it happened
             shard = start // self.layout.shard_size
             raise StoreError(f"{self.path}: cannot read {self.split} rows {start}:{stop} "
                              f"(shard {shard}): {type(exc).__name__}: {exc}") from None
+        if self.topk:  # consumers always see full logits
+            rows["logits"] = dense_logits(rows["logits"], rows.pop(TOPK_INDEX), self.num_classes)
+        return rows
 
     def read_chunk(self, chunk: int) -> dict[str, np.ndarray]:
         start = chunk * self.chunk_size

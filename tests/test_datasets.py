@@ -140,9 +140,9 @@ FAMILIES = {
     "cifar100-spikformer-4-384.yaml": (
         write_cifar100, ["teacher.model=vit_tiny_patch16_224", "teacher.input_size=224",
                          "student.model_kwargs={depths: 1, embed_dims: 32, num_heads: 2, patch_size: 4}"]),
-    "imagenet-sew-resnet18.yaml": (write_imagefolder, ["data.image_size=32"]),
+    "imagenet-sew-resnet18.yaml": (write_imagefolder, ["data.image_size=32", "extract.logits_topk=1"]),
     "imagenet-spikformer-8-768.yaml": (
-        write_imagefolder, ["data.image_size=32", "teacher.model=vit_tiny_patch16_224", "teacher.input_size=224",
+        write_imagefolder, ["data.image_size=32", "extract.logits_topk=1", "teacher.model=vit_tiny_patch16_224", "teacher.input_size=224",
                             "student.model_kwargs={depths: 1, embed_dims: 32, num_heads: 2, patch_size: 4}"]),
     "cifar10dvs-sew.yaml": (
         lambda root: write_hdf5(root, "frames", (4, 2, 32, 32), {"train": 12, "test": 6}, np.float32),
@@ -166,6 +166,7 @@ def test_config_family_end_to_end(tmp_path, config):
     cfg = load_config(tmp_path / "configs" / config, [a for a in args[2:] if a != "--set"])
     info = json.loads(run_bkd(["cache", "info", cfg.extract.store, "--json"], tmp_path).stdout)
     assert info["complete"] and info["views"]["train"] == 2
+    assert info["manifest"]["teacher"]["logits_topk"] == cfg.extract.logits_topk
     run_bkd(["train-student", *args, "--run-dir", "runs/s"], tmp_path)
     run_bkd(["evaluate", *args, "--run-dir", "runs/s", "--metrics", "m.json", "--plots-dir", "plots"], tmp_path)
     metrics = json.loads((tmp_path / "m.json").read_text())

@@ -326,3 +326,37 @@ def test_write_shard_rejects_wrong_row_count(tmp_path):
     with pytest.raises(ValueError, match="rows"):
         writer.write_shard("train", 0, data)  # shard 0 holds 128 rows
     assert writer.missing_shards("train") == [0, 1, 2]
+
+
+def test_topk_logits_round_trip_dense(tmp_path):
+    from pipeline.store import TOPK_FILL_MARGIN, TOPK_INDEX
+
+    path = tmp_path / "topk.zarr"
+    manifest = make_test_manifest()
+    manifest["teacher"]["logits_topk"] = 3
+    writer = StoreWriter(path, manifest, layouts(), DIM, CLASSES, PARAMS, "float16", "float16", zstd_level=3,
+                         logits_topk=3)
+    full = {split: make_arrays(n, i, VIEWS[split]) for i, (split, n) in enumerate((("train", N_TRAIN), ("test", N_TEST)))}
+    for split, data in full.items():
+        values, classes = torch_topk(data["logits"], 3)
+        write_split(writer, split, {**data, "logits": values, TOPK_INDEX: classes})
+    writer.finish()
+    rows = TeacherTargets(path, "train").read_rows(0, N_TRAIN)
+    assert TOPK_INDEX not in rows and rows["logits"].shape == (N_TRAIN, VIEWS["train"], CLASSES)
+    values, classes = torch_topk(full["train"]["logits"], 3)
+    values16 = values.astype(np.float16).astype(np.float32)
+    expected = np.empty_like(rows["logits"])
+    for i in range(N_TRAIN):  # an independent, plain reconstruction
+        for v in range(VIEWS["train"]):
+            expected[i, v, :] = values16[i, v].min() - TOPK_FILL_MARGIN
+            for j in range(3):
+                expected[i, v, classes[i, v, j]] = values16[i, v, j]
+    np.testing.assert_array_equal(rows["logits"], expected)
+    assert (rows["logits"].argmax(-1) == full["train"]["logits"].argmax(-1)).all()
+
+
+def torch_topk(logits: np.ndarray, k: int):
+    import torch
+
+    values, classes = torch.from_numpy(logits).topk(k, dim=-1)
+    return values.numpy(), classes.numpy().astype(np.int32)
