@@ -80,6 +80,9 @@ class ExtractConfig:
     # Store only the k largest logits (and their classes) per view, e.g. 10 of ImageNet's 1000;
     # the logits losses then see the other classes as far below the k-th (README: the approximation).
     logits_topk: int | None = None
+    # pre_logits: the pooled penultimate feature (N, C); map: the feature map before pooling
+    # (N, C, H, W) -- BKD then regresses maps and its generation block's 3x3 convolutions act spatially.
+    features: str = "pre_logits"
     views: int = 1  # K: view 0 is the clean input, views 1..K-1 augmented (train split; test is clean)
     chunk_size: int = 256  # samples per chunk (the unit the reader streams)
     chunks_per_shard: int = 4  # chunks per shard (the unit of work that writes)
@@ -244,6 +247,7 @@ def validate(cfg: Config) -> Config:
     _check(ex.chunks_per_shard >= 1, f"extract.chunks_per_shard must be >= 1, got {ex.chunks_per_shard}")
     _check(ex.batch_size >= 1, "extract.batch_size must be >= 1")
     _check(ex.logits_topk is None or ex.logits_topk >= 1, "extract.logits_topk must be >= 1 or null")
+    _check(ex.features in ("pre_logits", "map"), f"extract.features must be pre_logits or map, got '{ex.features}'")
     _check(bool(ex.splits), "extract.splits must name at least one split")
     for split in ex.splits:
         _check(split in ("train", "test"), f"extract.splits: unknown split '{split}' (known: train, test)")

@@ -37,6 +37,7 @@ def expected_manifest(cfg: Config, splits: dict[str, ImageSplit], require_checkp
     return make_manifest(
         teacher={"model": cfg.teacher.model, "checkpoint_sha256": sha,
                  "small_input_stem": cfg.teacher.small_input_stem, "logits_topk": cfg.extract.logits_topk,
+                 "features": cfg.extract.features,
                  "num_classes": any_split.num_classes, "num_features": num_features},
         dataset={"name": cfg.data.name, "split_seed": cfg.data.split_seed,
                  "test_size": cfg.data.test_size, "limit": cfg.data.limit},
@@ -90,7 +91,10 @@ def extract_teacher(cfg: Config, device: torch.device, overwrite: bool = False) 
     layouts = {name: SplitLayout(len(s), ex.chunk_size, ex.chunks_per_shard, split_views(cfg, name))
                for name, s in splits.items()}
     augmenters = {name: view_augmenter(cfg.augment, s) for name, s in splits.items()}
-    writer = StoreWriter(store, manifest, layouts, model.num_features, first.num_classes,
+    with torch.no_grad():  # the feature shape: (C,) pre-logits or the (C, H, W) map
+        probe = first.load([0]).to(device)
+        feature_shape = tuple(teacher_outputs(model, probe, ex.features)[0].shape[1:])
+    writer = StoreWriter(store, manifest, layouts, feature_shape, first.num_classes,
                          len(augmenters[ex.splits[0]].param_names), ex.feature_dtype, ex.logits_dtype,
                          ex.zstd_level, overwrite=overwrite, logits_topk=topk)
     written = 0
@@ -102,14 +106,14 @@ def extract_teacher(cfg: Config, device: torch.device, overwrite: bool = False) 
         for shard in missing:
             start, stop = layout.shard_rows(shard)
             params = augmenter.draw(np.arange(start, stop), layout.views)
-            features = np.empty((stop - start, layout.views, model.num_features), np.float32)
+            features = np.empty((stop - start, layout.views, *feature_shape), np.float32)
             logits = np.empty((stop - start, layout.views, first.num_classes), np.float32)
             arrays = {}
             for b in range(start, stop, ex.batch_size):
                 e = min(b + ex.batch_size, stop)
                 for v in range(layout.views):
                     images = augmenter.apply(split.load(range(b, e)), params[b - start:e - start, v]).to(device)
-                    f, z = teacher_outputs(model, images)
+                    f, z = teacher_outputs(model, images, ex.features)
                     features[b - start:e - start, v] = f.float().cpu().numpy()
                     logits[b - start:e - start, v] = z.float().cpu().numpy()
                     bar.update(e - b)

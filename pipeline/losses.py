@@ -23,8 +23,9 @@ class BKDHead(nn.Module):
     f_t' = f_t / max(f_t) * max(a)    maxima over the whole batch; f_t is a constant (detached)
     L_bkd = alpha * sum((g - f_t')^2) / N
 
-    Features are either pooled, shaped (N, C), or spatial maps, shaped (N, C, H, W). The head
-    is trained with the student and dropped at inference.
+    Features are either pooled, shaped (N, C), or spatial maps, shaped (N, C, H, W); a student
+    map of another size is average-pooled to the teacher's H x W after alignment. The head is
+    trained with the student and dropped at inference.
     """
 
     def __init__(self, student_dim: int, teacher_dim: int, blur_ratio: float = 0.15,
@@ -57,6 +58,8 @@ class BKDHead(nn.Module):
     def forward(self, student_feature: torch.Tensor, teacher_feature: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         aligned = self.align(student_feature)
+        if self.spatial and aligned.dim() == 4 and aligned.shape[-2:] != teacher_feature.shape[-2:]:
+            aligned = F.adaptive_avg_pool2d(aligned, teacher_feature.shape[-2:])
         if aligned.shape != teacher_feature.shape:
             raise ValueError(f"aligned student feature {tuple(aligned.shape)} does not match "
                              f"teacher feature {tuple(teacher_feature.shape)}")
@@ -108,13 +111,15 @@ class DistillationLoss(nn.Module):
     with w = student.logits.weight. `forward` returns every term and their sum under "loss".
     """
 
-    def __init__(self, cfg: StudentConfig, student_dim: int, teacher_dim: int):
+    def __init__(self, cfg: StudentConfig, student_dim: int, teacher_dim: int, spatial: bool = False):
         super().__init__()
+        self.spatial = spatial  # BKD on feature maps (N, C, H, W) instead of pooled features
         self.mode = cfg.distill
         self.temperature, self.logits_weight = cfg.logits.temperature, cfg.logits.weight
         self.bkd = None
         if self.mode in ("bkd", "mixed"):
-            self.bkd = BKDHead(student_dim, teacher_dim, cfg.bkd.blur_ratio, cfg.bkd.alpha, cfg.bkd.rescale)
+            self.bkd = BKDHead(student_dim, teacher_dim, cfg.bkd.blur_ratio, cfg.bkd.alpha, cfg.bkd.rescale,
+                               spatial=spatial)
 
     @property
     def uses_teacher(self) -> bool:

@@ -52,6 +52,7 @@ IDENTITY_FIELDS = (
     "teacher.model",
     "teacher.checkpoint_sha256",
     "teacher.logits_topk",
+    "teacher.features",
     "dataset.name",
     "dataset.split_seed",
     "dataset.test_size",
@@ -107,7 +108,7 @@ class StoreWriter:
     """Creates (or reopens, to resume) a store and writes it shard by shard."""
 
     def __init__(self, path: str | Path, manifest: dict[str, Any], layouts: dict[str, SplitLayout],
-                 feature_dim: int, num_classes: int, num_view_params: int, feature_dtype: str, logits_dtype: str,
+                 feature_shape: tuple[int, ...], num_classes: int, num_view_params: int, feature_dtype: str, logits_dtype: str,
                  zstd_level: int, overwrite: bool = False, logits_topk: int | None = None):
         self.path = str(path)
         self.layouts = layouts
@@ -125,7 +126,7 @@ class StoreWriter:
             group = self.root.create_group(split)
             n, chunk, shard, views = layout.num_samples, layout.chunk_size, layout.shard_size, layout.views
             specs = {
-                "features": ((n, views, feature_dim), feature_dtype),
+                "features": ((n, views, *feature_shape), feature_dtype),
                 "logits": ((n, views, logits_topk or num_classes), logits_dtype),
                 "view_params": ((n, views, num_view_params), "int32"),
                 "labels": ((n,), "int64"),
@@ -229,8 +230,13 @@ class TeacherTargets:
         return self.layout.views
 
     @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """(C,) for pre-logits, (C, H, W) for feature maps."""
+        return tuple(self.arrays["features"].shape[2:])
+
+    @property
     def feature_dim(self) -> int:
-        return self.arrays["features"].shape[2]
+        return self.feature_shape[0]
 
     @property
     def num_classes(self) -> int:

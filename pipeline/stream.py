@@ -109,7 +109,7 @@ class CachedTargetDataset(Dataset):
         idx = torch.as_tensor(indices)
         chunk_ids = idx // self.targets.chunk_size
         views = self.schedule[idx]
-        features = torch.empty(len(idx), self.targets.feature_dim)
+        features = torch.empty(len(idx), *self.targets.feature_shape)
         logits = torch.empty(len(idx), self.targets.num_classes)
         params = torch.empty(len(idx), self.targets.arrays["view_params"].shape[2], dtype=torch.int32)
         chunks = torch.unique(chunk_ids).tolist()

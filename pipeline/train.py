@@ -197,9 +197,13 @@ def student_step(student: nn.Module, criterion: DistillationLoss, mix: nn.Module
         targets = labels
         if mix is not None:
             images, targets = mix(images, labels)
-        features = student.forward_features(images)
+        if criterion.spatial:  # distill the time-averaged map; classify its spatial mean
+            distilled = student.forward_feature_map(images)
+            features = distilled.mean((2, 3))
+        else:
+            distilled = features = student.forward_features(images)
         logits = student.forward_head(features)
-        return criterion(features, logits, targets, teacher_features, teacher_logits), logits, labels
+        return criterion(distilled, logits, targets, teacher_features, teacher_logits), logits, labels
 
     return step
 
@@ -228,7 +232,11 @@ def train_student(cfg: Config, run_dir: str | Path, resume: bool = False) -> dic
     torch.manual_seed(cfg.seed)
     student = create_student(scfg.model, train.num_classes, train.image_shape, scfg.timesteps,
                              **scfg.model_kwargs).to(device)
-    criterion = DistillationLoss(scfg, student.num_features, targets.feature_dim).to(device)
+    spatial = len(targets.feature_shape) == 3
+    if spatial and not hasattr(student, "forward_feature_map"):
+        raise BkdError(f"the store holds teacher feature maps, but student '{scfg.model}' exports only pooled "
+                       f"features (use extract.features: pre_logits, or a sew_resnet_mnist/sew_resnet_cifar student)")
+    criterion = DistillationLoss(scfg, student.num_features, targets.feature_dim, spatial).to(device)
     dataset = CachedTargetDataset(train, targets, scfg.shuffle_buffer_chunks,
                                   view_augmenter(cfg.augment, train), scfg.augment, seed=cfg.seed)
     sampler = ChunkShuffleSampler(len(dataset), targets.chunk_size, scfg.shuffle_buffer_chunks, seed=cfg.seed)

@@ -189,3 +189,20 @@ def test_eight_views_end_to_end(tiny_project: Path):
     run_bkd(["evaluate", *trained, "--metrics", "metrics/views8.json", "--plots-dir", "plots/views8"], tiny_project)
     metrics = json.loads((tiny_project / "metrics/views8.json").read_text())
     assert metrics["epochs"] == 2 and 0.0 <= metrics["test_accuracy"] <= 1.0
+
+
+def test_bkd_on_teacher_feature_maps(tiny_project: Path):
+    """extract.features=map stores (C, H, W) teacher maps; BKD then runs spatially (3x3 convs)."""
+    args = [*TINY, "--set", "extract.store=cache/maps.zarr", "--set", "extract.features=map"]
+    run_bkd(["extract-teacher", *args], tiny_project)
+    features = zarr.open_group(str(tiny_project / "cache/maps.zarr"), mode="r")["train/features"]
+    assert features.shape == (160, 1, 512, 2, 2)  # ResNet-18 layer4 on 28x28 with the small stem
+    run_bkd(["train-student", *args, "--epochs", "1", "--run-dir", "runs/maps"], tiny_project)
+    history = json.loads((tiny_project / "runs/maps/history.json").read_text())
+    assert history[0]["train_bkd"] > 0
+    state = torch.load(tiny_project / "runs/maps/last.pt", weights_only=True)["modules"]["criterion"]
+    assert state["bkd.generation.0.weight"].shape == (512, 512, 3, 3)  # the spatial generation block
+
+    refused = run_bkd(["train-student", *TINY, "--set", "extract.store=cache/maps.zarr", "--run-dir",
+                       "runs/refused"], tiny_project, check=False)
+    assert refused.returncode == 2 and "teacher.features" in refused.stderr

@@ -394,3 +394,11 @@ def test_topk_logits_losses_approximate_full_logits(k, tolerance):
         g_full, = torch.autograd.grad(full, student)
         g_top, = torch.autograd.grad(top, student)
         assert (g_top - g_full).norm() / g_full.norm() < 2 * tolerance
+
+
+def test_bkd_spatial_pools_a_larger_student_map_to_the_teacher_size():
+    torch.manual_seed(0)
+    head = BKDHead(3, 5, blur_ratio=0.0, alpha=1.0, rescale=False, spatial=True)
+    f_s, f_t = torch.randn(2, 3, 6, 6), torch.randn(2, 5, 2, 2)
+    expected = (head.generation(F.adaptive_avg_pool2d(head.align(f_s), 2)) - f_t).pow(2).sum() / 2
+    torch.testing.assert_close(head(f_s, f_t), expected)

@@ -62,7 +62,7 @@ def layouts(n_train: int = N_TRAIN, n_test: int = N_TEST) -> dict[str, SplitLayo
 
 def open_writer(path, manifest=None, overwrite=False, n_train=N_TRAIN, n_test=N_TEST) -> StoreWriter:
     manifest = manifest or make_test_manifest(n_train=n_train, n_test=n_test)
-    return StoreWriter(path, manifest, layouts(n_train, n_test), DIM, CLASSES, PARAMS, "float16", "float16",
+    return StoreWriter(path, manifest, layouts(n_train, n_test), (DIM,), CLASSES, PARAMS, "float16", "float16",
                        zstd_level=3, overwrite=overwrite)
 
 
@@ -334,7 +334,7 @@ def test_topk_logits_round_trip_dense(tmp_path):
     path = tmp_path / "topk.zarr"
     manifest = make_test_manifest()
     manifest["teacher"]["logits_topk"] = 3
-    writer = StoreWriter(path, manifest, layouts(), DIM, CLASSES, PARAMS, "float16", "float16", zstd_level=3,
+    writer = StoreWriter(path, manifest, layouts(), (DIM,), CLASSES, PARAMS, "float16", "float16", zstd_level=3,
                          logits_topk=3)
     full = {split: make_arrays(n, i, VIEWS[split]) for i, (split, n) in enumerate((("train", N_TRAIN), ("test", N_TEST)))}
     for split, data in full.items():

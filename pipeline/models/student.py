@@ -54,7 +54,8 @@ class SEWResNet(nn.Module):
     """A SEW-ResNet for small images: 3x3 stem, one stage per width, SEW ADD shortcuts.
 
     forward_features: [B, C, H, W] -> [B, num_features], the pooled spike features of the
-    last stage averaged over the T timesteps (the feature BKD distills).
+    last stage averaged over the T timesteps (the feature BKD distills);
+    forward_feature_map: the same before pooling, [B, num_features, H', W'] (BKD on maps).
     """
 
     def __init__(self, num_classes: int, in_chans: int, timesteps: int,
@@ -82,15 +83,18 @@ class SEWResNet(nn.Module):
                                          cnf=cnf, spiking_neuron=lif))
                 inplanes = width
         self.stages = nn.Sequential(*stages)
-        self.pool = layer.AdaptiveAvgPool2d((1, 1))
         self.num_features = inplanes
         self.fc = nn.Linear(inplanes, num_classes)
         functional.set_step_mode(self, "m")
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W]: the last stage's spike maps averaged over the T timesteps."""
         functional.reset_net(self)  # membrane potentials start at rest for every batch
-        x = self.pool(self.stages(self.stem(encode(x, self.timesteps))))
-        return x.flatten(2).mean(0)
+        return self.stages(self.stem(encode(x, self.timesteps))).mean(0)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        # Averaging over time and over space commute: this is the pooled, time-averaged feature.
+        return self.forward_feature_map(x).mean((2, 3))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(features)

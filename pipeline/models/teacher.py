@@ -45,9 +45,15 @@ def _adapt_inputs(model: nn.Module, size: int | None) -> None:
 
 
 @torch.no_grad()
-def teacher_outputs(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pre-logits features, logits) as timm defines them."""
+def teacher_outputs(model: nn.Module, images: torch.Tensor, features: str = "pre_logits"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, logits) as timm defines them: features are the pre-logits
+    (`forward_head(pre_logits=True)`), or with features="map" the map `forward_features` returns."""
     feature_map = model.forward_features(images)
-    features = model.forward_head(feature_map, pre_logits=True)
     logits = model.forward_head(feature_map)
-    return features, logits
+    if features == "map":
+        if feature_map.dim() != 4:
+            raise ConfigError(f"extract.features=map needs a convolutional teacher; '{type(model).__name__}' "
+                              f"returns features shaped {tuple(feature_map.shape)}")
+        return feature_map, logits
+    return model.forward_head(feature_map, pre_logits=True), logits
