@@ -233,9 +233,6 @@ def train_student(cfg: Config, run_dir: str | Path, resume: bool = False) -> dic
     student = create_student(scfg.model, train.num_classes, train.image_shape, scfg.timesteps,
                              **scfg.model_kwargs).to(device)
     spatial = len(targets.feature_shape) == 3
-    if spatial and not hasattr(student, "forward_feature_map"):
-        raise BkdError(f"the store holds teacher feature maps, but student '{scfg.model}' exports only pooled "
-                       f"features (use extract.features: pre_logits, or a sew_resnet_mnist/sew_resnet_cifar student)")
     criterion = DistillationLoss(scfg, student.num_features, targets.feature_dim, spatial).to(device)
     dataset = CachedTargetDataset(train, targets, scfg.shuffle_buffer_chunks,
                                   view_augmenter(cfg.augment, train), scfg.augment, seed=cfg.seed)

@@ -23,6 +23,9 @@ def test_student_interface(name, shape):
     x = torch.rand(2, *shape)
     features = student.forward_features(x)
     assert features.shape == (2, student.num_features)
+    feature_map = student.forward_feature_map(x)  # for BKD on maps; pooled, it is the feature
+    assert feature_map.dim() == 4 and feature_map.shape[:2] == (2, student.num_features)
+    torch.testing.assert_close(feature_map.mean((2, 3)), features)
     logits = student.forward_head(features)
     assert logits.shape == (2, 7)
     logits.sum().backward()

@@ -119,27 +119,37 @@ def sew_resnet_cifar(num_classes: int, input_shape, timesteps: int, **kwargs) ->
 class TimeAveragedStudent(nn.Module):
     """A spikingjelly multi-step backbone behind timm's interface.
 
-    `backbone_features` maps [T, B, C, H, W] to per-timestep features [T, B, D];
-    forward_features averages them over T (the feature BKD distills), forward_head is a linear.
+    `backbone_map` maps [T, B, C, H, W] inputs to the last feature maps [T, B, D, H', W'];
+    forward_feature_map averages them over T, forward_features also over space (the pooled
+    feature BKD distills), forward_head is a linear classifier.
     """
 
-    def __init__(self, backbone: nn.Module, backbone_features: Callable, num_features: int, num_classes: int,
+    def __init__(self, backbone: nn.Module, backbone_map: Callable, num_features: int, num_classes: int,
                  timesteps: int):
         super().__init__()
-        self.backbone, self._backbone_features = backbone, backbone_features
+        self.backbone, self._backbone_map = backbone, backbone_map
         self.timesteps, self.num_features = timesteps, num_features
         self.fc = nn.Linear(num_features, num_classes)
         functional.set_step_mode(self.backbone, "m")
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
         functional.reset_net(self)
-        return self._backbone_features(self.backbone, encode(x, self.timesteps)).mean(0)
+        return self._backbone_map(self.backbone, encode(x, self.timesteps)).mean(0)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_feature_map(x).mean((2, 3))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def _sew_map(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """spikingjelly's SEWResNet._forward_impl up to (not including) its average pool."""
+    x = m.maxpool(m.sn1(m.bn1(m.conv1(x))))
+    return m.layer4(m.layer3(m.layer2(m.layer1(x))))
 
 
 def _sew_imagenet(depth: int):
@@ -150,8 +160,8 @@ def _sew_imagenet(depth: int):
         if input_shape[-3] != 3:
             backbone.conv1 = layer.Conv2d(input_shape[-3], 64, kernel_size=7, stride=2, padding=3, bias=False)
         width = backbone.fc.in_features
-        backbone.fc = nn.Identity()
-        return TimeAveragedStudent(backbone, lambda m, x: m(x), width, num_classes, timesteps)
+        backbone.fc = nn.Identity()  # the wrapper's own head replaces it
+        return TimeAveragedStudent(backbone, _sew_map, width, num_classes, timesteps)
 
     build.__name__ = f"sew_resnet{depth}"
     build.__doc__ = f"spikingjelly's SEW-ResNet-{depth} (ImageNet stem), SEW ADD shortcuts."
@@ -160,6 +170,14 @@ def _sew_imagenet(depth: int):
 
 for _depth in (18, 34, 50):
     register_student(_sew_imagenet(_depth))
+
+
+def _spikformer_map(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """spikingjelly's Spikformer.forward_features before its mean over the token grid."""
+    x = m.patch_embed(x)
+    for block in m.blocks:
+        x = block(x)
+    return x
 
 
 @register_student
@@ -173,4 +191,4 @@ def spikformer(num_classes: int, input_shape, timesteps: int, depths: int = 4, e
                                         embed_dims=embed_dims, num_heads=num_heads, mlp_ratio=mlp_ratio,
                                         depths=depths)
     backbone.head = nn.Identity()
-    return TimeAveragedStudent(backbone, lambda m, x: m.forward_features(x), embed_dims, num_classes, timesteps)
+    return TimeAveragedStudent(backbone, _spikformer_map, embed_dims, num_classes, timesteps)
