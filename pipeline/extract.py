@@ -77,58 +77,177 @@ def load_teacher(cfg: Config, split: ImageSplit, weights: str | None = None) -> 
     return model.eval()
 
 
-def extract_teacher(cfg: Config, device: torch.device, overwrite: bool = False) -> dict:
-    """Write the teacher's pre-logits and logits for every configured split; resume if interrupted."""
-    ex = cfg.extract
-    store = ex.store
-    splits = {name: load_split(cfg.data, name) for name in ex.splits}
-    first = next(iter(splits.values()))
-    model = load_teacher(cfg, first).to(device)
-    manifest = expected_manifest(cfg, splits, num_features=model.num_features)
-    topk = ex.logits_topk
-    if topk is not None and topk > first.num_classes:
-        raise BkdError(f"extract.logits_topk is {topk}, but the teacher has only {first.num_classes} classes")
-    layouts = {name: SplitLayout(len(s), ex.chunk_size, ex.chunks_per_shard, split_views(cfg, name))
-               for name, s in splits.items()}
-    augmenters = {name: view_augmenter(cfg.augment, s) for name, s in splits.items()}
-    with torch.no_grad():  # the feature shape: (C,) pre-logits or the (C, H, W) map
-        probe = first.load([0]).to(device)
-        feature_shape = tuple(teacher_outputs(model, probe, ex.features)[0].shape[1:])
-    writer = StoreWriter(store, manifest, layouts, feature_shape, first.num_classes,
-                         len(augmenters[ex.splits[0]].param_names), ex.feature_dtype, ex.logits_dtype,
-                         ex.zstd_level, overwrite=overwrite, logits_topk=topk)
-    written = 0
-    for name, split in splits.items():
-        layout, augmenter = layouts[name], augmenters[name]
-        missing = writer.missing_shards(name)
-        bar = tqdm(total=sum(np.diff(layout.shard_rows(s))[0] for s in missing) * layout.views,
-                   desc=f"extract {name}", unit="view", dynamic_ncols=True)
-        for shard in missing:
-            start, stop = layout.shard_rows(shard)
-            params = augmenter.draw(np.arange(start, stop), layout.views)
-            features = np.empty((stop - start, layout.views, *feature_shape), np.float32)
-            logits = np.empty((stop - start, layout.views, first.num_classes), np.float32)
-            arrays = {}
-            for b in range(start, stop, ex.batch_size):
-                e = min(b + ex.batch_size, stop)
-                for v in range(layout.views):
-                    images = augmenter.apply(split.load(range(b, e)), params[b - start:e - start, v]).to(device)
-                    f, z = teacher_outputs(model, images, ex.features)
-                    features[b - start:e - start, v] = f.float().cpu().numpy()
-                    logits[b - start:e - start, v] = z.float().cpu().numpy()
-                    bar.update(e - b)
-            if topk is not None:
-                values, classes = torch.from_numpy(logits).topk(topk, dim=-1)
-                logits, arrays[TOPK_INDEX] = values.numpy(), classes.numpy().astype(np.int32)
-            writer.write_shard(name, shard, {
-                **arrays,
-                "features": features.astype(ex.feature_dtype),
-                "logits": logits.astype(ex.logits_dtype),
-                "view_params": params,
-                "labels": split.labels[start:stop].numpy(),
-                "index": np.arange(start, stop, dtype=np.int64),
-            })
-            written += 1
-        bar.close()
-    writer.finish()
-    return {"store": str(store), "shards_written": written, "num_features": model.num_features}
+class ShardExtractor:
+    """Everything one process needs to compute shards: the teacher, the splits, their views."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        ex = self.ex = cfg.extract
+        self.cfg, self.device = cfg, device
+        self.splits = {name: load_split(cfg.data, name) for name in ex.splits}
+        first = next(iter(self.splits.values()))
+        self.num_classes = first.num_classes
+        self.model = load_teacher(cfg, first).to(device)
+        if ex.logits_topk is not None and ex.logits_topk > first.num_classes:
+            raise BkdError(f"extract.logits_topk is {ex.logits_topk}, but the teacher has only "
+                           f"{first.num_classes} classes")
+        self.manifest = expected_manifest(cfg, self.splits, num_features=self.model.num_features)
+        self.layouts = {name: SplitLayout(len(s), ex.chunk_size, ex.chunks_per_shard, split_views(cfg, name))
+                        for name, s in self.splits.items()}
+        self.augmenters = {name: view_augmenter(cfg.augment, s) for name, s in self.splits.items()}
+        with torch.no_grad():  # the feature shape: (C,) pre-logits or the (C, H, W) map
+            probe = first.load([0]).to(device)
+            self.feature_shape = tuple(teacher_outputs(self.model, probe, ex.features)[0].shape[1:])
+
+    def open_writer(self, overwrite: bool = False) -> StoreWriter:
+        ex = self.ex
+        return StoreWriter(ex.store, self.manifest, self.layouts, self.feature_shape, self.num_classes,
+                           len(self.augmenters[ex.splits[0]].param_names), ex.feature_dtype, ex.logits_dtype,
+                           ex.zstd_level, overwrite=overwrite, logits_topk=ex.logits_topk)
+
+    def compute(self, name: str, shard: int, on_batch=None) -> dict[str, np.ndarray]:
+        """The arrays of one shard: all its samples, all their views."""
+        ex, split, layout, augmenter = self.ex, self.splits[name], self.layouts[name], self.augmenters[name]
+        start, stop = layout.shard_rows(shard)
+        params = augmenter.draw(np.arange(start, stop), layout.views)
+        features = np.empty((stop - start, layout.views, *self.feature_shape), np.float32)
+        logits = np.empty((stop - start, layout.views, self.num_classes), np.float32)
+        arrays = {}
+        for b in range(start, stop, ex.batch_size):
+            e = min(b + ex.batch_size, stop)
+            for v in range(layout.views):
+                images = augmenter.apply(split.load(range(b, e)), params[b - start:e - start, v]).to(self.device)
+                f, z = teacher_outputs(self.model, images, ex.features)
+                features[b - start:e - start, v] = f.float().cpu().numpy()
+                logits[b - start:e - start, v] = z.float().cpu().numpy()
+                if on_batch is not None:
+                    on_batch(e - b)
+        if ex.logits_topk is not None:
+            values, classes = torch.from_numpy(logits).topk(ex.logits_topk, dim=-1)
+            logits, arrays[TOPK_INDEX] = values.numpy(), classes.numpy().astype(np.int32)
+        return {
+            **arrays,
+            "features": features.astype(ex.feature_dtype),
+            "logits": logits.astype(ex.logits_dtype),
+            "view_params": params,
+            "labels": split.labels[start:stop].numpy(),
+            "index": np.arange(start, stop, dtype=np.int64),
+        }
+
+
+_WORKER_STATE: dict = {}  # per dask worker process: the extractor and writer, built once
+
+
+def _worker_device(name: str) -> torch.device:
+    """One GPU per worker when there are several: worker k takes cuda:(k mod count)."""
+    if name.startswith("cuda") and ":" not in name and torch.cuda.device_count() > 1:
+        from distributed import get_worker
+
+        worker = str(get_worker().name)
+        return torch.device(f"cuda:{int(worker) % torch.cuda.device_count() if worker.isdigit() else 0}")
+    return torch.device(name)
+
+
+def _extract_shard_task(cfg: Config, device_name: str, name: str, shard: int) -> int:
+    key = (repr(cfg), device_name)
+    if key not in _WORKER_STATE:
+        _WORKER_STATE.clear()
+        extractor = ShardExtractor(cfg, _worker_device(device_name))
+        _WORKER_STATE[key] = (extractor, extractor.open_writer())
+    extractor, writer = _WORKER_STATE[key]
+    writer.write_shard(name, shard, extractor.compute(name, shard))
+    start, stop = extractor.layouts[name].shard_rows(shard)
+    return (stop - start) * extractor.layouts[name].views
+
+
+def extract_teacher(cfg: Config, device: torch.device, overwrite: bool = False, workers: int = 1,
+                    scheduler: str | None = None) -> dict:
+    """Write the teacher's features and logits for every configured split, shard by shard.
+
+    Only missing shards are computed, so re-running after a crash resumes. With `workers` > 1
+    the shards run on a dask LocalCluster of that many processes (or on the cluster at
+    `scheduler`); each worker loads the teacher once and writes its shards itself.
+    """
+    extractor = ShardExtractor(cfg, device)
+    with store_lock(cfg.extract.store):
+        writer = extractor.open_writer(overwrite)
+        missing = [(name, shard) for name in extractor.splits for shard in writer.missing_shards(name)]
+        total = sum(np.diff(extractor.layouts[n].shard_rows(s))[0] * extractor.layouts[n].views for n, s in missing)
+        with tqdm(total=total, desc="extract", unit="view", dynamic_ncols=True) as bar:
+            if workers <= 1 and scheduler is None:
+                for name, shard in missing:
+                    writer.write_shard(name, shard, extractor.compute(name, shard, bar.update))
+            else:
+                _run_on_dask(cfg, str(device), missing, workers, scheduler, bar)
+        writer.finish()
+    return {"store": str(cfg.extract.store), "shards_written": len(missing),
+            "num_features": extractor.model.num_features}
+
+
+def _run_on_dask(cfg: Config, device: str, shards: list, workers: int, scheduler: str | None, bar) -> None:
+    from distributed import Client, LocalCluster, as_completed
+
+    if scheduler is not None:
+        client = Client(scheduler)
+    else:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(cluster)
+    try:
+        futures = [client.submit(_extract_shard_task, cfg, device, name, shard, pure=False) for name, shard in shards]
+        for future in as_completed(futures):
+            bar.update(future.result())  # re-raises a worker's error here
+    finally:
+        client.close()
+        if scheduler is None:
+            cluster.close()
+
+
+class store_lock:
+    """Refuse a second extraction into the same store while one runs: `STORE.lock` beside it.
+
+    The lock file holds the host and pid of its owner; a lock left by a dead process on this host
+    is taken over. Local paths only (object stores need an external lock).
+    """
+
+    def __init__(self, store: str):
+        self.path = Path(f"{str(store).rstrip('/')}.lock")
+
+    def __enter__(self):
+        import json
+        import os
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    owner = json.loads(self.path.read_text())
+                except (OSError, ValueError):
+                    owner = {}
+                if owner.get("host") == me["host"] and not _pid_alive(owner.get("pid", -1)):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                raise BkdError(f"{self.path.with_suffix('')} is being written by another extraction "
+                               f"(pid {owner.get('pid')} on {owner.get('host')}); if none is running, "
+                               f"delete {self.path}") from None
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            return self
+        raise BkdError(f"cannot take the lock {self.path}")
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0

@@ -2,17 +2,20 @@
 
 Layout::
 
-    STORE/                              attrs: manifest (identity, shapes, versions), progress, complete
+    STORE/                              attrs: manifest (identity, shapes, versions), complete
       train/features     (N, V, C)      teacher pre-logits of each of the V views of each sample
       train/logits       (N, V, K)
       train/view_params  (N, V, P) int32  each view's augmentation parameters (view 0: clean input)
       train/labels       (N,)
       train/index        (N,)           position of each row in the split (sample ids live in the fingerprint)
+      train/shards_done  (S,) bool      one chunk per shard: set by that shard's writer after its data
       test/...                          (V = 1: the clean input)
 
 Arrays are chunked along N (`chunk_size` rows) and packed into shards of `chunks_per_shard`
 chunks. A shard is the unit of work: it is computed and written whole, by one writer, and
-recorded as complete in the attributes only after its data is on disk. `complete` turns
+recorded as complete in `shards_done` only after its data is on disk. Each shard's flag is
+its own chunk, so concurrent writers of different shards (dask workers) never touch the same
+object. `complete` turns
 true only when every shard of every split is written, so a store left by a crash says it
 is incomplete.
 """
@@ -137,15 +140,12 @@ class StoreWriter:
             for name, (shape, dtype) in specs.items():
                 group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk,) + shape[1:],
                                    shards=(shard,) + shape[1:], compressors=compressor, fill_value=0)
-        self.root.attrs.update({
-            "manifest": manifest,
-            "progress": {split: [] for split in layouts},
-            "complete": False,
-        })
+            group.create_array("shards_done", shape=(layout.num_shards,), dtype="bool", chunks=(1,),
+                               fill_value=False)
+        self.root.attrs.update({"manifest": manifest, "complete": False})
 
     def missing_shards(self, split: str) -> list[int]:
-        done = set(self.root.attrs["progress"][split])
-        return [s for s in range(self.layouts[split].num_shards) if s not in done]
+        return np.flatnonzero(~self.root[split]["shards_done"][:]).tolist()
 
     def write_shard(self, split: str, shard: int, arrays: dict[str, np.ndarray]) -> None:
         start, stop = self.layouts[split].shard_rows(shard)
@@ -155,10 +155,7 @@ class StoreWriter:
             if len(data) != stop - start:
                 raise ValueError(f"shard {split}/{shard}: {name} has {len(data)} rows, expected {stop - start}")
             group[name][start:stop] = data
-        # Record completion only after the shard's data is written.
-        progress = dict(self.root.attrs["progress"])
-        progress[split] = sorted(set(progress[split]) | {shard})
-        self.root.attrs["progress"] = progress
+        group["shards_done"][shard] = True  # only after the shard's data is written
 
     def finish(self) -> None:
         if any(self.missing_shards(split) for split in self.layouts):
@@ -281,7 +278,6 @@ def store_info(path: str | Path) -> dict[str, Any]:
     root = _open_group(str(path))
     manifest = root.attrs["manifest"]
     chunking = manifest["chunking"]
-    progress = root.attrs.get("progress", {})
     splits = {}
     for split, meta in manifest["splits"].items():
         layout = SplitLayout(meta["num_samples"], chunking["chunk_size"], chunking["chunks_per_shard"],
@@ -289,7 +285,7 @@ def store_info(path: str | Path) -> dict[str, Any]:
         splits[split] = {
             "samples": layout.num_samples,
             "views": layout.views,
-            "shards_complete": len(progress.get(split, [])),
+            "shards_complete": int(root[split]["shards_done"][:].sum()),
             "shards_total": layout.num_shards,
         }
     size = bytes_on_disk(path)
@@ -314,7 +310,7 @@ def verify_store(path: str | Path) -> Iterator[tuple[str, int, str | None]]:
     num_classes = manifest["teacher"]["num_classes"]
     for split in manifest["splits"]:
         targets = TeacherTargets(path, split, require_complete=False)
-        done = set(root.attrs.get("progress", {}).get(split, []))
+        done = set(np.flatnonzero(root[split]["shards_done"][:]).tolist())
         for shard in range(targets.layout.num_shards):
             if shard not in done:
                 yield split, shard, "not written (extraction incomplete)"

@@ -1,0 +1,85 @@
+"""Extraction on a dask LocalCluster, resume after SIGKILL, and the lock against concurrent runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.extract import store_lock
+from tests.conftest import TINY, run_bkd
+
+pytestmark = pytest.mark.slow
+
+# 160 samples in shards of 16 rows, 4 views: enough shards to kill a run part-way.
+SMALL_SHARDS = [*TINY, "--set", "extract.chunk_size=16", "--set", "extract.chunks_per_shard=1",
+                "--set", "extract.views=4", "--set", "extract.splits=[train]"]
+
+
+def _arrays(store: Path) -> dict[str, np.ndarray]:
+    group = zarr.open_group(str(store), mode="r")["train"]
+    return {name: group[name][:] for name in ("features", "logits", "view_params", "labels", "index")}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_project) -> Path:
+    """The single-process store every other run must reproduce."""
+    run_bkd(["extract-teacher", *SMALL_SHARDS, "--store", "cache/reference.zarr"], tiny_project)
+    return tiny_project / "cache/reference.zarr"
+
+
+def test_two_worker_local_cluster_equals_single_process(tiny_project, reference):
+    out = run_bkd(["extract-teacher", *SMALL_SHARDS, "--store", "cache/dask.zarr", "--workers", "2"], tiny_project)
+    assert "10 shards written" in out.stdout
+    ours, theirs = _arrays(tiny_project / "cache/dask.zarr"), _arrays(reference)
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+    assert not (tiny_project / "cache/dask.zarr.lock").exists()
+
+
+def test_sigkill_then_rerun_computes_only_missing_shards(tiny_project, reference):
+    store = tiny_project / "cache/killed.zarr"
+    bkd = str(Path(sys.executable).with_name("bkd"))
+    proc = subprocess.Popen([bkd, "extract-teacher", *SMALL_SHARDS, "--store", str(store)], cwd=tiny_project,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = 0
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            done = int(zarr.open_group(str(store), mode="r")["train/shards_done"][:].sum())
+        except Exception:  # not created yet
+            done = 0
+        if done >= 2:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 2 <= done < 10, f"the run should have been killed part-way, {done} shards were done"
+    info = json.loads(run_bkd(["cache", "info", str(store), "--json"], tiny_project).stdout)
+    assert info["complete"] is False
+    killed_done = info["splits"]["train"]["shards_complete"]
+
+    # The dead process's lock is stale (its pid is gone): the re-run takes it over.
+    out = run_bkd(["extract-teacher", *SMALL_SHARDS, "--store", str(store)], tiny_project)
+    assert f"({10 - killed_done} shards written)" in out.stdout
+    ours, theirs = _arrays(store), _arrays(reference)
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+    assert run_bkd(["cache", "verify", str(store)], tiny_project).returncode == 0
+
+
+def test_second_concurrent_extraction_is_refused(tiny_project, reference):
+    store = tiny_project / "cache/busy.zarr"
+    with store_lock(str(store)):  # an extraction by a live process (this one) holds the store
+        out = run_bkd(["extract-teacher", *SMALL_SHARDS, "--store", str(store)], tiny_project, check=False)
+    assert out.returncode == 2
+    assert "being written by another extraction" in out.stderr and str(os.getpid()) in out.stderr
+    assert not store.exists()  # refused before anything was written
