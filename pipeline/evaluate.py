@@ -40,12 +40,17 @@ def firing_rates(model: nn.Module, split, device: torch.device, batch_size: int 
             totals[name][1] += out.numel()
 
         hooks.append(module.register_forward_hook(hook))
+    _predict_with_hooks(model, split, device, batch_size, hooks)
+    return {name: s / n for name, (s, n) in totals.items() if n}
+
+
+def _predict_with_hooks(model, split, device, batch_size, hooks) -> None:
+    """Run the model over the split for its forward hooks' sake, then remove them."""
     try:
         predict(model, split, device, batch_size)
     finally:
         for h in hooks:
             h.remove()
-    return {name: s / n for name, (s, n) in totals.items() if n}
 
 
 # Energy per operation in 45 nm CMOS (Horowitz, ISSCC 2014), as SNN papers use them.
@@ -80,11 +85,7 @@ def synaptic_operations(model: nn.Module, split, device: torch.device, batch_siz
             entry["spiking_input"] = entry["spiking_input"] and bool(((x >= 0) & (x == x.round())).all())
 
         hooks.append(module.register_forward_hook(hook))
-    try:
-        predict(model, split, device, batch_size)
-    finally:
-        for h in hooks:
-            h.remove()
+    _predict_with_hooks(model, split, device, batch_size, hooks)
     n = len(split)
     layers = {name: {"macs": e["macs"] / n, "sops": e["sops"] / n, "spiking_input": e["spiking_input"]}
               for name, e in stats.items() if e["macs"]}

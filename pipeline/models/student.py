@@ -50,7 +50,25 @@ def encode(x: torch.Tensor, timesteps: int) -> torch.Tensor:
     raise ValueError(f"expected [B, C, H, W] images or [B, T, C, H, W] frames, got shape {tuple(x.shape)}")
 
 
-class SEWResNet(nn.Module):
+class SpikingStudent(nn.Module):
+    """timm's interface over `forward_feature_map` (the time-averaged last feature map):
+    forward_features pools it over space (averaging over time and space commute, so this is the
+    pooled, time-averaged feature BKD distills), forward_head is the linear classifier `fc`."""
+
+    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_feature_map(x).mean((2, 3))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class SEWResNet(SpikingStudent):
     """A SEW-ResNet for small images: 3x3 stem, one stage per width, SEW ADD shortcuts.
 
     forward_features: [B, C, H, W] -> [B, num_features], the pooled spike features of the
@@ -92,16 +110,6 @@ class SEWResNet(nn.Module):
         functional.reset_net(self)  # membrane potentials start at rest for every batch
         return self.stages(self.stem(encode(x, self.timesteps))).mean(0)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        # Averaging over time and over space commute: this is the pooled, time-averaged feature.
-        return self.forward_feature_map(x).mean((2, 3))
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
 
 @register_student
 def sew_resnet_mnist(num_classes: int, input_shape, timesteps: int, **kwargs) -> SEWResNet:
@@ -116,7 +124,7 @@ def sew_resnet_cifar(num_classes: int, input_shape, timesteps: int, **kwargs) ->
     return SEWResNet(num_classes, input_shape[-3], timesteps, **kwargs)
 
 
-class TimeAveragedStudent(nn.Module):
+class TimeAveragedStudent(SpikingStudent):
     """A spikingjelly multi-step backbone behind timm's interface.
 
     `backbone_map` maps [T, B, C, H, W] inputs to the last feature maps [T, B, D, H', W'];
@@ -135,15 +143,6 @@ class TimeAveragedStudent(nn.Module):
     def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
         functional.reset_net(self)
         return self._backbone_map(self.backbone, encode(x, self.timesteps)).mean(0)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_feature_map(x).mean((2, 3))
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _sew_map(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
