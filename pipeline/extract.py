@@ -147,10 +147,12 @@ def _worker_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _extract_shard_task(cfg: Config, device_name: str, name: str, shard: int) -> int:
+def _extract_shard_task(cfg: Config, device_name: str, name: str, shard: int, threads: int | None) -> int:
     key = (repr(cfg), device_name)
     if key not in _WORKER_STATE:
         _WORKER_STATE.clear()
+        if threads is not None:  # workers sharing one machine must not each use every core
+            torch.set_num_threads(threads)
         extractor = ShardExtractor(cfg, _worker_device(device_name))
         _WORKER_STATE[key] = (extractor, extractor.open_writer())
     extractor, writer = _WORKER_STATE[key]
@@ -186,13 +188,18 @@ def extract_teacher(cfg: Config, device: torch.device, overwrite: bool = False, 
 def _run_on_dask(cfg: Config, device: str, shards: list, workers: int, scheduler: str | None, bar) -> None:
     from distributed import Client, LocalCluster, as_completed
 
+    import os
+
+    threads = None
     if scheduler is not None:
         client = Client(scheduler)
     else:
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
         client = Client(cluster)
+        threads = max(1, (os.cpu_count() or 1) // workers)
     try:
-        futures = [client.submit(_extract_shard_task, cfg, device, name, shard, pure=False) for name, shard in shards]
+        futures = [client.submit(_extract_shard_task, cfg, device, name, shard, threads, pure=False)
+                   for name, shard in shards]
         for future in as_completed(futures):
             bar.update(future.result())  # re-raises a worker's error here
     finally:
