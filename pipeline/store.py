@@ -170,7 +170,11 @@ def _open_group(path: str, mode: str = "r") -> zarr.Group:
         group = zarr.open_group(path, mode=mode)
     except Exception as exc:
         raise StoreError(f"{path}: not a readable Zarr store ({type(exc).__name__}: {exc})") from None
-    if group.attrs.get("manifest", {}).get("format") != FORMAT:
+    found = group.attrs.get("manifest", {}).get("format")
+    if found != FORMAT:
+        if isinstance(found, str) and found.startswith(FORMAT.split("/")[0]):
+            raise StoreError(f"{path}: store format {found}, this bkd reads {FORMAT}; re-run "
+                             f"`bkd extract-teacher --overwrite`")
         raise StoreError(f"{path}: not a bkd teacher-target store (no '{FORMAT}' manifest)")
     return group
 

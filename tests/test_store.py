@@ -360,3 +360,16 @@ def torch_topk(logits: np.ndarray, k: int):
 
     values, classes = torch.from_numpy(logits).topk(k, dim=-1)
     return values.numpy(), classes.numpy().astype(np.int32)
+
+
+def test_store_of_an_older_format_names_the_fix(tmp_path):
+    import zarr
+
+    path = tmp_path / "old.zarr"
+    build_store(path)
+    root = zarr.open_group(str(path), mode="r+")
+    manifest = dict(root.attrs["manifest"])
+    manifest["format"] = "bkd-teacher-targets/1"
+    root.attrs["manifest"] = manifest
+    with pytest.raises(StoreError, match="--overwrite"):
+        TeacherTargets(path, "train")
