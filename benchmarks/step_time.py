@@ -73,6 +73,9 @@ class Setting:
     load_s: list[float] = field(default_factory=list)
     _it: object = None
 
+    def __post_init__(self):
+        self.forward = student_step(self.student, self.criterion)  # built once, as train_student does
+
     def next_batch(self) -> tuple:
         if self._it is None:
             self.sampler.set_epoch(self.epoch)
@@ -89,7 +92,7 @@ class Setting:
         start = time.perf_counter()
         batch = self.next_batch()
         loaded = time.perf_counter()
-        terms, _, _ = student_step(self.student, self.criterion)(self.targets(batch))
+        terms, _, _ = self.forward(self.targets(batch))
         loss = terms["loss"]  # then as in Trainer.fit
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
