@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from pipeline.config import Config
 from pipeline.data import ImageSplit, load_split
 from pipeline.errors import BkdError
 from pipeline.models import create_teacher, teacher_outputs
-from pipeline.store import TOPK_INDEX, SplitLayout, StoreWriter, TeacherTargets, make_manifest
+from pipeline.store import TOPK_INDEX, SplitLayout, StoreWriter, TeacherTargets, filesystem, make_manifest
 
 
 def split_views(cfg: Config, split: str) -> int:
@@ -211,41 +212,44 @@ def _run_on_dask(cfg: Config, device: str, shards: list, workers: int, scheduler
 class store_lock:
     """Refuse a second extraction into the same store while one runs: `STORE.lock` beside it.
 
-    The lock file holds the host and pid of its owner; a lock left by a dead process on this host
-    is taken over. Local paths only (object stores need an external lock).
+    The lock is created exclusively through the store's fsspec filesystem (local files, memory,
+    object stores that support exclusive creation) and holds its owner's host and pid; a lock
+    left by a dead process on this host is taken over.
     """
 
     def __init__(self, store: str):
-        self.path = Path(f"{str(store).rstrip('/')}.lock")
+        self.url = f"{str(store).rstrip('/')}.lock"
+        self.fs, self.path = filesystem(self.url)
 
     def __enter__(self):
         import json
         import os
         import socket
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if posixpath.dirname(self.path):
+            self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
         me = {"host": socket.gethostname(), "pid": os.getpid()}
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                with self.fs.open(self.path, "xb") as fh:
+                    fh.write(json.dumps(me).encode())
+                return self
             except FileExistsError:
                 try:
-                    owner = json.loads(self.path.read_text())
+                    owner = json.loads(self.fs.cat_file(self.path))
                 except (OSError, ValueError):
                     owner = {}
                 if owner.get("host") == me["host"] and not _pid_alive(owner.get("pid", -1)):
-                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    self.fs.rm_file(self.path)  # stale: its process is gone
                     continue
-                raise BkdError(f"{self.path.with_suffix('')} is being written by another extraction "
+                raise BkdError(f"{self.url[:-len('.lock')]} is being written by another extraction "
                                f"(pid {owner.get('pid')} on {owner.get('host')}); if none is running, "
-                               f"delete {self.path}") from None
-            with os.fdopen(fd, "w") as fh:
-                json.dump(me, fh)
-            return self
-        raise BkdError(f"cannot take the lock {self.path}")
+                               f"delete {self.url}") from None
+        raise BkdError(f"cannot take the lock {self.url}")
 
     def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
+        if self.fs.exists(self.path):
+            self.fs.rm_file(self.path)
 
 
 def _pid_alive(pid: int) -> bool:

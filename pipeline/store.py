@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-import os
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
+import fsspec
 import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
@@ -116,7 +116,7 @@ class StoreWriter:
         self.path = str(path)
         self.layouts = layouts
         self.array_names = ARRAYS + ((TOPK_INDEX,) if logits_topk else ())
-        if Path(self.path).exists():
+        if store_exists(self.path):
             existing = _open_group(self.path, mode="r") if not overwrite else None
             if existing is not None:
                 if not _same_identity(existing.attrs["manifest"], manifest):
@@ -163,8 +163,18 @@ class StoreWriter:
         self.root.attrs["complete"] = True
 
 
+def filesystem(url: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and path of a store location: a local path or any fsspec URL zarr accepts."""
+    return fsspec.core.url_to_fs(str(url))
+
+
+def store_exists(url: str | Path) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
 def _open_group(path: str, mode: str = "r") -> zarr.Group:
-    if not Path(path).exists():
+    if not store_exists(path):
         raise StoreError(f"teacher-target store not found: {path} (create it with `bkd extract-teacher`)")
     try:
         group = zarr.open_group(path, mode=mode)
@@ -274,8 +284,9 @@ class TeacherTargets:
                                  f"{want!r} in the config")
 
 
-def bytes_on_disk(path: str | Path) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+def bytes_on_disk(url: str | Path) -> int:
+    fs, path = filesystem(url)
+    return fs.du(path)
 
 
 def store_info(path: str | Path) -> dict[str, Any]:
@@ -295,11 +306,17 @@ def store_info(path: str | Path) -> dict[str, Any]:
     size = bytes_on_disk(path)
     samples = sum(s["samples"] for s in splits.values())
     sample_views = sum(s["samples"] * s["views"] for s in splits.values())
+    features = root[next(iter(splits))]["features"]
     return {
         "path": str(path),
         "complete": bool(root.attrs.get("complete", False)),
         "views": {split: s["views"] for split, s in splits.items()},
         "splits": splits,
+        "feature_shape": list(features.shape[2:]),
+        "num_classes": manifest["teacher"]["num_classes"],
+        "dtypes": {name: manifest["arrays"][name] for name in ("features", "logits")},
+        "codec": ", ".join(f"{type(c).__name__}({getattr(c, 'level', '')})".replace("()", "")
+                           for c in features.compressors),
         "bytes_on_disk": size,
         "bytes_per_sample": size / samples if samples else 0.0,
         "bytes_per_sample_view": size / sample_views if sample_views else 0.0,

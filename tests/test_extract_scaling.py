@@ -83,3 +83,24 @@ def test_second_concurrent_extraction_is_refused(tiny_project, reference):
     assert out.returncode == 2
     assert "being written by another extraction" in out.stderr and str(os.getpid()) in out.stderr
     assert not store.exists()  # refused before anything was written
+
+
+def test_store_at_an_fsspec_url_equals_the_local_store(tiny_project, reference):
+    """The store location is any fsspec URL zarr accepts; memory:// stands in for an object store."""
+    url = "memory://bkd-test/targets.zarr"
+    out = run_bkd(["extract-teacher", *SMALL_SHARDS, "--store", url], tiny_project)
+    assert "10 shards written" in out.stdout
+    group = zarr.open_group(url, mode="r")["train"]
+    theirs = _arrays(reference)
+    for name in theirs:
+        np.testing.assert_array_equal(group[name][:], theirs[name], err_msg=name)
+    info = json.loads(run_bkd(["cache", "info", url, "--json"], tiny_project).stdout)
+    assert info["complete"] is True and info["bytes_on_disk"] > 0
+    assert run_bkd(["cache", "verify", url], tiny_project).returncode == 0
+    with store_lock(url):  # the lock works through fsspec too
+        out = run_bkd(["extract-teacher", *SMALL_SHARDS, "--store", url], tiny_project, check=False)
+    assert out.returncode == 2 and "being written by another extraction" in out.stderr
+    # the student streams from it like from a local store
+    run_bkd(["train-student", *SMALL_SHARDS, "--set", f"extract.store={url}", "--epochs", "1",
+             "--run-dir", "runs/from-memory"], tiny_project)
+    assert (tiny_project / "runs/from-memory/student.safetensors").is_file()
