@@ -38,16 +38,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline import checkpoint
 from pipeline.config import Config, load_config
 from pipeline.data import ImageSplit, collate_batch, load_split
 from pipeline.extract import extract_teacher, load_teacher, open_student_targets
 from pipeline.losses import DistillationLoss
-from pipeline.models import create_student, create_teacher, teacher_outputs
+from pipeline.models import create_student, teacher_outputs
 from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler
-from pipeline.train import _optimizer, student_step
+from pipeline.train import StudentForward, _optimizer, student_step
 
-CONFIG = "configs/mnist5k.yaml"
+from benchmarks.common import CONFIG, random_teacher_config, summarize
+
 SETTINGS = ("none", "cached", "online")
 LABELS = {
     "none": "none (CE only)",
@@ -74,7 +74,7 @@ class Setting:
     _it: object = None
 
     def __post_init__(self):
-        self.forward = student_step(self.student, self.criterion)  # built once, as train_student does
+        self.forward = student_step(StudentForward(self.student, self.criterion))  # built once, as in training
 
     def next_batch(self) -> tuple:
         if self._it is None:
@@ -107,20 +107,8 @@ class Setting:
 
 
 def build_store(tmp: Path, batch_size: int) -> Config:
-    """A config whose teacher checkpoint and train-split store live in `tmp`, both written here."""
-    cfg = load_config(CONFIG, [
-        f"teacher.checkpoint={tmp / 'teacher.safetensors'}",
-        f"extract.store={tmp / 'targets.zarr'}",
-        "extract.splits=[train]",
-        "teacher.device=cpu",
-        "student.device=cpu",
-        f"student.batch_size={batch_size}",
-    ])
-    train = load_split(cfg.data, "train")
-    torch.manual_seed(cfg.seed)
-    teacher = create_teacher(cfg.teacher, train.num_classes, train.image_shape[-3])
-    checkpoint.save_weights(teacher.state_dict(), cfg.teacher.checkpoint,
-                            metadata={"model": cfg.teacher.model, "source": "random init (benchmark)"})
+    """A config whose random teacher and train-split store live in `tmp`, both written here."""
+    cfg = random_teacher_config(tmp, f"student.batch_size={batch_size}")
     extract_teacher(cfg, torch.device("cpu"))
     return cfg
 
@@ -140,13 +128,6 @@ def make_setting(name: str, cfg: Config, train: ImageSplit, teacher_dim: int, da
     params = list(student.parameters()) + list(criterion.parameters())
     optimizer, scheduler = _optimizer(params, scfg.lr, scfg.weight_decay, scfg.epochs, len(loader))
     return Setting(name, student, criterion, optimizer, scheduler, loader, sampler, targets)
-
-
-def summarize(seconds: list[float]) -> dict[str, float]:
-    ms = np.asarray(seconds) * 1e3
-    q1, median, q3 = np.percentile(ms, [25, 50, 75])
-    return {"median_ms": float(median), "q1_ms": float(q1), "q3_ms": float(q3), "iqr_ms": float(q3 - q1),
-            "mean_ms": float(ms.mean()), "min_ms": float(ms.min()), "max_ms": float(ms.max())}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -25,9 +25,10 @@ import time
 from pathlib import Path
 
 from pipeline.config import load_config
+from pipeline.distributed import resolve_device
 from pipeline.extract import extract_teacher
 from pipeline.store import store_info
-from pipeline.train import resolve_device, train_student
+from pipeline.train import train_student
 
 SETTINGS = {
     "clean": (1, "views"),

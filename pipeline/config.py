@@ -118,6 +118,7 @@ class StudentConfig:
     bkd: BKDConfig = field(default_factory=BKDConfig)
     logits: LogitsConfig = field(default_factory=LogitsConfig)
     shuffle_buffer_chunks: int = 4  # chunks held in memory by the streaming reader
+    checkpoint_every: int = 0  # also checkpoint every N steps (0: at epoch ends only); --resume continues there
     # views:  each epoch trains on one cached view per sample (input and targets consistent);
     # online: fresh random augmentation every step against view 0's (clean-input) targets --
     #         the inconsistent baseline, kept for ablations.
@@ -263,6 +264,7 @@ def validate(cfg: Config) -> Config:
            f"student.logits.temperature must be finite and > 0, got {st.logits.temperature}")
     _check(0 <= st.logits.weight < math.inf, f"student.logits.weight must be finite and >= 0, got {st.logits.weight}")
     _check(st.shuffle_buffer_chunks >= 1, "student.shuffle_buffer_chunks must be >= 1")
+    _check(st.checkpoint_every >= 0, f"student.checkpoint_every must be >= 0 (0: epoch ends only), got {st.checkpoint_every}")
     return cfg
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -12,12 +13,15 @@ from pipeline.neurons import spiking_layers
 
 
 @torch.no_grad()
-def predict(model: nn.Module, split, device: torch.device, batch_size: int = 500) -> torch.Tensor:
+def predict(model: nn.Module, split, device: torch.device, batch_size: int = 500,
+            indices: Sequence[int] | None = None) -> torch.Tensor:
+    """Predicted classes for `indices` of the split (all of it by default)."""
+    indices = range(len(split)) if indices is None else indices
     was_training = model.training
     model.eval()
     preds = []
-    for start in range(0, len(split), batch_size):
-        images = split.load(range(start, min(start + batch_size, len(split)))).to(device)
+    for start in range(0, len(indices), batch_size):
+        images = split.load(indices[start:start + batch_size]).to(device)
         preds.append(model(images).argmax(1).cpu())
     model.train(was_training)
     return torch.cat(preds)
@@ -153,7 +157,7 @@ def evaluate_student(cfg, run_dir: str | Path, plots_dir: str | Path) -> dict:
     from pipeline.data import load_split
     from pipeline.extract import open_student_targets
     from pipeline.models import create_student
-    from pipeline.train import resolve_device
+    from pipeline.distributed import resolve_device
 
     scfg = cfg.student
     run_dir, plots_dir = Path(run_dir), Path(plots_dir)

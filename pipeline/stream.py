@@ -23,31 +23,51 @@ from torch.utils.data import Dataset, Sampler
 
 from pipeline.augment import ViewAugmenter, view_schedule
 from pipeline.data import ImageSplit
-from pipeline.errors import StoreError
+from pipeline.errors import BkdError, StoreError
 from pipeline.store import TeacherTargets
 
 
 class ChunkShuffleSampler(Sampler[int]):
-    """Chunk-aligned shuffle, reproducible from (seed, epoch)."""
+    """Chunk-aligned shuffle, reproducible from (seed, epoch); under DDP, one rank's share of it.
 
-    def __init__(self, num_samples: int, chunk_size: int, buffer_chunks: int, seed: int = 0):
+    With `world_size` ranks, each epoch's shuffled chunk order is dealt round-robin, so ranks
+    read disjoint chunks of the store. Every rank yields `len(self)` indices -- the largest
+    possible share, ceil(chunks / ranks) full chunks -- a shorter share repeating its own first
+    samples, so all ranks take the same number of steps (DDP steps in lockstep).
+    `set_epoch(epoch, start)` skips the first `start` indices: resuming mid-epoch.
+    """
+
+    def __init__(self, num_samples: int, chunk_size: int, buffer_chunks: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
         self.num_samples, self.chunk_size, self.buffer_chunks, self.seed = num_samples, chunk_size, buffer_chunks, seed
-        self.epoch = 0
+        self.rank, self.world_size = rank, world_size
+        self.num_chunks = -(-num_samples // chunk_size)
+        if self.num_chunks < world_size:
+            raise BkdError(f"{self.num_chunks} chunks of {chunk_size} samples cannot be shared by {world_size} ranks; "
+                           f"rebuild the store with a smaller extract.chunk_size or use fewer processes")
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return self.num_samples
+        if self.world_size == 1:
+            return self.num_samples
+        return -(-self.num_chunks // self.world_size) * self.chunk_size
 
     def __iter__(self):
         rng = np.random.default_rng((self.seed, self.epoch))
-        num_chunks = -(-self.num_samples // self.chunk_size)
-        chunk_order = rng.permutation(num_chunks)
-        for w in range(0, num_chunks, self.buffer_chunks):
-            window = [np.arange(c * self.chunk_size, min((c + 1) * self.chunk_size, self.num_samples))
-                      for c in chunk_order[w:w + self.buffer_chunks]]
-            yield from rng.permutation(np.concatenate(window)).tolist()
+        chunk_order = rng.permutation(self.num_chunks)
+        if self.world_size > 1:
+            chunk_order = chunk_order[self.rank::self.world_size]
+            rng = np.random.default_rng((self.seed, self.epoch, self.rank))
+        windows = [
+            rng.permutation(np.concatenate([
+                np.arange(c * self.chunk_size, min((c + 1) * self.chunk_size, self.num_samples))
+                for c in chunk_order[w:w + self.buffer_chunks]]))
+            for w in range(0, len(chunk_order), self.buffer_chunks)]
+        order = np.resize(np.concatenate(windows), len(self))  # pads a short share with its own samples
+        yield from order[self.start:].tolist()
 
 
 class CachedTargetDataset(Dataset):

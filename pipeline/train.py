@@ -2,21 +2,26 @@
 
 `Trainer` owns epochs, optimisation, per-epoch evaluation, history and checkpoints; a run
 supplies only its modules, its data and a `step` that turns a batch into loss terms.
-Checkpoints (written atomically every epoch) hold every module, the optimizer, the
-scheduler, the RNG state and the history, so `resume=True` continues bit for bit.
+Checkpoints (written atomically at epoch ends and every `checkpoint_every` steps) hold every
+module, the optimizer, the scheduler, each rank's RNG state and the history, so `resume=True`
+continues bit for bit from wherever the run stopped. The student run is also a DDP rank when
+launched by torchrun.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -24,22 +29,15 @@ from pipeline import checkpoint
 from pipeline.augment import view_augmenter
 from pipeline.config import AugmentConfig, Config, dump_config
 from pipeline.data import collate_batch, load_split, random_shift
+from pipeline.distributed import Ranks, process_group, resolve_device
 from pipeline.errors import BkdError
-from pipeline.evaluate import accuracy
+from pipeline.evaluate import accuracy, predict
+from pipeline.extract import open_student_targets
 from pipeline.losses import DistillationLoss
 from pipeline.models import create_student, create_teacher
-from pipeline.extract import open_student_targets
 from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler
 
 StepFn = Callable[[tuple], tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BkdError(f"device '{name}' requested but CUDA is not available on this machine")
-    return torch.device(name)
 
 
 def write_json(data, path: str | Path) -> None:
@@ -50,42 +48,95 @@ def write_json(data, path: str | Path) -> None:
     tmp.replace(path)
 
 
+@dataclass
+class Tally:
+    """One rank's running sums over an epoch: loss terms (sample-weighted), correct, seen."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    correct: int = 0
+    seen: int = 0
+
+    def add(self, terms: dict[str, torch.Tensor], logits: torch.Tensor, labels: torch.Tensor) -> None:
+        n = len(labels)
+        for key, value in terms.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value.item() * n
+        self.correct += (logits.argmax(1) == labels).sum().item()
+        self.seen += n
+
+    def row(self, ranks: Ranks) -> dict[str, float]:
+        """Epoch means over all ranks' samples."""
+        keys = sorted(self.sums)
+        *sums, correct, seen = ranks.sum([self.sums[k] for k in keys] + [self.correct, self.seen])
+        row = {f"train_{k}": v / seen for k, v in zip(keys, sums)}
+        row["train_accuracy"] = correct / seen
+        return row
+
+
 class Trainer:
+    """Epochs of `step` over `loader`, on one process or as one DDP rank.
+
+    A checkpoint records the position (epoch, step) where training continues, every module,
+    the optimizer and scheduler, each rank's RNG state and running tally, and the history. It is
+    written at every epoch end and, with `checkpoint_every` > 0, every that many steps; resuming
+    from any of them replays the rest of the run exactly (the sampler skips the steps done).
+    Only rank 0 writes files; metrics are summed over ranks.
+    """
+
     def __init__(self, modules: dict[str, nn.Module], step: StepFn, loader: DataLoader,
                  sampler: ChunkShuffleSampler, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, epochs: int, run_dir: str | Path,
-                 evaluate: Callable[[], float], device: torch.device, desc: str):
+                 evaluate: Callable[[], float], device: torch.device, desc: str,
+                 ranks: Ranks = Ranks(), checkpoint_every: int = 0):
         self.modules, self.step, self.loader, self.sampler = modules, step, loader, sampler
         self.optimizer, self.scheduler, self.epochs = optimizer, scheduler, epochs
         self.run_dir, self.evaluate, self.device, self.desc = Path(run_dir), evaluate, device, desc
+        self.ranks, self.checkpoint_every = ranks, checkpoint_every
         self.history: list[dict] = []
-        self.start_epoch = 0
 
     @property
     def checkpoint_path(self) -> Path:
         return self.run_dir / "last.pt"
 
-    def _save(self, epoch: int) -> None:
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _save(self, epoch: int, step: int, tally: Tally) -> None:
+        per_rank = self.ranks.gather({"rng": self._rng_state(), "tally": dataclasses.asdict(tally)})
+        if not self.ranks.is_main:
+            return
         checkpoint.save_state({
             "epoch": epoch,
+            "step": step,
+            "world_size": self.ranks.world_size,
+            "ranks": per_rank,
             "modules": {name: m.state_dict() for name, m in self.modules.items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
             "history": self.history,
         }, self.checkpoint_path)
 
-    def _restore(self) -> None:
+    def _restore(self) -> tuple[int, int, Tally]:
         if not self.checkpoint_path.is_file():
             raise BkdError(f"--resume: no checkpoint at {self.checkpoint_path}")
         state = checkpoint.load_state(self.checkpoint_path)
+        if "ranks" not in state:
+            raise BkdError(f"--resume: {self.checkpoint_path} was written by an older bkd; train again without --resume")
+        if state["world_size"] != self.ranks.world_size:
+            raise BkdError(f"--resume: {self.checkpoint_path} was written by {state['world_size']} process(es); "
+                           f"resume with the same number (this run has {self.ranks.world_size})")
         for name, module in self.modules.items():
             module.load_state_dict(state["modules"][name])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        mine = state["ranks"][self.ranks.rank]
+        torch.set_rng_state(mine["rng"]["cpu"])
+        if "cuda" in mine["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["rng"]["cuda"], self.device)
         self.history = list(state["history"])
-        self.start_epoch = state["epoch"] + 1
+        return state["epoch"], state["step"], Tally(**mine["tally"])
 
     def _write_history(self) -> None:
         write_json(self.history, self.run_dir / "history.json")
@@ -96,48 +147,54 @@ class Trainer:
             writer.writerows(self.history)
 
     def fit(self, resume: bool = False) -> list[dict]:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if resume:
-            self._restore()
-        for epoch in range(self.start_epoch, self.epochs):
-            self.sampler.set_epoch(epoch)
+        if self.ranks.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        start_epoch, start_step, tally = self._restore() if resume else (0, 0, Tally())
+        steps = len(self.loader)
+        for epoch in range(start_epoch, self.epochs):
+            first = start_step if epoch == start_epoch else 0
+            if epoch != start_epoch:
+                tally = Tally()
+            self.sampler.set_epoch(epoch, start=first * self.loader.batch_size)
             if hasattr(self.loader.dataset, "set_epoch"):  # e.g. which cached view each sample serves
                 self.loader.dataset.set_epoch(epoch)
             for module in self.modules.values():
                 module.train()
-            sums: dict[str, float] = {}
-            correct = seen = 0
             started = time.perf_counter()
-            bar = tqdm(self.loader, desc=f"{self.desc} epoch {epoch + 1}/{self.epochs}", leave=False, dynamic_ncols=True)
-            for batch in bar:
+            rng = torch.get_rng_state()  # a loader iterator draws a seed from the global RNG: keep that out of
+            batches = iter(self.loader)  # the saved stream, or a mid-epoch resume would be one draw off
+            torch.set_rng_state(rng)
+            bar = tqdm(batches, desc=f"{self.desc} epoch {epoch + 1}/{self.epochs}", total=steps, initial=first,
+                       leave=False, dynamic_ncols=True, disable=not self.ranks.is_main)
+            for step, batch in enumerate(bar, start=first):
                 batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
                 terms, logits, labels = self.step(batch)
                 loss = terms["loss"]
-                if not torch.isfinite(loss):
-                    raise BkdError(f"loss became {loss.item()} in epoch {epoch + 1}; stopped, the last good "
-                                   f"checkpoint is {self.checkpoint_path}")
+                if not self.ranks.all_true(bool(torch.isfinite(loss))):
+                    raise BkdError(f"loss became non-finite in epoch {epoch + 1}, step {step + 1}; stopped, the last "
+                                   f"good checkpoint is {self.checkpoint_path}")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
                 self.scheduler.step()
-                n = len(labels)
-                for key, value in terms.items():
-                    sums[key] = sums.get(key, 0.0) + value.item() * n
-                correct += (logits.argmax(1) == labels).sum().item()
-                seen += n
+                tally.add(terms, logits, labels)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-            row = {"epoch": epoch + 1}
-            row.update({f"train_{k}": v / seen for k, v in sums.items()})
-            row["train_accuracy"] = correct / seen
+                if self.checkpoint_every and (step + 1) % self.checkpoint_every == 0 and step + 1 < steps:
+                    self._save(epoch, step + 1, tally)
+            for name, module in self.modules.items():
+                self.ranks.check_replicas(module, name)
+            row = {"epoch": epoch + 1, **tally.row(self.ranks)}
             row["test_accuracy"] = self.evaluate()
             row["lr"] = self.scheduler.get_last_lr()[0]
             row["seconds"] = time.perf_counter() - started
             self.history.append(row)
-            tqdm.write(f"{self.desc} epoch {epoch + 1}/{self.epochs}: loss {row['train_loss']:.4f} "
-                       f"train acc {row['train_accuracy']:.4f} test acc {row['test_accuracy']:.4f} "
-                       f"({row['seconds']:.1f}s)")
-            self._save(epoch)
-            self._write_history()
+            if self.ranks.is_main:
+                tqdm.write(f"{self.desc} epoch {epoch + 1}/{self.epochs}: loss {row['train_loss']:.4f} "
+                           f"train acc {row['train_accuracy']:.4f} test acc {row['test_accuracy']:.4f} "
+                           f"({row['seconds']:.1f}s)")
+            self._save(epoch + 1, 0, Tally())
+            if self.ranks.is_main:
+                self._write_history()
         return self.history
 
 
@@ -185,25 +242,37 @@ def train_teacher(cfg: Config, run_dir: str | Path, resume: bool = False) -> dic
             "epochs": len(history), "model": tcfg.model}
 
 
-def student_step(student: nn.Module, criterion: DistillationLoss, mix: nn.Module | None = None) -> StepFn:
-    """The student's forward for a batch (images, labels, teacher features, teacher logits).
+class StudentForward(nn.Module):
+    """The student's forward and its loss for a batch (images, labels, teacher features, teacher logits).
 
+    One module, so DDP wraps (and syncs the gradients of) the student and the BKD head together.
     `mix` (Mixup/CutMix, distill=none only) mixes the images and turns the labels the loss sees
     into soft labels; accuracy is still counted against the hard labels.
     """
 
-    def step(batch):
-        images, labels, teacher_features, teacher_logits = batch
+    def __init__(self, student: nn.Module, criterion: DistillationLoss, mix: nn.Module | None = None):
+        super().__init__()
+        self.student, self.criterion, self.mix = student, criterion, mix
+
+    def forward(self, images, labels, teacher_features, teacher_logits):
         targets = labels
-        if mix is not None:
-            images, targets = mix(images, labels)
-        if criterion.spatial:  # distill the time-averaged map; classify its spatial mean
-            distilled = student.forward_feature_map(images)
+        if self.mix is not None:
+            images, targets = self.mix(images, labels)
+        if self.criterion.spatial:  # distill the time-averaged map; classify its spatial mean
+            distilled = self.student.forward_feature_map(images)
             features = distilled.mean((2, 3))
         else:
-            distilled = features = student.forward_features(images)
-        logits = student.forward_head(features)
-        return criterion(distilled, logits, targets, teacher_features, teacher_logits), logits, labels
+            distilled = features = self.student.forward_features(images)
+        logits = self.student.forward_head(features)
+        return self.criterion(distilled, logits, targets, teacher_features, teacher_logits), logits
+
+
+def student_step(forward: nn.Module) -> StepFn:
+    """A Trainer step from a `StudentForward` (or its DDP wrapper)."""
+
+    def step(batch):
+        terms, logits = forward(*batch)
+        return terms, logits, batch[1]
 
     return step
 
@@ -223,10 +292,21 @@ def batch_mixer(cfg: AugmentConfig, num_classes: int) -> nn.Module | None:
 
 
 def train_student(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
-    """Train the SNN student from cached teacher targets (the teacher is never loaded)."""
+    """Train the SNN student from cached teacher targets (the teacher is never loaded).
+
+    Launched by torchrun, this process is one DDP rank: it reads its own chunks of the store,
+    takes student.batch_size / world_size samples per step (the global batch is the configured
+    one), and only rank 0 writes the run directory.
+    """
+    with process_group(cfg.student.device) as (ranks, device):
+        return _train_student(cfg, Path(run_dir), resume, ranks, device)
+
+
+def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, device: torch.device) -> dict:
     scfg = cfg.student
-    device = resolve_device(scfg.device)
-    run_dir = Path(run_dir)
+    if scfg.batch_size % ranks.world_size:
+        raise BkdError(f"student.batch_size {scfg.batch_size} is the global batch; it must divide by the "
+                       f"{ranks.world_size} processes")
     train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
     targets = open_student_targets(cfg, "train", train)  # checked even for `none`: same data, same split
     torch.manual_seed(cfg.seed)
@@ -234,22 +314,37 @@ def train_student(cfg: Config, run_dir: str | Path, resume: bool = False) -> dic
                              **scfg.model_kwargs).to(device)
     spatial = len(targets.feature_shape) == 3
     criterion = DistillationLoss(scfg, student.num_features, targets.feature_dim, spatial).to(device)
+    if ranks.rank > 0:  # its own blur masks and mixing draws; rank 0 continues the one-process stream
+        torch.manual_seed(ranks.seed(cfg.seed))
     dataset = CachedTargetDataset(train, targets, scfg.shuffle_buffer_chunks,
                                   view_augmenter(cfg.augment, train), scfg.augment, seed=cfg.seed)
-    sampler = ChunkShuffleSampler(len(dataset), targets.chunk_size, scfg.shuffle_buffer_chunks, seed=cfg.seed)
-    loader = DataLoader(dataset, batch_size=scfg.batch_size, sampler=sampler, collate_fn=collate_batch)
-    params = list(student.parameters()) + list(criterion.parameters())  # the BKD head trains with the student
-    optimizer, scheduler = _optimizer(params, scfg.lr, scfg.weight_decay, scfg.epochs, len(loader))
+    sampler = ChunkShuffleSampler(len(dataset), targets.chunk_size, scfg.shuffle_buffer_chunks, seed=cfg.seed,
+                                  rank=ranks.rank, world_size=ranks.world_size)
+    loader = DataLoader(dataset, batch_size=scfg.batch_size // ranks.world_size, sampler=sampler,
+                        collate_fn=collate_batch)
+    forward = StudentForward(student, criterion, batch_mixer(cfg.augment, train.num_classes))
+    if ranks.distributed:
+        forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer, scheduler = _optimizer(forward.parameters(), scfg.lr, scfg.weight_decay, scfg.epochs, len(loader))
 
-    step = student_step(student, criterion, batch_mixer(cfg.augment, train.num_classes))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
-    trainer = Trainer({"student": student, "criterion": criterion}, step, loader, sampler, optimizer, scheduler,
-                      scfg.epochs, run_dir, lambda: accuracy(student, test, device), device,
-                      f"student[{scfg.distill}]")
+    def evaluate() -> float:
+        """Test accuracy of rank 0's model, each rank predicting every world_size-th sample."""
+        ranks.sync_buffers(student)
+        part = range(ranks.rank, len(test), ranks.world_size)
+        correct = (predict(student, test, device, indices=part) == test.labels[list(part)]).sum().item()
+        correct, total = ranks.sum([correct, len(part)])
+        return correct / total
+
+    if ranks.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    trainer = Trainer({"student": student, "criterion": criterion}, student_step(forward), loader, sampler,
+                      optimizer, scheduler, scfg.epochs, run_dir, evaluate, device, f"student[{scfg.distill}]",
+                      ranks, scfg.checkpoint_every)
     history = trainer.fit(resume)
-    checkpoint.save_weights(student.state_dict(), run_dir / "student.safetensors",
-                            metadata={"model": scfg.model, "distill": scfg.distill})
+    if ranks.is_main:
+        checkpoint.save_weights(student.state_dict(), run_dir / "student.safetensors",
+                                metadata={"model": scfg.model, "distill": scfg.distill})
     if not all(math.isfinite(v) for v in history[-1].values()):
         raise BkdError("training finished with non-finite metrics")
     return history[-1]

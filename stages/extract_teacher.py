@@ -24,7 +24,7 @@ def main(config_path, overrides, store, views, device, overwrite, workers, sched
     Re-running the same command after an interruption writes only the missing shards.
     """
     from pipeline.extract import extract_teacher
-    from pipeline.train import resolve_device
+    from pipeline.distributed import resolve_device
 
     cfg = build_config(config_path, overrides, **{"extract.store": store, "extract.views": views})
     result = extract_teacher(cfg, resolve_device(device), overwrite=overwrite, workers=workers, scheduler=scheduler)

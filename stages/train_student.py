@@ -1,12 +1,18 @@
-"""`bkd train-student`: train the SNN student from the cached teacher targets."""
+"""`bkd train-student`: train the SNN student from the cached teacher targets.
+
+`--nproc N` trains with DDP on N local processes by running this same module under torchrun;
+multi-node runs call torchrun directly (`torchrun ... -m stages.train_student ...`).
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
 
 from pipeline.config import DISTILL_MODES
+from pipeline.errors import BkdError
 from stages.common import build_config, config_options, one_line_errors
 
 
@@ -17,16 +23,45 @@ from stages.common import build_config, config_options, one_line_errors
 @click.option("--device", default=None, help="Override student.device (auto, cpu, cuda[:N]).")
 @click.option("--run-dir", default=None, help="Checkpoints, history and weights [default: student.out_dir/DISTILL].")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --run-dir.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="DDP processes on this machine (via torchrun): gloo on CPU, one GPU each with nccl.")
 @one_line_errors
-def main(config_path, overrides, distill, epochs, device, run_dir, resume):
+def main(config_path, overrides, distill, epochs, device, run_dir, resume, nproc):
     """Train the spiking student with the configured distillation mode; the teacher never runs."""
-    from pipeline.train import train_student
-
     cfg = build_config(config_path, overrides, **{"student.distill": distill, "student.epochs": epochs,
                                                   "student.device": device})
     run_dir = run_dir or str(Path(cfg.student.out_dir) / cfg.student.distill)
+    if nproc > 1:
+        if cfg.student.batch_size % nproc:
+            raise BkdError(f"student.batch_size {cfg.student.batch_size} is the global batch; it must divide by "
+                           f"--nproc {nproc}")
+        args = ["--config", config_path, *[a for o in overrides for a in ("--set", o)], "--run-dir", run_dir]
+        args += [a for name, value in (("--distill", distill), ("--epochs", epochs), ("--device", device))
+                 if value is not None for a in (name, str(value))]
+        _torchrun(nproc, args + ["--resume"] * resume)  # rank 0 reports the result
+        return
+
+    from pipeline.train import train_student
+
     last = train_student(cfg, run_dir, resume)
-    click.echo(f"student [{cfg.student.distill}]: test accuracy {last['test_accuracy']:.4f} -> {run_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"student [{cfg.student.distill}]: test accuracy {last['test_accuracy']:.4f} -> {run_dir}")
+
+
+def _torchrun(nproc: int, args: list[str]) -> None:
+    """Run this stage as `torchrun --standalone --nproc-per-node N -m stages.train_student ARGS`."""
+    if "WORLD_SIZE" in os.environ:
+        raise BkdError("--nproc inside a torchrun launch: torchrun already started the processes")
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    launch = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", __name__, *args])
+    try:
+        run(launch)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        raise BkdError(f"DDP training failed: rank {rank} exited with code {failure.exitcode} "
+                       f"(its message is above)") from None
 
 
 if __name__ == "__main__":

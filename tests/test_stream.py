@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.config import DataConfig
 from pipeline.data import ArraySource, ImageSplit, collate_batch
-from pipeline.errors import StoreError
+from pipeline.errors import BkdError, StoreError
 from pipeline.store import TeacherTargets
 from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler
 from tests.test_store import CHUNK, build_store
@@ -50,6 +50,50 @@ def test_sampler_reproducible_and_varies_by_epoch_and_seed():
     chunk_seq = [i // 16 for i in orders[0]]
     first_seen = list(dict.fromkeys(chunk_seq))
     assert first_seen != sorted(first_seen)
+
+
+@pytest.mark.parametrize("n,chunk,world", [(300, 16, 2), (320, 64, 2), (100, 7, 3), (65, 8, 4), (96, 32, 3)])
+def test_rank_shares_are_disjoint_whole_chunks_of_equal_length(n, chunk, world):
+    for epoch in range(3):
+        shares = []
+        for rank in range(world):
+            sampler = ChunkShuffleSampler(n, chunk, 2, seed=5, rank=rank, world_size=world)
+            sampler.set_epoch(epoch)
+            shares.append(list(sampler))
+            assert len(shares[-1]) == len(sampler)  # what DataLoader plans for is what it gets
+        assert len({len(share) for share in shares}) == 1  # same step count on every rank
+        chunk_sets = [{i // chunk for i in share} for share in shares]
+        for a in range(world):
+            for b in range(a + 1, world):
+                assert not chunk_sets[a] & chunk_sets[b]  # no chunk is read by two ranks
+        for share, chunks in zip(shares, chunk_sets):  # each rank serves all of its chunks' samples
+            assert set(share) == {i for i in range(n) if i // chunk in chunks}
+        assert sorted({i for share in shares for i in share}) == list(range(n))
+    # shares are reshuffled every epoch
+    one = ChunkShuffleSampler(n, chunk, 2, seed=5, rank=0, world_size=world)
+    first = list(one)
+    one.set_epoch(1)
+    assert list(one) != first
+
+
+def test_one_rank_sampler_is_the_plain_sampler_and_start_skips_a_prefix():
+    plain = ChunkShuffleSampler(300, 16, 2, seed=4)
+    ranked = ChunkShuffleSampler(300, 16, 2, seed=4, rank=0, world_size=1)
+    plain.set_epoch(2)
+    ranked.set_epoch(2)
+    full = list(plain)
+    assert list(ranked) == full
+    ranked.set_epoch(2, start=96)  # resuming after three batches of 32
+    assert list(ranked) == full[96:]
+    shared = ChunkShuffleSampler(300, 16, 2, seed=4, rank=1, world_size=2)
+    whole = list(shared)
+    shared.set_epoch(0, start=40)
+    assert list(shared) == whole[40:]
+
+
+def test_fewer_chunks_than_ranks_is_refused():
+    with pytest.raises(BkdError, match="3 chunks .* 4 ranks"):
+        ChunkShuffleSampler(40, 16, 2, rank=0, world_size=4)
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -1,0 +1,92 @@
+"""The training loop itself: mid-epoch checkpoints, exact resume, and stopping on a non-finite loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from pipeline import checkpoint
+from pipeline.errors import BkdError
+from pipeline.stream import ChunkShuffleSampler
+from pipeline.train import Trainer, _optimizer
+
+N, CHUNK, BATCH, EPOCHS = 96, 16, 8, 3  # 12 steps per epoch
+
+
+class Crash(Exception):
+    """Stands in for the process dying part-way through an epoch."""
+
+
+def _trainer(run_dir, fail_at: int | None = None, nan_at: int | None = None, checkpoint_every: int = 5):
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(N, 6), torch.randint(0, 3, (N,)))
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))  # dropout: RNG matters
+    sampler = ChunkShuffleSampler(N, CHUNK, 2, seed=1)
+    loader = DataLoader(data, batch_size=BATCH, sampler=sampler)
+    optimizer, scheduler = _optimizer(model.parameters(), 1e-2, 1e-4, EPOCHS, len(loader))
+    calls = {"n": 0}
+
+    def step(batch):
+        x, y = batch
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise Crash
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        if calls["n"] == nan_at:
+            loss = loss * float("nan")
+        return {"loss": loss}, logits, y
+
+    trainer = Trainer({"model": model}, step, loader, sampler, optimizer, scheduler, EPOCHS, run_dir,
+                      lambda: 0.5, torch.device("cpu"), "test", checkpoint_every=checkpoint_every)
+    return trainer, model
+
+
+def test_crash_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
+    reference, ref_model = _trainer(tmp_path / "ref")
+    ref_history = reference.fit()
+
+    crashed, _ = _trainer(tmp_path / "run", fail_at=12 + 8)  # epoch 2, step 8: after the step-5 checkpoint
+    with pytest.raises(Crash):
+        crashed.fit()
+    state = checkpoint.load_state(tmp_path / "run" / "last.pt")
+    assert (state["epoch"], state["step"]) == (1, 5)  # continues at epoch index 1, step 5
+    assert state["ranks"][0]["tally"]["seen"] == 5 * BATCH
+
+    resumed, model = _trainer(tmp_path / "run")
+    history = resumed.fit(resume=True)
+    for key, value in ref_model.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    strip = [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+    assert strip == [{k: v for k, v in row.items() if k != "seconds"} for row in ref_history]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    trainer, _ = _trainer(tmp_path, nan_at=12 + 7)  # epoch 2, step 7
+    with pytest.raises(BkdError, match=r"non-finite in epoch 2, step 7.*last.pt") as info:
+        trainer.fit()
+    assert "\n" not in str(info.value)
+    state = checkpoint.load_state(tmp_path / "last.pt")
+    assert (state["epoch"], state["step"]) == (1, 5)  # the step-5 checkpoint, written before the bad step
+    assert all(torch.isfinite(v).all() for v in state["modules"]["model"].values())
+
+
+def test_resume_with_another_process_count_is_refused(tmp_path):
+    trainer, _ = _trainer(tmp_path)
+    trainer.fit()
+    state = checkpoint.load_state(tmp_path / "last.pt")
+    state["world_size"] = 2
+    checkpoint.save_state(state, tmp_path / "last.pt")
+    again, _ = _trainer(tmp_path)
+    with pytest.raises(BkdError, match="written by 2 process"):
+        again.fit(resume=True)
+
+
+def test_checkpoint_every_zero_saves_only_at_epoch_ends(tmp_path):
+    trainer, _ = _trainer(tmp_path, fail_at=12 + 8, checkpoint_every=0)
+    with pytest.raises(Crash):
+        trainer.fit()
+    state = checkpoint.load_state(tmp_path / "last.pt")
+    assert (state["epoch"], state["step"]) == (1, 0)
