@@ -25,7 +25,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 bench: install
-	$(BIN)/python -m benchmarks.step_time
+	$(BIN)/python -m benchmarks
 
 clean:
 	rm -rf runs metrics plots models cache/*.zarr
