@@ -53,13 +53,19 @@ def run_bkd_process(args: list[str], cwd: Path, env: dict | None = None) -> subp
                           capture_output=True, text=True, timeout=600)
 
 
+def project_with_store(tmp_path_factory, name: str, args: list[str], teacher_epochs: int) -> Path:
+    """A new working directory with the configs, a teacher trained with `args`, and its store."""
+    root = tmp_path_factory.mktemp(name)
+    shutil.copytree(REPO / "configs", root / "configs")
+    run_bkd(["train-teacher", *args, "--epochs", str(teacher_epochs)], root)
+    run_bkd(["extract-teacher", *args], root)
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_project(tmp_path_factory) -> Path:
     """A working directory where the whole CLI pipeline ran once on the tiny subset."""
-    root = tmp_path_factory.mktemp("project")
-    shutil.copytree(REPO / "configs", root / "configs")
-    run_bkd(["train-teacher", *TINY, "--epochs", "1"], root)
-    run_bkd(["extract-teacher", *TINY], root)
+    root = project_with_store(tmp_path_factory, "project", TINY, teacher_epochs=1)
     run_bkd(["train-student", *TINY, "--epochs", "1", "--distill", "mixed"], root)
     run_bkd(["evaluate", *TINY, "--distill", "mixed"], root)
     return root

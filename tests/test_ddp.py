@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from pipeline.checkpoint import load_state
-from tests.conftest import REPO, run_bkd, run_bkd_process
+from tests.conftest import project_with_store, run_bkd, run_bkd_process
 
 pytestmark = pytest.mark.slow
 
@@ -34,11 +33,7 @@ ACCURACY_TOLERANCE = 0.025
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ddp")
-    shutil.copytree(REPO / "configs", root / "configs")
-    run_bkd(["train-teacher", *ARGS, "--epochs", "3"], root)
-    run_bkd(["extract-teacher", *ARGS], root)
-    return root
+    return project_with_store(tmp_path_factory, "ddp", ARGS, teacher_epochs=3)
 
 
 @pytest.fixture(scope="module")
