@@ -170,13 +170,16 @@ def extract_teacher(cfg: Config, device: torch.device, overwrite: bool = False, 
     the shards run on a dask LocalCluster of that many processes (or on the cluster at
     `scheduler`); each worker loads the teacher once and writes its shards itself.
     """
-    extractor = ShardExtractor(cfg, device)
+    local = workers <= 1 and scheduler is None
+    # With dask, this process only plans and records shards: it keeps its teacher copy (needed for
+    # the manifest's feature shape) off the GPUs the workers use.
+    extractor = ShardExtractor(cfg, device if local else torch.device("cpu"))
     with store_lock(cfg.extract.store):
         writer = extractor.open_writer(overwrite)
         missing = [(name, shard) for name in extractor.splits for shard in writer.missing_shards(name)]
         total = sum(np.diff(extractor.layouts[n].shard_rows(s))[0] * extractor.layouts[n].views for n, s in missing)
         with tqdm(total=total, desc="extract", unit="view", dynamic_ncols=True) as bar:
-            if workers <= 1 and scheduler is None:
+            if local:
                 for name, shard in missing:
                     writer.write_shard(name, shard, extractor.compute(name, shard, bar.update))
             else:
