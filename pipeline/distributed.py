@@ -85,6 +85,14 @@ class Ranks:
                 dist.broadcast(buffer, 0)
 
 
+def split_global_batch(global_batch: int, processes: int) -> int:
+    """Each process's part of student.batch_size, which is the global batch."""
+    if global_batch % processes:
+        raise BkdError(f"student.batch_size {global_batch} is the global batch; it must divide by the "
+                       f"{processes} processes")
+    return global_batch // processes
+
+
 def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 

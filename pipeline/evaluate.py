@@ -27,8 +27,17 @@ def predict(model: nn.Module, split, device: torch.device, batch_size: int = 500
     return torch.cat(preds)
 
 
+def count_correct(model: nn.Module, split, device: torch.device,
+                  indices: Sequence[int] | None = None) -> tuple[int, int]:
+    """(correct top-1 predictions, samples) over `indices` of the split (all of it by default)."""
+    indices = range(len(split)) if indices is None else indices
+    correct = (predict(model, split, device, indices=indices) == split.labels[list(indices)]).sum().item()
+    return correct, len(indices)
+
+
 def accuracy(model: nn.Module, split, device: torch.device) -> float:
-    return (predict(model, split, device) == split.labels).float().mean().item()
+    correct, total = count_correct(model, split, device)
+    return correct / total
 
 
 @torch.no_grad()

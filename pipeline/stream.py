@@ -131,6 +131,7 @@ class CachedTargetDataset(Dataset):
         views = self.schedule[idx]
         features = torch.empty(len(idx), *self.targets.feature_shape)
         logits = torch.empty(len(idx), self.targets.num_classes)
+        stored_views = self.augmenter is not None and self.policy == "views"  # inputs rebuilt from stored params
         params = torch.empty(len(idx), self.targets.arrays["view_params"].shape[2], dtype=torch.int32)
         chunks = torch.unique(chunk_ids).tolist()
         self._load_chunks(chunks)
@@ -140,10 +141,11 @@ class CachedTargetDataset(Dataset):
             data = self._chunks[chunk]
             features[rows] = data["features"][local, views[rows]]
             logits[rows] = data["logits"][local, views[rows]]
-            params[rows] = data["view_params"][local, views[rows]]
+            if stored_views:
+                params[rows] = data["view_params"][local, views[rows]]
         images, labels, _ = self.images.__getitems__(indices)
         if self.augmenter is not None:
-            if self.policy == "online":
+            if not stored_views:  # online: a fresh augmentation, against the clean input's targets
                 params = self.augmenter.draw_online(idx.numpy(), self.epoch)
             images = self.augmenter.apply(images, params)
         return images, labels, features, logits

@@ -29,9 +29,9 @@ from pipeline import checkpoint
 from pipeline.augment import view_augmenter
 from pipeline.config import AugmentConfig, Config, dump_config
 from pipeline.data import collate_batch, load_split, random_shift
-from pipeline.distributed import Ranks, process_group, resolve_device
+from pipeline.distributed import Ranks, process_group, resolve_device, split_global_batch
 from pipeline.errors import BkdError
-from pipeline.evaluate import accuracy, predict
+from pipeline.evaluate import accuracy, count_correct
 from pipeline.extract import open_student_targets
 from pipeline.losses import DistillationLoss
 from pipeline.models import create_student, create_teacher
@@ -304,9 +304,7 @@ def train_student(cfg: Config, run_dir: str | Path, resume: bool = False) -> dic
 
 def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, device: torch.device) -> dict:
     scfg = cfg.student
-    if scfg.batch_size % ranks.world_size:
-        raise BkdError(f"student.batch_size {scfg.batch_size} is the global batch; it must divide by the "
-                       f"{ranks.world_size} processes")
+    batch_size = split_global_batch(scfg.batch_size, ranks.world_size)
     train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
     targets = open_student_targets(cfg, "train", train)  # checked even for `none`: same data, same split
     torch.manual_seed(cfg.seed)
@@ -320,8 +318,7 @@ def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, devic
                                   view_augmenter(cfg.augment, train), scfg.augment, seed=cfg.seed)
     sampler = ChunkShuffleSampler(len(dataset), targets.chunk_size, scfg.shuffle_buffer_chunks, seed=cfg.seed,
                                   rank=ranks.rank, world_size=ranks.world_size)
-    loader = DataLoader(dataset, batch_size=scfg.batch_size // ranks.world_size, sampler=sampler,
-                        collate_fn=collate_batch)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_batch)
     forward = StudentForward(student, criterion, batch_mixer(cfg.augment, train.num_classes))
     if ranks.distributed:
         forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
@@ -330,9 +327,8 @@ def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, devic
     def evaluate() -> float:
         """Test accuracy of rank 0's model, each rank predicting every world_size-th sample."""
         ranks.sync_buffers(student)
-        part = range(ranks.rank, len(test), ranks.world_size)
-        correct = (predict(student, test, device, indices=part) == test.labels[list(part)]).sum().item()
-        correct, total = ranks.sum([correct, len(part)])
+        correct, total = ranks.sum(list(count_correct(student, test, device,
+                                                      range(ranks.rank, len(test), ranks.world_size))))
         return correct / total
 
     if ranks.is_main:

@@ -28,13 +28,13 @@ from stages.common import build_config, config_options, one_line_errors
 @one_line_errors
 def main(config_path, overrides, distill, epochs, device, run_dir, resume, nproc):
     """Train the spiking student with the configured distillation mode; the teacher never runs."""
+    from pipeline.distributed import launched_ranks, split_global_batch  # torch: imported only when run
+
     cfg = build_config(config_path, overrides, **{"student.distill": distill, "student.epochs": epochs,
                                                   "student.device": device})
     run_dir = run_dir or str(Path(cfg.student.out_dir) / cfg.student.distill)
     if nproc > 1:
-        if cfg.student.batch_size % nproc:
-            raise BkdError(f"student.batch_size {cfg.student.batch_size} is the global batch; it must divide by "
-                           f"--nproc {nproc}")
+        split_global_batch(cfg.student.batch_size, nproc)  # refused here, before any process starts
         args = ["--config", config_path, *[a for o in overrides for a in ("--set", o)], "--run-dir", run_dir]
         args += [a for name, value in (("--distill", distill), ("--epochs", epochs), ("--device", device))
                  if value is not None for a in (name, str(value))]
@@ -44,7 +44,7 @@ def main(config_path, overrides, distill, epochs, device, run_dir, resume, nproc
     from pipeline.train import train_student
 
     last = train_student(cfg, run_dir, resume)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launched_ranks().is_main:
         click.echo(f"student [{cfg.student.distill}]: test accuracy {last['test_accuracy']:.4f} -> {run_dir}")
 
 
