@@ -9,8 +9,11 @@ for a single rank, so the training loop has one code path.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import os
+import signal
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +22,8 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.errors import BkdError
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,23 @@ def resolve_device(name: str, ranks: Ranks = Ranks()) -> torch.device:
     return torch.device(name)
 
 
+def _die_with_launcher() -> None:
+    """Have the kernel SIGKILL this rank when its launcher dies (Linux).
+
+    torchrun starts every rank in a session of its own, so a launcher killed with SIGKILL (which
+    it cannot forward) would leave its ranks training on, still writing the run directory that a
+    `--resume` is about to use.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    launcher = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        raise BkdError(f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}")
+    if os.getppid() != launcher:  # it died before the request took effect
+        raise BkdError("the torchrun launcher of this rank is gone; not starting")
+
+
 @contextlib.contextmanager
 def process_group(device_name: str):
     """Yield (ranks, device); under torchrun, with the process group initialised for the duration."""
@@ -125,6 +147,7 @@ def process_group(device_name: str):
     if not ranks.distributed:
         yield ranks, device
         return
+    _die_with_launcher()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

@@ -61,6 +61,19 @@ def _same_weights(a: Path, b: Path) -> None:
         assert (ours[key] == theirs[key]).all(), key
 
 
+def _processes_mentioning(text: str) -> list[int]:
+    """Live (non-zombie) processes whose command line contains `text` (Linux /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace") \
+                    and (entry / "stat").read_text().split(") ")[1][0] != "Z":
+                pids.append(int(entry.name))
+        except OSError:  # exited while we looked
+            continue
+    return pids
+
+
 def _kill_after_first_checkpoint(args: list[str], cwd: Path, run_dir: Path) -> dict:
     """Start `bkd ARGS`, SIGKILL its whole process group as soon as a checkpoint exists; return it."""
     bkd = str(Path(sys.executable).with_name("bkd"))
@@ -69,9 +82,13 @@ def _kill_after_first_checkpoint(args: list[str], cwd: Path, run_dir: Path) -> d
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None and not (run_dir / "last.pt").exists():
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher's group: torchrun puts each rank in a session of its own
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run should have been killed part-way"
+    deadline = time.monotonic() + 30  # ranks must die with their launcher, not train on into run_dir
+    while _processes_mentioning(str(run_dir)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _processes_mentioning(str(run_dir)), "processes of the killed run are still alive"
     assert not (run_dir / "student.safetensors").exists()
     return load_state(run_dir / "last.pt")
 
