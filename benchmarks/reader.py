@@ -30,7 +30,7 @@ def tile_store(source: str | Path, dest: str | Path, samples: int) -> int:
     manifest["splits"] = {"train": {**manifest["splits"]["train"], "num_samples": samples}}
     chunking = manifest["chunking"]
     layout = SplitLayout(samples, chunking["chunk_size"], chunking["chunks_per_shard"], src.views)
-    arrays = {name: src.group[name][:] for name in ("features", "logits", "view_params", "labels")}
+    arrays = {name: src.group[name][:] for name in ("features", "logits", "view_params", "labels", "pixel_digest")}
     writer = StoreWriter(dest, manifest, {"train": layout}, src.feature_shape, src.num_classes,
                          arrays["view_params"].shape[2], manifest["arrays"]["features"], manifest["arrays"]["logits"],
                          zstd_level=3, overwrite=True)

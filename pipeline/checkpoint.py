@@ -38,6 +38,10 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def atomic_write_text(path: str | Path, text: str) -> None:
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -70,4 +74,12 @@ def save_state(state: dict[str, Any], path: str | Path) -> None:
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A training state saved by `save_state`; a truncated or foreign file is refused in one line."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, an untrusted pickle: never unpickle code
+        raise BkdError(f"{path}: not a readable bkd checkpoint ({type(exc).__name__}); delete it and train "
+                       "again without --resume") from None
+    if not isinstance(state, dict):
+        raise BkdError(f"{path}: not a bkd checkpoint")
+    return state

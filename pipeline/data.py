@@ -249,6 +249,18 @@ class ImageSplit(Dataset):
         idx = torch.as_tensor(indices)
         return self.load(indices), self.labels[idx], idx
 
+    @property
+    def in_memory(self) -> bool:
+        """True when the whole split is held in memory (reading every sample costs no I/O)."""
+        return self._normalized is not None
+
+    def load_raw(self, indices) -> tuple[np.ndarray, torch.Tensor]:
+        """(raw source values, normalized inputs) for rows of this split, from one read."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        raw = self.source.read(self.ids[idx])
+        normalized = self._normalized[torch.from_numpy(idx)] if self.in_memory else self._normalize(raw)
+        return raw, normalized
+
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
         digest.update(np.ascontiguousarray(self.ids, dtype=np.int64).tobytes())

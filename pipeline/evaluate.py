@@ -158,24 +158,53 @@ def teacher_accuracy(targets, labels: torch.Tensor) -> float:
     return correct / len(targets)
 
 
-def evaluate_student(cfg, run_dir: str | Path, plots_dir: str | Path) -> dict:
+def run_config(cfg, run_dir: str | Path):
+    """The config a student run was trained with; refused if `cfg` contradicts it.
+
+    Evaluation takes the model, T and data from the run itself, so a run is never evaluated
+    with settings it was not trained with; only result-neutral fields (the device) come from `cfg`.
+    """
+    from pipeline.config import load_config
+    from pipeline.errors import BkdError
+    from pipeline.rundir import config_difference, saved_config
+
+    difference = config_difference(saved_config(run_dir), cfg.to_dict(), "evaluate")
+    if difference:
+        raise BkdError(f"{run_dir} was trained with another config: {difference}; evaluate it with the run's "
+                       f"config ({Path(run_dir) / 'config.yaml'})")
+    return load_config(Path(run_dir) / "config.yaml", [f"student.device={cfg.student.device}",
+                                                       f"extract.store={cfg.extract.store}",
+                                                       f"teacher.checkpoint={cfg.teacher.checkpoint}",
+                                                       f"data.root={cfg.data.root}"])
+
+
+def evaluate_student(cfg, run_dir: str | Path, plots_dir: str | Path, trust_store_teacher: bool = False) -> dict:
     """Metrics of a trained student run: accuracies, firing rates; writes PNG plots."""
     import json
 
+    from safetensors import safe_open
+
     from pipeline import checkpoint
     from pipeline.data import load_split
+    from pipeline.distributed import resolve_device
+    from pipeline.errors import BkdError
     from pipeline.extract import open_student_targets
     from pipeline.models import create_student
-    from pipeline.distributed import resolve_device
 
-    scfg = cfg.student
     run_dir, plots_dir = Path(run_dir), Path(plots_dir)
     weights = run_dir / "student.safetensors"
     history_path = run_dir / "history.json"
     if not weights.is_file() or not history_path.is_file():
-        from pipeline.errors import BkdError
-
-        raise BkdError(f"no trained student in {run_dir} (run `bkd train-student --distill {scfg.distill}` first)")
+        raise BkdError(f"no trained student in {run_dir} (run `bkd train-student --distill {cfg.student.distill}` "
+                       "to the end first)")
+    cfg = run_config(cfg, run_dir)
+    scfg = cfg.student
+    history = json.loads(history_path.read_text())
+    with safe_open(str(weights), "pt") as fh:
+        trained_epochs = (fh.metadata() or {}).get("epochs")
+    if trained_epochs != str(len(history)) or len(history) != scfg.epochs:
+        raise BkdError(f"{run_dir}: the weights ({trained_epochs} epochs), history ({len(history)}) and config "
+                       f"({scfg.epochs}) do not belong to one finished run; train it again")
     device = resolve_device(scfg.device)
     test = load_split(cfg.data, "test")
     student = create_student(scfg.model, test.num_classes, test.image_shape, scfg.timesteps, **scfg.model_kwargs)
@@ -183,12 +212,12 @@ def evaluate_student(cfg, run_dir: str | Path, plots_dir: str | Path) -> dict:
     student.to(device).eval()
     rates = firing_rates(student, test, device)
     operations = synaptic_operations(student, test, device)
-    history = json.loads(history_path.read_text())
-    teacher = teacher_accuracy(open_student_targets(cfg, "test", test), test.labels)
+    teacher = teacher_accuracy(open_student_targets(cfg, "test", test, trust_store_teacher), test.labels)
     plot_training_curves(history, f"student [{scfg.distill}], T={scfg.timesteps}", plots_dir / "training_curves.png")
     plot_firing_rates(rates, f"firing rate per spiking layer [{scfg.distill}]", plots_dir / "firing_rates.png")
     return {
         "distill": scfg.distill,
+        "timesteps": scfg.timesteps,
         "test_accuracy": accuracy(student, test, device),
         "teacher_test_accuracy": teacher,
         "firing_rate_mean": float(np.mean(list(rates.values()))),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import posixpath
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +12,14 @@ from pipeline import checkpoint
 from pipeline.augment import ViewAugmenter, view_augmenter
 from pipeline.config import Config
 from pipeline.data import ImageSplit, load_split
-from pipeline.errors import BkdError
+from pipeline.errors import BkdError, StoreError
+from pipeline.locks import PathLock
 from pipeline.models import create_teacher, teacher_outputs
-from pipeline.store import TOPK_INDEX, SplitLayout, StoreWriter, TeacherTargets, filesystem, make_manifest
+from pipeline.store import (TOPK_INDEX, SplitLayout, StoreWriter, TeacherTargets, check_store_location,
+                            existing_store, make_manifest, pixel_digests)
+
+# Samples of a lazily read split (image folders, HDF5) whose pixels a training run checks against the store.
+PIXEL_CHECK_SAMPLES = 256
 
 
 def split_views(cfg: Config, split: str) -> int:
@@ -53,15 +57,28 @@ def expected_manifest(cfg: Config, splits: dict[str, ImageSplit], require_checkp
     )
 
 
-def open_student_targets(cfg: Config, split: str, images) -> TeacherTargets:
-    """Open the store for `split` and refuse it unless it was built for this config's run."""
+def open_student_targets(cfg: Config, split: str, images: ImageSplit, trust_store_teacher: bool = False) -> TeacherTargets:
+    """Open the store for `split` and refuse it unless it was built for this config's run.
+
+    Identity (teacher weights, dataset, split, transform, views) comes from the manifest; the
+    inputs themselves are compared by their per-sample digests: every sample of an in-memory
+    split, an even spread of PIXEL_CHECK_SAMPLES of a lazily read one. Without the teacher
+    checkpoint the store's teacher cannot be checked, which is refused unless
+    `trust_store_teacher` waives it (a store copied from another machine, say).
+    """
     targets = TeacherTargets(cfg.extract.store, split)
     expected = expected_manifest(cfg, {split: images}, require_checkpoint=False)
     if expected["teacher"]["checkpoint_sha256"] is None:
-        # Only the store is here (e.g. copied from another machine): trust its teacher hash.
-        tqdm.write(f"warning: {cfg.teacher.checkpoint} not found; the store's teacher checkpoint hash is not checked")
+        if not trust_store_teacher:
+            raise StoreError(f"teacher checkpoint {cfg.teacher.checkpoint} not found, so the store's teacher cannot "
+                             "be checked; fix teacher.checkpoint, or pass --trust-store-teacher to use the store as is")
+        tqdm.write(f"warning: {cfg.teacher.checkpoint} not found; trusting the store's teacher (--trust-store-teacher)")
         expected["teacher"]["checkpoint_sha256"] = targets.manifest["teacher"]["checkpoint_sha256"]
     targets.check_matches(expected)
+    rows = np.arange(len(images))
+    if not images.in_memory and len(rows) > PIXEL_CHECK_SAMPLES:
+        rows = np.unique(np.linspace(0, len(rows) - 1, PIXEL_CHECK_SAMPLES).round().astype(np.int64))
+    targets.check_pixels(images.load_raw(rows)[0], rows)
     return targets
 
 
@@ -75,6 +92,9 @@ def load_teacher(cfg: Config, split: ImageSplit, weights: str | None = None) -> 
     except RuntimeError as exc:
         raise BkdError(f"{weights} does not fit teacher.model '{cfg.teacher.model}': "
                        f"{str(exc).splitlines()[1] if len(str(exc).splitlines()) > 1 else exc}") from None
+    bad = next((name for name, tensor in state.items() if tensor.is_floating_point() and not tensor.isfinite().all()), None)
+    if bad is not None:
+        raise BkdError(f"{weights}: tensor '{bad}' holds NaN or infinite values; these teacher weights are broken")
     return model.eval()
 
 
@@ -112,16 +132,23 @@ class ShardExtractor:
         params = augmenter.draw(np.arange(start, stop), layout.views)
         features = np.empty((stop - start, layout.views, *self.feature_shape), np.float32)
         logits = np.empty((stop - start, layout.views, self.num_classes), np.float32)
+        digests = np.empty(stop - start, np.uint64)
         arrays = {}
         for b in range(start, stop, ex.batch_size):
             e = min(b + ex.batch_size, stop)
+            raw, clean = split.load_raw(range(b, e))  # one read per batch, whatever the number of views
+            digests[b - start:e - start] = pixel_digests(raw)
             for v in range(layout.views):
-                images = augmenter.apply(split.load(range(b, e)), params[b - start:e - start, v]).to(self.device)
+                images = augmenter.apply(clean, params[b - start:e - start, v]).to(self.device)
                 f, z = teacher_outputs(self.model, images, ex.features)
                 features[b - start:e - start, v] = f.float().cpu().numpy()
                 logits[b - start:e - start, v] = z.float().cpu().numpy()
                 if on_batch is not None:
                     on_batch(e - b)
+        for name, values in (("features", features), ("logits", logits)):
+            if not np.isfinite(values).all():
+                raise BkdError(f"the teacher produced non-finite {name} on {split.split} shard {shard} "
+                               f"(rows {start}:{stop}); nothing of that shard was written")
         if ex.logits_topk is not None:
             values, classes = torch.from_numpy(logits).topk(ex.logits_topk, dim=-1)
             logits, arrays[TOPK_INDEX] = values.numpy(), classes.numpy().astype(np.int32)
@@ -132,6 +159,7 @@ class ShardExtractor:
             "view_params": params,
             "labels": split.labels[start:stop].numpy(),
             "index": np.arange(start, stop, dtype=np.int64),
+            "pixel_digest": digests,
         }
 
 
@@ -171,6 +199,8 @@ def extract_teacher(cfg: Config, device: torch.device, overwrite: bool = False, 
     `scheduler`); each worker loads the teacher once and writes its shards itself.
     """
     local = workers <= 1 and scheduler is None
+    check_store_location(cfg.extract.store)  # before any heavy work: a path bkd must not write to,
+    existing_store(cfg.extract.store)  # or something there that bkd did not make
     # With dask, this process only plans and records shards: it keeps its teacher copy (needed for
     # the manifest's feature shape) off the GPUs the workers use.
     extractor = ShardExtractor(cfg, device if local else torch.device("cpu"))
@@ -212,56 +242,6 @@ def _run_on_dask(cfg: Config, device: str, shards: list, workers: int, scheduler
             cluster.close()
 
 
-class store_lock:
-    """Refuse a second extraction into the same store while one runs: `STORE.lock` beside it.
-
-    The lock is created exclusively through the store's fsspec filesystem (local files, memory,
-    object stores that support exclusive creation) and holds its owner's host and pid; a lock
-    left by a dead process on this host is taken over.
-    """
-
-    def __init__(self, store: str):
-        self.url = f"{str(store).rstrip('/')}.lock"
-        self.fs, self.path = filesystem(self.url)
-
-    def __enter__(self):
-        import json
-        import os
-        import socket
-
-        if posixpath.dirname(self.path):
-            self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid()}
-        for _ in range(2):
-            try:
-                with self.fs.open(self.path, "xb") as fh:
-                    fh.write(json.dumps(me).encode())
-                return self
-            except FileExistsError:
-                try:
-                    owner = json.loads(self.fs.cat_file(self.path))
-                except (OSError, ValueError):
-                    owner = {}
-                if owner.get("host") == me["host"] and not _pid_alive(owner.get("pid", -1)):
-                    self.fs.rm_file(self.path)  # stale: its process is gone
-                    continue
-                raise BkdError(f"{self.url[:-len('.lock')]} is being written by another extraction "
-                               f"(pid {owner.get('pid')} on {owner.get('host')}); if none is running, "
-                               f"delete {self.url}") from None
-        raise BkdError(f"cannot take the lock {self.url}")
-
-    def __exit__(self, *exc):
-        if self.fs.exists(self.path):
-            self.fs.rm_file(self.path)
-
-
-def _pid_alive(pid: int) -> bool:
-    import os
-
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid > 0
+def store_lock(store: str) -> PathLock:
+    """Refuse a second extraction into the same store while one runs: `STORE.lock` beside it."""
+    return PathLock(f"{str(store).rstrip('/')}.lock", f"{store} is being written by another extraction")

@@ -8,6 +8,7 @@ Layout::
       train/view_params  (N, V, P) int32  each view's augmentation parameters (view 0: clean input)
       train/labels       (N,)
       train/index        (N,)           position of each row in the split (sample ids live in the fingerprint)
+      train/pixel_digest (N,) uint64    blake2b-64 of each sample's raw input: the store belongs to these pixels
       train/shards_done  (S,) bool      one chunk per shard: set by that shard's writer after its data
       test/...                          (V = 1: the clean input)
 
@@ -18,12 +19,21 @@ its own chunk, so concurrent writers of different shards (dask workers) never to
 object. `complete` turns
 true only when every shard of every split is written, so a store left by a crash says it
 is incomplete.
+
+Nothing is ever read as a fill value: every array is written with `write_empty_chunks` so each
+written shard is an object on disk, and readers check that a shard's objects exist and are not
+empty before decoding it (a deleted shard would otherwise read back as zeros). The group's
+manifest is written first, in the same object that makes the folder a Zarr group, so a store
+left by a crash at any point is recognisable as bkd's own and can be resumed or replaced.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import json
 import math
+import posixpath
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -36,8 +46,13 @@ from zarr.codecs import ZstdCodec
 
 from pipeline.errors import StoreError
 
-FORMAT = "bkd-teacher-targets/2"
-ARRAYS = ("features", "logits", "view_params", "labels", "index")
+FORMAT = "bkd-teacher-targets/3"
+FORMAT_FAMILY = FORMAT.split("/")[0]
+ARRAYS = ("features", "logits", "view_params", "labels", "index", "pixel_digest")
+MANIFEST_KEYS = ("teacher", "dataset", "splits", "transform", "augment", "arrays", "chunking")
+# Every array is written whole shards at a time; all-fill chunks must still be written, so that a
+# missing object always means a missing piece (zarr skips them by default).
+WRITE_CONFIG = {"write_empty_chunks": True}
 TOPK_INDEX = "logits_index"  # with extract.logits_topk: `logits` holds the k largest, this their classes
 # Classes outside the stored top-k get the smallest kept logit minus this: a softmax weight of
 # e^-100 or less (zero in float32 at tau <= 4), yet finite, so KL and CE terms stay finite.
@@ -50,6 +65,24 @@ def dense_logits(values: np.ndarray, indices: np.ndarray, num_classes: int) -> n
     dense = np.repeat(values.min(-1, keepdims=True) - TOPK_FILL_MARGIN, num_classes, axis=-1)
     np.put_along_axis(dense, indices.astype(np.int64), values, axis=-1)
     return dense
+
+
+def pixel_digests(raw: np.ndarray) -> np.ndarray:
+    """(N,) uint64: blake2b-64 of each sample's raw input (its bytes, dtype and shape).
+
+    Extraction hashes the inputs it already loads; training hashes the inputs it is about to
+    use and compares, so a store is refused for other pixels even under the same sample ids.
+    """
+    raw = np.ascontiguousarray(raw)
+    tag = f"{raw.dtype.str}{raw.shape[1:]}".encode()
+    out = np.empty(len(raw), np.uint64)
+    for i, sample in enumerate(raw):
+        digest = hashlib.blake2b(tag, digest_size=8)
+        digest.update(sample.tobytes())
+        out[i] = int.from_bytes(digest.digest(), "little")
+    return out
+
+
 # Manifest fields a training run must agree with, as dotted paths.
 IDENTITY_FIELDS = (
     "teacher.model",
@@ -108,7 +141,11 @@ class SplitLayout:
 
 
 class StoreWriter:
-    """Creates (or reopens, to resume) a store and writes it shard by shard."""
+    """Creates (or reopens, to resume) a store and writes it shard by shard.
+
+    It only ever replaces (`overwrite`) or resumes a store that bkd made: a folder whose root
+    holds a bkd manifest and nothing bkd would not write. Anything else at the path is refused.
+    """
 
     def __init__(self, path: str | Path, manifest: dict[str, Any], layouts: dict[str, SplitLayout],
                  feature_shape: tuple[int, ...], num_classes: int, num_view_params: int, feature_dtype: str, logits_dtype: str,
@@ -116,16 +153,33 @@ class StoreWriter:
         self.path = str(path)
         self.layouts = layouts
         self.array_names = ARRAYS + ((TOPK_INDEX,) if logits_topk else ())
-        if store_exists(self.path):
-            existing = _open_group(self.path, mode="r") if not overwrite else None
-            if existing is not None:
-                if not _same_identity(existing.attrs["manifest"], manifest):
-                    raise StoreError(f"{self.path} holds targets of another run; pass --overwrite to replace it")
-                self.root = zarr.open_group(self.path, mode="r+")  # resume: keep completed shards
-                return
-        self.root = zarr.open_group(self.path, mode="w", zarr_format=3)
+        check_store_location(self.path)
+        existing = existing_store(self.path)  # None: nothing (or an empty folder) is there
+        if existing is not None:
+            if not overwrite:
+                if existing.get("format") != FORMAT:
+                    raise StoreError(f"{self.path} holds a store of format {existing.get('format')}, this bkd writes "
+                                     f"{FORMAT}; pass --overwrite to replace it")
+                if not _same_identity(existing, manifest):
+                    raise StoreError(f"{self.path} holds targets of another run "
+                                     f"({_first_difference(existing, manifest)}); pass --overwrite to replace it")
+                root = zarr.open_group(self.path, mode="r+")
+                if root.attrs.get("skeleton_done", False):
+                    self.root = root  # resume: keep completed shards
+                    return
+                # A crash while the skeleton was written: no shard can have been written yet.
+            remove_store(self.path, existing)
+        self._create(manifest, feature_shape, num_classes, num_view_params, feature_dtype, logits_dtype,
+                     zstd_level, logits_topk)
+
+    def _create(self, manifest, feature_shape, num_classes, num_view_params, feature_dtype, logits_dtype,
+                zstd_level, logits_topk) -> None:
+        # The manifest goes into the group's own metadata object, the first thing written: from then
+        # on the folder is recognisably a bkd store, whatever happens to the rest.
+        self.root = zarr.open_group(self.path, mode="w", zarr_format=3,
+                                    attributes={"manifest": manifest, "complete": False, "skeleton_done": False})
         compressor = ZstdCodec(level=zstd_level, checksum=True)  # checksums make corrupted chunks detectable
-        for split, layout in layouts.items():
+        for split, layout in self.layouts.items():
             group = self.root.create_group(split)
             n, chunk, shard, views = layout.num_samples, layout.chunk_size, layout.shard_size, layout.views
             specs = {
@@ -134,15 +188,17 @@ class StoreWriter:
                 "view_params": ((n, views, num_view_params), "int32"),
                 "labels": ((n,), "int64"),
                 "index": ((n,), "int64"),
+                "pixel_digest": ((n,), "uint64"),
             }
             if logits_topk:
                 specs[TOPK_INDEX] = ((n, views, logits_topk), "int32")
             for name, (shape, dtype) in specs.items():
                 group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk,) + shape[1:],
-                                   shards=(shard,) + shape[1:], compressors=compressor, fill_value=0)
+                                   shards=(shard,) + shape[1:], compressors=compressor, fill_value=0,
+                                   config=WRITE_CONFIG)
             group.create_array("shards_done", shape=(layout.num_shards,), dtype="bool", chunks=(1,),
                                fill_value=False)
-        self.root.attrs.update({"manifest": manifest, "complete": False})
+        self.root.attrs["skeleton_done"] = True
 
     def missing_shards(self, split: str) -> list[int]:
         return np.flatnonzero(~self.root[split]["shards_done"][:]).tolist()
@@ -154,13 +210,70 @@ class StoreWriter:
             data = arrays[name]
             if len(data) != stop - start:
                 raise ValueError(f"shard {split}/{shard}: {name} has {len(data)} rows, expected {stop - start}")
-            group[name][start:stop] = data
+            group[name].with_config(WRITE_CONFIG)[start:stop] = data
         group["shards_done"][shard] = True  # only after the shard's data is written
 
     def finish(self) -> None:
         if any(self.missing_shards(split) for split in self.layouts):
             raise StoreError(f"{self.path}: cannot mark complete, shards are missing")
         self.root.attrs["complete"] = True
+
+
+def check_store_location(url: str) -> None:
+    """Refuse a store path that could only be a mistake: empty, the working folder or above it, a link."""
+    if not str(url).strip():
+        raise StoreError("the store path is empty (extract.store / --store); name a folder such as cache/NAME.zarr")
+    fs, path = filesystem(url)
+    if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return
+    here = Path(path)
+    if here.is_symlink():
+        raise StoreError(f"{url} is a symbolic link; bkd writes stores only at real paths (use the link's target)")
+    resolved, cwd = here.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve():
+        raise StoreError(f"refusing to use {url} as a store: it is the working folder, one of its parents or the "
+                         "home folder")
+    if here.exists() and not here.is_dir():
+        raise StoreError(f"{url} exists and is not a folder; a store is a folder")
+
+
+def existing_store(url: str) -> dict | None:
+    """The manifest of the bkd store at `url`; None if nothing (or an empty folder) is there.
+
+    Anything else there is refused: bkd never writes into, or deletes, what it did not make.
+    """
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return None
+    entries = {posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)}
+    if not entries:
+        return None
+    try:
+        manifest = json.loads(fs.cat_file(posixpath.join(path, "zarr.json")))["attributes"]["manifest"]
+        family = str(manifest["format"]).split("/")[0]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise StoreError(f"{url} exists and is not a bkd teacher-target store; bkd will not write into or delete it "
+                         "(choose another --store)") from None
+    if family != FORMAT_FAMILY:
+        raise StoreError(f"{url} is not a bkd teacher-target store; bkd will not write into or delete it")
+    foreign = sorted(entries - {"zarr.json", *manifest.get("splits", {})})
+    if foreign:
+        raise StoreError(f"{url} holds '{foreign[0]}', which bkd did not write; move it away before replacing "
+                         "the store")
+    return manifest
+
+
+def remove_store(url: str, manifest: dict) -> None:
+    """Delete a bkd store: its split folders first, the root metadata (which makes it a store) last.
+
+    Killed part-way, what is left still carries the manifest, so the next --overwrite finishes the job.
+    """
+    fs, path = filesystem(url)
+    for split in manifest.get("splits", {}):
+        target = posixpath.join(path, split)
+        if fs.exists(target):
+            fs.rm(target, recursive=True)
+    fs.rm_file(posixpath.join(path, "zarr.json"))
 
 
 def filesystem(url: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -180,18 +293,72 @@ def _open_group(path: str, mode: str = "r") -> zarr.Group:
         group = zarr.open_group(path, mode=mode)
     except Exception as exc:
         raise StoreError(f"{path}: not a readable Zarr store ({type(exc).__name__}: {exc})") from None
-    found = group.attrs.get("manifest", {}).get("format")
+    manifest = group.attrs.get("manifest", {})
+    found = manifest.get("format") if isinstance(manifest, dict) else None
     if found != FORMAT:
-        if isinstance(found, str) and found.startswith(FORMAT.split("/")[0]):
+        if isinstance(found, str) and found.startswith(FORMAT_FAMILY):
             raise StoreError(f"{path}: store format {found}, this bkd reads {FORMAT}; re-run "
                              f"`bkd extract-teacher --overwrite`")
         raise StoreError(f"{path}: not a bkd teacher-target store (no '{FORMAT}' manifest)")
+    missing = [key for key in MANIFEST_KEYS if not isinstance(manifest.get(key), dict)]
+    if missing:
+        raise StoreError(f"{path}: damaged manifest, '{missing[0]}' is missing; re-run `bkd extract-teacher --overwrite`")
     return group
 
 
+IDENTITY_KEYS = IDENTITY_FIELDS + ("splits", "arrays", "chunking")
+
+
+def _first_difference(have: dict, want: dict, keys=IDENTITY_KEYS) -> str | None:
+    """'field: X in the store, Y here' for the first identity field that differs, or None."""
+    for key in keys:
+        if _get(have, key) != _get(want, key):
+            return f"{key}: {_short(_get(have, key))} in the store, {_short(_get(want, key))} here"
+    return None
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _same_identity(a: dict, b: dict) -> bool:
-    keys = IDENTITY_FIELDS + ("splits", "arrays", "chunking")
-    return all(_get(a, k) == _get(b, k) for k in keys)
+    return _first_difference(a, b) is None
+
+
+def shard_keys(group: zarr.Group, shard: int) -> list[str]:
+    """The objects, relative to the store root, that hold `shard` of every sharded array of a split group."""
+    keys = []
+    for name, array in group.arrays():
+        if array.shards is None:  # shards_done: its own one-element chunks
+            continue
+        keys.append(posixpath.join(group.path, name, "c", str(shard), *["0"] * (array.ndim - 1)))
+    return keys
+
+
+def absent_objects(url: str, keys: list[str], sizes: dict[str, int] | None = None) -> list[str]:
+    """The keys among `keys` whose object is missing or empty (`sizes`: a listing made beforehand)."""
+    fs, root = filesystem(url)
+    bad = []
+    for key in keys:
+        full = posixpath.join(root, key)
+        if sizes is not None:
+            size = sizes.get(full.rstrip("/"))
+        else:
+            try:
+                size = fs.size(full)
+            except (FileNotFoundError, OSError):
+                size = None
+        if not size:
+            bad.append(key)
+    return bad
+
+
+def _listing(url: str, prefix: str) -> dict[str, int]:
+    """Sizes of every object under `prefix` of the store at `url`, in one listing."""
+    fs, root = filesystem(url)
+    found = fs.find(posixpath.join(root, prefix), detail=True)
+    return {path.rstrip("/"): info.get("size") or 0 for path, info in found.items()}
 
 
 def make_manifest(*, teacher: dict, dataset: dict, splits: dict, transform: dict, augment: dict,
@@ -228,6 +395,32 @@ class TeacherTargets:
         meta = self.manifest["splits"][split]
         self.layout = SplitLayout(meta["num_samples"], chunking["chunk_size"], chunking["chunks_per_shard"],
                                   meta["views"])
+        self._present: set[int] = set()  # shards whose objects were seen on disk
+        if require_complete:
+            self.check_present()
+
+    def check_present(self) -> None:
+        """Refuse the split unless every shard is flagged done and all its objects exist and are non-empty.
+
+        One listing of the split's folder: cheap next to a read, and it turns a deleted or
+        truncated-to-nothing shard into an error instead of rows of zeros.
+        """
+        done = self.group["shards_done"][:]
+        if not done.all():
+            shard = int(np.flatnonzero(~done)[0])
+            raise StoreError(f"{self.path}: {self.split} shard {shard} was never written; re-run `bkd extract-teacher`")
+        sizes = _listing(self.path, self.group.path)
+        for shard in range(self.layout.num_shards):
+            self._require_shard(shard, sizes)
+
+    def _require_shard(self, shard: int, sizes: dict[str, int] | None = None) -> None:
+        if shard in self._present:
+            return
+        bad = absent_objects(self.path, shard_keys(self.group, shard), sizes)
+        if bad:
+            raise StoreError(f"{self.path}: {self.split} shard {shard} is damaged: {bad[0]} is missing or empty; "
+                             f"re-run `bkd extract-teacher` to rewrite it (`bkd cache verify` lists every bad shard)")
+        self._present.add(shard)
 
     def __len__(self) -> int:
         return self.layout.num_samples
@@ -255,6 +448,8 @@ class TeacherTargets:
 
     def read_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """Rows [start, stop) of every array; with top-k storage, `logits` comes back dense."""
+        for shard in range(start // self.layout.shard_size, (max(stop, start + 1) - 1) // self.layout.shard_size + 1):
+            self._require_shard(shard)
         try:
             rows = {name: arr[start:stop] for name, arr in self.arrays.items()}
         except Exception as exc:  # a codec or checksum error: name where it happened
@@ -271,17 +466,20 @@ class TeacherTargets:
 
     def check_matches(self, expected: dict[str, Any]) -> None:
         """Refuse a store whose identity differs from `expected` (a manifest-shaped mapping)."""
-        for dotted in IDENTITY_FIELDS:
-            want, have = _get(expected, dotted), _get(self.manifest, dotted)
-            if want != have:
-                raise StoreError(f"{self.path} was built for another run: {dotted} is {have!r} in the store, "
-                                 f"{want!r} in the config")
-        for key in ("fingerprint", "views"):
-            dotted = f"splits.{self.split}.{key}"
-            want, have = _get(expected, dotted), _get(self.manifest, dotted)
-            if want != have:
-                raise StoreError(f"{self.path} was built for another run: {dotted} is {have!r} in the store, "
-                                 f"{want!r} in the config")
+        keys = IDENTITY_FIELDS + tuple(f"splits.{self.split}.{key}" for key in ("fingerprint", "views"))
+        difference = _first_difference(self.manifest, expected, keys)
+        if difference:
+            raise StoreError(f"{self.path} was built for another run: {difference}")
+
+    def check_pixels(self, raw: np.ndarray, rows: np.ndarray) -> None:
+        """Refuse the store unless `raw` (the inputs of `rows`, as the source gives them) are the extracted ones."""
+        rows = np.asarray(rows, dtype=np.int64)
+        stored = self.group["pixel_digest"].get_orthogonal_selection((rows,))
+        mismatch = np.flatnonzero(pixel_digests(raw) != stored)
+        if len(mismatch):
+            raise StoreError(f"{self.path} was built from other inputs: {self.split} sample {int(rows[mismatch[0]])} "
+                             f"(and {len(mismatch) - 1} more of {len(rows)} checked) differs from what the teacher saw; "
+                             "re-run `bkd extract-teacher --overwrite` for these files")
 
 
 def bytes_on_disk(url: str | Path) -> int:
@@ -332,11 +530,16 @@ def verify_store(path: str | Path) -> Iterator[tuple[str, int, str | None]]:
     for split in manifest["splits"]:
         targets = TeacherTargets(path, split, require_complete=False)
         done = set(np.flatnonzero(root[split]["shards_done"][:]).tolist())
+        sizes = _listing(str(path), split)
         for shard in range(targets.layout.num_shards):
             if shard not in done:
                 yield split, shard, "not written (extraction incomplete)"
                 continue
             start, stop = targets.layout.shard_rows(shard)
+            bad = absent_objects(str(path), shard_keys(targets.group, shard), sizes)
+            if bad:
+                yield split, shard, f"{bad[0]} is missing or empty"
+                continue
             try:
                 rows = targets.read_rows(start, stop)
             except StoreError as exc:

@@ -10,6 +10,7 @@ launched by torchrun.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from pipeline import checkpoint
 from pipeline.augment import view_augmenter
-from pipeline.config import AugmentConfig, Config, dump_config
+from pipeline.config import AugmentConfig, Config
 from pipeline.data import collate_batch, load_split, random_shift
 from pipeline.distributed import Ranks, process_group, resolve_device, split_global_batch
 from pipeline.errors import BkdError
@@ -35,17 +36,14 @@ from pipeline.evaluate import accuracy, count_correct
 from pipeline.extract import open_student_targets
 from pipeline.losses import DistillationLoss
 from pipeline.models import create_student, create_teacher
+from pipeline.rundir import RunFolder
 from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler
 
 StepFn = Callable[[tuple], tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]]
 
 
 def write_json(data, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    checkpoint.atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 @dataclass
@@ -218,6 +216,8 @@ def adopt_teacher(cfg: Config, own_weights: str) -> dict:
 
 def train_teacher(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
     """Train the timm teacher with cross-entropy; save safetensors weights at cfg.teacher.checkpoint."""
+    folder = RunFolder(run_dir, cfg, "teacher", resume)
+    folder.check()
     tcfg = cfg.teacher
     device = resolve_device(tcfg.device)
     train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
@@ -235,9 +235,10 @@ def train_teacher(cfg: Config, run_dir: str | Path, resume: bool = False) -> dic
 
     trainer = Trainer({"model": model}, step, loader, sampler, optimizer, scheduler, tcfg.epochs, run_dir,
                       lambda: accuracy(model, test, device), device, "teacher")
-    history = trainer.fit(resume)
-    checkpoint.save_weights(model.state_dict(), tcfg.checkpoint,
-                            metadata={"model": tcfg.model, "small_input_stem": str(tcfg.small_input_stem)})
+    with folder:
+        history = trainer.fit(resume)
+        checkpoint.save_weights(model.state_dict(), tcfg.checkpoint,
+                                metadata={"model": tcfg.model, "small_input_stem": str(tcfg.small_input_stem)})
     return {"test_accuracy": history[-1]["test_accuracy"], "train_accuracy": history[-1]["train_accuracy"],
             "epochs": len(history), "model": tcfg.model}
 
@@ -277,6 +278,14 @@ def student_step(forward: nn.Module) -> StepFn:
     return step
 
 
+def student_metadata(cfg: Config, num_classes: int, image_shape, epochs: int) -> dict[str, str]:
+    """What a student's weights file says about the model, so it can be rebuilt without the config."""
+    scfg = cfg.student
+    return {"model": scfg.model, "model_kwargs": json.dumps(scfg.model_kwargs), "timesteps": str(scfg.timesteps),
+            "num_classes": str(num_classes), "input_shape": json.dumps(list(image_shape)),
+            "distill": scfg.distill, "epochs": str(epochs)}
+
+
 def batch_mixer(cfg: AugmentConfig, num_classes: int) -> nn.Module | None:
     """torchvision's MixUp / CutMix (one of them per batch when both are on), or None."""
     from torchvision.transforms import v2
@@ -291,22 +300,27 @@ def batch_mixer(cfg: AugmentConfig, num_classes: int) -> nn.Module | None:
     return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
 
 
-def train_student(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
+def train_student(cfg: Config, run_dir: str | Path, resume: bool = False, trust_store_teacher: bool = False) -> dict:
     """Train the SNN student from cached teacher targets (the teacher is never loaded).
 
     Launched by torchrun, this process is one DDP rank: it reads its own chunks of the store,
     takes student.batch_size / world_size samples per step (the global batch is the configured
-    one), and only rank 0 writes the run directory.
+    one), and only rank 0 writes the run directory, which it holds (`RunFolder`) for the whole run.
     """
     with process_group(cfg.student.device) as (ranks, device):
-        return _train_student(cfg, Path(run_dir), resume, ranks, device)
+        return _train_student(cfg, Path(run_dir), resume, ranks, device, trust_store_teacher)
 
 
-def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, device: torch.device) -> dict:
+def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, device: torch.device,
+                   trust_store_teacher: bool) -> dict:
+    folder = RunFolder(run_dir, cfg, "student", resume) if ranks.is_main else contextlib.nullcontext()
+    if ranks.is_main:
+        folder.check()  # refused before any data or store is touched; claimed once training starts
     scfg = cfg.student
     batch_size = split_global_batch(scfg.batch_size, ranks.world_size)
     train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
-    targets = open_student_targets(cfg, "train", train)  # checked even for `none`: same data, same split
+    # checked even for `none`: same data, same split
+    targets = open_student_targets(cfg, "train", train, trust_store_teacher)
     torch.manual_seed(cfg.seed)
     student = create_student(scfg.model, train.num_classes, train.image_shape, scfg.timesteps,
                              **scfg.model_kwargs).to(device)
@@ -331,16 +345,14 @@ def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, devic
                                                       range(ranks.rank, len(test), ranks.world_size))))
         return correct / total
 
-    if ranks.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
     trainer = Trainer({"student": student, "criterion": criterion}, student_step(forward), loader, sampler,
                       optimizer, scheduler, scfg.epochs, run_dir, evaluate, device, f"student[{scfg.distill}]",
                       ranks, scfg.checkpoint_every)
-    history = trainer.fit(resume)
-    if ranks.is_main:
-        checkpoint.save_weights(student.state_dict(), run_dir / "student.safetensors",
-                                metadata={"model": scfg.model, "distill": scfg.distill})
+    with folder:
+        history = trainer.fit(resume)
+        if ranks.is_main:
+            checkpoint.save_weights(student.state_dict(), run_dir / "student.safetensors",
+                                    metadata=student_metadata(cfg, train.num_classes, train.image_shape, len(history)))
     if not all(math.isfinite(v) for v in history[-1].values()):
         raise BkdError("training finished with non-finite metrics")
     return history[-1]

@@ -23,10 +23,12 @@ from stages.common import build_config, config_options, one_line_errors
 @click.option("--device", default=None, help="Override student.device (auto, cpu, cuda[:N]).")
 @click.option("--run-dir", default=None, help="Checkpoints, history and weights [default: student.out_dir/DISTILL].")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --run-dir.")
+@click.option("--trust-store-teacher", is_flag=True,
+              help="Use the store even though teacher.checkpoint is not here to check the store's teacher against.")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="DDP processes on this machine (via torchrun): gloo on CPU, one GPU each with nccl.")
 @one_line_errors
-def main(config_path, overrides, distill, epochs, device, run_dir, resume, nproc):
+def main(config_path, overrides, distill, epochs, device, run_dir, resume, trust_store_teacher, nproc):
     """Train the spiking student with the configured distillation mode; the teacher never runs."""
     from pipeline.distributed import launched_ranks, split_global_batch  # torch: imported only when run
 
@@ -38,12 +40,13 @@ def main(config_path, overrides, distill, epochs, device, run_dir, resume, nproc
         args = ["--config", config_path, *[a for o in overrides for a in ("--set", o)], "--run-dir", run_dir]
         args += [a for name, value in (("--distill", distill), ("--epochs", epochs), ("--device", device))
                  if value is not None for a in (name, str(value))]
-        _torchrun(nproc, args + ["--resume"] * resume)  # rank 0 reports the result
+        args += ["--resume"] * resume + ["--trust-store-teacher"] * trust_store_teacher
+        _torchrun(nproc, args)  # rank 0 reports the result
         return
 
     from pipeline.train import train_student
 
-    last = train_student(cfg, run_dir, resume)
+    last = train_student(cfg, run_dir, resume, trust_store_teacher)
     if launched_ranks().is_main:
         click.echo(f"student [{cfg.student.distill}]: test accuracy {last['test_accuracy']:.4f} -> {run_dir}")
 

@@ -35,6 +35,7 @@ def make_arrays(n: int, seed: int, views: int = 1) -> dict[str, np.ndarray]:
         "view_params": rng.integers(0, 5, (n, views, PARAMS)).astype(np.int32),
         "labels": rng.integers(0, CLASSES, n).astype(np.int64),
         "index": np.arange(n, dtype=np.int64),
+        "pixel_digest": rng.integers(0, 2**63, n).astype(np.uint64),
     }
 
 
