@@ -8,6 +8,11 @@ HDF5 files), a seeded permutation otherwise (MNIST-5k, digits). The split's *fin
 cached teacher target belongs to. Nothing is downloaded: a missing file stops with one line
 that says where the files go.
 
+Files are checked where they enter, before any heavy work: dtype, shape and value range of the
+samples, and labels (1-D integers, one per sample, each in [0, num_classes)). A bad file is
+refused with one line naming it and what was expected, never coerced into something silently
+wrong.
+
 Small sources live in memory; ImageNet folders and HDF5 files are read lazily, per batch.
 """
 
@@ -121,7 +126,49 @@ class _ArraysOnly(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
-def _cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+def _check_labels(path: Path, labels, num_classes: int | None, n: int, key: str = "labels") -> np.ndarray:
+    """`labels` as int64 after checking them against the file's `n` samples (n = 0 is refused):
+    1-D, one per sample (a short list would shift every later label), integers (a float or bool
+    is not a class index, even when whole-valued), each in [0, num_classes) (>= 0 when None)."""
+    if n == 0:
+        raise DataError(f"{path}: no samples (expected at least one image and its label)")
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"{path}: '{key}' must hold integer class indices, found dtype {labels.dtype}")
+    if labels.ndim != 1:
+        raise DataError(f"{path}: '{key}' must be 1-D (one label per image), found shape {labels.shape}")
+    if len(labels) != n:
+        raise DataError(f"{path}: {len(labels)} labels for {n} images (expected one label per image)")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or (num_classes is not None and high >= num_classes):
+        row = int(np.argmin(labels)) if low < 0 else int(np.argmax(labels))
+        expected = f"in [0, {num_classes})" if num_classes is not None else ">= 0"
+        raise DataError(f"{path}: label {labels[row]} at row {row} is outside the classes (expected {expected})")
+    return labels.astype(np.int64, copy=False)
+
+
+def _cifar_images(path: Path, data) -> np.ndarray:
+    """CIFAR's `data` as (N, 3, 32, 32) uint8: (N, 3072) or (N, 3, 32, 32) integers in 0..255.
+
+    Checked, not cast: casting floats in [0, 1] to uint8 makes them black, ints above 255 wrap.
+    """
+    try:
+        images = np.asarray(data)
+    except ValueError as exc:  # a ragged list
+        raise DataError(f"{path}: 'data' is not an array ({exc})") from None
+    if images.dtype.kind not in "iu":
+        raise DataError(f"{path}: 'data' must hold integer pixel values 0..255 (uint8), found dtype {images.dtype}")
+    if not (images.ndim == 2 and images.shape[1] == 3072 or images.shape[1:] == (3, 32, 32)):
+        raise DataError(f"{path}: 'data' must be (N, 3072) or (N, 3, 32, 32), found shape {images.shape}")
+    if images.dtype != np.uint8:
+        low, high = (int(images.min()), int(images.max())) if images.size else (0, 0)
+        if low < 0 or high > 255:
+            raise DataError(f"{path}: 'data' values must lie in 0..255, found {low}..{high}")
+        images = images.astype(np.uint8)
+    return images.reshape(-1, 3, 32, 32)
+
+
+def _cifar_batch(path: Path, label_key: str, classes: int) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise DataError(f"{path} not found")
     try:
@@ -129,7 +176,8 @@ def _cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
         data, labels = batch["data"], batch[label_key]
     except (pickle.UnpicklingError, KeyError, EOFError, TypeError) as exc:
         raise DataError(f"{path}: not a CIFAR python batch ({exc})") from None
-    return np.asarray(data, np.uint8).reshape(-1, 3, 32, 32), np.asarray(labels, np.int64)
+    images = _cifar_images(path, data)
+    return images, _check_labels(path, labels, classes, len(images), label_key)
 
 
 def _cifar(folder: str, train_files: list[str], test_files: list[str], label_key: str, classes: int):
@@ -138,7 +186,7 @@ def _cifar(folder: str, train_files: list[str], test_files: list[str], label_key
         if not root.is_dir():
             raise DataError(f"{root} not found: put the CIFAR python batches ({', '.join(train_files + test_files)}) "
                             f"there (data.root = {cfg.root})")
-        parts = [_cifar_batch(root / f, label_key) for f in (train_files if split == "train" else test_files)]
+        parts = [_cifar_batch(root / f, label_key, classes) for f in (train_files if split == "train" else test_files)]
         return ArraySource(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), classes)
 
     return load
