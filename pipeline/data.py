@@ -57,7 +57,12 @@ class ArraySource(Source):
 
 
 class HDF5Source(Source):
-    """`images` (N, ...) and `labels` (N,) arrays of an HDF5 file, read lazily with h5py."""
+    """`images` (N, C, H, W) uint8 or `frames` (N, T, 2, H, W) event counts, and `labels` (N,),
+    of an HDF5 file, read lazily with h5py.
+
+    Opening checks the file from its metadata and the (small) labels array only; the event
+    counts themselves are checked per batch, as they are read.
+    """
 
     def __init__(self, path: Path, images_key: str = "images"):
         import h5py
@@ -65,14 +70,20 @@ class HDF5Source(Source):
         self.path, self.images_key = path, images_key
         try:
             with h5py.File(path, "r") as fh:
-                missing = [k for k in (images_key, "labels") if k not in fh]
+                missing = [k for k in (images_key, "labels") if not isinstance(fh.get(k), h5py.Dataset)]
                 if missing:
                     raise DataError(f"{path}: no '{missing[0]}' dataset (expected '{images_key}' and 'labels')")
-                self.labels = fh["labels"][:].astype(np.int64)
-                self.shape = tuple(fh[images_key].shape[1:])
-                self.num_classes = int(fh.attrs.get("num_classes", self.labels.max() + 1))
+                samples = fh[images_key]
+                _check_hdf5_samples(path, images_key, samples.shape, samples.dtype)
+                declared = fh.attrs.get("num_classes")
+                if declared is not None and not (isinstance(declared, (int, np.integer)) and declared > 0):
+                    raise DataError(f"{path}: attribute num_classes must be a positive integer, found {declared!r}")
+                self.labels = _check_labels(path, fh["labels"][()], None if declared is None else int(declared),
+                                            samples.shape[0])
+                self.shape = tuple(samples.shape[1:])
         except OSError as exc:
             raise DataError(f"{path}: not a readable HDF5 file ({exc})") from None
+        self.num_classes = int(declared) if declared is not None else int(self.labels.max()) + 1
         self._file = None  # opened on first read, in the process that reads (DataLoader workers)
 
     def read(self, rows: np.ndarray) -> np.ndarray:
@@ -83,10 +94,22 @@ class HDF5Source(Source):
         order = np.argsort(rows)  # h5py wants increasing indices
         sorted_rows = np.asarray(rows)[order]
         unique, inverse = np.unique(sorted_rows, return_inverse=True)
-        data = self._file[self.images_key][unique][inverse]
+        data = self._file[self.images_key][unique]
+        if self.images_key == "frames":
+            self._check_counts(data, unique)
+        data = data[inverse]
         out = np.empty_like(data)
         out[order] = data
         return out
+
+    def _check_counts(self, frames: np.ndarray, rows: np.ndarray) -> None:
+        """Event counts are >= 0 and finite: a NaN or a negative count would flow into training."""
+        bad = ~(np.isfinite(frames) & (frames >= 0))
+        if bad.any():
+            bad_rows = rows[bad.reshape(len(rows), -1).any(axis=1)].tolist()
+            shown = f"{bad_rows[:5]}" + (f" and {len(bad_rows) - 5} more" if len(bad_rows) > 5 else "")
+            raise DataError(f"{self.path}: '{self.images_key}' rows {shown} hold negative or non-finite "
+                            f"event counts (expected finite counts >= 0)")
 
     def __getstate__(self):
         return {**self.__dict__, "_file": None}
@@ -145,6 +168,19 @@ def _check_labels(path: Path, labels, num_classes: int | None, n: int, key: str 
         expected = f"in [0, {num_classes})" if num_classes is not None else ">= 0"
         raise DataError(f"{path}: label {labels[row]} at row {row} is outside the classes (expected {expected})")
     return labels.astype(np.int64, copy=False)
+
+
+def _check_hdf5_samples(path: Path, key: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """`images` must be (N, C, H, W) uint8 (scaled by 1/255: a float image in [0, 1] would turn
+    black); `frames` (N, T, 2, H, W) of a real number type (event counts per polarity)."""
+    if key == "frames":
+        expected = "(N, T, 2, H, W) real-valued event counts"
+        ok = len(shape) == 5 and shape[2] == 2 and dtype.kind in "iuf"
+    else:
+        expected = "(N, C, H, W) uint8"
+        ok = len(shape) == 4 and dtype == np.uint8
+    if not ok:
+        raise DataError(f"{path}: '{key}' must be {expected}, found {shape} {dtype}")
 
 
 def _cifar_images(path: Path, data) -> np.ndarray:

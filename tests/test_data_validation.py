@@ -7,6 +7,7 @@ import pickle
 import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -78,6 +79,71 @@ def test_cifar_accepts_other_integer_arrays_within_0_255(tmp_path):
     assert test.source.images.dtype == np.uint8
     np.testing.assert_array_equal(test.source.images, pixels.reshape(4, 3, 32, 32))
     assert test.labels.tolist() == [0, 9, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# HDF5 files
+# ---------------------------------------------------------------------------------------------
+
+
+def _h5(path: Path, key: str, data: np.ndarray, labels: np.ndarray, num_classes=None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset(key, data=data)
+        fh.create_dataset("labels", data=labels)
+        if num_classes is not None:
+            fh.attrs["num_classes"] = num_classes
+    return path
+
+
+def _images(n: int = 4, shape=(1, 8, 8)) -> np.ndarray:
+    return RNG.integers(0, 256, (n, *shape), dtype=np.uint8)
+
+
+def _frames(n: int = 4, shape=(3, 2, 8, 8), dtype=np.float32) -> np.ndarray:
+    return RNG.integers(0, 4, (n, *shape)).astype(dtype)
+
+
+@pytest.mark.parametrize("name, key, data, labels, num_classes, fragments", [
+    ("hdf5", "images", RNG.random((4, 1, 8, 8), dtype=np.float32), [0, 1, 2, 3], 10, ["(N, C, H, W) uint8", "float32"]),
+    ("hdf5", "images", _images(4, (8, 8)), [0, 1, 2, 3], 10, ["(N, C, H, W) uint8", "(4, 8, 8)"]),
+    ("dvs_hdf5", "frames", _frames(4, (2, 8, 8)), [0, 1, 2, 3], 10, ["(N, T, 2, H, W)", "(4, 2, 8, 8)"]),
+    ("dvs_hdf5", "frames", _frames(4, (3, 3, 8, 8)), [0, 1, 2, 3], 10, ["(N, T, 2, H, W)", "(4, 3, 3, 8, 8)"]),
+    ("dvs_hdf5", "frames", _frames(dtype=np.complex64), [0, 1, 2, 3], 10, ["real-valued", "complex64"]),
+    ("hdf5", "images", _images(), np.array([0.0, 1.0, 2.0, 3.0]), 10, ["'labels'", "integer", "float64"]),
+    ("hdf5", "images", _images(), np.array([[0, 1], [2, 3]]), 10, ["'labels'", "1-D", "(2, 2)"]),
+    ("hdf5", "images", _images(), [0, 1, 2], 10, ["3 labels", "4 images"]),
+    ("hdf5", "images", _images(), [0, 1, 2, 10], 10, ["label 10", "row 3", "[0, 10)"]),
+    ("hdf5", "images", _images(), [0, -2, 2, 3], None, ["label -2", "row 1", ">= 0"]),
+    ("hdf5", "images", _images(), [0, 1, 2, 3], 2.5, ["num_classes", "positive integer", "2.5"]),
+    ("hdf5", "images", _images(0), np.zeros(0, np.int64), 10, ["no samples"]),
+], ids=["float-images", "3d-images", "4d-frames", "3-polarities", "complex-frames", "float-labels",
+        "2d-labels", "fewer-labels", "label-above-attribute", "negative-label", "float-attribute", "empty"])
+def test_hdf5_refuses_bad_files_at_open(tmp_path, name, key, data, labels, num_classes, fragments):
+    path = _h5(tmp_path / "train.h5", key, data, np.asarray(labels), num_classes)
+    _refused([str(path), *fragments], load_split, _data_cfg(name, tmp_path), "train")
+
+
+def test_hdf5_checks_do_not_read_the_images(tmp_path, monkeypatch):
+    _h5(tmp_path / "train.h5", "images", _images(), [0, 1, 2, 3], 10)
+    read = h5py.Dataset.__getitem__
+
+    def only_labels(self, key):
+        assert self.name == "/labels", f"{self.name} read at open time"
+        return read(self, key)
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", only_labels)
+    assert load_split(_data_cfg("hdf5", tmp_path), "train").num_classes == 10
+
+
+@pytest.mark.parametrize("bad", [-1.0, np.nan, np.inf])
+def test_dvs_frames_with_negative_or_non_finite_counts_are_refused_when_read(tmp_path, bad):
+    frames = _frames(6)
+    frames[4, 1, 0, 2, 3] = bad
+    path = _h5(tmp_path / "train.h5", "frames", frames, np.arange(6) % 2)
+    train = load_split(_data_cfg("dvs_hdf5", tmp_path), "train")
+    assert train.load([0, 1, 2]).shape == (3, 3, 2, 8, 8)  # rows without the bad value read fine
+    _refused([str(path), "'frames'", "rows [4]", "negative or non-finite"], train.load, [5, 4, 0])
 
 
 # ---------------------------------------------------------------------------------------------
