@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,22 +117,38 @@ class HDF5Source(Source):
 
 
 class ImageFolderSource(Source):
-    """An ImageNet-style class-folder tree (torchvision's ImageFolder), resized and center-cropped."""
+    """An ImageNet-style class-folder tree (torchvision's ImageFolder), resized and center-cropped.
+
+    Labels are the indices of the sorted class-folder names, so every class needs a folder with
+    images in it: an empty one is refused rather than left to torchvision's traceback.
+    """
 
     def __init__(self, root: Path, size: int):
         from torchvision.datasets import ImageFolder
 
-        self.folder = ImageFolder(str(root))
+        _class_names(root)  # refuses a tree without class folders in one line
+        self.folder = ImageFolder(str(root), allow_empty=True)
+        self.classes = self.folder.classes
         self.labels = np.asarray(self.folder.targets, dtype=np.int64)
-        self.num_classes, self.size = len(self.folder.classes), size
+        counts = np.bincount(self.labels, minlength=len(self.classes))
+        if (counts == 0).any():
+            raise DataError(f"{root / self.classes[int(np.argmin(counts))]}: no images (expected image files "
+                            f"such as *.JPEG in every class folder)")
+        self.num_classes, self.size = len(self.classes), size
         self.shape = (3, size, size)
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         import torchvision.transforms.v2.functional as TF
+        from PIL import Image
 
         out = np.empty((len(rows), *self.shape), np.uint8)
         for k, row in enumerate(np.asarray(rows).tolist()):
-            image = TF.pil_to_tensor(self.folder.loader(self.folder.samples[row][0]))
+            path = self.folder.samples[row][0]
+            try:
+                pil = self.folder.loader(path)
+            except (OSError, Image.DecompressionBombError) as exc:  # truncated or corrupt files
+                raise DataError(f"{path}: not a readable image ({exc})") from None
+            image = TF.pil_to_tensor(pil)
             image = TF.center_crop(TF.resize(image, [self.size], antialias=True), [self.size, self.size])
             out[k] = image.numpy()
         return out
@@ -228,12 +245,36 @@ def _cifar(folder: str, train_files: list[str], test_files: list[str], label_key
     return load
 
 
+def _class_names(folder: Path) -> list[str]:
+    """The class-folder names under `folder`, sorted as ImageFolder numbers them (no image is listed)."""
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    if not classes:
+        raise DataError(f"{folder}: no class folders (expected {folder}/<class>/*.JPEG)")
+    return classes
+
+
 def _imagenet(cfg: DataConfig, split: str) -> Source:
-    folder = Path(cfg.root) / ("train" if split == "train" else "val")
-    if not folder.is_dir():
-        raise DataError(f"{folder} not found: ImageNet goes in data.root as train/<class>/*.JPEG "
-                        f"and val/<class>/*.JPEG")
-    return ImageFolderSource(folder, cfg.image_size)
+    """train/ or val/ of data.root; val/ only with the same class folders as train/.
+
+    ImageFolder numbers classes by the sorted folder names of each tree, so a val/ tree missing
+    a class would silently renumber every later label: the test split is always checked
+    against the names of train/'s class folders, even when loaded alone.
+    """
+    train = Path(cfg.root) / "train"
+    folder = train if split == "train" else Path(cfg.root) / "val"
+    for needed in dict.fromkeys((train, folder)):  # train/ first: it numbers the classes
+        if not needed.is_dir():
+            raise DataError(f"{needed} not found: ImageNet goes in data.root as train/<class>/*.JPEG "
+                            f"and val/<class>/*.JPEG")
+    source = ImageFolderSource(folder, cfg.image_size)
+    if folder != train:
+        expected, found = _class_names(train), source.classes
+        if expected != found:
+            first = min(set(expected) ^ set(found))
+            only_in = train if first in expected else folder
+            raise DataError(f"{train} and {folder} hold different class folders: '{first}' is only in {only_in} "
+                            f"(labels are numbered by the sorted class names, so both need the same ones)")
+    return source
 
 
 def _hdf5(images_key: str):

@@ -10,12 +10,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.data import load_split
 from pipeline.errors import DataError
 from tests.conftest import REPO, run_bkd
-from tests.test_datasets import write_cifar10
+from tests.test_datasets import write_cifar10, write_imagefolder
 
 RNG = np.random.default_rng(1)
 
@@ -144,6 +145,57 @@ def test_dvs_frames_with_negative_or_non_finite_counts_are_refused_when_read(tmp
     train = load_split(_data_cfg("dvs_hdf5", tmp_path), "train")
     assert train.load([0, 1, 2]).shape == (3, 3, 2, 8, 8)  # rows without the bad value read fine
     _refused([str(path), "'frames'", "rows [4]", "negative or non-finite"], train.load, [5, 4, 0])
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageNet-style class folders
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda root: shutil.rmtree(root / "val" / "n01440764"), "'n01440764' is only in"),
+    (lambda root: shutil.copytree(root / "val" / "n01443537", root / "val" / "n09999999"), "'n09999999' is only in"),
+], ids=["val-missing-a-class", "val-with-an-extra-class"])
+def test_imagefolder_refuses_differing_class_lists(tmp_path, change, fragment):
+    write_imagefolder(tmp_path, per_class=2)
+    change(tmp_path)
+    cfg = _data_cfg("imagenet", tmp_path, "data.image_size=16")
+    fragments = [str(tmp_path / "train"), str(tmp_path / "val"), fragment]
+    _refused(fragments, load_split, cfg, "test")
+
+
+def test_imagefolder_test_split_needs_the_train_folder_to_number_its_classes(tmp_path):
+    write_imagefolder(tmp_path, per_class=2)
+    shutil.rmtree(tmp_path / "train")
+    _refused([str(tmp_path / "train"), "not found"], load_split, _data_cfg("imagenet", tmp_path), "test")
+
+
+def test_imagefolder_refuses_an_empty_class_folder(tmp_path):
+    write_imagefolder(tmp_path, per_class=2)
+    for image in (tmp_path / "train" / "n01443537").iterdir():
+        image.unlink()
+    _refused([str(tmp_path / "train" / "n01443537"), "no images"], load_split, _data_cfg("imagenet", tmp_path),
+             "train")
+
+
+def test_imagefolder_refuses_a_tree_without_class_folders(tmp_path):
+    (tmp_path / "train").mkdir()
+    _refused([str(tmp_path / "train"), "no class folders"], load_split, _data_cfg("imagenet", tmp_path), "train")
+
+
+@pytest.mark.parametrize("damage", [
+    lambda data: data[: len(data) // 2],  # truncated download
+    lambda data: b"not a jpeg at all" + data[100:],  # corrupt header
+], ids=["truncated", "corrupt"])
+def test_imagefolder_refuses_an_unreadable_image_when_read(tmp_path, damage):
+    write_imagefolder(tmp_path, per_class=2)
+    path = tmp_path / "train" / "n01443537" / "1.JPEG"
+    Image.fromarray(RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path, quality=95)
+    path.write_bytes(damage(path.read_bytes()))
+    train = load_split(_data_cfg("imagenet", tmp_path, "data.image_size=16"), "train")
+    row = [s[0] for s in train.source.folder.samples].index(str(path))
+    assert train.load([0]).shape == (1, 3, 16, 16)
+    _refused([str(path), "not a readable image"], train.load, [0, row])
 
 
 # ---------------------------------------------------------------------------------------------
