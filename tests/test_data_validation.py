@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from pipeline.config import load_config
-from pipeline.data import load_split
-from pipeline.errors import DataError
+from pipeline.data import load_split, load_splits
+from pipeline.errors import ConfigError, DataError
 from tests.conftest import REPO, run_bkd
-from tests.test_datasets import write_cifar10, write_imagefolder
+from tests.test_datasets import write_cifar10, write_hdf5, write_imagefolder
 
 RNG = np.random.default_rng(1)
 
@@ -162,6 +162,7 @@ def test_imagefolder_refuses_differing_class_lists(tmp_path, change, fragment):
     cfg = _data_cfg("imagenet", tmp_path, "data.image_size=16")
     fragments = [str(tmp_path / "train"), str(tmp_path / "val"), fragment]
     _refused(fragments, load_split, cfg, "test")
+    _refused(fragments, load_splits, cfg, ["train", "test"])
 
 
 def test_imagefolder_test_split_needs_the_train_folder_to_number_its_classes(tmp_path):
@@ -196,6 +197,65 @@ def test_imagefolder_refuses_an_unreadable_image_when_read(tmp_path, damage):
     row = [s[0] for s in train.source.folder.samples].index(str(path))
     assert train.load([0]).shape == (1, 3, 16, 16)
     _refused([str(path), "not a readable image"], train.load, [0, row])
+
+
+# ---------------------------------------------------------------------------------------------
+# Train and test of one dataset
+# ---------------------------------------------------------------------------------------------
+
+
+def test_load_splits_refuses_a_sample_shape_mismatch(tmp_path):
+    train = _h5(tmp_path / "train.h5", "images", _images(4, (1, 8, 8)), [0, 1, 2, 3], 10)
+    test = _h5(tmp_path / "test.h5", "images", _images(4, (3, 8, 8)), [0, 1, 2, 3], 10)
+    _refused([str(train), str(test), "(1, 8, 8)", "(3, 8, 8)"], load_splits, _data_cfg("hdf5", tmp_path),
+             ["train", "test"])
+
+
+def test_load_splits_shares_the_class_count_of_files_without_the_attribute(tmp_path):
+    _h5(tmp_path / "train.h5", "images", _images(), [0, 1, 2, 3])
+    _h5(tmp_path / "test.h5", "images", _images(), [0, 1, 1, 0])  # no sample of classes 2 and 3
+    splits = load_splits(_data_cfg("hdf5", tmp_path), ["train", "test"])
+    assert splits["train"].num_classes == splits["test"].num_classes == 4
+    assert splits["test"].labels.tolist() == [0, 1, 1, 0]
+
+
+def test_load_splits_refuses_disagreeing_class_counts(tmp_path):
+    train = _h5(tmp_path / "train.h5", "images", _images(), [0, 1, 2, 3], 10)
+    test = _h5(tmp_path / "test.h5", "images", _images(), [0, 1, 2, 3], 5)
+    _refused([str(train), str(test), "10 classes", "5"], load_splits, _data_cfg("hdf5", tmp_path), ["train", "test"])
+
+
+def test_load_splits_holds_an_undeclared_split_to_the_declared_class_count(tmp_path):
+    _h5(tmp_path / "train.h5", "images", _images(), [0, 1, 2, 3], 5)
+    _h5(tmp_path / "test.h5", "images", _images(), [0, 1, 1, 0])
+    splits = load_splits(_data_cfg("hdf5", tmp_path), ["train", "test"])
+    assert splits["train"].num_classes == splits["test"].num_classes == 5
+
+    train = tmp_path / "train.h5"
+    test = _h5(tmp_path / "test.h5", "images", _images(), [0, 1, 6, 0])
+    _refused([str(test), str(train), "label 6", "[0, 5)"], load_splits, _data_cfg("hdf5", tmp_path),
+             ["train", "test"])
+
+
+def test_load_split_alone_still_loads_one_split(tmp_path):
+    write_hdf5(tmp_path, "images", (1, 8, 8), {"train": 6, "test": 3})
+    cfg = _data_cfg("hdf5", tmp_path)
+    assert len(load_split(cfg, "test")) == 3
+    assert load_splits(cfg, ["test"])["test"].fingerprint() == load_split(cfg, "test").fingerprint()
+
+
+# ---------------------------------------------------------------------------------------------
+# Empty splits
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["data.limit=0"], "data.limit"),
+    (["data.test_size=5000"], "data.test_size"),
+])
+def test_a_split_left_empty_by_the_config_is_refused(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_split(load_config(None, overrides).data, "test")
 
 
 # ---------------------------------------------------------------------------------------------
