@@ -43,6 +43,15 @@ class ViewAugmenter:
         if cfg.kind not in PARAM_NAMES:  # also checked by config validation; here for direct use
             raise ConfigError(f"augment.kind: unknown '{cfg.kind}' (known: {', '.join(PARAM_NAMES)})")
         self.cfg, self.height, self.width = cfg, image_shape[-2], image_shape[-1]
+        # Bounds that need the image size, for the kind that uses each. A pad beyond the image's
+        # larger side only adds zeros (and pad 200000 would allocate a 640 GB canvas); a circular
+        # roll by a whole side or more repeats smaller rolls.
+        if cfg.kind == "pad_crop_flip" and cfg.pad > max(self.height, self.width):
+            raise ConfigError(f"augment.pad must be <= {max(self.height, self.width)} (the images' larger side), "
+                              f"got {cfg.pad}")
+        if cfg.kind == "event_flip_roll" and cfg.max_roll >= min(self.height, self.width):
+            raise ConfigError(f"augment.max_roll must be < {min(self.height, self.width)} (the images' side), "
+                              f"got {cfg.max_roll}")
         # What padding writes, per channel, in the normalized space the images live in: the
         # normalized value of raw 0 (black), as torchvision pads raw images. None: 0.
         self.fill = fill

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,96 @@ from pipeline.errors import ConfigError
 
 DISTILL_MODES = ("none", "kd", "wsld", "bkd", "mixed")
 FLOAT_DTYPES = ("float16", "float32")
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; anything near this is not one
+MAX_ALIAS_VALUES = 10_000  # values that YAML aliases may add to a document (see _ConfigLoader)
+MAX_TEACHER_INPUT_SIZE = 4096
+
+
+class YAMLRefused(yaml.YAMLError):
+    """Well-formed YAML that a config may not contain; the message is one line, shown as is."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys and alias bombs.
+
+    Duplicate keys: YAML says a mapping's keys are unique, PyYAML keeps the last silently, so a
+    second `lr:` in a section would override the first unnoticed. Checked on the node's own
+    pairs, before `<<` merge keys are flattened (a key that overrides a merged one is fine).
+
+    Aliases: a document of nested aliases ("billion laughs") is tiny as text and as composed
+    nodes (an alias is the same node again), but everything that walks the loaded value --
+    type checks, error messages -- sees its full expansion. Refusing aliases altogether would be
+    simplest, but anchors are a legitimate way to share a block between sections, so instead
+    every alias is charged the expanded size of the node it repeats (memoized per node, so the
+    counting is linear in the document) and the document is refused once the aliases add more
+    than MAX_ALIAS_VALUES values. An alias to a node still being composed (a recursive
+    document) never expands to a finite config and is refused too.
+    """
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._alias_values = 0
+        self._sizes: dict[int, int] = {}
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            node = self.anchors.get(event.anchor)
+            if node is not None:  # an undefined alias is reported by the composer itself
+                line = event.start_mark.line + 1
+                if node.end_mark is None:
+                    raise YAMLRefused(f"recursive alias *{_clip(event.anchor)} at line {line}")
+                self._alias_values += self._size(node)
+                if self._alias_values > MAX_ALIAS_VALUES:
+                    raise YAMLRefused(f"aliases expand to more than {MAX_ALIAS_VALUES} values "
+                                      f"(at *{_clip(event.anchor)}, line {line})")
+        return super().compose_node(parent, index)
+
+    def _size(self, node: yaml.Node) -> int:
+        """How many values `node` stands for once every alias in it is expanded."""
+        size = self._sizes.get(id(node))
+        if size is None:
+            if isinstance(node, yaml.SequenceNode):
+                size = 1 + sum(self._size(child) for child in node.value)
+            elif isinstance(node, yaml.MappingNode):
+                size = 1 + sum(self._size(k) + self._size(v) for k, v in node.value)
+            else:
+                size = 1
+            self._sizes[id(node)] = size
+        return size
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in first_line:
+                    raise YAMLRefused(f"duplicate key {_short(key)} at line {line} "
+                                      f"(first at line {first_line[key]})")
+                first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    """`text` cut to `limit` characters: error messages never echo huge values."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_REPR = reprlib.Repr()  # Python 3.11's Repr takes no arguments: set its limits
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlist = _REPR.maxdict = 8
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr(value), abbreviated like reprlib and cut to `limit` characters."""
+    return _clip(_REPR.repr(value), limit)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)
 
 
 @dataclass
@@ -162,20 +253,20 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError:
                 continue
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {_short(value)}")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {_short(value)}")
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {_short(value)}")
         return dict(value)
     if tp is float:
         # YAML reads `1e-3` as a string (YAML 1.1); accept ints and numeric strings.
         if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {_short(value)}")
         if isinstance(value, (int, float)):
             return float(value)
         if isinstance(value, str):
@@ -183,19 +274,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        raise ConfigError(f"{where}: expected a number, got {_short(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        raise ConfigError(f"{where}: expected an integer, got {_short(value)}")
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}: expected true or false, got {_short(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
+        raise ConfigError(f"{where}: expected a string, got {_short(value)}")
     if tp is Any:
         return value
     raise TypeError(f"unsupported config annotation {tp!r} at {where}")
@@ -204,10 +295,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    unknown = sorted(set(raw) - names, key=str)  # YAML keys may be numbers, null, ...
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
+        key = unknown[0] if isinstance(unknown[0], str) else repr(unknown[0])
+        raise ConfigError(f"unknown config key '{prefix}{_clip(key)}' (known: {', '.join(sorted(names))})")
     kwargs = {}
     for key, value in raw.items():
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
@@ -226,12 +318,17 @@ def validate(cfg: Config) -> Config:
     from pipeline.data import DATASETS  # local imports: these pull in torch
     from pipeline.models import STUDENTS
 
-    _check(timm.is_model(cfg.teacher.model), f"teacher.model: '{cfg.teacher.model}' is not a timm model name")
+    _check(timm.is_model(cfg.teacher.model), f"teacher.model: {_short(cfg.teacher.model)} is not a timm model name")
     _check(cfg.student.model in STUDENTS,
-           f"student.model: unknown student '{cfg.student.model}' (known: {', '.join(sorted(STUDENTS))})")
-    _check(cfg.data.name in DATASETS, f"data.name: unknown dataset '{cfg.data.name}' (known: {', '.join(DATASETS)})")
+           f"student.model: unknown student {_short(cfg.student.model)} (known: {', '.join(sorted(STUDENTS))})")
+    _check(cfg.data.name in DATASETS,
+           f"data.name: unknown dataset {_short(cfg.data.name)} (known: {', '.join(DATASETS)})")
+    # numpy refuses negative seeds (with a traceback, deep inside data loading or augmentation)
+    for key, seed in (("seed", cfg.seed), ("data.split_seed", cfg.data.split_seed), ("augment.seed", cfg.augment.seed)):
+        _check(seed >= 0, f"{key} must be >= 0, got {seed}")
     _check(cfg.data.test_size > 0, "data.test_size must be > 0")
     _check(cfg.data.limit is None or cfg.data.limit > 0, "data.limit must be > 0 or null")
+    _check(cfg.data.image_size >= 1, f"data.image_size must be >= 1, got {cfg.data.image_size}")
     for section in (cfg.teacher, cfg.student):
         name = "teacher" if section is cfg.teacher else "student"
         _check(section.epochs >= 1, f"{name}.epochs must be >= 1, got {section.epochs}")
@@ -239,25 +336,33 @@ def validate(cfg: Config) -> Config:
         _check(0 < section.lr < math.inf, f"{name}.lr must be finite and > 0, got {section.lr}")
         _check(section.weight_decay >= 0, f"{name}.weight_decay must be >= 0")
         _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", section.device) is not None,
-               f"{name}.device must be auto, cpu or cuda[:N], got '{section.device}'")
+               f"{name}.device must be auto, cpu or cuda[:N], got {_short(section.device)}")
     _check(cfg.teacher.random_shift >= 0, "teacher.random_shift must be >= 0")
-    _check(cfg.teacher.input_size is None or cfg.teacher.input_size >= 1, "teacher.input_size must be >= 1 or null")
+    size = cfg.teacher.input_size
+    _check(size is None or 1 <= size <= MAX_TEACHER_INPUT_SIZE,
+           f"teacher.input_size must be in [1, {MAX_TEACHER_INPUT_SIZE}] or null, got {size}")
+    # An empty path is "." to pathlib: a store there once made --overwrite delete the working
+    # directory. Empty or blank usually means an unset shell variable in `--set extract.store=$X`.
+    for key, value in (("extract.store", cfg.extract.store), ("student.out_dir", cfg.student.out_dir),
+                       ("teacher.checkpoint", cfg.teacher.checkpoint)):
+        _check(value.strip() != "", f"{key} must be a non-empty path, got {_short(value)}")
     _validate_augment(cfg)
     ex = cfg.extract
     _check(ex.chunk_size >= 1, f"extract.chunk_size must be >= 1, got {ex.chunk_size}")
     _check(ex.chunks_per_shard >= 1, f"extract.chunks_per_shard must be >= 1, got {ex.chunks_per_shard}")
     _check(ex.batch_size >= 1, "extract.batch_size must be >= 1")
     _check(ex.logits_topk is None or ex.logits_topk >= 1, "extract.logits_topk must be >= 1 or null")
-    _check(ex.features in ("pre_logits", "map"), f"extract.features must be pre_logits or map, got '{ex.features}'")
+    _check(ex.features in ("pre_logits", "map"), f"extract.features must be pre_logits or map, got {_short(ex.features)}")
     _check(bool(ex.splits), "extract.splits must name at least one split")
     for split in ex.splits:
-        _check(split in ("train", "test"), f"extract.splits: unknown split '{split}' (known: train, test)")
+        _check(split in ("train", "test"), f"extract.splits: unknown split {_short(split)} (known: train, test)")
     _check(ex.feature_dtype in FLOAT_DTYPES, f"extract.feature_dtype must be one of {FLOAT_DTYPES}")
     _check(ex.logits_dtype in FLOAT_DTYPES, f"extract.logits_dtype must be one of {FLOAT_DTYPES}")
     _check(1 <= ex.zstd_level <= 22, "extract.zstd_level must be in [1, 22]")
     st = cfg.student
     _check(st.timesteps >= 1, f"student.timesteps (T) must be >= 1, got {st.timesteps}")
-    _check(st.distill in DISTILL_MODES, f"student.distill: unknown mode '{st.distill}' (known: {', '.join(DISTILL_MODES)})")
+    _check(st.distill in DISTILL_MODES,
+           f"student.distill: unknown mode {_short(st.distill)} (known: {', '.join(DISTILL_MODES)})")
     _check(0.0 <= st.bkd.blur_ratio < 1.0, f"student.bkd.blur_ratio (lambda) must be in [0, 1), got {st.bkd.blur_ratio}")
     _check(0 <= st.bkd.alpha < math.inf, f"student.bkd.alpha must be finite and >= 0, got {st.bkd.alpha}")
     _check(0 < st.logits.temperature < math.inf,
@@ -272,17 +377,20 @@ def _validate_augment(cfg: Config) -> None:
     from pipeline.augment import PARAM_NAMES
 
     aug, views = cfg.augment, cfg.extract.views
-    _check(aug.kind in PARAM_NAMES, f"augment.kind: unknown '{aug.kind}' (known: {', '.join(PARAM_NAMES)})")
-    _check(aug.pad >= 0 and aug.max_roll >= 0, "augment.pad and augment.max_roll must be >= 0")
+    _check(aug.kind in PARAM_NAMES, f"augment.kind: unknown {_short(aug.kind)} (known: {', '.join(PARAM_NAMES)})")
+    # Upper bounds on pad and max_roll depend on the image size: ViewAugmenter checks them.
+    _check(aug.pad >= 0, f"augment.pad must be >= 0, got {aug.pad}")
+    _check(aug.max_roll >= 0, f"augment.max_roll must be >= 0, got {aug.max_roll}")
     for name in ("scale", "ratio"):
         low_high = getattr(aug, name)
-        _check(len(low_high) == 2 and 0 < low_high[0] <= low_high[1],
-               f"augment.{name} must be [low, high] with 0 < low <= high, got {low_high}")
+        # finite: torchvision's crop sampling takes log(ratio) and loops or crashes on inf
+        _check(len(low_high) == 2 and 0 < low_high[0] <= low_high[1] < math.inf,
+               f"augment.{name} must be [low, high] with 0 < low <= high, both finite, got {_short(low_high)}")
     _check(aug.scale[1] <= 1.0, f"augment.scale must lie in (0, 1], got {aug.scale}")
     _check(views >= 1, f"extract.views (K) must be >= 1, got {views}")
     _check(views == 1 or aug.kind != "none", "extract.views > 1 needs an augmentation (augment.kind is none)")
     _check(cfg.student.augment in ("views", "online"),
-           f"student.augment must be 'views' or 'online', got '{cfg.student.augment}'")
+           f"student.augment must be 'views' or 'online', got {_short(cfg.student.augment)}")
     _check(aug.mixup >= 0 and aug.cutmix >= 0, "augment.mixup and augment.cutmix must be >= 0")
     if (aug.mixup > 0 or aug.cutmix > 0) and cfg.student.distill != "none":
         raise ConfigError(
@@ -290,22 +398,42 @@ def _validate_augment(cfg: Config) -> None:
             "targets belong to unmixed inputs, and a mixed image's teacher feature is not the mix of the features")
 
 
-def _parse_scalar(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
+def _parse_scalar(text: str, assignment: str) -> Any:
+    if text == "":
+        return ""
+    try:
+        return _yaml_load(text)
+    except YAMLRefused as exc:
+        raise ConfigError(f"override '{_clip(assignment)}': {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{_clip(assignment)}': the value is not valid YAML "
+                          f"({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """A YAML error in one line: its problem and where, else the first line of its text."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        where = f" at line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}" if exc.problem_mark else ""
+        return _clip(f"{exc.problem}{where}", 200)
+    lines = str(exc).strip().splitlines()
+    return _clip(lines[0].strip() if lines else type(exc).__name__, 200)
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply one ``dotted.key=value`` override to a raw config mapping (value parsed as YAML)."""
     if "=" not in assignment:
-        raise ConfigError(f"override '{assignment}' must look like section.key=value")
+        raise ConfigError(f"override '{_clip(assignment)}' must look like section.key=value")
     dotted, text = assignment.split("=", 1)
-    keys = dotted.strip().split(".")
+    keys = [key.strip() for key in dotted.split(".")]
+    if not all(keys):
+        raise ConfigError(f"override '{_clip(assignment)}': empty key in '{_clip(dotted)}' "
+                          "(expected section.key=value)")
     node = raw
-    for key in keys[:-1]:
+    for depth, key in enumerate(keys[:-1]):
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override '{assignment}': '{key}' is not a section")
-    node[keys[-1]] = _parse_scalar(text)
+            raise ConfigError(f"override '{_clip(assignment)}': '{'.'.join(keys[:depth + 1])}' is not a section")
+    node[keys[-1]] = _parse_scalar(text, assignment)
 
 
 def load_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -> Config:
@@ -315,15 +443,32 @@ def load_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raw = _read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     for assignment in overrides:
         apply_override(raw, assignment)
     return validate(_build(Config, raw, ""))
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config ({exc.strerror or exc})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB, too large for a config file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+    try:
+        return _yaml_load(text)
+    except YAMLRefused as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({_first_line(exc)})") from None
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import hashlib
 import os
+import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -109,11 +110,23 @@ def launched_ranks() -> Ranks:
 
 
 def resolve_device(name: str, ranks: Ranks = Ranks()) -> torch.device:
-    """'auto' | 'cpu' | 'cuda[:N]'; under DDP each rank takes cuda:LOCAL_RANK."""
+    """'auto' | 'cpu' | 'cuda[:N]'; under DDP each rank takes cuda:LOCAL_RANK.
+
+    Also checked here, not only by config validation: `bkd extract-teacher --device` passes
+    the command line's string straight in.
+    """
+    match = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", name)
+    if match is None:
+        shown = name if len(name) <= 40 else name[:37] + "..."
+        raise BkdError(f"device {shown!r}: expected auto, cpu, cuda or cuda:N")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise BkdError(f"device '{name}' requested but CUDA is not available on this machine")
+    if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise BkdError(f"device '{name}': this machine has {count} visible GPU{'s' * (count != 1)} "
+                       f"(cuda:0 to cuda:{count - 1})")
     if ranks.distributed and name.startswith("cuda"):
         if name != "cuda":
             raise BkdError(f"device '{name}' names one GPU, but each of the {ranks.world_size} ranks takes "

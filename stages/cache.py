@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from stages.common import one_line_errors
+from stages.common import one_line_errors, run_standalone
 
 
 @click.group("cache")
@@ -61,4 +61,4 @@ def verify(store):
 
 
 if __name__ == "__main__":
-    main()
+    run_standalone(main)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import click
 
 from stages import cache, evaluate, extract_teacher, train_student, train_teacher
+from stages.common import OneLineErrorsGroup
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrorsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bkd")
 def main():
     """Offline Blurred Knowledge Distillation for spiking neural networks.

@@ -33,15 +33,85 @@ def build_config(config_path: str, overrides: list[str], **options) -> Config:
     return load_config(config_path, list(overrides) + extra)
 
 
+def error_line(message: str) -> str:
+    """The one line every refusal prints: `bkd: error: MESSAGE`, newlines folded."""
+    return "bkd: error: " + " ".join(str(message).split("\n")).strip()
+
+
+def _os_error_message(exc: OSError) -> str:
+    """`strerror: filename` for errors of the environment (read-only directory, full disk, ...)."""
+    if not exc.strerror:
+        return str(exc) or type(exc).__name__
+    message = exc.strerror
+    if exc.filename is not None:
+        message += f": {exc.filename}"
+    if exc.filename2 is not None:
+        message += f" -> {exc.filename2}"
+    return message
+
+
 def one_line_errors(command):
-    """Report bad input as `bkd: error: ...` on stderr with exit code 2."""
+    """Report bad input as `bkd: error: ...` on stderr with exit code 2.
+
+    Besides BkdError, the environment's refusals -- OSError (read-only directory, full disk,
+    permission denied) and MemoryError -- are reported the same way: they are not bugs of
+    bkd, and a traceback would hide the one fact that matters. Any other exception is a bug
+    and keeps its traceback.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except BkdError as exc:
-            click.echo(f"bkd: error: {exc}", err=True)
-            sys.exit(2)
+            message = str(exc)
+        except OSError as exc:
+            message = _os_error_message(exc)
+        except MemoryError as exc:
+            message = f"out of memory{f' ({exc})' if str(exc) else ''}"
+        click.echo(error_line(message), err=True)
+        sys.exit(2)
 
     return wrapper
+
+
+def run_click(main, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+    """Run click command or group `main` as the `bkd` CLI: click's usage errors become one line.
+
+    Click's own refusals (unknown option, bad choice, missing argument, value out of range)
+    print a multi-line "Usage: ... Try ... Error: ..." block; bkd prints them like every other
+    refusal: `bkd: error: MESSAGE` and exit code 2. --help and --version are click's as usual.
+    `main` is the click `main` method to call (a bound method, or `super().main`).
+    """
+    if not standalone_mode:  # the caller handles click's exceptions itself
+        return main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra)
+    try:
+        rv = main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra)
+    except click.exceptions.NoArgsIsHelpError as exc:  # a bare `bkd`: the help, as click shows it
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        message = exc.format_message()
+        ctx = getattr(exc, "ctx", None)
+        if isinstance(exc, click.UsageError) and ctx is not None:
+            message += f" (see '{ctx.command_path} --help')"
+        click.echo(error_line(message), err=True)
+        sys.exit(2)
+    except click.Abort:  # Ctrl-C or end of input at a prompt
+        click.echo(error_line("aborted"), err=True)
+        sys.exit(1)
+    # As in click's standalone mode: an exit code from --help/--version/ctx.exit, else success.
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class OneLineErrorsGroup(click.Group):
+    """A click group whose usage errors are one `bkd: error:` line (see `run_click`)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        return run_click(super().main, args, prog_name, complete_var, standalone_mode, **extra)
+
+
+def run_standalone(command) -> None:
+    """The `python -m stages.X` entry point (torchrun runs stages that way): errors as in `bkd`."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)  # stages.X under `python -m`
+    run_click(command.main, prog_name=f"python -m {spec.name}" if spec is not None else None)

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from pipeline.config import DISTILL_MODES
-from stages.common import build_config, config_options, one_line_errors
+from stages.common import build_config, config_options, one_line_errors, run_standalone
 
 
 @click.command("evaluate")
@@ -40,4 +40,4 @@ def main(config_path, overrides, distill, run_dir, metrics, plots_dir, device, t
 
 
 if __name__ == "__main__":
-    main()
+    run_standalone(main)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from stages.common import build_config, config_options, one_line_errors
+from stages.common import build_config, config_options, one_line_errors, run_standalone
 
 
 @click.command("extract-teacher")
@@ -32,4 +32,4 @@ def main(config_path, overrides, store, views, device, overwrite, workers, sched
 
 
 if __name__ == "__main__":
-    main()
+    run_standalone(main)

@@ -13,7 +13,7 @@ import click
 
 from pipeline.config import DISTILL_MODES
 from pipeline.errors import BkdError
-from stages.common import build_config, config_options, one_line_errors
+from stages.common import build_config, config_options, one_line_errors, run_standalone
 
 
 @click.command("train-student")
@@ -68,4 +68,4 @@ def _torchrun(nproc: int, args: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_standalone(main)

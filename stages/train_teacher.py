@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from stages.common import build_config, config_options, one_line_errors
+from stages.common import build_config, config_options, one_line_errors, run_standalone
 
 
 @click.command("train-teacher")
@@ -27,4 +27,4 @@ def main(config_path, overrides, epochs, own_weights, run_dir, metrics, resume):
 
 
 if __name__ == "__main__":
-    main()
+    run_standalone(main)

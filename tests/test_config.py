@@ -168,3 +168,25 @@ def test_good_device_accepted(device):
 def test_every_shipped_config_validates(path):
     cfg = load_config(path)
     assert cfg.student.bkd.blur_ratio == 0.15 and cfg.student.distill == "mixed"
+
+
+def test_anchors_and_merge_keys_still_load(tmp_path):
+    """Aliases are bounded, not banned: sharing a block between sections keeps working."""
+    cfg = load_config(_write(tmp_path, "teacher: &opt\n  lr: 0.1\n  weight_decay: 0.0\n"
+                                       "student:\n  <<: *opt\n  lr: 0.2\n"))
+    assert (cfg.teacher.lr, cfg.student.lr, cfg.student.weight_decay) == (0.1, 0.2, 0.0)
+
+
+def test_recursive_alias_refused(tmp_path):
+    path = _write(tmp_path, "student: &s\n  model_kwargs: *s\n")
+    _refuse(path, (), str(path), "recursive alias", "line 2")
+
+
+def test_duplicate_key_in_override_value_refused():
+    _refuse(MNIST5K, ["student.model_kwargs={widths: [8], widths: [16]}"], "student.model_kwargs", "duplicate key")
+
+
+def test_unknown_huge_key_is_clipped(tmp_path):
+    # an explicit key (`? KEY`): YAML limits implicit keys to 1024 characters
+    message = _refuse(_write(tmp_path, f"student:\n  ? {'k' * 100_000}\n  : 1\n"), (), "unknown config key")
+    assert len(message) < 400

@@ -16,6 +16,7 @@ from pipeline.errors import ConfigError
 from pipeline.neurons import lif
 
 STUDENTS: dict[str, Callable[..., nn.Module]] = {}
+SEW_CONNECTIONS = ("ADD", "AND", "IAND")  # spikingjelly's sew_function; others fail in forward
 
 
 def register_student(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -28,11 +29,29 @@ def create_student(name: str, num_classes: int, input_shape: tuple[int, ...], ti
     """A registered student for inputs of `input_shape` ((C, H, W) images or (T, C, H, W) frames)."""
     if name not in STUDENTS:
         raise ConfigError(f"student.model: unknown student '{name}' (known: {', '.join(sorted(STUDENTS))})")
+    # Only construction is wrapped: whatever fails while building the model comes from
+    # student.model_kwargs (unknown names, wrong types, sizes torch refuses) and is bad input.
     try:
-        return STUDENTS[name](num_classes=num_classes, input_shape=tuple(input_shape), timesteps=timesteps,
-                              **kwargs)
-    except (TypeError, ValueError) as exc:  # unknown or invalid model_kwargs
-        raise ConfigError(f"student.model_kwargs: {exc}") from None
+        model = STUDENTS[name](num_classes=num_classes, input_shape=tuple(input_shape), timesteps=timesteps,
+                               **kwargs)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- reported as bad input, see above
+        raise ConfigError(f"student.model_kwargs: {_first_line(exc)}") from None
+    # torch builds zero-width layers without complaint (and fails only in the first forward)
+    if any(p.numel() == 0 for p in model.parameters()):
+        raise ConfigError(f"student.model_kwargs: {_clip(repr(kwargs))} builds a layer with no weights "
+                          "(a width or size of 0?)")
+    return model
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return _clip(lines[0].strip() if lines else type(exc).__name__)
 
 
 def encode(x: torch.Tensor, timesteps: int) -> torch.Tensor:
@@ -79,8 +98,16 @@ class SEWResNet(SpikingStudent):
     def __init__(self, num_classes: int, in_chans: int, timesteps: int,
                  widths=(32, 64, 128), blocks=(1, 1, 1), cnf: str = "ADD"):
         super().__init__()
+        for key, values in (("widths", widths), ("blocks", blocks)):
+            if (not isinstance(values, (list, tuple)) or not values
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)):
+                raise ConfigError(f"student.model_kwargs: {key} must be a non-empty list of integers >= 1, "
+                                  f"got {_clip(repr(values), 80)}")
         if len(widths) != len(blocks):
             raise ConfigError("student.model_kwargs: widths and blocks must have the same length")
+        if cnf not in SEW_CONNECTIONS:
+            raise ConfigError(f"student.model_kwargs: cnf must be one of {', '.join(SEW_CONNECTIONS)}, "
+                              f"got {_clip(repr(cnf), 80)}")
         self.timesteps = timesteps
         self.stem = nn.Sequential(
             layer.Conv2d(in_chans, widths[0], kernel_size=3, padding=1, bias=False),
