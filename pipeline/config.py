@@ -8,6 +8,7 @@ overrides (``section.key=value``) go through the same checks.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import reprlib
@@ -417,6 +418,11 @@ def _first_line(exc: BaseException) -> str:
         return _clip(f"{exc.problem}{where}", 200)
     lines = str(exc).strip().splitlines()
     return _clip(lines[0].strip() if lines else type(exc).__name__, 200)
+
+
+def format_override(dotted: str, value: Any) -> str:
+    """`dotted=value` for `apply_override` that reads back exactly `value` (JSON is YAML: 'yes' stays a string)."""
+    return f"{dotted}={json.dumps(value)}"
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:

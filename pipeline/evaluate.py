@@ -164,7 +164,7 @@ def run_config(cfg, run_dir: str | Path):
     Evaluation takes the model, T and data from the run itself, so a run is never evaluated
     with settings it was not trained with; only result-neutral fields (the device) come from `cfg`.
     """
-    from pipeline.config import load_config
+    from pipeline.config import format_override, load_config
     from pipeline.errors import BkdError
     from pipeline.rundir import config_difference, saved_config
 
@@ -172,10 +172,14 @@ def run_config(cfg, run_dir: str | Path):
     if difference:
         raise BkdError(f"{run_dir} was trained with another config: {difference}; evaluate it with the run's "
                        f"config ({Path(run_dir) / 'config.yaml'})")
-    return load_config(Path(run_dir) / "config.yaml", [f"student.device={cfg.student.device}",
-                                                       f"extract.store={cfg.extract.store}",
-                                                       f"teacher.checkpoint={cfg.teacher.checkpoint}",
-                                                       f"data.root={cfg.data.root}"])
+    neutral = ("student.device", "extract.store", "teacher.checkpoint", "data.root")
+    return load_config(Path(run_dir) / "config.yaml", [format_override(key, _get_dotted(cfg, key)) for key in neutral])
+
+
+def _get_dotted(cfg, dotted: str):
+    for key in dotted.split("."):
+        cfg = getattr(cfg, key)
+    return cfg
 
 
 def evaluate_student(cfg, run_dir: str | Path, plots_dir: str | Path, trust_store_teacher: bool = False) -> dict:
@@ -185,7 +189,7 @@ def evaluate_student(cfg, run_dir: str | Path, plots_dir: str | Path, trust_stor
     from safetensors import safe_open
 
     from pipeline import checkpoint
-    from pipeline.data import load_split
+    from pipeline.data import load_splits
     from pipeline.distributed import resolve_device
     from pipeline.errors import BkdError
     from pipeline.extract import open_student_targets
@@ -199,15 +203,21 @@ def evaluate_student(cfg, run_dir: str | Path, plots_dir: str | Path, trust_stor
                        "to the end first)")
     cfg = run_config(cfg, run_dir)
     scfg = cfg.student
-    history = json.loads(history_path.read_text())
-    with safe_open(str(weights), "pt") as fh:
-        trained_epochs = (fh.metadata() or {}).get("epochs")
+    test = load_splits(cfg.data, ("train", "test"))["test"]  # numbered as the student was trained
+    student = create_student(scfg.model, test.num_classes, test.image_shape, scfg.timesteps, **scfg.model_kwargs)
+    try:
+        history = json.loads(history_path.read_text())
+    except ValueError:
+        raise BkdError(f"{history_path}: not a readable history; train the run again") from None
+    try:
+        with safe_open(str(weights), "pt") as fh:
+            trained_epochs = (fh.metadata() or {}).get("epochs")
+    except Exception as exc:  # a truncated or foreign file
+        raise BkdError(f"{weights}: not a readable safetensors file ({type(exc).__name__})") from None
     if trained_epochs != str(len(history)) or len(history) != scfg.epochs:
         raise BkdError(f"{run_dir}: the weights ({trained_epochs} epochs), history ({len(history)}) and config "
                        f"({scfg.epochs}) do not belong to one finished run; train it again")
     device = resolve_device(scfg.device)
-    test = load_split(cfg.data, "test")
-    student = create_student(scfg.model, test.num_classes, test.image_shape, scfg.timesteps, **scfg.model_kwargs)
     student.load_state_dict(checkpoint.load_weights(weights))
     student.to(device).eval()
     rates = firing_rates(student, test, device)

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from pipeline import checkpoint
 from pipeline.augment import ViewAugmenter, view_augmenter
 from pipeline.config import Config
-from pipeline.data import ImageSplit, load_split
+from pipeline.data import ImageSplit, load_splits
 from pipeline.errors import BkdError, StoreError
 from pipeline.locks import PathLock
 from pipeline.models import create_teacher, teacher_outputs
@@ -104,7 +104,7 @@ class ShardExtractor:
     def __init__(self, cfg: Config, device: torch.device):
         ex = self.ex = cfg.extract
         self.cfg, self.device = cfg, device
-        self.splits = {name: load_split(cfg.data, name) for name in ex.splits}
+        self.splits = load_splits(cfg.data, ex.splits)
         first = next(iter(self.splits.values()))
         self.num_classes = first.num_classes
         self.model = load_teacher(cfg, first).to(device)

@@ -446,8 +446,12 @@ class TeacherTargets:
     def num_classes(self) -> int:
         return self.manifest["teacher"]["num_classes"]
 
-    def read_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Rows [start, stop) of every array; with top-k storage, `logits` comes back dense."""
+    def read_rows(self, start: int, stop: int, validate: bool = True) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of every array; with top-k storage, `logits` comes back dense.
+
+        With `validate`, rows that `bkd cache verify` would flag (non-finite targets, labels out
+        of range, rows out of place) are refused rather than trained on.
+        """
         for shard in range(start // self.layout.shard_size, (max(stop, start + 1) - 1) // self.layout.shard_size + 1):
             self._require_shard(shard)
         try:
@@ -458,7 +462,23 @@ class TeacherTargets:
                              f"(shard {shard}): {type(exc).__name__}: {exc}") from None
         if self.topk:  # consumers always see full logits
             rows["logits"] = dense_logits(rows["logits"], rows.pop(TOPK_INDEX), self.num_classes)
+        problem = self.rows_problem(rows, start, stop) if validate else None
+        if problem:
+            raise StoreError(f"{self.path}: {self.split} rows {start}:{stop} (shard {start // self.layout.shard_size}): "
+                             f"{problem}; `bkd cache verify` lists every bad shard")
         return rows
+
+    def rows_problem(self, rows: dict[str, np.ndarray], start: int, stop: int) -> str | None:
+        """What is wrong with rows [start, stop) as read, or None."""
+        if not np.isfinite(rows["features"]).all():
+            return "non-finite features"
+        if not np.isfinite(rows["logits"]).all():
+            return "non-finite logits"
+        if len(rows["labels"]) and (rows["labels"].min() < 0 or rows["labels"].max() >= self.num_classes):
+            return f"labels outside [0, {self.num_classes})"
+        if not np.array_equal(rows["index"], np.arange(start, stop)):
+            return "sample index out of order"
+        return None
 
     def read_chunk(self, chunk: int) -> dict[str, np.ndarray]:
         start = chunk * self.chunk_size
@@ -526,7 +546,6 @@ def verify_store(path: str | Path) -> Iterator[tuple[str, int, str | None]]:
     """Read every chunk; yield (split, shard, problem or None) for each shard."""
     root = _open_group(str(path))
     manifest = root.attrs["manifest"]
-    num_classes = manifest["teacher"]["num_classes"]
     for split in manifest["splits"]:
         targets = TeacherTargets(path, split, require_complete=False)
         done = set(np.flatnonzero(root[split]["shards_done"][:]).tolist())
@@ -541,17 +560,8 @@ def verify_store(path: str | Path) -> Iterator[tuple[str, int, str | None]]:
                 yield split, shard, f"{bad[0]} is missing or empty"
                 continue
             try:
-                rows = targets.read_rows(start, stop)
+                rows = targets.read_rows(start, stop, validate=False)
             except StoreError as exc:
                 yield split, shard, str(exc).split(": ", 1)[-1]
                 continue
-            problem = None
-            if not np.isfinite(rows["features"]).all():
-                problem = "non-finite features"
-            elif not np.isfinite(rows["logits"]).all():
-                problem = "non-finite logits"
-            elif rows["labels"].min() < 0 or rows["labels"].max() >= num_classes:
-                problem = f"labels outside [0, {num_classes})"
-            elif not np.array_equal(rows["index"], np.arange(start, stop)):
-                problem = "sample index out of order"
-            yield split, shard, problem
+            yield split, shard, targets.rows_problem(rows, start, stop)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from pipeline import checkpoint
 from pipeline.augment import view_augmenter
 from pipeline.config import AugmentConfig, Config
-from pipeline.data import collate_batch, load_split, random_shift
+from pipeline.data import collate_batch, load_split, load_splits, random_shift
 from pipeline.distributed import Ranks, process_group, resolve_device, split_global_batch
 from pipeline.errors import BkdError
 from pipeline.evaluate import accuracy, count_correct
@@ -220,7 +220,7 @@ def train_teacher(cfg: Config, run_dir: str | Path, resume: bool = False) -> dic
     folder.check()
     tcfg = cfg.teacher
     device = resolve_device(tcfg.device)
-    train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
+    train, test = load_splits(cfg.data, ("train", "test")).values()
     torch.manual_seed(cfg.seed)
     model = create_teacher(tcfg, train.num_classes, train.image_shape[-3]).to(device)
     sampler = ChunkShuffleSampler(len(train), chunk_size=len(train), buffer_chunks=1, seed=cfg.seed)
@@ -318,7 +318,7 @@ def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, devic
         folder.check()  # refused before any data or store is touched; claimed once training starts
     scfg = cfg.student
     batch_size = split_global_batch(scfg.batch_size, ranks.world_size)
-    train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
+    train, test = load_splits(cfg.data, ("train", "test")).values()
     # checked even for `none`: same data, same split
     targets = open_student_targets(cfg, "train", train, trust_store_teacher)
     torch.manual_seed(cfg.seed)

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from pipeline.config import Config, load_config
+from pipeline.config import Config, format_override, load_config
 from pipeline.errors import BkdError
 
 DEFAULT_CONFIG = "configs/mnist5k.yaml"
@@ -29,7 +29,7 @@ def config_options(command):
 
 def build_config(config_path: str, overrides: list[str], **options) -> Config:
     """Load the config; options given on the command line (not None) override it."""
-    extra = [f"{key}={value}" for key, value in options.items() if value is not None]
+    extra = [format_override(key, value) for key, value in options.items() if value is not None]
     return load_config(config_path, list(overrides) + extra)
 
 

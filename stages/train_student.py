@@ -36,7 +36,10 @@ def main(config_path, overrides, distill, epochs, device, run_dir, resume, trust
                                                   "student.device": device})
     run_dir = run_dir or str(Path(cfg.student.out_dir) / cfg.student.distill)
     if nproc > 1:
+        from pipeline.rundir import RunFolder
+
         split_global_batch(cfg.student.batch_size, nproc)  # refused here, before any process starts
+        RunFolder(run_dir, cfg, "student", resume).check()
         args = ["--config", config_path, *[a for o in overrides for a in ("--set", o)], "--run-dir", run_dir]
         args += [a for name, value in (("--distill", distill), ("--epochs", epochs), ("--device", device))
                  if value is not None for a in (name, str(value))]

@@ -169,10 +169,13 @@ def test_bad_model_kwargs_are_config_errors(name, kwargs):
 
 
 def test_evaluate_refuses_zero_width_student(tmp_path):
+    from pipeline.config import dump_config, load_config
+
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "student.safetensors").write_bytes(b"")  # never read: the student is refused first
     (run_dir / "history.json").write_text("[]")
+    dump_config(load_config(MNIST5K, ["student.model_kwargs.widths=[0,16,32]"]), run_dir / "config.yaml")
     refused(["evaluate", "--config", MNIST5K, "--set", "student.model_kwargs.widths=[0,16,32]", "--device", "cpu",
              "--run-dir", str(run_dir)], tmp_path, "student.model_kwargs", "widths")
 

@@ -153,6 +153,33 @@ def test_train_student_refuses_a_store_with_a_deleted_shard(tiny_project: Path, 
     assert verify.returncode == 1 and "bad shard train/1" in verify.stderr
 
 
+def test_rows_verify_would_flag_are_refused_when_read(tmp_path: Path):
+    from tests.test_store import make_arrays, write_split
+
+    path = tmp_path / "s.zarr"
+    writer = open_writer(path)
+    data = make_arrays(N_TRAIN, 0, 3)
+    data["features"][200, 1, 0] = np.nan  # shard 1
+    write_split(writer, "train", data)
+    write_split(writer, "test", make_arrays(150, 1))
+    writer.finish()
+    targets = TeacherTargets(path, "train")  # present and complete: accepted at open
+    targets.read_chunk(0)
+    with pytest.raises(StoreError, match="non-finite features"):
+        targets.read_chunk(3)  # rows 192:256
+
+
+def test_damaged_manifest_is_one_line(tiny_project: Path, tmp_path: Path):
+    store = tmp_path / "store.zarr"
+    shutil.copytree(tiny_project / STORE, store)
+    meta = json.loads((store / "zarr.json").read_text())
+    del meta["attributes"]["manifest"]["splits"]
+    (store / "zarr.json").write_text(json.dumps(meta))
+    for args in (["cache", "info", str(store)], ["cache", "verify", str(store)],
+                 ["train-student", *TINY, "--set", f"extract.store={store}", "--run-dir", "runs/refused"]):
+        _one_line_refusal(run_bkd(args, tiny_project, check=False), "'splits' is missing")
+
+
 # --- 5: the store belongs to the pixels it was extracted from ----------------------------------
 
 def test_store_of_other_pixels_with_the_same_ids_is_refused(tmp_path: Path):
