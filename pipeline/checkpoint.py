@@ -7,6 +7,7 @@ save never leaves a truncated file under the final name.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -40,6 +41,10 @@ def _atomic_write(path: Path, write) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(data, path: str | Path) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:

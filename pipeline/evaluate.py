@@ -13,18 +13,24 @@ from pipeline.neurons import spiking_layers
 
 
 @torch.no_grad()
-def predict(model: nn.Module, split, device: torch.device, batch_size: int = 500,
-            indices: Sequence[int] | None = None) -> torch.Tensor:
-    """Predicted classes for `indices` of the split (all of it by default)."""
+def predict_logits(model: nn.Module, split, device: torch.device, batch_size: int = 500,
+                   indices: Sequence[int] | None = None) -> torch.Tensor:
+    """Logits for `indices` of the split (all of it by default), in eval mode."""
     indices = range(len(split)) if indices is None else indices
     was_training = model.training
     model.eval()
-    preds = []
+    out = []
     for start in range(0, len(indices), batch_size):
         images = split.load(indices[start:start + batch_size]).to(device)
-        preds.append(model(images).argmax(1).cpu())
+        out.append(model(images).float().cpu())
     model.train(was_training)
-    return torch.cat(preds)
+    return torch.cat(out)
+
+
+def predict(model: nn.Module, split, device: torch.device, batch_size: int = 500,
+            indices: Sequence[int] | None = None) -> torch.Tensor:
+    """Predicted classes for `indices` of the split (all of it by default)."""
+    return predict_logits(model, split, device, batch_size, indices).argmax(1)
 
 
 def count_correct(model: nn.Module, split, device: torch.device,
@@ -40,72 +46,111 @@ def accuracy(model: nn.Module, split, device: torch.device) -> float:
     return correct / total
 
 
-@torch.no_grad()
-def firing_rates(model: nn.Module, split, device: torch.device, batch_size: int = 500) -> dict[str, float]:
-    """Mean spikes per neuron per timestep of every spiking layer over `split`."""
-    totals: dict[str, list[float]] = {}
-    hooks = []
-    for name, module in spiking_layers(model):
-        totals[name] = [0.0, 0.0]  # spikes, neuron-timesteps
-
-        def hook(_m, _inp, out, name=name):
-            totals[name][0] += out.sum().item()
-            totals[name][1] += out.numel()
-
-        hooks.append(module.register_forward_hook(hook))
-    _predict_with_hooks(model, split, device, batch_size, hooks)
-    return {name: s / n for name, (s, n) in totals.items() if n}
-
-
-def _predict_with_hooks(model, split, device, batch_size, hooks) -> None:
-    """Run the model over the split for its forward hooks' sake, then remove them."""
-    try:
-        predict(model, split, device, batch_size)
-    finally:
-        for h in hooks:
-            h.remove()
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Fraction of samples whose label is among the k largest logits (k capped at the class count)."""
+    k = min(k, logits.shape[1])
+    return (logits.topk(k, dim=1).indices == labels.view(-1, 1)).any(1).float().mean().item()
 
 
 # Energy per operation in 45 nm CMOS (Horowitz, ISSCC 2014), as SNN papers use them.
 E_MAC_PJ, E_AC_PJ = 4.6, 0.9
 
 
-@torch.no_grad()
-def synaptic_operations(model: nn.Module, split, device: torch.device, batch_size: int = 500) -> dict:
-    """Operations per sample of every Conv2d / Linear layer, summed over the T timesteps.
+class ActivityProbe:
+    """Forward hooks that count, over one prediction pass, spikes per spiking layer and the
+    operations of every Conv2d / Linear layer.
 
-    MACs_l = sum over calls of (output elements) * (in_channels / groups) * kh * kw, divided by N
-    SOPs_l = MACs_l * s_l,   s_l = mean input value: spikes per input (SEW ADD sums count twice)
-    A layer fed integer-valued inputs (spikes) does accumulates only; a layer fed analog values
-    (the encoding layer on the image) does MACs:
-    energy = E_MAC * MACs(analog layers) + E_AC * SOPs(spiking layers).
+    A layer is *analog* (multiply-accumulates) when it runs before any spiking neuron in the
+    forward pass -- the encoding layer on the image -- or when its input holds negative values;
+    every other layer is fed spikes (or sums / averages of spikes) and does accumulates only.
+    The kind is decided on the first batch and kept, so it does not depend on the data.
+
+      MACs_l = (output elements) * (in_channels / groups) * kh * kw     (per call)
+      SOPs_l = MACs_l * mean(input) * f,  f = T when the input is a time average (one call for
+               all T steps: the classifier on averaged spikes), else 1
+    Layers inside spikingjelly's multi-step wrappers run on all T steps at once, so MACs
+    already count every timestep (direct encoding: the encoding layer's MACs are counted T times).
     """
-    stats: dict[str, dict] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Conv2d, nn.Linear)):
-            continue
-        stats[name] = {"macs": 0.0, "sops": 0.0, "spiking_input": True}
 
-        def hook(m, inputs, out, name=name):
+    def __init__(self, model: nn.Module, timesteps: int):
+        self.model, self.timesteps = model, timesteps
+        self.spikes = {name: [0.0, 0.0] for name, _ in spiking_layers(model)}  # spikes, neuron-timesteps
+        self.ops: dict[str, dict] = {}
+        self._batch, self._spiked = 0, False
+        self._hooks = [model.register_forward_pre_hook(self._start)]
+        for name, module in spiking_layers(model):
+            self._hooks.append(module.register_forward_hook(self._spiking_hook(name)))
+        for name, module in model.named_modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                self._hooks.append(module.register_forward_hook(self._ops_hook(name)))
+
+    def _start(self, _module, inputs):
+        self._batch, self._spiked = inputs[0].shape[0], False
+
+    def _spiking_hook(self, name):
+        def hook(_m, _inp, out):
+            self._spiked = True
+            self.spikes[name][0] += out.sum().item()
+            self.spikes[name][1] += out.numel()
+        return hook
+
+    def _ops_hook(self, name):
+        def hook(m, inputs, out):
             x = inputs[0]
             fan_in = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1] \
                 if isinstance(m, nn.Conv2d) else m.in_features
             macs = out.numel() * fan_in
-            entry = stats[name]
+            entry = self.ops.get(name)
+            if entry is None:
+                analog = not self._spiked or bool((x < 0).any())
+                averaged = not analog and self.timesteps > 1 and x.shape[0] == self._batch
+                entry = self.ops[name] = {"kind": "analog" if analog else "spiking", "macs": 0.0, "sops": 0.0,
+                                          "time_factor": self.timesteps if averaged else 1}
             entry["macs"] += macs
-            entry["sops"] += macs * x.float().mean().item()
-            entry["spiking_input"] = entry["spiking_input"] and bool(((x >= 0) & (x == x.round())).all())
+            if entry["kind"] == "spiking":
+                entry["sops"] += macs * x.float().mean().item() * entry["time_factor"]
+        return hook
 
-        hooks.append(module.register_forward_hook(hook))
-    _predict_with_hooks(model, split, device, batch_size, hooks)
-    n = len(split)
-    layers = {name: {"macs": e["macs"] / n, "sops": e["sops"] / n, "spiking_input": e["spiking_input"]}
-              for name, e in stats.items() if e["macs"]}
-    sops = sum(v["sops"] for v in layers.values() if v["spiking_input"])
-    analog_macs = sum(v["macs"] for v in layers.values() if not v["spiking_input"])
-    return {"layers": layers, "total_sops": sops, "total_macs_analog": analog_macs,
-            "energy_mj": (E_MAC_PJ * analog_macs + E_AC_PJ * sops) * 1e-9}  # pJ -> mJ
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    def firing_rates(self) -> dict[str, float]:
+        return {name: s / n for name, (s, n) in self.spikes.items() if n}
+
+    def firing_rate(self) -> float:
+        """All spikes over all neuron-timesteps: the mean rate weighted by each layer's neurons."""
+        spikes, count = (sum(v[i] for v in self.spikes.values()) for i in (0, 1))
+        return spikes / count if count else 0.0
+
+    def operations(self, samples: int) -> dict:
+        layers = {name: {"kind": e["kind"], "macs": e["macs"] / samples, "sops": e["sops"] / samples}
+                  for name, e in self.ops.items() if e["macs"]}
+        sops = sum(v["sops"] for v in layers.values() if v["kind"] == "spiking")
+        analog_macs = sum(v["macs"] for v in layers.values() if v["kind"] == "analog")
+        return {"layers": layers, "total_sops": sops, "total_macs_analog": analog_macs,
+                "energy_mj": (E_MAC_PJ * analog_macs + E_AC_PJ * sops) * 1e-9}  # pJ -> mJ
+
+
+def _probe_pass(model: nn.Module, split, device: torch.device, timesteps: int, batch_size: int = 500):
+    probe = ActivityProbe(model, timesteps)
+    try:
+        logits = predict_logits(model, split, device, batch_size)
+    finally:
+        probe.remove()
+    return probe, logits
+
+
+def firing_rates(model: nn.Module, split, device: torch.device, batch_size: int = 500) -> dict[str, float]:
+    """Mean spikes per neuron per timestep of every spiking layer over `split`."""
+    return _probe_pass(model, split, device, getattr(model, "timesteps", 1), batch_size)[0].firing_rates()
+
+
+def synaptic_operations(model: nn.Module, split, device: torch.device, batch_size: int = 500,
+                        timesteps: int | None = None) -> dict:
+    """Operations per sample of every Conv2d / Linear layer over the T timesteps (see ActivityProbe)."""
+    timesteps = timesteps if timesteps is not None else getattr(model, "timesteps", 1)
+    return _probe_pass(model, split, device, timesteps, batch_size)[0].operations(len(split))
 
 
 def plot_training_curves(history: list[dict], title: str, path: str | Path) -> None:
@@ -132,16 +177,24 @@ def plot_training_curves(history: list[dict], title: str, path: str | Path) -> N
     plt.close(fig)
 
 
-def plot_firing_rates(rates: dict[str, float], title: str, path: str | Path) -> None:
+def plot_layers(rates: dict[str, float], operations: dict[str, dict], title: str, path: str | Path) -> None:
+    """Firing rate per spiking layer, and MACs / SOPs per Conv/Linear layer (log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rates)), 4))
-    ax.bar(range(len(rates)), list(rates.values()))
-    ax.set_xticks(range(len(rates)), list(rates), rotation=45, ha="right", fontsize=8)
-    ax.set(ylabel="spikes / neuron / timestep", title=title)
+    fig, (ax_rate, ax_ops) = plt.subplots(1, 2, figsize=(max(10, 0.5 * (len(rates) + len(operations))), 4.5))
+    ax_rate.bar(range(len(rates)), list(rates.values()))
+    ax_rate.set_xticks(range(len(rates)), list(rates), rotation=45, ha="right", fontsize=8)
+    ax_rate.set(ylabel="spikes / neuron / timestep", title="firing rate")
+    names = list(operations)
+    counts = [operations[n]["macs"] if operations[n]["kind"] == "analog" else operations[n]["sops"] for n in names]
+    colors = ["tab:red" if operations[n]["kind"] == "analog" else "tab:blue" for n in names]
+    ax_ops.bar(range(len(names)), counts, color=colors)
+    ax_ops.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    ax_ops.set(yscale="log", ylabel="operations / sample", title="MACs (red, analog input) and SOPs (blue)")
+    fig.suptitle(title)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -220,22 +273,26 @@ def evaluate_student(cfg, run_dir: str | Path, plots_dir: str | Path, trust_stor
     device = resolve_device(scfg.device)
     student.load_state_dict(checkpoint.load_weights(weights))
     student.to(device).eval()
-    rates = firing_rates(student, test, device)
-    operations = synaptic_operations(student, test, device)
+    probe, logits = _probe_pass(student, test, device, scfg.timesteps)
+    rates, operations = probe.firing_rates(), probe.operations(len(test))
     teacher = teacher_accuracy(open_student_targets(cfg, "test", test, trust_store_teacher), test.labels)
     plot_training_curves(history, f"student [{scfg.distill}], T={scfg.timesteps}", plots_dir / "training_curves.png")
-    plot_firing_rates(rates, f"firing rate per spiking layer [{scfg.distill}]", plots_dir / "firing_rates.png")
-    return {
-        "distill": scfg.distill,
-        "timesteps": scfg.timesteps,
-        "test_accuracy": accuracy(student, test, device),
-        "teacher_test_accuracy": teacher,
-        "firing_rate_mean": float(np.mean(list(rates.values()))),
-        "firing_rates": rates,
+    plot_layers(rates, operations["layers"], f"per layer [{scfg.distill}], T={scfg.timesteps}", plots_dir / "layers.png")
+    best = max(range(len(history)), key=lambda i: history[i]["test_accuracy"])
+    headline = {
+        "top1": topk_accuracy(logits, test.labels, 1),
+        "top5": topk_accuracy(logits, test.labels, 5),
+        "best_epoch": best + 1,
+        "best_top1": history[best]["test_accuracy"],
+        "teacher_top1": teacher,
+        "firing_rate": probe.firing_rate(),
         "sops_per_sample": operations["total_sops"],
         "analog_macs_per_sample": operations["total_macs_analog"],
         "energy_mj_per_sample": operations["energy_mj"],
-        "operations": operations["layers"],
+        "timesteps": scfg.timesteps,
         "epochs": len(history),
         "train_seconds": float(sum(row["seconds"] for row in history)),
     }
+    report = {"distill": scfg.distill, "firing_rates": rates, "operations": operations["layers"],
+              "energy_pj": {"mac": E_MAC_PJ, "ac": E_AC_PJ}}
+    return headline, report

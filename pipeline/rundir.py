@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import shutil
 import subprocess
 import sys
 from importlib import metadata
@@ -20,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.checkpoint import write_json
 from pipeline.config import Config, dump_config
 from pipeline.errors import BkdError
 from pipeline.locks import PathLock
@@ -39,7 +41,7 @@ SCOPES = {
     "evaluate": ("data", "student.model", "student.model_kwargs", "student.timesteps", "student.distill"),
 }
 # What a run writes; a fresh run with the same config replaces exactly these.
-RUN_OUTPUTS = ("last.pt", "history.json", "history.csv", "student.safetensors", "config.yaml", "run.json")
+RUN_OUTPUTS = ("last.pt", "history.json", "live", "student.safetensors", "config.yaml", "run.json")
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -149,7 +151,11 @@ class RunFolder:
             self._write_info(info)
             return
         for name in RUN_OUTPUTS:  # the same config's earlier run: replaced as a whole, never mixed
-            (self.path / name).unlink(missing_ok=True)
+            target = self.path / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
         dump_config(self.cfg, self.path / "config.yaml")
         self._write_info({"kind": self.kind, "command": command, "git_commit": _git_commit(),
                           "bkd_version": _version(), "started": now})
@@ -161,9 +167,7 @@ class RunFolder:
             return {}
 
     def _write_info(self, info: dict) -> None:
-        from pipeline.checkpoint import atomic_write_text
-
-        atomic_write_text(self.path / "run.json", json.dumps(info, indent=2) + "\n")
+        write_json(info, self.path / "run.json")
 
 
 def _version() -> str:

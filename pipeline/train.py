@@ -11,7 +11,6 @@ launched by torchrun.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import json
 import math
@@ -27,6 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline import checkpoint
+from pipeline.checkpoint import write_json
 from pipeline.augment import view_augmenter
 from pipeline.config import AugmentConfig, Config
 from pipeline.data import collate_batch, load_split, load_splits, random_shift
@@ -40,10 +40,6 @@ from pipeline.rundir import RunFolder
 from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler
 
 StepFn = Callable[[tuple], tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]]
-
-
-def write_json(data, path: str | Path) -> None:
-    checkpoint.atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 @dataclass
@@ -137,12 +133,19 @@ class Trainer:
         return state["epoch"], state["step"], Tally(**mine["tally"])
 
     def _write_history(self) -> None:
+        """history.json (what evaluate reads) and the same rows through dvclive (`live/`: metrics.json and
+        per-metric TSVs that DVC, its VS Code extension and Studio read). dvclive's files are rewritten
+        from the whole history each epoch, so a resumed run's logs equal an uninterrupted run's."""
+        from dvclive import Live
+
         write_json(self.history, self.run_dir / "history.json")
-        keys = sorted({k for row in self.history for k in row}, key=lambda k: (k != "epoch", k))
-        with open(self.run_dir / "history.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(self.history)
+        with contextlib.redirect_stdout(None), \
+                Live(dir=str(self.run_dir / "live"), resume=False, report=None, dvcyaml=None, save_dvc_exp=False) as live:
+            for row in self.history:
+                live.step = row["epoch"]  # the x axis of every plot is the epoch
+                for key, value in row.items():
+                    if key != "epoch":
+                        live.log_metric(key.replace("_", "/", 1) if key.startswith("train_") else key, value)
 
     def fit(self, resume: bool = False) -> list[dict]:
         if self.ranks.is_main:
@@ -278,12 +281,14 @@ def student_step(forward: nn.Module) -> StepFn:
     return step
 
 
-def student_metadata(cfg: Config, num_classes: int, image_shape, epochs: int) -> dict[str, str]:
-    """What a student's weights file says about the model, so it can be rebuilt without the config."""
+def student_metadata(cfg: Config, split, epochs: int) -> dict[str, str]:
+    """What a student's weights file says about itself, so it can be rebuilt and fed without the config
+    (`bkd predict`): the model, its arguments, T, the classes and the input transform."""
     scfg = cfg.student
-    return {"model": scfg.model, "model_kwargs": json.dumps(scfg.model_kwargs), "timesteps": str(scfg.timesteps),
-            "num_classes": str(num_classes), "input_shape": json.dumps(list(image_shape)),
-            "distill": scfg.distill, "epochs": str(epochs)}
+    return {"format": "bkd-student/1", "model": scfg.model, "model_kwargs": json.dumps(scfg.model_kwargs),
+            "timesteps": str(scfg.timesteps), "num_classes": str(split.num_classes),
+            "input_shape": json.dumps(list(split.image_shape)), "transform": json.dumps(split.transform),
+            "dataset": cfg.data.name, "distill": scfg.distill, "epochs": str(epochs)}
 
 
 def batch_mixer(cfg: AugmentConfig, num_classes: int) -> nn.Module | None:
@@ -352,7 +357,7 @@ def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, devic
         history = trainer.fit(resume)
         if ranks.is_main:
             checkpoint.save_weights(student.state_dict(), run_dir / "student.safetensors",
-                                    metadata=student_metadata(cfg, train.num_classes, train.image_shape, len(history)))
+                                    metadata=student_metadata(cfg, train, len(history)))
     if not all(math.isfinite(v) for v in history[-1].values()):
         raise BkdError("training finished with non-finite metrics")
     return history[-1]

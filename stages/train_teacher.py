@@ -18,7 +18,8 @@ from stages.common import build_config, config_options, one_line_errors, run_sta
 @one_line_errors
 def main(config_path, overrides, epochs, own_weights, run_dir, metrics, resume):
     """Train the timm teacher on the configured dataset and save it as safetensors."""
-    from pipeline.train import adopt_teacher, train_teacher, write_json
+    from pipeline.checkpoint import write_json
+    from pipeline.train import adopt_teacher, train_teacher
 
     cfg = build_config(config_path, overrides, **{"teacher.epochs": epochs})
     result = adopt_teacher(cfg, own_weights) if own_weights else train_teacher(cfg, run_dir, resume)

@@ -170,4 +170,4 @@ def test_config_family_end_to_end(tmp_path, config):
     run_bkd(["train-student", *args, "--run-dir", "runs/s"], tmp_path)
     run_bkd(["evaluate", *args, "--run-dir", "runs/s", "--metrics", "m.json", "--plots-dir", "plots"], tmp_path)
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["firing_rates"]
+    assert 0.0 <= metrics["top1"] <= 1.0 and metrics["firing_rate"] >= 0

@@ -52,9 +52,10 @@ def test_sops_and_energy_match_a_hand_count():
     fc_macs = 2 * 3 * 32
     spikes_per_input = model.last_spikes.float().mean().item()
     assert result["layers"]["conv"]["macs"] == pytest.approx(conv_macs)
-    assert result["layers"]["conv"]["spiking_input"] is False  # the analog image: MACs, not SOPs
+    assert result["layers"]["conv"]["kind"] == "analog"  # the analog image: MACs, not SOPs
+    assert result["layers"]["conv"]["sops"] == 0
     assert result["layers"]["fc"]["macs"] == pytest.approx(fc_macs)
-    assert result["layers"]["fc"]["spiking_input"] is True
+    assert result["layers"]["fc"]["kind"] == "spiking"
     assert result["total_sops"] == pytest.approx(fc_macs * spikes_per_input, rel=1e-4)
     assert result["energy_mj"] == pytest.approx((E_MAC_PJ * conv_macs + E_AC_PJ * fc_macs * spikes_per_input) * 1e-9,
                                                 rel=1e-4)
