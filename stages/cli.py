@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from stages import cache, evaluate, extract_teacher, train_student, train_teacher
+from stages import cache, compare, evaluate, extract_teacher, predict, train_student, train_teacher
 from stages.common import OneLineErrorsGroup
 
 
@@ -22,6 +22,8 @@ main.add_command(train_teacher.main)
 main.add_command(extract_teacher.main)
 main.add_command(train_student.main)
 main.add_command(evaluate.main)
+main.add_command(compare.main)
+main.add_command(predict.main)
 main.add_command(cache.main)
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ TINY_PARAMS = {
     "extract": {"chunk_size": 32, "chunks_per_shard": 2},
     "student": {"epochs": 1, "batch_size": 32, "model_kwargs": {"widths": [8, 16, 32], "blocks": [1, 1, 1]}},
 }
-MODES = ["none", "mixed"]  # two of the five matrix entries keep the test short
+MODES = ["none", "mixed"]  # two of the five modes keep the test short: one without BKD, one with
 
 
 def _merge(base: dict, update: dict) -> None:
@@ -32,6 +32,17 @@ def _merge(base: dict, update: dict) -> None:
             _merge(base[key], value)
         else:
             base[key] = value
+
+
+def _only_modes(pipeline: dict) -> dict:
+    """dvc.yaml restricted to MODES: the per-mode stages and the compare stage's inputs."""
+    stages = pipeline["stages"]
+    foreach = stages["train_student"]["foreach"]
+    stages["train_student"]["foreach"] = {mode: foreach[mode] for mode in MODES}
+    stages["evaluate"]["foreach"] = [m for m in stages["evaluate"]["foreach"] if m in MODES]
+    stages["compare"]["deps"] = [d for d in stages["compare"]["deps"]
+                                 if not d.startswith("metrics/student-") or any(f"-{m}.json" in d for m in MODES)]
+    return pipeline
 
 
 def _run(args: list[str], cwd: Path) -> str:
@@ -59,9 +70,8 @@ def dvc_copy(tmp_path_factory) -> Path:
     params = yaml.safe_load((root / "params.yaml").read_text())
     _merge(params, TINY_PARAMS)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    dvc_yaml = (root / "dvc.yaml").read_text()
-    dvc_yaml = re.sub(r"modes: \[[^\]]*\]", f"modes: [{', '.join(MODES)}]", dvc_yaml, count=1)
-    (root / "dvc.yaml").write_text(dvc_yaml)
+    (root / "dvc.yaml").write_text(yaml.safe_dump(_only_modes(yaml.safe_load((root / "dvc.yaml").read_text())),
+                                                  sort_keys=False))
     for command in (["git", "init", "-q"], ["git", "add", "-A"],
                     ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"]):
         subprocess.run(command, cwd=root, check=True)
@@ -70,12 +80,17 @@ def dvc_copy(tmp_path_factory) -> Path:
 
 def test_repro_runs_every_stage_then_nothing(dvc_copy):
     first = _run(["dvc", "repro"], dvc_copy)
-    expected = {"train_teacher", "extract_teacher"} | {f"{stage}@{mode}" for stage in ("train_student", "evaluate")
-                                                       for mode in MODES}
+    expected = {"train_teacher", "extract_teacher", "compare"} | {
+        f"{stage}@{mode}" for stage in ("train_student", "evaluate") for mode in MODES}
     assert _stages_run(first) == expected
     for mode in MODES:
         metrics = json.loads((dvc_copy / f"metrics/student-{mode}.json").read_text())
-        assert 0.0 <= metrics["test_accuracy"] <= 1.0
+        assert 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0
+        assert all(isinstance(v, (int, float)) for v in metrics.values())  # scalars only: readable columns
+        report = json.loads((dvc_copy / f"reports/student-{mode}.json").read_text())
+        assert report["firing_rates"] and all(op["sops"] >= 0 for op in report["operations"].values())
+        assert (dvc_copy / f"runs/students/{mode}/live/metrics.json").is_file()  # dvclive's per-epoch log
+    assert (dvc_copy / "plots/accuracy_by_mode.png").read_bytes()[:4] == b"\x89PNG"
     assert (dvc_copy / "dvc.lock").is_file()
 
     second = _run(["dvc", "repro"], dvc_copy)
@@ -86,11 +101,66 @@ def test_repro_runs_every_stage_then_nothing(dvc_copy):
         assert f"metrics/student-{mode}.json" in shown
 
 
+def _commit(root: Path, message: str) -> None:
+    _run(["git", "add", "-A"], root)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], root)
+
+
+def test_queued_blur_ratio_sweep_reruns_only_the_students_that_use_it(dvc_copy):
+    if not (dvc_copy / "dvc.lock").is_file():
+        _run(["dvc", "repro"], dvc_copy)
+    _commit(dvc_copy, "baseline")  # dvc.lock, metrics and plots: what experiments compare against
+    for value in ("0.3", "0.5"):
+        _run(["dvc", "exp", "run", "--queue", "-S", f"student.bkd.blur_ratio={value}"], dvc_copy)
+    _run(["dvc", "exp", "run", "--run-all"], dvc_copy)
+
+    records = _exp_show_json(dvc_copy)
+    experiments = [r for r in records if r["blur"] in (0.3, 0.5)]
+    assert sorted(r["blur"] for r in experiments) == [0.3, 0.5]
+    for record in experiments + [r for r in records if r["name"] == "baseline"]:
+        for mode in MODES:
+            assert 0.0 <= record["top1"][mode] <= 1.0, record  # every experiment has every accuracy
+    # What each experiment ran, from its queue log: the bkd-using student and its evaluation only.
+    for record in experiments:
+        log = _run(["dvc", "queue", "logs", record["name"]], dvc_copy)
+        ran = _stages_run(log)
+        assert ran == {"train_student@mixed", "evaluate@mixed", "compare"}, (record["name"], ran)
+    # Metrics of the baseline and an experiment side by side (--all: unchanged ones too).
+    shown = _run(["dvc", "metrics", "diff", "--all", "HEAD", experiments[0]["name"]], dvc_copy)
+    assert "metrics/student-mixed.json" in shown and "top1" in shown
+    table = run_compare(dvc_copy)
+    assert "blur_ratio=0.3" in table and "blur_ratio=0.5" in table
+
+
+def _exp_show_json(root: Path) -> list[dict]:
+    """(name, blur ratio, top1 per mode) of every row of `dvc exp show --json`."""
+    import dvc.api
+
+    env_cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        records = dvc.api.exp_show()
+    finally:
+        os.chdir(env_cwd)
+    rows = []
+    for r in records:
+        if r.get("Experiment") is None and r.get("rev") == "workspace":
+            continue
+        rows.append({"name": r.get("Experiment") or "baseline",
+                     "blur": r.get("params.yaml:student.bkd.blur_ratio", r.get("student.bkd.blur_ratio")),
+                     "top1": {m: r.get(f"metrics/student-{m}.json:top1") for m in MODES}})
+    return rows
+
+
+def run_compare(root: Path) -> str:
+    bkd = str(Path(sys.executable).with_name("bkd"))
+    return _run([bkd, "compare", "--experiments", "--plot", "sweep.png"], root)
+
+
 def test_student_param_experiment_reruns_only_student_stages(dvc_copy):
     if not (dvc_copy / "dvc.lock").is_file():
         _run(["dvc", "repro"], dvc_copy)
-    _run(["git", "add", "-A"], dvc_copy)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro"], dvc_copy)
+    _commit(dvc_copy, "repro")
     output = _run(["dvc", "exp", "run", "-S", "student.lr=0.003"], dvc_copy)
     ran = _stages_run(output)
     assert "train_teacher" not in ran and "extract_teacher" not in ran
