@@ -49,7 +49,46 @@ def write_json(data, path: str | Path) -> None:
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    def write(tmp):
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except OSError:
+            raise
+        except Exception as exc:  # safetensors reports a full disk as its own error type
+            raise BkdError(f"cannot write {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
+                from None
+
+    _atomic_write(Path(path), write)
+
+
+def check_replaceable_json(path: str | Path) -> None:
+    """Refuse to write a JSON result over a file that is not JSON (a user's file, never overwritten)."""
+    path = Path(path)
+    if path.is_dir():
+        raise BkdError(f"{path} is a folder; a JSON file path is needed")
+    if path.exists():
+        try:
+            json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            raise BkdError(f"{path} exists and is not a JSON file bkd wrote; bkd will not overwrite it") from None
+
+
+def check_replaceable_weights(path: str | Path) -> None:
+    """Refuse to write weights over a file that is not a safetensors weights file (bkd writes only those)."""
+    path = Path(path)
+    if path.is_dir():
+        raise BkdError(f"{path} is a folder; a weights file path is needed")
+    if not path.exists():
+        return
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt"):
+            return
+    except Exception:  # not safetensors: a user's file, never overwritten
+        raise BkdError(f"{path} exists and is not a safetensors weights file; bkd will not overwrite it "
+                       "(choose another teacher.checkpoint)") from None
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:

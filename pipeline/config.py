@@ -324,9 +324,10 @@ def validate(cfg: Config) -> Config:
            f"student.model: unknown student {_short(cfg.student.model)} (known: {', '.join(sorted(STUDENTS))})")
     _check(cfg.data.name in DATASETS,
            f"data.name: unknown dataset {_short(cfg.data.name)} (known: {', '.join(DATASETS)})")
-    # numpy refuses negative seeds (with a traceback, deep inside data loading or augmentation)
+    # numpy refuses negative seeds and torch ones of 64 bits or more (with tracebacks, deep inside
+    # data loading, augmentation or training)
     for key, seed in (("seed", cfg.seed), ("data.split_seed", cfg.data.split_seed), ("augment.seed", cfg.augment.seed)):
-        _check(seed >= 0, f"{key} must be >= 0, got {seed}")
+        _check(0 <= seed < 2**63, f"{key} must be in [0, 2**63), got {_short(seed)}")
     _check(cfg.data.test_size > 0, "data.test_size must be > 0")
     _check(cfg.data.limit is None or cfg.data.limit > 0, "data.limit must be > 0 or null")
     _check(cfg.data.image_size >= 1, f"data.image_size must be >= 1, got {cfg.data.image_size}")
@@ -478,4 +479,7 @@ def _read_yaml(path: Path) -> Any:
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write the resolved config atomically: a full disk leaves the old file or none, never half of one."""
+    from pipeline.checkpoint import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -206,6 +206,8 @@ def _check_hdf5_samples(path: Path, key: str, shape: tuple[int, ...], dtype: np.
         ok = len(shape) == 4 and dtype == np.uint8
     if not ok:
         raise DataError(f"{path}: '{key}' must be {expected}, found {shape} {dtype}")
+    if 0 in shape[1:]:
+        raise DataError(f"{path}: '{key}' has an empty sample shape {shape[1:]} (every size must be >= 1)")
 
 
 def _cifar_images(path: Path, data) -> np.ndarray:

@@ -136,7 +136,9 @@ class RunFolder:
                 raise BkdError(f"{self.path} holds a run of another config ({difference}); choose another "
                                f"--run-dir, or delete that folder to train over it")
             return
-        strangers = sorted(p.name for p in self.path.iterdir() if p.name not in RUN_OUTPUTS + ("RUN.lock",))
+        # Without config.yaml nothing here is known to be bkd's, whatever the names: a run killed before
+        # it wrote its config leaves at most its lock.
+        strangers = sorted(p.name for p in self.path.iterdir() if p.name != "RUN.lock")
         if strangers:
             raise BkdError(f"{self.path} is not empty and is not a bkd run folder ('{strangers[0]}'); "
                            "choose another --run-dir")

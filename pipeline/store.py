@@ -49,11 +49,15 @@ from pipeline.errors import StoreError
 FORMAT = "bkd-teacher-targets/3"
 FORMAT_FAMILY = FORMAT.split("/")[0]
 ARRAYS = ("features", "logits", "view_params", "labels", "index", "pixel_digest")
+# Written by the store itself: a 64-bit digest of every chunk's rows in every array, so a chunk
+# moved, swapped or rewritten behind bkd's back reads as an error instead of another row's targets.
+CHUNK_DIGEST = "chunk_digest"
 MANIFEST_KEYS = ("teacher", "dataset", "splits", "transform", "augment", "arrays", "chunking")
 # Every array is written whole shards at a time; all-fill chunks must still be written, so that a
 # missing object always means a missing piece (zarr skips them by default).
 WRITE_CONFIG = {"write_empty_chunks": True}
 TOPK_INDEX = "logits_index"  # with extract.logits_topk: `logits` holds the k largest, this their classes
+STORE_ARRAYS = ARRAYS + (TOPK_INDEX, CHUNK_DIGEST, "shards_done")
 # Classes outside the stored top-k get the smallest kept logit minus this: a softmax weight of
 # e^-100 or less (zero in float32 at tau <= 4), yet finite, so KL and CE terms stay finite.
 TOPK_FILL_MARGIN = 100.0
@@ -80,6 +84,18 @@ def pixel_digests(raw: np.ndarray) -> np.ndarray:
         digest = hashlib.blake2b(tag, digest_size=8)
         digest.update(sample.tobytes())
         out[i] = int.from_bytes(digest.digest(), "little")
+    return out
+
+
+def chunk_digests(rows: dict[str, np.ndarray], names: tuple[str, ...], first_chunk: int, chunk_size: int) -> np.ndarray:
+    """(chunks,) uint64: blake2b-64 of each chunk's index and its rows of every array in `names`, as stored."""
+    n = len(rows[names[0]])
+    out = np.empty(-(-n // chunk_size), np.uint64)
+    for k in range(len(out)):
+        digest = hashlib.blake2b(str(first_chunk + k).encode(), digest_size=8)
+        for name in names:
+            digest.update(np.ascontiguousarray(rows[name][k * chunk_size:(k + 1) * chunk_size]).tobytes())
+        out[k] = int.from_bytes(digest.digest(), "little")
     return out
 
 
@@ -157,6 +173,9 @@ class StoreWriter:
         existing = existing_store(self.path)  # None: nothing (or an empty folder) is there
         if existing is not None:
             if not overwrite:
+                damage = _manifest_damage(existing)
+                if damage:
+                    raise StoreError(f"{self.path}: damaged manifest, {damage}; pass --overwrite to replace the store")
                 if existing.get("format") != FORMAT:
                     raise StoreError(f"{self.path} holds a store of format {existing.get('format')}, this bkd writes "
                                      f"{FORMAT}; pass --overwrite to replace it")
@@ -168,7 +187,7 @@ class StoreWriter:
                     self.root = root  # resume: keep completed shards
                     return
                 # A crash while the skeleton was written: no shard can have been written yet.
-            remove_store(self.path, existing)
+            remove_store(self.path)
         self._create(manifest, feature_shape, num_classes, num_view_params, feature_dtype, logits_dtype,
                      zstd_level, logits_topk)
 
@@ -196,21 +215,35 @@ class StoreWriter:
                 group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk,) + shape[1:],
                                    shards=(shard,) + shape[1:], compressors=compressor, fill_value=0,
                                    config=WRITE_CONFIG)
+            group.create_array(CHUNK_DIGEST, shape=(layout.num_chunks,), dtype="uint64",
+                               chunks=(layout.chunks_per_shard,), compressors=compressor, fill_value=0,
+                               config=WRITE_CONFIG)  # one object per shard, written with it
             group.create_array("shards_done", shape=(layout.num_shards,), dtype="bool", chunks=(1,),
                                fill_value=False)
         self.root.attrs["skeleton_done"] = True
 
     def missing_shards(self, split: str) -> list[int]:
-        return np.flatnonzero(~self.root[split]["shards_done"][:]).tolist()
+        """Shards to (re)write: never flagged done, or flagged but with an object missing or empty."""
+        group = _split_group(self.root, split, self.path, self.array_names + (CHUNK_DIGEST, "shards_done"))
+        done = _read_flags(group, self.path)
+        sizes = _listing(self.path, split)
+        return [shard for shard in range(len(done))
+                if not done[shard] or absent_objects(self.path, shard_keys(group, shard), sizes)]
 
     def write_shard(self, split: str, shard: int, arrays: dict[str, np.ndarray]) -> None:
-        start, stop = self.layouts[split].shard_rows(shard)
+        layout = self.layouts[split]
+        start, stop = layout.shard_rows(shard)
         group = self.root[split]
+        stored = {}
         for name in self.array_names:
             data = arrays[name]
             if len(data) != stop - start:
                 raise ValueError(f"shard {split}/{shard}: {name} has {len(data)} rows, expected {stop - start}")
-            group[name].with_config(WRITE_CONFIG)[start:stop] = data
+            stored[name] = np.asarray(data, dtype=group[name].dtype)  # hashed as it will read back
+            group[name].with_config(WRITE_CONFIG)[start:stop] = stored[name]
+        first = start // layout.chunk_size
+        digests = chunk_digests(stored, self.array_names, first, layout.chunk_size)
+        group[CHUNK_DIGEST].with_config(WRITE_CONFIG)[first:first + len(digests)] = digests
         group["shards_done"][shard] = True  # only after the shard's data is written
 
     def finish(self) -> None:
@@ -237,16 +270,32 @@ def check_store_location(url: str) -> None:
         raise StoreError(f"{url} exists and is not a folder; a store is a folder")
 
 
-def existing_store(url: str) -> dict | None:
-    """The manifest of the bkd store at `url`; None if nothing (or an empty folder) is there.
+SPLITS = ("train", "test")
 
-    Anything else there is refused: bkd never writes into, or deletes, what it did not make.
+
+def _is_store_object(parts: tuple[str, ...]) -> bool:
+    """Is this path, relative to a store's root, one that bkd writes? (metadata and chunk objects only)"""
+    if parts == ("zarr.json",):
+        return True
+    if not parts or parts[0] not in SPLITS:
+        return False
+    if parts[1:] == ("zarr.json",):
+        return True
+    return (len(parts) >= 3 and parts[1] in STORE_ARRAYS
+            and (parts[2:] == ("zarr.json",) or (parts[2] == "c" and len(parts) > 3 and all(p.isdigit() for p in parts[3:]))))
+
+
+def existing_store(url: str) -> dict | None:
+    """The manifest of the bkd store at `url`; None if nothing (or only empty folders) is there.
+
+    Anything else there is refused: bkd never writes into, or deletes, what it did not make --
+    every object under the folder must be one bkd writes (metadata and chunks of its arrays).
     """
     fs, path = filesystem(url)
     if not fs.exists(path):
         return None
-    entries = {posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)}
-    if not entries:
+    objects = _store_objects(fs, path)
+    if not objects:
         return None
     try:
         manifest = json.loads(fs.cat_file(posixpath.join(path, "zarr.json")))["attributes"]["manifest"]
@@ -256,24 +305,35 @@ def existing_store(url: str) -> dict | None:
                          "(choose another --store)") from None
     if family != FORMAT_FAMILY:
         raise StoreError(f"{url} is not a bkd teacher-target store; bkd will not write into or delete it")
-    foreign = sorted(entries - {"zarr.json", *manifest.get("splits", {})})
+    foreign = sorted("/".join(parts) for parts in objects if not _is_store_object(parts))
     if foreign:
         raise StoreError(f"{url} holds '{foreign[0]}', which bkd did not write; move it away before replacing "
                          "the store")
     return manifest
 
 
-def remove_store(url: str, manifest: dict) -> None:
-    """Delete a bkd store: its split folders first, the root metadata (which makes it a store) last.
+def _store_objects(fs, path: str) -> list[tuple[str, ...]]:
+    """Every file under `path` (links included, not followed), as path parts relative to it."""
+    root = path.rstrip("/")
+    found = fs.find(root, withdirs=False)
+    return [tuple(posixpath.relpath(p, root).split("/")) for p in found]
+
+
+def remove_store(url: str) -> None:
+    """Delete a bkd store, object by object: only what `existing_store` accepted as bkd's, the split
+    folders first and the root metadata (which makes it a store) last, then the folders left empty.
 
     Killed part-way, what is left still carries the manifest, so the next --overwrite finishes the job.
     """
     fs, path = filesystem(url)
-    for split in manifest.get("splits", {}):
-        target = posixpath.join(path, split)
-        if fs.exists(target):
-            fs.rm(target, recursive=True)
-    fs.rm_file(posixpath.join(path, "zarr.json"))
+    objects = [parts for parts in _store_objects(fs, path) if _is_store_object(parts)]
+    for parts in sorted(objects, key=lambda p: (p == ("zarr.json",), p)):
+        fs.rm_file(posixpath.join(path, *parts))
+    for folder in sorted({"/".join(parts[:i]) for parts in objects for i in range(1, len(parts))},
+                         key=lambda f: -f.count("/")):
+        full = posixpath.join(path, folder)
+        if fs.isdir(full) and not fs.ls(full, detail=False):
+            fs.rmdir(full)
 
 
 def filesystem(url: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -300,10 +360,33 @@ def _open_group(path: str, mode: str = "r") -> zarr.Group:
             raise StoreError(f"{path}: store format {found}, this bkd reads {FORMAT}; re-run "
                              f"`bkd extract-teacher --overwrite`")
         raise StoreError(f"{path}: not a bkd teacher-target store (no '{FORMAT}' manifest)")
-    missing = [key for key in MANIFEST_KEYS if not isinstance(manifest.get(key), dict)]
-    if missing:
-        raise StoreError(f"{path}: damaged manifest, '{missing[0]}' is missing; re-run `bkd extract-teacher --overwrite`")
+    damage = _manifest_damage(manifest)
+    if damage:
+        raise StoreError(f"{path}: damaged manifest, {damage}; re-run `bkd extract-teacher --overwrite`")
     return group
+
+
+def _manifest_damage(manifest: dict) -> str | None:
+    """What makes a manifest unusable (a section missing, a field of the wrong type or range), or None."""
+    missing = [key for key in MANIFEST_KEYS if not isinstance(manifest.get(key), dict)]
+    return f"'{missing[0]}' is missing" if missing else _manifest_problem(manifest)
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """The first field of a manifest that a reader could not use (wrong type or range), or None."""
+    def count(value, low):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    checks = [(f"chunking.{key}", manifest["chunking"].get(key), 1) for key in ("chunk_size", "chunks_per_shard")]
+    checks.append(("teacher.num_classes", manifest["teacher"].get("num_classes"), 1))
+    for split, meta in manifest["splits"].items():
+        if split not in SPLITS or not isinstance(meta, dict):
+            return f"unknown split '{_short(split)}'"
+        checks += [(f"splits.{split}.num_samples", meta.get("num_samples"), 0), (f"splits.{split}.views", meta.get("views"), 1)]
+    for field, value, low in checks:
+        if not count(value, low):
+            return f"{field} is {_short(value)} (expected an integer >= {low})"
+    return None
 
 
 IDENTITY_KEYS = IDENTITY_FIELDS + ("splits", "arrays", "chunking")
@@ -326,13 +409,37 @@ def _same_identity(a: dict, b: dict) -> bool:
     return _first_difference(a, b) is None
 
 
+def _split_group(root: zarr.Group, split: str, path: str, names: tuple[str, ...]) -> zarr.Group:
+    """The split's group, refused in one line if its or one of its arrays' metadata is gone."""
+    try:
+        group = root[split]
+        present = set(group.array_keys())
+    except (KeyError, ValueError, OSError):
+        raise StoreError(f"{path}: damaged store, the '{split}' group's metadata is missing; "
+                         "re-run `bkd extract-teacher --overwrite`") from None
+    missing = [name for name in names if name not in present]
+    if missing:
+        raise StoreError(f"{path}: damaged store, {split}/{missing[0]} is missing; re-run "
+                         "`bkd extract-teacher --overwrite`")
+    return group
+
+
+def _read_flags(group: zarr.Group, path: str) -> np.ndarray:
+    try:
+        return group["shards_done"][:]
+    except Exception as exc:  # a damaged flag chunk: zstd / codec errors
+        raise StoreError(f"{path}: damaged store, {group.path}/shards_done cannot be read ({type(exc).__name__}); "
+                         "re-run `bkd extract-teacher --overwrite`") from None
+
+
 def shard_keys(group: zarr.Group, shard: int) -> list[str]:
-    """The objects, relative to the store root, that hold `shard` of every sharded array of a split group."""
+    """The objects, relative to the store root, that hold `shard` of every array of a split group."""
     keys = []
     for name, array in group.arrays():
-        if array.shards is None:  # shards_done: its own one-element chunks
-            continue
-        keys.append(posixpath.join(group.path, name, "c", str(shard), *["0"] * (array.ndim - 1)))
+        if array.shards is not None:
+            keys.append(posixpath.join(group.path, name, "c", str(shard), *["0"] * (array.ndim - 1)))
+        elif name == CHUNK_DIGEST:  # one plain chunk per shard
+            keys.append(posixpath.join(group.path, name, "c", str(shard)))
     return keys
 
 
@@ -388,9 +495,10 @@ class TeacherTargets:
             raise StoreError(f"{self.path}: store is incomplete (extraction did not finish); re-run `bkd extract-teacher`")
         if split not in self.manifest["splits"]:
             raise StoreError(f"{self.path}: no '{split}' split (has: {', '.join(self.manifest['splits'])})")
-        self.group = self.root[split]
         self.topk = self.manifest["teacher"].get("logits_topk")
-        self.arrays = {name: self.group[name] for name in ARRAYS + ((TOPK_INDEX,) if self.topk else ())}
+        names = ARRAYS + ((TOPK_INDEX,) if self.topk else ())
+        self.group = _split_group(self.root, split, self.path, names + (CHUNK_DIGEST, "shards_done"))
+        self.arrays = {name: self.group[name] for name in names}
         chunking = self.manifest["chunking"]
         meta = self.manifest["splits"][split]
         self.layout = SplitLayout(meta["num_samples"], chunking["chunk_size"], chunking["chunks_per_shard"],
@@ -405,7 +513,7 @@ class TeacherTargets:
         One listing of the split's folder: cheap next to a read, and it turns a deleted or
         truncated-to-nothing shard into an error instead of rows of zeros.
         """
-        done = self.group["shards_done"][:]
+        done = _read_flags(self.group, self.path)
         if not done.all():
             shard = int(np.flatnonzero(~done)[0])
             raise StoreError(f"{self.path}: {self.split} shard {shard} was never written; re-run `bkd extract-teacher`")
@@ -460,13 +568,33 @@ class TeacherTargets:
             shard = start // self.layout.shard_size
             raise StoreError(f"{self.path}: cannot read {self.split} rows {start}:{stop} "
                              f"(shard {shard}): {type(exc).__name__}: {exc}") from None
+        problem = self._digest_problem(rows, start, stop)
         if self.topk:  # consumers always see full logits
             rows["logits"] = dense_logits(rows["logits"], rows.pop(TOPK_INDEX), self.num_classes)
-        problem = self.rows_problem(rows, start, stop) if validate else None
+        problem = problem or (self.rows_problem(rows, start, stop) if validate else None)
         if problem:
             raise StoreError(f"{self.path}: {self.split} rows {start}:{stop} (shard {start // self.layout.shard_size}): "
                              f"{problem}; `bkd cache verify` lists every bad shard")
         return rows
+
+    def _digest_problem(self, rows: dict[str, np.ndarray], start: int, stop: int) -> str | None:
+        """Compare the whole chunks among rows [start, stop) with the digests written beside them."""
+        size = self.chunk_size
+        first = -(-start // size)  # chunks [first, last) lie wholly inside the rows (the last one may be short)
+        last = self.layout.num_chunks if stop >= len(self) else stop // size
+        if last <= first:
+            return None
+        try:
+            stored = self.group[CHUNK_DIGEST][first:last]
+        except Exception as exc:  # a damaged digest object
+            return f"chunk digests cannot be read ({type(exc).__name__})"
+        offset = first * size - start
+        whole = {name: values[offset:offset + (last - first) * size] for name, values in rows.items()}
+        names = tuple(name for name in ARRAYS + (TOPK_INDEX,) if name in whole)
+        bad = np.flatnonzero(chunk_digests(whole, names, first, size) != stored)
+        if len(bad):
+            return f"chunk {first + int(bad[0])} does not match its digest (moved, swapped or rewritten)"
+        return None
 
     def rows_problem(self, rows: dict[str, np.ndarray], start: int, stop: int) -> str | None:
         """What is wrong with rows [start, stop) as read, or None."""
@@ -494,7 +622,11 @@ class TeacherTargets:
     def check_pixels(self, raw: np.ndarray, rows: np.ndarray) -> None:
         """Refuse the store unless `raw` (the inputs of `rows`, as the source gives them) are the extracted ones."""
         rows = np.asarray(rows, dtype=np.int64)
-        stored = self.group["pixel_digest"].get_orthogonal_selection((rows,))
+        try:
+            stored = self.group["pixel_digest"].get_orthogonal_selection((rows,))
+        except Exception as exc:  # a damaged digest shard
+            raise StoreError(f"{self.path}: {self.split}/pixel_digest cannot be read ({type(exc).__name__}); "
+                             "`bkd cache verify` names the bad shard") from None
         mismatch = np.flatnonzero(pixel_digests(raw) != stored)
         if len(mismatch):
             raise StoreError(f"{self.path} was built from other inputs: {self.split} sample {int(rows[mismatch[0]])} "
@@ -518,7 +650,7 @@ def store_info(path: str | Path) -> dict[str, Any]:
         splits[split] = {
             "samples": layout.num_samples,
             "views": layout.views,
-            "shards_complete": int(root[split]["shards_done"][:].sum()),
+            "shards_complete": int(_read_flags(_split_group(root, split, str(path), ("shards_done",)), str(path)).sum()),
             "shards_total": layout.num_shards,
         }
     size = bytes_on_disk(path)
@@ -548,7 +680,7 @@ def verify_store(path: str | Path) -> Iterator[tuple[str, int, str | None]]:
     manifest = root.attrs["manifest"]
     for split in manifest["splits"]:
         targets = TeacherTargets(path, split, require_complete=False)
-        done = set(np.flatnonzero(root[split]["shards_done"][:]).tolist())
+        done = set(np.flatnonzero(_read_flags(targets.group, str(path))).tolist())
         sizes = _listing(str(path), split)
         for shard in range(targets.layout.num_shards):
             if shard not in done:

@@ -209,6 +209,7 @@ def adopt_teacher(cfg: Config, own_weights: str) -> dict:
     """Use a user's local weights for cfg.teacher.model instead of training: check, evaluate, save."""
     from pipeline.extract import load_teacher
 
+    checkpoint.check_replaceable_weights(cfg.teacher.checkpoint)
     test = load_split(cfg.data, "test")
     device = resolve_device(cfg.teacher.device)
     model = load_teacher(cfg, test, own_weights).to(device)
@@ -221,6 +222,7 @@ def train_teacher(cfg: Config, run_dir: str | Path, resume: bool = False) -> dic
     """Train the timm teacher with cross-entropy; save safetensors weights at cfg.teacher.checkpoint."""
     folder = RunFolder(run_dir, cfg, "teacher", resume)
     folder.check()
+    checkpoint.check_replaceable_weights(cfg.teacher.checkpoint)
     tcfg = cfg.teacher
     device = resolve_device(tcfg.device)
     train, test = load_splits(cfg.data, ("train", "test")).values()

@@ -33,6 +33,13 @@ def build_config(config_path: str, overrides: list[str], **options) -> Config:
     return load_config(config_path, list(overrides) + extra)
 
 
+def nonempty(value: str | None, option: str) -> str | None:
+    """`value` unless it is an empty or blank path (an unset shell variable), which is refused."""
+    if value is not None and not value.strip():
+        raise BkdError(f"{option} is empty; name a path")
+    return value
+
+
 def error_line(message: str) -> str:
     """The one line every refusal prints: `bkd: error: MESSAGE`, newlines folded."""
     return "bkd: error: " + " ".join(str(message).split("\n")).strip()

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from pipeline.config import DISTILL_MODES
-from stages.common import build_config, config_options, one_line_errors, run_standalone
+from stages.common import build_config, config_options, nonempty, one_line_errors, run_standalone
 
 
 @click.command("evaluate")
@@ -28,15 +28,19 @@ def main(config_path, overrides, distill, run_dir, metrics, report, plots_dir, d
 
     The model, T and data come from the run folder's config.yaml; a config that contradicts it is refused.
     """
-    from pipeline.checkpoint import write_json
+    from pipeline.checkpoint import check_replaceable_json, write_json
     from pipeline.evaluate import evaluate_student
 
     cfg = build_config(config_path, overrides, **{"student.distill": distill, "student.device": device})
     mode = cfg.student.distill
-    run_dir = run_dir or str(Path(cfg.student.out_dir) / mode)
+    run_dir = nonempty(run_dir, "--run-dir") or str(Path(cfg.student.out_dir) / mode)
+    metrics = nonempty(metrics, "--metrics") or f"metrics/student-{mode}.json"
+    report = nonempty(report, "--report") or f"reports/student-{mode}.json"
+    for path in (metrics, report):
+        check_replaceable_json(path)
     headline, details = evaluate_student(cfg, run_dir, plots_dir or f"plots/{mode}", trust_store_teacher)
-    write_json(headline, metrics or f"metrics/student-{mode}.json")
-    write_json(details, report or f"reports/student-{mode}.json")
+    write_json(headline, metrics)
+    write_json(details, report)
     click.echo(f"student [{mode}]: top-1 {headline['top1']:.4f} (teacher {headline['teacher_top1']:.4f}), "
                f"firing rate {headline['firing_rate']:.4f}, {headline['sops_per_sample'] / 1e6:.2f} M SOPs and "
                f"{headline['energy_mj_per_sample']:.4f} mJ per sample")

@@ -13,7 +13,7 @@ import click
 
 from pipeline.config import DISTILL_MODES
 from pipeline.errors import BkdError
-from stages.common import build_config, config_options, one_line_errors, run_standalone
+from stages.common import build_config, config_options, nonempty, one_line_errors, run_standalone
 
 
 @click.command("train-student")
@@ -34,7 +34,7 @@ def main(config_path, overrides, distill, epochs, device, run_dir, resume, trust
 
     cfg = build_config(config_path, overrides, **{"student.distill": distill, "student.epochs": epochs,
                                                   "student.device": device})
-    run_dir = run_dir or str(Path(cfg.student.out_dir) / cfg.student.distill)
+    run_dir = nonempty(run_dir, "--run-dir") or str(Path(cfg.student.out_dir) / cfg.student.distill)
     if nproc > 1:
         from pipeline.rundir import RunFolder
 

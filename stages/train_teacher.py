@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from stages.common import build_config, config_options, one_line_errors, run_standalone
+from stages.common import build_config, config_options, nonempty, one_line_errors, run_standalone
 
 
 @click.command("train-teacher")
@@ -18,10 +18,12 @@ from stages.common import build_config, config_options, one_line_errors, run_sta
 @one_line_errors
 def main(config_path, overrides, epochs, own_weights, run_dir, metrics, resume):
     """Train the timm teacher on the configured dataset and save it as safetensors."""
-    from pipeline.checkpoint import write_json
+    from pipeline.checkpoint import check_replaceable_json, write_json
     from pipeline.train import adopt_teacher, train_teacher
 
     cfg = build_config(config_path, overrides, **{"teacher.epochs": epochs})
+    run_dir, metrics = nonempty(run_dir, "--run-dir"), nonempty(metrics, "--metrics")
+    check_replaceable_json(metrics)
     result = adopt_teacher(cfg, own_weights) if own_weights else train_teacher(cfg, run_dir, resume)
     write_json(result, metrics)
     click.echo(f"teacher {cfg.teacher.model}: test accuracy {result['test_accuracy']:.4f} -> {cfg.teacher.checkpoint}")

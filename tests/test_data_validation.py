@@ -118,8 +118,10 @@ def _frames(n: int = 4, shape=(3, 2, 8, 8), dtype=np.float32) -> np.ndarray:
     ("hdf5", "images", _images(), [0, -2, 2, 3], None, ["label -2", "row 1", ">= 0"]),
     ("hdf5", "images", _images(), [0, 1, 2, 3], 2.5, ["num_classes", "positive integer", "2.5"]),
     ("hdf5", "images", _images(0), np.zeros(0, np.int64), 10, ["no samples"]),
+    ("hdf5", "images", _images(4, (1, 0, 0)), [0, 1, 2, 3], 10, ["empty sample shape", "(1, 0, 0)"]),
 ], ids=["float-images", "3d-images", "4d-frames", "3-polarities", "complex-frames", "float-labels",
-        "2d-labels", "fewer-labels", "label-above-attribute", "negative-label", "float-attribute", "empty"])
+        "2d-labels", "fewer-labels", "label-above-attribute", "negative-label", "float-attribute", "empty",
+        "zero-size-images"])
 def test_hdf5_refuses_bad_files_at_open(tmp_path, name, key, data, labels, num_classes, fragments):
     path = _h5(tmp_path / "train.h5", key, data, np.asarray(labels), num_classes)
     _refused([str(path), *fragments], load_split, _data_cfg(name, tmp_path), "train")

@@ -377,3 +377,127 @@ def test_extraction_killed_at_random_points_converges_to_the_same_store(tiny_pro
     for name in ("features", "logits", "view_params", "labels", "index", "pixel_digest"):
         np.testing.assert_array_equal(ours[name][:], theirs[name][:], err_msg=f"{name} (kill delays {delays})")
     assert all(problem is None for _, _, problem in verify_store(store))
+
+
+# --- the second adversarial round: each case it found, fed again --------------------------------
+
+def test_overwrite_refuses_a_user_file_inside_a_split_folder(tmp_path: Path):
+    path = tmp_path / "s.zarr"
+    build_store(path)
+    (path / "train" / "NOTES.txt").write_text("mine")
+    with pytest.raises(StoreError, match="train/NOTES.txt"):
+        open_writer(path, manifest=make_test_manifest(sha="c" * 64), overwrite=True)
+    assert (path / "train" / "NOTES.txt").read_text() == "mine"
+
+
+def test_a_manifest_naming_paths_outside_the_store_deletes_nothing_there(tmp_path: Path):
+    path, victim = tmp_path / "s.zarr", tmp_path / "victim"
+    build_store(path)
+    victim.mkdir()
+    (victim / "data.txt").write_text("precious")
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["attributes"]["manifest"]["splits"]["../victim"] = meta["attributes"]["manifest"]["splits"]["test"]
+    (path / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="unknown split"):
+        TeacherTargets(path, "train")
+    open_writer(path, manifest=make_test_manifest(sha="c" * 64), overwrite=True)  # replaces only its own objects
+    assert (victim / "data.txt").read_text() == "precious"
+
+
+def test_swapped_shards_are_caught_by_their_chunk_digests(tmp_path: Path):
+    path = tmp_path / "s.zarr"
+    build_store(path)
+    a, b = path / "train/logits/c/0/0/0", path / "train/logits/c/1/0/0"
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    problems = {(s, i): p for s, i, p in verify_store(path)}
+    assert "does not match its digest" in problems[("train", 0)] and "digest" in problems[("train", 1)]
+    assert problems[("train", 2)] is None
+    with pytest.raises(StoreError, match="digest"):
+        TeacherTargets(path, "train").read_chunk(0)
+
+
+def test_extraction_rerun_rewrites_a_deleted_shard(tiny_project: Path, tmp_path: Path):
+    store = tmp_path / "store.zarr"
+    shutil.copytree(tiny_project / STORE, store)
+    before = zarr.open_group(str(store), mode="r")["train/features"][:]
+    (store / "train/features/c/1/0/0").unlink()
+    out = run_bkd(["extract-teacher", *TINY, "--store", str(store)], tiny_project)
+    assert "(1 shards written)" in out.stdout
+    assert all(problem is None for _, _, problem in verify_store(store))
+    np.testing.assert_array_equal(zarr.open_group(str(store), mode="r")["train/features"][:], before)
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda s: (s / "train/features/zarr.json").unlink(), "train/features is missing"),
+    (lambda s: (s / "train/zarr.json").unlink(), "'train' group's metadata is missing"),
+    (lambda s: (s / "train/shards_done/c/1").write_bytes(b"\x00\x01"), "shards_done cannot be read"),
+    (lambda s: _edit_manifest(s, ["splits", "train", "num_samples"], "160"), "splits.train.num_samples"),
+    (lambda s: _edit_manifest(s, ["chunking", "chunk_size"], 0), "chunking.chunk_size"),
+])
+def test_damaged_store_metadata_is_one_line(tiny_project: Path, tmp_path: Path, damage, fragment):
+    store = tmp_path / "store.zarr"
+    shutil.copytree(tiny_project / STORE, store)
+    damage(store)
+    for args in (["cache", "verify", str(store)],
+                 ["train-student", *TINY, "--set", f"extract.store={store}", "--run-dir", "runs/refused"],
+                 ["extract-teacher", *TINY, "--store", str(store)]):
+        _one_line_refusal(run_bkd(args, tiny_project, check=False), fragment)
+
+
+def _edit_manifest(store: Path, keys: list[str], value) -> None:
+    meta = json.loads((store / "zarr.json").read_text())
+    node = meta["attributes"]["manifest"]
+    for key in keys[:-1]:
+        node = node[key]
+    node[keys[-1]] = value
+    (store / "zarr.json").write_text(json.dumps(meta))
+
+
+def test_run_folder_of_files_with_bkd_names_but_no_config_is_refused(tiny_project: Path, tmp_path: Path):
+    folder = tmp_path / "userrun"
+    folder.mkdir()
+    (folder / "run.json").write_text('{"mine": 1}')
+    proc = run_bkd(["train-student", *TINY, "--epochs", "1", "--run-dir", str(folder)], tiny_project, check=False)
+    _one_line_refusal(proc, "not a bkd run folder")
+    assert (folder / "run.json").read_text() == '{"mine": 1}'
+
+
+def test_teacher_weights_and_metrics_never_overwrite_user_files(tiny_project: Path, tmp_path: Path):
+    notes = tmp_path / "notes.yaml"
+    notes.write_text("my: notes\n")
+    proc = run_bkd(["train-teacher", *TINY, "--epochs", "1", "--set", f"teacher.checkpoint={notes}",
+                    "--run-dir", str(tmp_path / "t")], tiny_project, check=False)
+    _one_line_refusal(proc, "not a safetensors weights file")
+    assert notes.read_text() == "my: notes\n"
+    table = tmp_path / "table.csv"
+    table.write_text("a,b\n1,2\n")
+    proc = run_bkd(["evaluate", *TINY, "--distill", "mixed", "--metrics", str(table)], tiny_project, check=False)
+    _one_line_refusal(proc, "not a JSON file")
+    assert table.read_text() == "a,b\n1,2\n"
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--run-dir", ""], "--run-dir is empty"),
+    (["--set", "seed=99999999999999999999999"], "seed must be in"),
+])
+def test_more_bad_arguments_are_one_line(tiny_project: Path, args, fragment):
+    _one_line_refusal(run_bkd(["train-student", *TINY, "--epochs", "1", *args], tiny_project, check=False), fragment)
+
+
+def test_a_full_disk_while_saving_weights_is_one_line(tmp_path: Path, monkeypatch):
+    import torch
+
+    from pipeline import checkpoint
+
+    class SafetensorError(Exception):  # what safetensors raises for "No space left on device"
+        pass
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(BkdError, match="No space left"):
+        checkpoint.save_weights({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
