@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import load_config
-from pipeline.store import store_info
+from pipeline.targets import store_info
 
 from benchmarks import amortization, extraction, reader, step_time
 from benchmarks.common import CONFIG, machine, random_teacher_config

@@ -17,7 +17,9 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data import load_split
-from pipeline.extract import extract_teacher, load_teacher, open_student_targets
+from pipeline.extract import extract_teacher
+from pipeline.models import load_teacher
+from pipeline.targets import open_student_targets
 from pipeline.models import teacher_outputs
 from pipeline.stream import CachedTargetDataset
 
@@ -56,7 +58,7 @@ def run(tmp: Path, students: int = 4, epochs: int = 1, samples: int = 1024) -> d
     online_students_s = []
     for ratio in ratios:
         started = time.perf_counter()
-        teacher = load_teacher(cfg, train)
+        teacher = load_teacher(cfg.teacher, train.num_classes, train.image_shape[-3])
 
         def online(batch, teacher=teacher):
             images, labels, _ = batch

@@ -17,16 +17,17 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data import load_split
-from pipeline.extract import extract_teacher, load_teacher
+from pipeline.extract import extract_teacher
+from pipeline.models import load_teacher
 from pipeline.models import teacher_outputs
-from pipeline.store import store_info
+from pipeline.targets import store_info
 
 
 def bare_loop(cfg: Config) -> float:
     """Seconds to load the teacher and run it over every train input, writing nothing."""
     started = time.perf_counter()
     split = load_split(cfg.data, "train")
-    teacher = load_teacher(cfg, split)
+    teacher = load_teacher(cfg.teacher, split.num_classes, split.image_shape[-3])
     batch = cfg.extract.batch_size
     with torch.no_grad():
         for start in range(0, len(split), batch):

@@ -9,7 +9,7 @@ are loaded and the store opened: the growth over that baseline is the reader's.
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.store import SplitLayout, StoreWriter, TeacherTargets, bytes_on_disk
+from pipeline.targets import StoreWriter, TeacherTargets, bytes_on_disk
 
 from benchmarks.common import peak_rss_mb, reset_peak_rss
 
@@ -26,14 +26,10 @@ from benchmarks.common import peak_rss_mb, reset_peak_rss
 def tile_store(source: str | Path, dest: str | Path, samples: int) -> int:
     """Write a copy of `source`'s train split grown to `samples` rows (its rows repeated); return bytes on disk."""
     src = TeacherTargets(source, "train")
-    manifest = copy.deepcopy(src.manifest)
-    manifest["splits"] = {"train": {**manifest["splits"]["train"], "num_samples": samples}}
-    chunking = manifest["chunking"]
-    layout = SplitLayout(samples, chunking["chunk_size"], chunking["chunks_per_shard"], src.views)
+    spec = dataclasses.replace(src.spec, splits={"train": {**src.spec.splits["train"], "num_samples": samples}})
+    layout = spec.layout("train")
     arrays = {name: src.group[name][:] for name in ("features", "logits", "view_params", "labels", "pixel_digest")}
-    writer = StoreWriter(dest, manifest, {"train": layout}, src.feature_shape, src.num_classes,
-                         arrays["view_params"].shape[2], manifest["arrays"]["features"], manifest["arrays"]["logits"],
-                         zstd_level=3, overwrite=True)
+    writer = StoreWriter(dest, spec, overwrite=True)
     for shard in range(layout.num_shards):
         start, stop = layout.shard_rows(shard)
         rows = np.arange(start, stop) % len(src)

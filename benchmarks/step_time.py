@@ -40,7 +40,9 @@ from tqdm import tqdm
 
 from pipeline.config import Config, load_config
 from pipeline.data import ImageSplit, collate_batch, load_split
-from pipeline.extract import extract_teacher, load_teacher, open_student_targets
+from pipeline.extract import extract_teacher
+from pipeline.models import load_teacher
+from pipeline.targets import open_student_targets
 from pipeline.losses import DistillationLoss
 from pipeline.models import create_student, teacher_outputs
 from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         train = load_split(cfg.data, "train")
         targets = open_student_targets(cfg, "train", train)
         cached = CachedTargetDataset(train, targets, cfg.student.shuffle_buffer_chunks)
-        teacher = load_teacher(cfg, train)  # eval mode; teacher_outputs runs it under no_grad
+        teacher = load_teacher(cfg.teacher, train.num_classes, train.image_shape[-3])  # eval mode; teacher_outputs runs it under no_grad
 
         def plain(batch):
             images, labels, _ = batch

@@ -27,7 +27,7 @@ from pathlib import Path
 from pipeline.config import load_config
 from pipeline.distributed import resolve_device
 from pipeline.extract import extract_teacher
-from pipeline.store import store_info
+from pipeline.targets import store_info
 from pipeline.train import train_student
 
 SETTINGS = {

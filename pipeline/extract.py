@@ -2,100 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import checkpoint
-from pipeline.augment import ViewAugmenter, view_augmenter
+from pipeline.augment import view_augmenter
 from pipeline.config import Config
-from pipeline.data import ImageSplit, load_splits
-from pipeline.errors import BkdError, StoreError
+from pipeline.data import load_splits
+from pipeline.errors import BkdError
 from pipeline.locks import PathLock
-from pipeline.models import create_teacher, teacher_outputs
-from pipeline.store import (TOPK_INDEX, SplitLayout, StoreWriter, TeacherTargets, check_store_location,
-                            existing_store, make_manifest, pixel_digests)
-
-# Samples of a lazily read split (image folders, HDF5) whose pixels a training run checks against the store.
-PIXEL_CHECK_SAMPLES = 256
-
-
-def split_views(cfg: Config, split: str) -> int:
-    """K views of the training split; the test split is only ever evaluated on clean inputs."""
-    return cfg.extract.views if split == "train" else 1
-
-
-def expected_manifest(cfg: Config, splits: dict[str, ImageSplit], require_checkpoint: bool = True,
-                      num_features: int | None = None) -> dict:
-    """The identity a store built from this config records (and a training run must find)."""
-    ckpt = Path(cfg.teacher.checkpoint)
-    if ckpt.is_file():
-        sha = checkpoint.sha256_file(ckpt)
-    elif require_checkpoint:
-        raise BkdError(f"teacher checkpoint not found: {ckpt} (run `bkd train-teacher` or set teacher.checkpoint)")
-    else:
-        sha = None  # cannot be checked: compared as missing, so the store must agree it is unknown
-    any_split = next(iter(splits.values()))
-    augment = ViewAugmenter(cfg.augment, tuple(any_split.image_shape)).spec()
-    return make_manifest(
-        teacher={"model": cfg.teacher.model, "checkpoint_sha256": sha,
-                 "small_input_stem": cfg.teacher.small_input_stem, "logits_topk": cfg.extract.logits_topk,
-                 "features": cfg.extract.features,
-                 "num_classes": any_split.num_classes, "num_features": num_features},
-        dataset={"name": cfg.data.name, "split_seed": cfg.data.split_seed,
-                 "test_size": cfg.data.test_size, "limit": cfg.data.limit},
-        splits={name: {"num_samples": len(s), "fingerprint": s.fingerprint(), "views": split_views(cfg, name)}
-                for name, s in splits.items()},
-        transform={**any_split.transform, "teacher_input_size": cfg.teacher.input_size},
-        augment=augment,
-        arrays={"features": cfg.extract.feature_dtype, "logits": cfg.extract.logits_dtype,
-                "view_params": "int32", "labels": "int64", "index": "int64",
-                **({TOPK_INDEX: "int32"} if cfg.extract.logits_topk else {})},
-        chunking={"chunk_size": cfg.extract.chunk_size, "chunks_per_shard": cfg.extract.chunks_per_shard},
-    )
-
-
-def open_student_targets(cfg: Config, split: str, images: ImageSplit, trust_store_teacher: bool = False) -> TeacherTargets:
-    """Open the store for `split` and refuse it unless it was built for this config's run.
-
-    Identity (teacher weights, dataset, split, transform, views) comes from the manifest; the
-    inputs themselves are compared by their per-sample digests: every sample of an in-memory
-    split, an even spread of PIXEL_CHECK_SAMPLES of a lazily read one. Without the teacher
-    checkpoint the store's teacher cannot be checked, which is refused unless
-    `trust_store_teacher` waives it (a store copied from another machine, say).
-    """
-    targets = TeacherTargets(cfg.extract.store, split)
-    expected = expected_manifest(cfg, {split: images}, require_checkpoint=False)
-    if expected["teacher"]["checkpoint_sha256"] is None:
-        if not trust_store_teacher:
-            raise StoreError(f"teacher checkpoint {cfg.teacher.checkpoint} not found, so the store's teacher cannot "
-                             "be checked; fix teacher.checkpoint, or pass --trust-store-teacher to use the store as is")
-        tqdm.write(f"warning: {cfg.teacher.checkpoint} not found; trusting the store's teacher (--trust-store-teacher)")
-        expected["teacher"]["checkpoint_sha256"] = targets.manifest["teacher"]["checkpoint_sha256"]
-    targets.check_matches(expected)
-    rows = np.arange(len(images))
-    if not images.in_memory and len(rows) > PIXEL_CHECK_SAMPLES:
-        rows = np.unique(np.linspace(0, len(rows) - 1, PIXEL_CHECK_SAMPLES).round().astype(np.int64))
-    targets.check_pixels(images.load_raw(rows)[0], rows)
-    return targets
-
-
-def load_teacher(cfg: Config, split: ImageSplit, weights: str | None = None) -> torch.nn.Module:
-    """The timm teacher with `weights` (default: cfg.teacher.checkpoint) loaded, in eval mode."""
-    weights = weights or cfg.teacher.checkpoint
-    model = create_teacher(cfg.teacher, split.num_classes, split.image_shape[-3])
-    state = checkpoint.load_weights(weights)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise BkdError(f"{weights} does not fit teacher.model '{cfg.teacher.model}': "
-                       f"{str(exc).splitlines()[1] if len(str(exc).splitlines()) > 1 else exc}") from None
-    bad = next((name for name, tensor in state.items() if tensor.is_floating_point() and not tensor.isfinite().all()), None)
-    if bad is not None:
-        raise BkdError(f"{weights}: tensor '{bad}' holds NaN or infinite values; these teacher weights are broken")
-    return model.eval()
+from pipeline.models import load_teacher, teacher_outputs
+from pipeline.targets import (TOPK_INDEX, StoreWriter, check_store_location, existing_store, expected_spec,
+                              pixel_digests, teacher_sha)
 
 
 class ShardExtractor:
@@ -107,23 +26,20 @@ class ShardExtractor:
         self.splits = load_splits(cfg.data, ex.splits)
         first = next(iter(self.splits.values()))
         self.num_classes = first.num_classes
-        self.model = load_teacher(cfg, first).to(device)
+        sha = teacher_sha(cfg)
+        self.model = load_teacher(cfg.teacher, first.num_classes, first.image_shape[-3]).to(device)
         if ex.logits_topk is not None and ex.logits_topk > first.num_classes:
             raise BkdError(f"extract.logits_topk is {ex.logits_topk}, but the teacher has only "
                            f"{first.num_classes} classes")
-        self.manifest = expected_manifest(cfg, self.splits, num_features=self.model.num_features)
-        self.layouts = {name: SplitLayout(len(s), ex.chunk_size, ex.chunks_per_shard, split_views(cfg, name))
-                        for name, s in self.splits.items()}
         self.augmenters = {name: view_augmenter(cfg.augment, s) for name, s in self.splits.items()}
         with torch.no_grad():  # the feature shape: (C,) pre-logits or the (C, H, W) map
             probe = first.load([0]).to(device)
             self.feature_shape = tuple(teacher_outputs(self.model, probe, ex.features)[0].shape[1:])
+        self.spec = expected_spec(cfg, self.splits, sha, self.feature_shape, self.model.num_features)
+        self.layouts = {name: self.spec.layout(name) for name in self.splits}
 
     def open_writer(self, overwrite: bool = False) -> StoreWriter:
-        ex = self.ex
-        return StoreWriter(ex.store, self.manifest, self.layouts, self.feature_shape, self.num_classes,
-                           len(self.augmenters[ex.splits[0]].param_names), ex.feature_dtype, ex.logits_dtype,
-                           ex.zstd_level, overwrite=overwrite, logits_topk=ex.logits_topk)
+        return StoreWriter(self.ex.store, self.spec, overwrite=overwrite)
 
     def compute(self, name: str, shard: int, on_batch=None) -> dict[str, np.ndarray]:
         """The arrays of one shard: all its samples, all their views."""

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, Sampler
 from pipeline.augment import ViewAugmenter, view_schedule
 from pipeline.data import ImageSplit
 from pipeline.errors import BkdError, StoreError
-from pipeline.store import TeacherTargets
+from pipeline.targets import TeacherTargets
 
 
 class ChunkShuffleSampler(Sampler[int]):

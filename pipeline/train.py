@@ -33,10 +33,10 @@ from pipeline.data import collate_batch, load_split, load_splits, random_shift
 from pipeline.distributed import Ranks, process_group, resolve_device, split_global_batch
 from pipeline.errors import BkdError
 from pipeline.evaluate import accuracy, count_correct
-from pipeline.extract import open_student_targets
 from pipeline.losses import DistillationLoss
-from pipeline.models import create_student, create_teacher
+from pipeline.models import create_student, create_teacher, load_teacher
 from pipeline.rundir import RunFolder
+from pipeline.targets import open_student_targets
 from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler
 
 StepFn = Callable[[tuple], tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]]
@@ -207,12 +207,10 @@ def _optimizer(params, lr: float, weight_decay: float, epochs: int, steps_per_ep
 
 def adopt_teacher(cfg: Config, own_weights: str) -> dict:
     """Use a user's local weights for cfg.teacher.model instead of training: check, evaluate, save."""
-    from pipeline.extract import load_teacher
-
     checkpoint.check_replaceable_weights(cfg.teacher.checkpoint)
     test = load_split(cfg.data, "test")
     device = resolve_device(cfg.teacher.device)
-    model = load_teacher(cfg, test, own_weights).to(device)
+    model = load_teacher(cfg.teacher, test.num_classes, test.image_shape[-3], own_weights).to(device)
     checkpoint.save_weights(model.state_dict(), cfg.teacher.checkpoint,
                             metadata={"model": cfg.teacher.model, "source": str(own_weights)})
     return {"test_accuracy": accuracy(model, test, device), "model": cfg.teacher.model, "source": str(own_weights)}

@@ -21,7 +21,7 @@ def main():
 @one_line_errors
 def info(store, as_json):
     """Print the manifest and sizes of STORE."""
-    from pipeline.store import store_info
+    from pipeline.targets import store_info
 
     data = store_info(store)
     if as_json:
@@ -46,7 +46,7 @@ def info(store, as_json):
 @one_line_errors
 def verify(store):
     """Read every chunk of STORE; exit 1 naming each bad shard."""
-    from pipeline.store import verify_store
+    from pipeline.targets import verify_store
 
     bad = checked = 0
     for split, shard, problem in verify_store(store):

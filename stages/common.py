@@ -29,8 +29,10 @@ def config_options(command):
 
 def build_config(config_path: str, overrides: list[str], **options) -> Config:
     """Load the config; options given on the command line (not None) override it."""
+    from pipeline.registry import check_names
+
     extra = [format_override(key, value) for key, value in options.items() if value is not None]
-    return load_config(config_path, list(overrides) + extra)
+    return check_names(load_config(config_path, list(overrides) + extra))
 
 
 def nonempty(value: str | None, option: str) -> str | None:

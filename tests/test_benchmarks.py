@@ -7,7 +7,7 @@ import numpy as np
 from benchmarks.__main__ import _store_size
 from benchmarks.common import peak_rss_mb, reset_peak_rss
 from benchmarks.reader import stream, tile_store
-from pipeline.store import TeacherTargets, store_info
+from pipeline.targets import TeacherTargets, store_info
 from tests.test_store import build_store
 
 

@@ -218,21 +218,21 @@ def test_console_script_and_module_usage_errors_are_one_line(tmp_path):
     (MemoryError(), ("out of memory",)),
 ])
 def test_environment_errors_are_one_line(tmp_path, monkeypatch, error, fragments):
-    import pipeline.store
+    import pipeline.targets
 
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(pipeline.store, "store_info", fail)
+    monkeypatch.setattr(pipeline.targets, "store_info", fail)
     refused(["cache", "info", "store.zarr"], tmp_path, *fragments)
 
 
 def test_a_real_bug_keeps_its_traceback(tmp_path, monkeypatch):
-    import pipeline.store
+    import pipeline.targets
 
     def fail(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(pipeline.store, "store_info", fail)
+    monkeypatch.setattr(pipeline.targets, "store_info", fail)
     with pytest.raises(ZeroDivisionError):
         run_bkd(["cache", "info", "store.zarr"], tmp_path, check=False)

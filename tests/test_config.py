@@ -108,8 +108,30 @@ def test_unknown_distill_mode():
     _refuse(MNIST5K, ["student.distill=magic"], "student.distill", "magic", "mixed")
 
 
-def test_unknown_dataset():
-    _refuse(MNIST5K, ["data.name=imagenet9000"], "data.name", "imagenet9000", "mnist5k")
+@pytest.mark.parametrize("override, fragments", [
+    ("data.name=imagenet9000", ("data.name", "imagenet9000", "mnist5k")),
+    ("student.model=resnet_of_dreams", ("student.model", "unknown student", "sew_resnet_mnist")),
+    ("teacher.model=resnet9000", ("teacher.model", "not a timm model")),
+    ("augment.kind=rotate", ("augment.kind", "rotate", "pad_crop_flip")),
+])
+def test_unknown_names_are_refused_by_the_registries(override, fragments):
+    from pipeline.registry import check_names
+
+    cfg = load_config(MNIST5K, [override])  # types and ranges: fine
+    with pytest.raises(ConfigError) as info:
+        check_names(cfg)
+    assert all(f in str(info.value) for f in fragments)
+
+
+def test_config_validation_imports_no_registry():
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.config import load_config; load_config(None); "
+            "print(sorted(m for m in ('pipeline.data', 'pipeline.models', 'pipeline.augment', 'timm', 'torch') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_missing_config_file(tmp_path):

@@ -166,7 +166,7 @@ def test_config_family_end_to_end(tmp_path, config):
     cfg = load_config(tmp_path / "configs" / config, [a for a in args[2:] if a != "--set"])
     info = json.loads(run_bkd(["cache", "info", cfg.extract.store, "--json"], tmp_path).stdout)
     assert info["complete"] and info["views"]["train"] == 2
-    assert info["manifest"]["teacher"]["logits_topk"] == cfg.extract.logits_topk
+    assert info["manifest"]["features"]["logits_topk"] == cfg.extract.logits_topk
     run_bkd(["train-student", *args, "--run-dir", "runs/s"], tmp_path)
     run_bkd(["evaluate", *args, "--run-dir", "runs/s", "--metrics", "m.json", "--plots-dir", "plots"], tmp_path)
     metrics = json.loads((tmp_path / "m.json").read_text())

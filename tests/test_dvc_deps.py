@@ -108,4 +108,4 @@ def _lookup(params: dict, dotted: str) -> str:
 def test_the_import_walk_sees_function_level_imports():
     files = {f.relative_to(REPO).as_posix() for f in imported_files("stages.evaluate")}
     assert "pipeline/evaluate.py" in files  # imported inside main()
-    assert "pipeline/store.py" in files  # through evaluate -> extract (function-level)
+    assert "pipeline/targets/store.py" in files  # through evaluate -> targets (function-level)

@@ -360,7 +360,7 @@ def test_bkd_rescale_refuses_non_positive_teacher_maximum():
 
 
 def _topk_dense(teacher_logits: torch.Tensor, k: int) -> torch.Tensor:
-    from pipeline.store import dense_logits
+    from pipeline.targets import dense_logits
 
     values, classes = teacher_logits.topk(k, dim=1)
     return torch.from_numpy(dense_logits(values.numpy(), classes.numpy(), teacher_logits.shape[1]))

@@ -1,4 +1,4 @@
-"""The sharded Zarr v3 teacher-target store, written and read with pipeline.store directly."""
+"""The sharded Zarr v3 teacher-target store, written and read with pipeline.targets directly."""
 
 from __future__ import annotations
 
@@ -11,14 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import StoreError
-from pipeline.store import (
-    SplitLayout,
-    StoreWriter,
-    TeacherTargets,
-    make_manifest,
-    store_info,
-    verify_store,
-)
+from pipeline.targets import SplitLayout, StoreWriter, TargetSpec, TeacherTargets, store_info, verify_store
 
 N_TRAIN, N_TEST = 300, 150  # 3 shards (last partial), 2 shards
 CHUNK, PER_SHARD = 64, 2
@@ -39,10 +32,10 @@ def make_arrays(n: int, seed: int, views: int = 1) -> dict[str, np.ndarray]:
     }
 
 
-def make_test_manifest(sha: str = "a" * 64, fingerprints: dict | None = None,
-                       n_train: int = N_TRAIN, n_test: int = N_TEST) -> dict:
+def make_test_spec(sha: str = "a" * 64, fingerprints: dict | None = None,
+                   n_train: int = N_TRAIN, n_test: int = N_TEST, logits_topk: int | None = None) -> TargetSpec:
     fingerprints = fingerprints or {"train": "f-train", "test": "f-test"}
-    return make_manifest(
+    return TargetSpec(
         teacher={"model": "resnet18", "checkpoint_sha256": sha, "small_input_stem": True,
                  "num_classes": CLASSES, "num_features": DIM},
         dataset={"name": "digits", "split_seed": 0, "test_size": 100, "limit": None},
@@ -50,10 +43,13 @@ def make_test_manifest(sha: str = "a" * 64, fingerprints: dict | None = None,
                 "test": {"num_samples": n_test, "fingerprint": fingerprints["test"], "views": VIEWS["test"]}},
         transform={"scale": 1 / 255, "mean": [0.3], "std": [0.4], "input_shape": [1, 8, 8], "encoding": "direct"},
         augment={"kind": "pad_crop_flip", "seed": 0, "pad": 2, "param_names": ["top", "left", "flip"]},
-        arrays={"features": "float16", "logits": "float16", "view_params": "int32", "labels": "int64",
-                "index": "int64"},
+        features={"kind": "pre_logits", "shape": [DIM], "logits_topk": logits_topk},
         chunking={"chunk_size": CHUNK, "chunks_per_shard": PER_SHARD},
     )
+
+
+def make_test_manifest(**kwargs) -> dict:
+    return make_test_spec(**kwargs).to_manifest()
 
 
 def layouts(n_train: int = N_TRAIN, n_test: int = N_TEST) -> dict[str, SplitLayout]:
@@ -61,10 +57,8 @@ def layouts(n_train: int = N_TRAIN, n_test: int = N_TEST) -> dict[str, SplitLayo
             for split, n in (("train", n_train), ("test", n_test))}
 
 
-def open_writer(path, manifest=None, overwrite=False, n_train=N_TRAIN, n_test=N_TEST) -> StoreWriter:
-    manifest = manifest or make_test_manifest(n_train=n_train, n_test=n_test)
-    return StoreWriter(path, manifest, layouts(n_train, n_test), (DIM,), CLASSES, PARAMS, "float16", "float16",
-                       zstd_level=3, overwrite=overwrite)
+def open_writer(path, spec=None, overwrite=False, n_train=N_TRAIN, n_test=N_TEST) -> StoreWriter:
+    return StoreWriter(path, spec or make_test_spec(n_train=n_train, n_test=n_test), overwrite=overwrite)
 
 
 def write_split(writer: StoreWriter, split: str, data: dict[str, np.ndarray], shards=None) -> None:
@@ -294,11 +288,11 @@ def test_writer_refuses_other_identity_unless_overwrite(tmp_path):
     write_split(writer, "train", make_arrays(N_TRAIN, 0, VIEWS["train"]), shards=[0])
 
     with pytest.raises(StoreError, match="another run"):
-        open_writer(path, manifest=make_test_manifest(sha="c" * 64))
+        open_writer(path, spec=make_test_spec(sha="c" * 64))
     # the refused attempt did not touch the store
     assert store_info(path)["splits"]["train"]["shards_complete"] == 1
 
-    replaced = open_writer(path, manifest=make_test_manifest(sha="c" * 64), overwrite=True)
+    replaced = open_writer(path, spec=make_test_spec(sha="c" * 64), overwrite=True)
     assert replaced.missing_shards("train") == [0, 1, 2]
     assert store_info(path)["manifest"]["teacher"]["checkpoint_sha256"] == "c" * 64
 
@@ -311,7 +305,7 @@ def test_writer_resume_keeps_completed_shards(tmp_path):
     write_split(writer, "train", data, shards=[0, 2])
     del writer  # "crash"
 
-    resumed = open_writer(path, manifest=make_test_manifest())  # same identity, new timestamp
+    resumed = open_writer(path, spec=make_test_spec())  # same identity, new timestamp
     assert resumed.missing_shards("train") == [1]
     assert resumed.missing_shards("test") == [0, 1]
     write_split(resumed, "train", data, shards=[1])
@@ -330,13 +324,10 @@ def test_write_shard_rejects_wrong_row_count(tmp_path):
 
 
 def test_topk_logits_round_trip_dense(tmp_path):
-    from pipeline.store import TOPK_FILL_MARGIN, TOPK_INDEX
+    from pipeline.targets import TOPK_FILL_MARGIN, TOPK_INDEX
 
     path = tmp_path / "topk.zarr"
-    manifest = make_test_manifest()
-    manifest["teacher"]["logits_topk"] = 3
-    writer = StoreWriter(path, manifest, layouts(), (DIM,), CLASSES, PARAMS, "float16", "float16", zstd_level=3,
-                         logits_topk=3)
+    writer = StoreWriter(path, make_test_spec(logits_topk=3))
     full = {split: make_arrays(n, i, VIEWS[split]) for i, (split, n) in enumerate((("train", N_TRAIN), ("test", N_TEST)))}
     for split, data in full.items():
         values, classes = torch_topk(data["logits"], 3)

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from pipeline.config import DataConfig
 from pipeline.data import ArraySource, ImageSplit, collate_batch
 from pipeline.errors import BkdError, StoreError
-from pipeline.store import TeacherTargets
+from pipeline.targets import TeacherTargets
 from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler
 from tests.test_store import CHUNK, build_store
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import torch
 import torchvision
 
 from pipeline.checkpoint import save_weights
 from pipeline.config import load_config
-from pipeline.extract import load_teacher
+from pipeline.models import load_teacher
 from pipeline.models import teacher_outputs
 
 
@@ -19,7 +18,7 @@ def test_torchvision_resnet_weights_load_into_the_timm_teacher(tmp_path):
     save_weights(reference.state_dict(), tmp_path / "tv.safetensors")
     cfg = load_config(None, ["teacher.model=resnet18", "teacher.small_input_stem=false",
                              f"teacher.checkpoint={tmp_path / 'tv.safetensors'}"])
-    teacher = load_teacher(cfg, SimpleNamespace(num_classes=10, image_shape=(3, 64, 64)))
+    teacher = load_teacher(cfg.teacher, 10, 3)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(teacher(x), reference(x), rtol=1e-4, atol=1e-4)

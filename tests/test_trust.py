@@ -22,9 +22,9 @@ import pytest
 import zarr
 
 from pipeline.errors import BkdError, StoreError
-from pipeline.store import TeacherTargets, verify_store
+from pipeline.targets import TeacherTargets, verify_store
 from tests.conftest import TINY, run_bkd
-from tests.test_store import CHUNK, N_TRAIN, build_store, make_test_manifest, open_writer
+from tests.test_store import CHUNK, N_TRAIN, build_store, make_test_spec, open_writer
 
 STORE = "cache/mnist5k-resnet18.zarr"
 
@@ -63,16 +63,16 @@ def test_overwrite_refuses_a_store_holding_foreign_files_and_a_symlink(tmp_path:
     build_store(path)
     (path / "notes.txt").write_text("mine")
     with pytest.raises(StoreError, match="notes.txt"):
-        open_writer(path, manifest=make_test_manifest(sha="c" * 64), overwrite=True)
+        open_writer(path, spec=make_test_spec(sha="c" * 64), overwrite=True)
     assert (path / "notes.txt").read_text() == "mine" and (path / "train").is_dir()
     (path / "notes.txt").unlink()
     link = tmp_path / "link.zarr"
     link.symlink_to(path)
     with pytest.raises(StoreError, match="symbolic link"):
-        open_writer(link, manifest=make_test_manifest(sha="c" * 64), overwrite=True)
+        open_writer(link, spec=make_test_spec(sha="c" * 64), overwrite=True)
     assert TeacherTargets(path, "train").manifest["teacher"]["checkpoint_sha256"] == "a" * 64
     # its own store is replaced
-    open_writer(path, manifest=make_test_manifest(sha="c" * 64), overwrite=True)
+    open_writer(path, spec=make_test_spec(sha="c" * 64), overwrite=True)
     assert not (path / "notes.txt").exists()
 
 
@@ -96,7 +96,7 @@ def test_crash_while_writing_the_skeleton_is_recoverable(tmp_path: Path, monkeyp
     # an interrupted --overwrite that removed the split folders but not the root is still bkd's
     build_store(tmp_path / "t.zarr")
     shutil.rmtree(tmp_path / "t.zarr" / "train")
-    open_writer(tmp_path / "t.zarr", manifest=make_test_manifest(sha="d" * 64), overwrite=True)
+    open_writer(tmp_path / "t.zarr", spec=make_test_spec(sha="d" * 64), overwrite=True)
 
 
 # --- 3: a deleted or emptied shard is an error, never zeros ------------------------------------
@@ -202,7 +202,7 @@ def test_store_of_other_pixels_with_the_same_ids_is_refused(tmp_path: Path):
 
 
 def test_check_pixels_compares_each_sample(tmp_path: Path):
-    from pipeline.store import pixel_digests
+    from pipeline.targets import pixel_digests
 
     raw = np.random.default_rng(0).integers(0, 256, (N_TRAIN, 1, 4, 4), dtype=np.uint8)
     path = tmp_path / "s.zarr"
@@ -386,7 +386,7 @@ def test_overwrite_refuses_a_user_file_inside_a_split_folder(tmp_path: Path):
     build_store(path)
     (path / "train" / "NOTES.txt").write_text("mine")
     with pytest.raises(StoreError, match="train/NOTES.txt"):
-        open_writer(path, manifest=make_test_manifest(sha="c" * 64), overwrite=True)
+        open_writer(path, spec=make_test_spec(sha="c" * 64), overwrite=True)
     assert (path / "train" / "NOTES.txt").read_text() == "mine"
 
 
@@ -400,7 +400,7 @@ def test_a_manifest_naming_paths_outside_the_store_deletes_nothing_there(tmp_pat
     (path / "zarr.json").write_text(json.dumps(meta))
     with pytest.raises(StoreError, match="unknown split"):
         TeacherTargets(path, "train")
-    open_writer(path, manifest=make_test_manifest(sha="c" * 64), overwrite=True)  # replaces only its own objects
+    open_writer(path, spec=make_test_spec(sha="c" * 64), overwrite=True)  # replaces only its own objects
     assert (victim / "data.txt").read_text() == "precious"
 
 

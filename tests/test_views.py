@@ -14,9 +14,10 @@ from pipeline.augment import PARAM_NAMES, ViewAugmenter, view_augmenter, view_sc
 from pipeline.config import AugmentConfig, load_config
 from pipeline.data import load_split
 from pipeline.errors import ConfigError, StoreError
-from pipeline.extract import extract_teacher, open_student_targets
+from pipeline.extract import extract_teacher
+from pipeline.targets import open_student_targets
 from pipeline.models import create_teacher
-from pipeline.store import TeacherTargets, bytes_on_disk
+from pipeline.targets import TeacherTargets, bytes_on_disk
 from pipeline.stream import CachedTargetDataset
 from tests.conftest import REPO
 
@@ -199,7 +200,6 @@ def test_store_grows_linearly_with_views_and_view0_is_the_clean_extraction(extra
     ("augment.seed=5", "augment"),
     ("augment.pad=3", "augment"),
     ("augment.kind=resized_crop_flip", "augment"),
-    ("extract.views=2", "splits.train.views"),
     ("teacher.input_size=32", "transform"),
 ])
 def test_store_of_another_augmentation_is_refused(extracted, override, field):
@@ -208,6 +208,13 @@ def test_store_of_another_augmentation_is_refused(extracted, override, field):
     train = load_split(cfg.data, "train")
     with pytest.raises(StoreError, match=field.replace(".", r"\.")):
         open_student_targets(cfg, "train", train)
+
+
+def test_student_takes_the_views_from_the_store(extracted):
+    cfg, _ = extracted[4]
+    cfg = load_config(CONFIG, [f"{k}={v}" for k, v in _flatten(cfg.to_dict())] + ["extract.views=2"])
+    targets = open_student_targets(cfg, "train", load_split(cfg.data, "train"))
+    assert targets.views == 4 and targets.spec.splits["train"]["views"] == 4
 
 
 def _flatten(tree: dict, prefix: str = ""):
@@ -247,8 +254,10 @@ def test_online_policy_augments_freshly_with_clean_targets(extracted):
     (["student.augment=sometimes"], "student.augment"),
 ])
 def test_bad_view_configs_refused(overrides, fragment):
+    from pipeline.registry import check_names
+
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
-        load_config(CONFIG, overrides)
+        check_names(load_config(CONFIG, overrides))
 
 
 def test_mixup_allowed_without_distillation_and_mixes_the_batch():

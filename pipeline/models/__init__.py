@@ -6,6 +6,6 @@ and `num_features`.
 """
 
 from pipeline.models.student import STUDENTS, create_student, register_student
-from pipeline.models.teacher import create_teacher, teacher_outputs
+from pipeline.models.teacher import create_teacher, load_teacher, teacher_outputs
 
-__all__ = ["STUDENTS", "create_student", "register_student", "create_teacher", "teacher_outputs"]
+__all__ = ["STUDENTS", "create_student", "register_student", "create_teacher", "load_teacher", "teacher_outputs"]

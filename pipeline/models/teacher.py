@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from pipeline.config import TeacherConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import BkdError, ConfigError
 
 
 def create_teacher(cfg: TeacherConfig, num_classes: int, in_chans: int) -> nn.Module:
@@ -23,6 +23,25 @@ def create_teacher(cfg: TeacherConfig, num_classes: int, in_chans: int) -> nn.Mo
         model.conv1 = nn.Conv2d(in_chans, stem.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
     _adapt_inputs(model, cfg.input_size)
     return model
+
+
+def load_teacher(cfg: TeacherConfig, num_classes: int, in_chans: int, weights: str | None = None) -> nn.Module:
+    """The timm teacher with `weights` (default: cfg.checkpoint) loaded and checked, in eval mode."""
+    from pipeline import checkpoint
+
+    weights = weights or cfg.checkpoint
+    model = create_teacher(cfg, num_classes, in_chans)
+    state = checkpoint.load_weights(weights)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        lines = str(exc).splitlines()
+        raise BkdError(f"{weights} does not fit teacher.model '{cfg.model}': {lines[1] if len(lines) > 1 else exc}") \
+            from None
+    bad = next((name for name, tensor in state.items() if tensor.is_floating_point() and not tensor.isfinite().all()), None)
+    if bad is not None:
+        raise BkdError(f"{weights}: tensor '{bad}' holds NaN or infinite values; these teacher weights are broken")
+    return model.eval()
 
 
 def _adapt_inputs(model: nn.Module, size: int | None) -> None:

@@ -29,13 +29,10 @@ left by a crash at any point is recognisable as bkd's own and can be resumed or 
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import math
 import posixpath
-from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,19 +42,14 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from pipeline.errors import StoreError
+from pipeline.targets.spec import (CHUNK_DIGEST, FLAGS, FORMAT, FORMAT_FAMILY, ROW_ARRAYS, SPLITS, STORE_IDENTITY,
+                                   STUDENT_IDENTITY, TOPK_INDEX, SplitLayout, TargetSpec, first_difference, short)
 
-FORMAT = "bkd-teacher-targets/3"
-FORMAT_FAMILY = FORMAT.split("/")[0]
-ARRAYS = ("features", "logits", "view_params", "labels", "index", "pixel_digest")
-# Written by the store itself: a 64-bit digest of every chunk's rows in every array, so a chunk
-# moved, swapped or rewritten behind bkd's back reads as an error instead of another row's targets.
-CHUNK_DIGEST = "chunk_digest"
-MANIFEST_KEYS = ("teacher", "dataset", "splits", "transform", "augment", "arrays", "chunking")
+MANIFEST_KEYS = ("teacher", "dataset", "splits", "transform", "augment", "features", "arrays", "chunking")
 # Every array is written whole shards at a time; all-fill chunks must still be written, so that a
 # missing object always means a missing piece (zarr skips them by default).
 WRITE_CONFIG = {"write_empty_chunks": True}
-TOPK_INDEX = "logits_index"  # with extract.logits_topk: `logits` holds the k largest, this their classes
-STORE_ARRAYS = ARRAYS + (TOPK_INDEX, CHUNK_DIGEST, "shards_done")
+STORE_ARRAYS = ROW_ARRAYS + (TOPK_INDEX, CHUNK_DIGEST, FLAGS)
 # Classes outside the stored top-k get the smallest kept logit minus this: a softmax weight of
 # e^-100 or less (zero in float32 at tau <= 4), yet finite, so KL and CE terms stay finite.
 TOPK_FILL_MARGIN = 100.0
@@ -99,63 +91,6 @@ def chunk_digests(rows: dict[str, np.ndarray], names: tuple[str, ...], first_chu
     return out
 
 
-# Manifest fields a training run must agree with, as dotted paths.
-IDENTITY_FIELDS = (
-    "teacher.model",
-    "teacher.checkpoint_sha256",
-    "teacher.logits_topk",
-    "teacher.features",
-    "dataset.name",
-    "dataset.split_seed",
-    "dataset.test_size",
-    "dataset.limit",
-    "transform",
-    "augment",
-)
-
-
-def package_versions() -> dict[str, str]:
-    versions = {}
-    for name in ("torch", "timm", "zarr", "numcodecs", "numpy", "spikingjelly", "bkd"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def _get(mapping: dict, dotted: str) -> Any:
-    for key in dotted.split("."):
-        if not isinstance(mapping, dict) or key not in mapping:
-            return None
-        mapping = mapping[key]
-    return mapping
-
-
-@dataclass(frozen=True)
-class SplitLayout:
-    num_samples: int
-    chunk_size: int
-    chunks_per_shard: int
-    views: int = 1
-
-    @property
-    def shard_size(self) -> int:
-        return self.chunk_size * self.chunks_per_shard
-
-    @property
-    def num_shards(self) -> int:
-        return math.ceil(self.num_samples / self.shard_size)
-
-    @property
-    def num_chunks(self) -> int:
-        return math.ceil(self.num_samples / self.chunk_size)
-
-    def shard_rows(self, shard: int) -> tuple[int, int]:
-        start = shard * self.shard_size
-        return start, min(start + self.shard_size, self.num_samples)
-
-
 class StoreWriter:
     """Creates (or reopens, to resume) a store and writes it shard by shard.
 
@@ -163,12 +98,11 @@ class StoreWriter:
     holds a bkd manifest and nothing bkd would not write. Anything else at the path is refused.
     """
 
-    def __init__(self, path: str | Path, manifest: dict[str, Any], layouts: dict[str, SplitLayout],
-                 feature_shape: tuple[int, ...], num_classes: int, num_view_params: int, feature_dtype: str, logits_dtype: str,
-                 zstd_level: int, overwrite: bool = False, logits_topk: int | None = None):
-        self.path = str(path)
-        self.layouts = layouts
-        self.array_names = ARRAYS + ((TOPK_INDEX,) if logits_topk else ())
+    def __init__(self, path: str | Path, spec: TargetSpec, overwrite: bool = False):
+        self.path, self.spec = str(path), spec
+        self.layouts = {split: spec.layout(split) for split in spec.splits}
+        self.array_names = spec.row_arrays()
+        manifest = spec.to_manifest()
         check_store_location(self.path)
         existing = existing_store(self.path)  # None: nothing (or an empty folder) is there
         if existing is not None:
@@ -179,52 +113,39 @@ class StoreWriter:
                 if existing.get("format") != FORMAT:
                     raise StoreError(f"{self.path} holds a store of format {existing.get('format')}, this bkd writes "
                                      f"{FORMAT}; pass --overwrite to replace it")
-                if not _same_identity(existing, manifest):
-                    raise StoreError(f"{self.path} holds targets of another run "
-                                     f"({_first_difference(existing, manifest)}); pass --overwrite to replace it")
+                difference = first_difference(existing, manifest, STORE_IDENTITY)
+                if difference:
+                    raise StoreError(f"{self.path} holds targets of another run ({difference}); pass --overwrite "
+                                     "to replace it")
                 root = zarr.open_group(self.path, mode="r+")
                 if root.attrs.get("skeleton_done", False):
                     self.root = root  # resume: keep completed shards
                     return
                 # A crash while the skeleton was written: no shard can have been written yet.
             remove_store(self.path)
-        self._create(manifest, feature_shape, num_classes, num_view_params, feature_dtype, logits_dtype,
-                     zstd_level, logits_topk)
+        self._create(manifest)
 
-    def _create(self, manifest, feature_shape, num_classes, num_view_params, feature_dtype, logits_dtype,
-                zstd_level, logits_topk) -> None:
+    def _create(self, manifest: dict) -> None:
         # The manifest goes into the group's own metadata object, the first thing written: from then
         # on the folder is recognisably a bkd store, whatever happens to the rest.
         self.root = zarr.open_group(self.path, mode="w", zarr_format=3,
                                     attributes={"manifest": manifest, "complete": False, "skeleton_done": False})
-        compressor = ZstdCodec(level=zstd_level, checksum=True)  # checksums make corrupted chunks detectable
+        compressor = ZstdCodec(level=self.spec.zstd_level, checksum=True)  # checksums make corrupted chunks detectable
         for split, layout in self.layouts.items():
             group = self.root.create_group(split)
-            n, chunk, shard, views = layout.num_samples, layout.chunk_size, layout.shard_size, layout.views
-            specs = {
-                "features": ((n, views, *feature_shape), feature_dtype),
-                "logits": ((n, views, logits_topk or num_classes), logits_dtype),
-                "view_params": ((n, views, num_view_params), "int32"),
-                "labels": ((n,), "int64"),
-                "index": ((n,), "int64"),
-                "pixel_digest": ((n,), "uint64"),
-            }
-            if logits_topk:
-                specs[TOPK_INDEX] = ((n, views, logits_topk), "int32")
-            for name, (shape, dtype) in specs.items():
-                group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk,) + shape[1:],
-                                   shards=(shard,) + shape[1:], compressors=compressor, fill_value=0,
+            for name, (shape, dtype) in self.spec.array_schema(split).items():
+                group.create_array(name, shape=shape, dtype=dtype, chunks=(layout.chunk_size,) + shape[1:],
+                                   shards=(layout.shard_size,) + shape[1:], compressors=compressor, fill_value=0,
                                    config=WRITE_CONFIG)
             group.create_array(CHUNK_DIGEST, shape=(layout.num_chunks,), dtype="uint64",
                                chunks=(layout.chunks_per_shard,), compressors=compressor, fill_value=0,
                                config=WRITE_CONFIG)  # one object per shard, written with it
-            group.create_array("shards_done", shape=(layout.num_shards,), dtype="bool", chunks=(1,),
-                               fill_value=False)
+            group.create_array(FLAGS, shape=(layout.num_shards,), dtype="bool", chunks=(1,), fill_value=False)
         self.root.attrs["skeleton_done"] = True
 
     def missing_shards(self, split: str) -> list[int]:
         """Shards to (re)write: never flagged done, or flagged but with an object missing or empty."""
-        group = _split_group(self.root, split, self.path, self.array_names + (CHUNK_DIGEST, "shards_done"))
+        group = _split_group(self.root, split, self.path, self.array_names + (CHUNK_DIGEST, FLAGS))
         done = _read_flags(group, self.path)
         sizes = _listing(self.path, split)
         return [shard for shard in range(len(done))
@@ -268,9 +189,6 @@ def check_store_location(url: str) -> None:
                          "home folder")
     if here.exists() and not here.is_dir():
         raise StoreError(f"{url} exists and is not a folder; a store is a folder")
-
-
-SPLITS = ("train", "test")
 
 
 def _is_store_object(parts: tuple[str, ...]) -> bool:
@@ -381,32 +299,12 @@ def _manifest_problem(manifest: dict) -> str | None:
     checks.append(("teacher.num_classes", manifest["teacher"].get("num_classes"), 1))
     for split, meta in manifest["splits"].items():
         if split not in SPLITS or not isinstance(meta, dict):
-            return f"unknown split '{_short(split)}'"
+            return f"unknown split '{short(split)}'"
         checks += [(f"splits.{split}.num_samples", meta.get("num_samples"), 0), (f"splits.{split}.views", meta.get("views"), 1)]
     for field, value, low in checks:
         if not count(value, low):
-            return f"{field} is {_short(value)} (expected an integer >= {low})"
+            return f"{field} is {short(value)} (expected an integer >= {low})"
     return None
-
-
-IDENTITY_KEYS = IDENTITY_FIELDS + ("splits", "arrays", "chunking")
-
-
-def _first_difference(have: dict, want: dict, keys=IDENTITY_KEYS) -> str | None:
-    """'field: X in the store, Y here' for the first identity field that differs, or None."""
-    for key in keys:
-        if _get(have, key) != _get(want, key):
-            return f"{key}: {_short(_get(have, key))} in the store, {_short(_get(want, key))} here"
-    return None
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _same_identity(a: dict, b: dict) -> bool:
-    return _first_difference(a, b) is None
 
 
 def _split_group(root: zarr.Group, split: str, path: str, names: tuple[str, ...]) -> zarr.Group:
@@ -468,22 +366,6 @@ def _listing(url: str, prefix: str) -> dict[str, int]:
     return {path.rstrip("/"): info.get("size") or 0 for path, info in found.items()}
 
 
-def make_manifest(*, teacher: dict, dataset: dict, splits: dict, transform: dict, augment: dict,
-                  arrays: dict, chunking: dict) -> dict[str, Any]:
-    return {
-        "format": FORMAT,
-        "teacher": teacher,
-        "dataset": dataset,
-        "splits": splits,
-        "transform": transform,
-        "augment": augment,
-        "arrays": arrays,
-        "chunking": chunking,
-        "versions": package_versions(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 class TeacherTargets:
     """Read-only access to one split of a complete store, one chunk at a time."""
 
@@ -495,14 +377,12 @@ class TeacherTargets:
             raise StoreError(f"{self.path}: store is incomplete (extraction did not finish); re-run `bkd extract-teacher`")
         if split not in self.manifest["splits"]:
             raise StoreError(f"{self.path}: no '{split}' split (has: {', '.join(self.manifest['splits'])})")
-        self.topk = self.manifest["teacher"].get("logits_topk")
-        names = ARRAYS + ((TOPK_INDEX,) if self.topk else ())
-        self.group = _split_group(self.root, split, self.path, names + (CHUNK_DIGEST, "shards_done"))
+        self.spec = TargetSpec.from_manifest(self.manifest)  # what the store holds: K, feature kind, top-k, ...
+        self.topk = self.spec.logits_topk
+        names = self.spec.row_arrays()
+        self.group = _split_group(self.root, split, self.path, names + (CHUNK_DIGEST, FLAGS))
         self.arrays = {name: self.group[name] for name in names}
-        chunking = self.manifest["chunking"]
-        meta = self.manifest["splits"][split]
-        self.layout = SplitLayout(meta["num_samples"], chunking["chunk_size"], chunking["chunks_per_shard"],
-                                  meta["views"])
+        self.layout = self.spec.layout(split)
         self._present: set[int] = set()  # shards whose objects were seen on disk
         if require_complete:
             self.check_present()
@@ -552,7 +432,7 @@ class TeacherTargets:
 
     @property
     def num_classes(self) -> int:
-        return self.manifest["teacher"]["num_classes"]
+        return self.spec.num_classes
 
     def read_rows(self, start: int, stop: int, validate: bool = True) -> dict[str, np.ndarray]:
         """Rows [start, stop) of every array; with top-k storage, `logits` comes back dense.
@@ -590,7 +470,7 @@ class TeacherTargets:
             return f"chunk digests cannot be read ({type(exc).__name__})"
         offset = first * size - start
         whole = {name: values[offset:offset + (last - first) * size] for name, values in rows.items()}
-        names = tuple(name for name in ARRAYS + (TOPK_INDEX,) if name in whole)
+        names = tuple(name for name in self.spec.row_arrays() if name in whole)
         bad = np.flatnonzero(chunk_digests(whole, names, first, size) != stored)
         if len(bad):
             return f"chunk {first + int(bad[0])} does not match its digest (moved, swapped or rewritten)"
@@ -613,9 +493,9 @@ class TeacherTargets:
         return self.read_rows(start, min(start + self.chunk_size, len(self)))
 
     def check_matches(self, expected: dict[str, Any]) -> None:
-        """Refuse a store whose identity differs from `expected` (a manifest-shaped mapping)."""
-        keys = IDENTITY_FIELDS + tuple(f"splits.{self.split}.{key}" for key in ("fingerprint", "views"))
-        difference = _first_difference(self.manifest, expected, keys)
+        """Refuse a store built for another run: `expected` (manifest-shaped) must agree on the student
+        identity and this split's fingerprint; what was cached (views, feature kind, top-k) is the store's."""
+        difference = first_difference(self.manifest, expected, STUDENT_IDENTITY + (f"splits.{self.split}.fingerprint",))
         if difference:
             raise StoreError(f"{self.path} was built for another run: {difference}")
 

@@ -1,0 +1,85 @@
+"""What a store built from a config is (`expected_spec`), and the student side's open (`open_student_targets`).
+
+The student takes what was cached -- K views, the feature kind and shape, top-k logits -- from
+the store it opens; its config repeats none of it. It must agree with the store on the rest:
+teacher weights, dataset, split (ids and labels), transform, the view-making augmentation and,
+sample by sample, the pixels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline import checkpoint
+from pipeline.augment import ViewAugmenter
+from pipeline.config import Config
+from pipeline.errors import BkdError, StoreError
+from pipeline.targets.spec import TargetSpec
+from pipeline.targets.store import TeacherTargets
+
+# Samples of a lazily read split (image folders, HDF5) whose pixels a training run checks against the store.
+PIXEL_CHECK_SAMPLES = 256
+
+
+def split_views(cfg: Config, split: str) -> int:
+    """K views of the training split; the test split is only ever evaluated on clean inputs."""
+    return cfg.extract.views if split == "train" else 1
+
+
+def teacher_sha(cfg: Config, required: bool = True) -> str | None:
+    """sha256 of cfg.teacher.checkpoint; None when it is missing and not `required`."""
+    ckpt = Path(cfg.teacher.checkpoint)
+    if ckpt.is_file():
+        return checkpoint.sha256_file(ckpt)
+    if required:
+        raise BkdError(f"teacher checkpoint not found: {ckpt} (run `bkd train-teacher` or set teacher.checkpoint)")
+    return None
+
+
+def expected_spec(cfg: Config, splits: dict, sha: str | None, feature_shape: tuple[int, ...] = (),
+                  num_features: int | None = None) -> TargetSpec:
+    """The spec of the store `cfg` builds from `splits` (ImageSplits), with the teacher's `sha` and feature shape."""
+    any_split = next(iter(splits.values()))
+    ex = cfg.extract
+    return TargetSpec(
+        teacher={"model": cfg.teacher.model, "checkpoint_sha256": sha, "small_input_stem": cfg.teacher.small_input_stem,
+                 "num_classes": any_split.num_classes, "num_features": num_features},
+        dataset={"name": cfg.data.name, "split_seed": cfg.data.split_seed, "test_size": cfg.data.test_size,
+                 "limit": cfg.data.limit},
+        splits={name: {"num_samples": len(s), "fingerprint": s.fingerprint(), "views": split_views(cfg, name)}
+                for name, s in splits.items()},
+        transform={**any_split.transform, "teacher_input_size": cfg.teacher.input_size},
+        augment=ViewAugmenter(cfg.augment, tuple(any_split.image_shape)).spec(),
+        features={"kind": ex.features, "shape": list(feature_shape), "logits_topk": ex.logits_topk},
+        dtypes={"features": ex.feature_dtype, "logits": ex.logits_dtype},
+        chunking={"chunk_size": ex.chunk_size, "chunks_per_shard": ex.chunks_per_shard},
+        zstd_level=ex.zstd_level,
+    )
+
+
+def open_student_targets(cfg: Config, split: str, images, trust_store_teacher: bool = False) -> TeacherTargets:
+    """Open the store for `split` and refuse it unless it was built for this config's run.
+
+    Identity comes from the manifest; the inputs themselves are compared by their per-sample
+    digests: every sample of an in-memory split, an even spread of PIXEL_CHECK_SAMPLES of a
+    lazily read one. Without the teacher checkpoint the store's teacher cannot be checked,
+    which is refused unless `trust_store_teacher` waives it (a store copied from another machine).
+    """
+    targets = TeacherTargets(cfg.extract.store, split)
+    sha = teacher_sha(cfg, required=False)
+    if sha is None:
+        if not trust_store_teacher:
+            raise StoreError(f"teacher checkpoint {cfg.teacher.checkpoint} not found, so the store's teacher cannot "
+                             "be checked; fix teacher.checkpoint, or pass --trust-store-teacher to use the store as is")
+        tqdm.write(f"warning: {cfg.teacher.checkpoint} not found; trusting the store's teacher (--trust-store-teacher)")
+        sha = targets.spec.teacher["checkpoint_sha256"]
+    expected = expected_spec(cfg, {split: images}, sha)
+    targets.check_matches(expected.to_manifest())
+    rows = np.arange(len(images))
+    if not images.in_memory and len(rows) > PIXEL_CHECK_SAMPLES:
+        rows = np.unique(np.linspace(0, len(rows) - 1, PIXEL_CHECK_SAMPLES).round().astype(np.int64))
+    targets.check_pixels(images.load_raw(rows)[0], rows)
+    return targets

@@ -1,0 +1,159 @@
+"""The teacher-target contract: one frozen description of a store, built once.
+
+A `TargetSpec` says everything a store holds and everything that identifies it: the teacher
+(timm name, checkpoint sha256, stem, classes, features), what was cached (`features`: pooled
+pre-logits or maps, their shape, top-k logits), the dataset and each split (size, fingerprint
+of ids and labels, K views), the input transform and the view-making augmentation, dtypes and
+chunking. The writer is made from a spec, the reader exposes the spec it opened, the manifest
+is its serialisation, and `first_difference` is the one comparison, naming the first field
+that differs. The arrays a store holds are defined here (`array_schema`) and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import math
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+FORMAT = "bkd-teacher-targets/3"
+FORMAT_FAMILY = FORMAT.split("/")[0]
+SPLITS = ("train", "test")
+TOPK_INDEX = "logits_index"  # with top-k logits: `logits` holds the k largest, this their classes
+# Written by the store itself: a 64-bit digest of every chunk's rows in every array, so a chunk
+# moved, swapped or rewritten behind bkd's back reads as an error instead of another row's targets.
+CHUNK_DIGEST = "chunk_digest"
+FLAGS = "shards_done"
+ROW_ARRAYS = ("features", "logits", "view_params", "labels", "index", "pixel_digest")
+
+# What a training run must agree with (the rest -- views, feature kind, top-k -- it takes from
+# the store), as dotted manifest paths; `splits.<split>.fingerprint` is compared per split.
+STUDENT_IDENTITY = ("teacher.model", "teacher.checkpoint_sha256", "teacher.small_input_stem", "dataset.name",
+                    "dataset.split_seed", "dataset.test_size", "dataset.limit", "transform", "augment")
+# What an extraction must agree with to resume a store: all of it but the provenance.
+STORE_IDENTITY = ("teacher", "dataset", "splits", "transform", "augment", "arrays", "chunking", "features")
+
+
+@dataclass(frozen=True)
+class SplitLayout:
+    """Rows, chunks and shards of one split: the units the reader streams and the writer writes."""
+
+    num_samples: int
+    chunk_size: int
+    chunks_per_shard: int
+    views: int = 1
+
+    @property
+    def shard_size(self) -> int:
+        return self.chunk_size * self.chunks_per_shard
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.num_samples / self.shard_size)
+
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(self.num_samples / self.chunk_size)
+
+    def shard_rows(self, shard: int) -> tuple[int, int]:
+        start = shard * self.shard_size
+        return start, min(start + self.shard_size, self.num_samples)
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    teacher: dict[str, Any]  # model, checkpoint_sha256, small_input_stem, num_classes, num_features
+    dataset: dict[str, Any]  # name, split_seed, test_size, limit
+    splits: dict[str, dict[str, Any]]  # split -> num_samples, fingerprint, views
+    transform: dict[str, Any]
+    augment: dict[str, Any]  # the view-making spec, with its param_names
+    features: dict[str, Any]  # kind ("pre_logits" | "map"), shape, logits_topk
+    dtypes: dict[str, str] = field(default_factory=lambda: {"features": "float16", "logits": "float16"})
+    chunking: dict[str, int] = field(default_factory=lambda: {"chunk_size": 256, "chunks_per_shard": 4})
+    zstd_level: int = 3
+
+    @property
+    def num_classes(self) -> int:
+        return self.teacher["num_classes"]
+
+    @property
+    def logits_topk(self) -> int | None:
+        return self.features.get("logits_topk")
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(self.features["shape"])
+
+    def layout(self, split: str) -> SplitLayout:
+        meta = self.splits[split]
+        return SplitLayout(meta["num_samples"], self.chunking["chunk_size"], self.chunking["chunks_per_shard"],
+                           meta["views"])
+
+    def row_arrays(self) -> tuple[str, ...]:
+        """The per-row arrays of every split, in the order their chunk digests hash them."""
+        return ROW_ARRAYS + ((TOPK_INDEX,) if self.logits_topk else ())
+
+    def array_schema(self, split: str) -> dict[str, tuple[tuple[int, ...], str]]:
+        """{name: (shape, dtype)} of the per-row arrays of `split`: the one definition of a store's arrays."""
+        n, views = self.splits[split]["num_samples"], self.splits[split]["views"]
+        k = self.logits_topk or self.num_classes
+        schema = {
+            "features": ((n, views, *self.feature_shape), self.dtypes["features"]),
+            "logits": ((n, views, k), self.dtypes["logits"]),
+            "view_params": ((n, views, len(self.augment["param_names"])), "int32"),
+            "labels": ((n,), "int64"),
+            "index": ((n,), "int64"),
+            "pixel_digest": ((n,), "uint64"),
+        }
+        if self.logits_topk:
+            schema[TOPK_INDEX] = ((n, views, k), "int32")
+        return schema
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The spec as the store's manifest, with the provenance (package versions, time) added."""
+        any_split = next(iter(self.splits))
+        return {
+            "format": FORMAT,
+            **dataclasses.asdict(self),
+            "arrays": {name: dtype for name, (_, dtype) in self.array_schema(any_split).items()},
+            "versions": package_versions(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> "TargetSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in manifest.items() if key in names})
+
+
+def get(mapping: dict, dotted: str) -> Any:
+    for key in dotted.split("."):
+        if not isinstance(mapping, dict) or key not in mapping:
+            return None
+        mapping = mapping[key]
+    return mapping
+
+
+def first_difference(have: dict, want: dict, keys: tuple[str, ...]) -> str | None:
+    """'field: X in the store, Y here' for the first of `keys` (dotted paths) that differs, or None."""
+    for key in keys:
+        if get(have, key) != get(want, key):
+            return f"{key}: {short(get(have, key))} in the store, {short(get(want, key))} here"
+    return None
+
+
+def short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in ("torch", "timm", "zarr", "numcodecs", "numpy", "spikingjelly", "bkd"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
