@@ -100,6 +100,9 @@ class RunFolder:
 
     def __init__(self, path: str | Path, cfg: Config, kind: str, resume: bool):
         self.path, self.cfg, self.kind, self.resume = Path(path), cfg, kind, resume
+        # The teacher-target store a student run trains from (its identity digest), set once opened:
+        # a run resumes only from the store it started with.
+        self.store_identity: str | None = None
         self.lock = PathLock(str(self.path / "RUN.lock"), f"run folder {self.path} is in use by another bkd process")
 
     def check(self) -> None:
@@ -149,6 +152,10 @@ class RunFolder:
         self._refusal()
         if self.resume:
             info = self._read_info()
+            if info.get("store") != self.store_identity:
+                raise BkdError(f"--resume would change the run in {self.path}: the teacher-target store is not the "
+                               f"one it started from (identity {info.get('store')}, now {self.store_identity}); "
+                               "train into another --run-dir")
             info.setdefault("resumed", []).append({"at": now, "command": command})
             self._write_info(info)
             return
@@ -160,7 +167,7 @@ class RunFolder:
                 target.unlink(missing_ok=True)
         dump_config(self.cfg, self.path / "config.yaml")
         self._write_info({"kind": self.kind, "command": command, "git_commit": _git_commit(),
-                          "bkd_version": _version(), "started": now})
+                          "bkd_version": _version(), "started": now, "store": self.store_identity})
 
     def _read_info(self) -> dict:
         try:

@@ -326,6 +326,8 @@ def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, devic
     train, test = load_splits(cfg.data, ("train", "test")).values()
     # checked even for `none`: same data, same split
     targets = open_student_targets(cfg, "train", train, trust_store_teacher)
+    if ranks.is_main:
+        folder.store_identity = targets.identity_digest()
     torch.manual_seed(cfg.seed)
     student = create_student(scfg.model, train.num_classes, train.image_shape, scfg.timesteps,
                              **scfg.model_kwargs).to(device)

@@ -501,3 +501,12 @@ def test_a_full_disk_while_saving_weights_is_one_line(tmp_path: Path, monkeypatc
     with pytest.raises(BkdError, match="No space left"):
         checkpoint.save_weights({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
     assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+
+
+def test_resume_refuses_another_store(tiny_project: Path, finished_run: str, tmp_path: Path):
+    """The student takes K from the store, so a rebuilt store could change a run silently: refused."""
+    other = tmp_path / "views2.zarr"
+    run_bkd(["extract-teacher", *TINY, "--views", "2", "--store", str(other)], tiny_project)
+    proc = run_bkd(["train-student", *TINY, "--epochs", "1", "--distill", "kd", "--set", f"extract.store={other}",
+                    "--run-dir", finished_run, "--resume"], tiny_project, check=False)
+    _one_line_refusal(proc, "not the one it started from")

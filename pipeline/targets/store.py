@@ -492,6 +492,12 @@ class TeacherTargets:
         start = chunk * self.chunk_size
         return self.read_rows(start, min(start + self.chunk_size, len(self)))
 
+    def identity_digest(self) -> str:
+        """sha256 (16 hex digits) of everything the store holds and is, provenance left out: equal
+        for a store rebuilt identically, different for any other K, features, teacher, data, ..."""
+        identity = {k: v for k, v in self.manifest.items() if k not in ("versions", "created")}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
     def check_matches(self, expected: dict[str, Any]) -> None:
         """Refuse a store built for another run: `expected` (manifest-shaped) must agree on the student
         identity and this split's fingerprint; what was cached (views, feature kind, top-k) is the store's."""
