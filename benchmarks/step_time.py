@@ -41,12 +41,11 @@ from tqdm import tqdm
 from pipeline.config import Config, load_config
 from pipeline.data import ImageSplit, collate_batch, load_split
 from pipeline.extract import extract_teacher
-from pipeline.models import load_teacher
-from pipeline.targets import open_student_targets
 from pipeline.losses import DistillationLoss
-from pipeline.models import create_student, teacher_outputs
+from pipeline.models import create_student, load_teacher, teacher_outputs
+from pipeline.targets import open_student_targets
 from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler
-from pipeline.train import StudentForward, _optimizer, student_step
+from pipeline.train import StudentForward, make_optimizer, student_step
 
 from benchmarks.common import CONFIG, random_teacher_config, summarize
 
@@ -128,7 +127,7 @@ def make_setting(name: str, cfg: Config, train: ImageSplit, teacher_dim: int, da
     loader = DataLoader(dataset, batch_size=scfg.batch_size, sampler=sampler, collate_fn=collate_batch,
                         drop_last=True)
     params = list(student.parameters()) + list(criterion.parameters())
-    optimizer, scheduler = _optimizer(params, scfg.lr, scfg.weight_decay, scfg.epochs, len(loader))
+    optimizer, scheduler = make_optimizer(params, scfg.lr, scfg.weight_decay, scfg.epochs, len(loader))
     return Setting(name, student, criterion, optimizer, scheduler, loader, sampler, targets)
 
 
@@ -159,7 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
         train = load_split(cfg.data, "train")
         targets = open_student_targets(cfg, "train", train)
         cached = CachedTargetDataset(train, targets, cfg.student.shuffle_buffer_chunks)
-        teacher = load_teacher(cfg.teacher, train.num_classes, train.image_shape[-3])  # eval mode; teacher_outputs runs it under no_grad
+        # eval mode; teacher_outputs runs it under no_grad
+        teacher = load_teacher(cfg.teacher, train.num_classes, train.image_shape[-3])
 
         def plain(batch):
             images, labels, _ = batch

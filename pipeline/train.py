@@ -199,7 +199,8 @@ class Trainer:
         return self.history
 
 
-def _optimizer(params, lr: float, weight_decay: float, epochs: int, steps_per_epoch: int):
+def make_optimizer(params, lr: float, weight_decay: float, epochs: int, steps_per_epoch: int):
+    """The optimizer and per-step scheduler of every bkd run (AdamW, cosine over all steps)."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch))
     return optimizer, scheduler
@@ -228,7 +229,7 @@ def train_teacher(cfg: Config, run_dir: str | Path, resume: bool = False) -> dic
     model = create_teacher(tcfg, train.num_classes, train.image_shape[-3]).to(device)
     sampler = ChunkShuffleSampler(len(train), chunk_size=len(train), buffer_chunks=1, seed=cfg.seed)
     loader = DataLoader(train, batch_size=tcfg.batch_size, sampler=sampler, collate_fn=collate_batch)
-    optimizer, scheduler = _optimizer(model.parameters(), tcfg.lr, tcfg.weight_decay, tcfg.epochs, len(loader))
+    optimizer, scheduler = make_optimizer(model.parameters(), tcfg.lr, tcfg.weight_decay, tcfg.epochs, len(loader))
 
     def step(batch):
         images, labels, _ = batch
@@ -343,7 +344,7 @@ def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, devic
     forward = StudentForward(student, criterion, batch_mixer(cfg.augment, train.num_classes))
     if ranks.distributed:
         forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer, scheduler = _optimizer(forward.parameters(), scfg.lr, scfg.weight_decay, scfg.epochs, len(loader))
+    optimizer, scheduler = make_optimizer(forward.parameters(), scfg.lr, scfg.weight_decay, scfg.epochs, len(loader))
 
     def evaluate() -> float:
         """Test accuracy of rank 0's model, each rank predicting every world_size-th sample."""

@@ -60,3 +60,53 @@ def test_sops_and_energy_match_a_hand_count():
     assert result["energy_mj"] == pytest.approx((E_MAC_PJ * conv_macs + E_AC_PJ * fc_macs * spikes_per_input) * 1e-9,
                                                 rel=1e-4)
     assert 0 < spikes_per_input < 1
+
+
+class TwoLayerSNN(nn.Module):
+    """conv -> LIF (2x4x4 neurons) -> conv -> LIF (4x4x4 neurons), T = 3, classifier on time-averaged spikes."""
+
+    timesteps = 3
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = layer.Conv2d(1, 2, 3, padding=1, bias=False)
+        self.sn1 = lif(v_threshold=0.3)
+        self.conv2 = layer.Conv2d(2, 4, 3, padding=1, bias=False)
+        self.sn2 = lif(v_threshold=0.3)
+        self.fc = nn.Linear(64, 3, bias=False)
+        functional.set_step_mode(self, "m")
+
+    def forward(self, x):
+        functional.reset_net(self)
+        x = x.unsqueeze(0).repeat(3, 1, 1, 1, 1)
+        self.s1 = self.sn1(self.conv1(x))
+        self.s2 = self.sn2(self.conv2(self.s1))
+        self.avg = self.s2.mean(0).flatten(1)  # [B, 64]: the classifier sees the spikes averaged over T
+        return self.fc(self.avg)
+
+
+def test_weighted_firing_rate_and_the_classifier_on_averaged_spikes():
+    from pipeline.evaluate import ActivityProbe, _probe_pass
+
+    torch.manual_seed(1)
+    model = TwoLayerSNN()
+    for conv in (model.conv1, model.conv2):
+        conv.weight.data = torch.rand_like(conv.weight) * 0.4
+    images = torch.rand(5, 1, 4, 4) * 2
+    probe, _ = _probe_pass(model, Split(images), torch.device("cpu"), timesteps=3, batch_size=5)
+    model(images)
+    s1, s2 = model.s1.sum().item(), model.s2.sum().item()
+    n1, n2 = model.s1.numel(), model.s2.numel()
+    assert probe.firing_rate() == pytest.approx((s1 + s2) / (n1 + n2))  # weighted by neurons, not mean of rates
+    ops = probe.operations(len(images))
+    kinds = {name: layer_ops["kind"] for name, layer_ops in ops["layers"].items()}
+    assert kinds == {"conv1": "analog", "conv2": "spiking", "fc": "spiking"}
+    fc_macs = 3 * 64  # one call on [B, 64] per sample
+    assert ops["layers"]["fc"]["macs"] == pytest.approx(fc_macs)
+    # T accumulates per input spike: SOPs = T * MACs * mean(averaged input) = fan-out * spikes
+    assert ops["layers"]["fc"]["sops"] == pytest.approx(3 * fc_macs * model.avg.mean().item(), rel=1e-5)
+    assert ops["layers"]["fc"]["sops"] == pytest.approx(3 * s2 / len(images), rel=1e-5)
+    conv2_macs = 3 * 4 * 4 * 4 * 2 * 9
+    assert ops["layers"]["conv2"]["sops"] == pytest.approx(conv2_macs * model.s1.mean().item(), rel=1e-5)
+    assert all(layer_ops["sops"] >= 0 for layer_ops in ops["layers"].values())
+    assert isinstance(probe, ActivityProbe)

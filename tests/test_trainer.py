@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from pipeline import checkpoint
 from pipeline.errors import BkdError
 from pipeline.stream import ChunkShuffleSampler
-from pipeline.train import Trainer, _optimizer
+from pipeline.train import Trainer, make_optimizer
 
 N, CHUNK, BATCH, EPOCHS = 96, 16, 8, 3  # 12 steps per epoch
 
@@ -25,7 +25,7 @@ def _trainer(run_dir, fail_at: int | None = None, nan_at: int | None = None, che
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))  # dropout: RNG matters
     sampler = ChunkShuffleSampler(N, CHUNK, 2, seed=1)
     loader = DataLoader(data, batch_size=BATCH, sampler=sampler)
-    optimizer, scheduler = _optimizer(model.parameters(), 1e-2, 1e-4, EPOCHS, len(loader))
+    optimizer, scheduler = make_optimizer(model.parameters(), 1e-2, 1e-4, EPOCHS, len(loader))
     calls = {"n": 0}
 
     def step(batch):

@@ -1,0 +1,44 @@
+"""`bkd compare`: experiments that differ only in their seed are one group, reported as mean ± sd."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pytest
+
+from pipeline.compare import format_table, group_over_seeds, mode_groups, plot_groups, read_mode_metrics
+from tests.conftest import run_bkd
+
+
+def _row(name, seed, blur, none, mixed):
+    return {"name": name, "params": {"seed": seed, "student.bkd.blur_ratio": blur},
+            "values": {"none": none, "mixed": mixed}}
+
+
+def test_seeds_are_grouped_into_mean_and_sd(tmp_path):
+    rows = [_row("a", 0, 0.15, 0.90, 0.91), _row("b", 1, 0.15, 0.92, 0.95), _row("c", 2, 0.15, 0.94, 0.93),
+            _row("d", 0, 0.3, 0.90, 0.80)]
+    groups = {g["params"]["student.bkd.blur_ratio"]: g for g in group_over_seeds(rows)}
+    assert set(groups) == {0.15, 0.3}
+    mixed = groups[0.15]["stats"]["mixed"]
+    assert mixed["n"] == 3 and mixed["mean"] == pytest.approx(0.93)
+    assert mixed["sd"] == pytest.approx(statistics.stdev([0.91, 0.95, 0.93]))
+    assert groups[0.3]["stats"]["mixed"]["n"] == 1 and math.isnan(groups[0.3]["stats"]["mixed"]["sd"])
+    table = format_table(list(groups.values()), "top1")
+    assert "blur_ratio=0.15 (3)" in table and "0.9300 ± 0.0200 (3)" in table
+    plot_groups(list(groups.values()), "top1", tmp_path / "p.png", "t")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_reads_the_workspace_metrics(tmp_path):
+    (tmp_path / "metrics").mkdir()
+    for mode, top1 in (("none", 0.9), ("mixed", 0.95)):
+        (tmp_path / "metrics" / f"student-{mode}.json").write_text(json.dumps({"top1": top1}))
+    assert set(read_mode_metrics(tmp_path / "metrics")) == {"none", "mixed"}
+    assert mode_groups(read_mode_metrics(tmp_path / "metrics"), "top1")[0]["stats"]["mixed"]["mean"] == 0.95
+    out = run_bkd(["compare", "--metrics-dir", "metrics", "--plot", "modes.png"], tmp_path)
+    assert "0.9500" in out.stdout and (tmp_path / "modes.png").is_file()
+    proc = run_bkd(["compare", "--metrics-dir", "nothing"], tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("bkd: error:")
