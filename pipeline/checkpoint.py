@@ -62,6 +62,25 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, metadata
     _atomic_write(Path(path), write)
 
 
+PNG_MARK = "bkd"  # the PNG `Software` text chunk of every plot bkd writes
+
+
+def check_replaceable_png(path: str | Path) -> None:
+    """Refuse to write a plot over a file that is not a PNG bkd wrote (marked in its Software chunk)."""
+    path = Path(path)
+    if path.exists():
+        head = path.read_bytes()[:4096] if path.is_file() else b""
+        if f"Software\x00{PNG_MARK}".encode() not in head:
+            raise BkdError(f"{path} exists and is not a plot bkd wrote; bkd will not overwrite it "
+                           "(choose another --plots-dir)")
+
+
+def save_png(fig, path: str | Path, dpi: int = 100) -> None:
+    """Save a matplotlib figure atomically as a PNG marked as bkd's; never over a PNG bkd did not write."""
+    check_replaceable_png(path)
+    _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, metadata={"Software": PNG_MARK}))
+
+
 def check_replaceable_json(path: str | Path) -> None:
     """Refuse to write a JSON result over a file that is not JSON (a user's file, never overwritten)."""
     path = Path(path)
@@ -114,7 +133,14 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 def save_state(state: dict[str, Any], path: str | Path) -> None:
     """Atomically save a training state (tensors, numbers, strings, lists, dicts)."""
-    _atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+    def write(tmp):
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as exc:  # torch reports a full disk or a failing write as a RuntimeError
+            raise BkdError(f"cannot write {path}: {str(exc).splitlines()[-1] if str(exc) else 'write failed'}") \
+                from None
+
+    _atomic_write(Path(path), write)
 
 
 def load_state(path: str | Path) -> dict[str, Any]:

@@ -124,6 +124,8 @@ def plot_groups(groups: list[dict[str, Any]], metric: str, path: str | Path, tit
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pipeline.checkpoint import save_png
+
     keys = differing_params(groups)
     modes = [m for m in MODES if any(m in g["stats"] for g in groups)]
     width = 0.8 / max(1, len(groups))
@@ -142,8 +144,7 @@ def plot_groups(groups: list[dict[str, Any]], metric: str, path: str | Path, tit
     if len(groups) > 1 or keys:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_png(fig, path)
     plt.close(fig)
 
 

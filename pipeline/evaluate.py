@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.checkpoint import save_png
 from pipeline.neurons import spiking_layers
 
 
@@ -51,6 +52,9 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     k = min(k, logits.shape[1])
     return (logits.topk(k, dim=1).indices == labels.view(-1, 1)).any(1).float().mean().item()
 
+
+# The plots `evaluate_student` writes into its plots folder.
+PLOT_FILES = ("training_curves.png", "layers.png")
 
 # Energy per operation in 45 nm CMOS (Horowitz, ISSCC 2014), as SNN papers use them.
 E_MAC_PJ, E_AC_PJ = 4.6, 0.9
@@ -172,8 +176,7 @@ def plot_training_curves(history: list[dict], title: str, path: str | Path) -> N
     ax_acc.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -196,8 +199,7 @@ def plot_layers(rates: dict[str, float], operations: dict[str, dict], title: str
     ax_ops.set(yscale="log", ylabel="operations / sample", title="MACs (red, analog input) and SOPs (blue)")
     fig.suptitle(title)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -276,8 +278,9 @@ def evaluate_student(cfg, run_dir: str | Path, plots_dir: str | Path, trust_stor
     probe, logits = _probe_pass(student, test, device, scfg.timesteps)
     rates, operations = probe.firing_rates(), probe.operations(len(test))
     teacher = teacher_accuracy(open_student_targets(cfg, "test", test, trust_store_teacher), test.labels)
-    plot_training_curves(history, f"student [{scfg.distill}], T={scfg.timesteps}", plots_dir / "training_curves.png")
-    plot_layers(rates, operations["layers"], f"per layer [{scfg.distill}], T={scfg.timesteps}", plots_dir / "layers.png")
+    curves, layers = (plots_dir / name for name in PLOT_FILES)
+    plot_training_curves(history, f"student [{scfg.distill}], T={scfg.timesteps}", curves)
+    plot_layers(rates, operations["layers"], f"per layer [{scfg.distill}], T={scfg.timesteps}", layers)
     best = max(range(len(history)), key=lambda i: history[i]["test_accuracy"])
     headline = {
         "top1": topk_accuracy(logits, test.labels, 1),

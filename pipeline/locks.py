@@ -7,12 +7,17 @@ lock left by a dead process on this host is taken over, one held by a live proce
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import posixpath
 import socket
 
 from pipeline.errors import BkdError
+
+# An empty or unreadable lock older than this was left by a writer that died (or ran out of disk)
+# between creating it and writing its owner; a live writer fills it within microseconds.
+UNREADABLE_LOCK_SECONDS = 10.0
 
 
 class PathLock:
@@ -31,19 +36,33 @@ class PathLock:
         for _ in range(2):
             try:
                 with self.fs.open(self.path, "xb") as fh:
-                    fh.write(json.dumps(me).encode())
+                    try:
+                        fh.write(json.dumps(me).encode())
+                    except BaseException:
+                        fh.close()
+                        self.fs.rm_file(self.path)  # a full disk: leave no empty lock behind
+                        raise
                 return self
             except FileExistsError:
                 try:
                     owner = json.loads(self.fs.cat_file(self.path))
                 except (OSError, ValueError):
                     owner = {}
-                if owner.get("host") == me["host"] and not _pid_alive(owner.get("pid", -1)):
-                    self.fs.rm_file(self.path)  # stale: its process is gone
+                stale = owner.get("host") == me["host"] and not _pid_alive(owner.get("pid", -1))
+                if stale or (not owner and self._age() > UNREADABLE_LOCK_SECONDS):
+                    self.fs.rm_file(self.path)  # its process is gone, or it never got to say whose it is
                     continue
                 raise BkdError(f"{self.busy} (pid {owner.get('pid')} on {owner.get('host')}); if none is running, "
                                f"delete {self.url}") from None
         raise BkdError(f"cannot take the lock {self.url}")
+
+    def _age(self) -> float:
+        """Seconds since the lock file was last modified (0 if that cannot be told)."""
+        try:
+            modified = self.fs.modified(self.path)
+        except (OSError, NotImplementedError):
+            return 0.0
+        return (datetime.datetime.now(modified.tzinfo) - modified).total_seconds()
 
     def __exit__(self, *exc):
         if self.fs.exists(self.path):

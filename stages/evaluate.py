@@ -28,17 +28,20 @@ def main(config_path, overrides, distill, run_dir, metrics, report, plots_dir, d
 
     The model, T and data come from the run folder's config.yaml; a config that contradicts it is refused.
     """
-    from pipeline.checkpoint import check_replaceable_json, write_json
-    from pipeline.evaluate import evaluate_student
+    from pipeline.checkpoint import check_replaceable_json, check_replaceable_png, write_json
+    from pipeline.evaluate import PLOT_FILES, evaluate_student
 
     cfg = build_config(config_path, overrides, **{"student.distill": distill, "student.device": device})
     mode = cfg.student.distill
     run_dir = nonempty(run_dir, "--run-dir") or str(Path(cfg.student.out_dir) / mode)
     metrics = nonempty(metrics, "--metrics") or f"metrics/student-{mode}.json"
     report = nonempty(report, "--report") or f"reports/student-{mode}.json"
+    plots_dir = nonempty(plots_dir, "--plots-dir") or f"plots/{mode}"
     for path in (metrics, report):
         check_replaceable_json(path)
-    headline, details = evaluate_student(cfg, run_dir, plots_dir or f"plots/{mode}", trust_store_teacher)
+    for name in PLOT_FILES:  # refused before the evaluation runs, not after
+        check_replaceable_png(Path(plots_dir) / name)
+    headline, details = evaluate_student(cfg, run_dir, plots_dir, trust_store_teacher)
     write_json(headline, metrics)
     write_json(details, report)
     click.echo(f"student [{mode}]: top-1 {headline['top1']:.4f} (teacher {headline['teacher_top1']:.4f}), "

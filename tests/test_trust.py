@@ -510,3 +510,50 @@ def test_resume_refuses_another_store(tiny_project: Path, finished_run: str, tmp
     proc = run_bkd(["train-student", *TINY, "--epochs", "1", "--distill", "kd", "--set", f"extract.store={other}",
                     "--run-dir", finished_run, "--resume"], tiny_project, check=False)
     _one_line_refusal(proc, "not the one it started from")
+
+
+# --- the third adversarial round --------------------------------------------------------------
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line(tmp_path: Path, monkeypatch):
+    import torch
+
+    from pipeline import checkpoint
+
+    def full(*args, **kwargs):  # what torch.save raises when the disk fills mid-write
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 65216 vs 65112")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(BkdError, match="cannot write"):
+        checkpoint.save_state({"step": 1}, tmp_path / "last.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_lock_left_by_a_full_disk_is_taken_over(tmp_path: Path):
+    from pipeline import locks
+
+    lock = tmp_path / "RUN.lock"
+    lock.write_bytes(b"")  # created, then the disk was full before its owner was written
+    old = time.time() - 2 * locks.UNREADABLE_LOCK_SECONDS
+    os.utime(lock, (old, old))
+    with locks.PathLock(str(lock), "busy"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    lock.write_bytes(b"")  # a fresh one may be a writer between creating and filling it: respected
+    with pytest.raises(BkdError, match="busy"):
+        with locks.PathLock(str(lock), "busy"):
+            pass
+
+
+def test_plots_never_overwrite_user_files(tiny_project: Path, tmp_path: Path):
+    folder = tmp_path / "userplots"
+    folder.mkdir()
+    (folder / "layers.png").write_bytes(b"my own picture")
+    proc = run_bkd(["evaluate", *TINY, "--distill", "mixed", "--plots-dir", str(folder),
+                    "--metrics", str(tmp_path / "m.json"), "--report", str(tmp_path / "r.json")],
+                   tiny_project, check=False)
+    _one_line_refusal(proc, "not a plot bkd wrote")
+    assert (folder / "layers.png").read_bytes() == b"my own picture" and not (tmp_path / "m.json").exists()
+    (folder / "layers.png").unlink()
+    args = ["evaluate", *TINY, "--distill", "mixed", "--plots-dir", str(folder), "--metrics", str(tmp_path / "m.json"),
+            "--report", str(tmp_path / "r.json")]
+    run_bkd(args, tiny_project)
+    run_bkd(args, tiny_project)  # its own plots are replaced

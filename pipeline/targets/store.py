@@ -33,6 +33,7 @@ import hashlib
 import json
 import math
 import posixpath
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -310,8 +311,10 @@ def _manifest_problem(manifest: dict) -> str | None:
 def _split_group(root: zarr.Group, split: str, path: str, names: tuple[str, ...]) -> zarr.Group:
     """The split's group, refused in one line if its or one of its arrays' metadata is gone."""
     try:
-        group = root[split]
-        present = set(group.array_keys())
+        with warnings.catch_warnings():  # zarr warns about the metadata-less folder: the error below says it
+            warnings.simplefilter("ignore")
+            group = root[split]
+            present = set(group.array_keys())
     except (KeyError, ValueError, OSError):
         raise StoreError(f"{path}: damaged store, the '{split}' group's metadata is missing; "
                          "re-run `bkd extract-teacher --overwrite`") from None
