@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import posixpath
 import warnings
 from pathlib import Path
