@@ -46,8 +46,8 @@ def experiment_rows(repo: str | None = None, metric: str = "top1") -> list[dict[
             from None
     rows = []
     for record in records:
-        if record.get("State") in ("Failed", "Queued", "Running"):
-            continue
+        if record.get("State") in ("Failed", "Queued", "Running") or record.get("rev") == "workspace":
+            continue  # the workspace repeats the commit it sits on (or holds unfinished work)
         name = record.get("Experiment") or record.get("rev") or "workspace"
         params = {key.split(":", 1)[-1]: value for key, value in record.items()
                   if key.startswith("params.yaml:") or (":" not in key and "." in key and not key.startswith("metrics"))}
