@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import re
-import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +20,8 @@ from typing import Any
 import yaml
 
 from pipeline.errors import ConfigError
+from pipeline.errors import clip as _clip
+from pipeline.errors import short as _short
 
 DISTILL_MODES = ("none", "kd", "wsld", "bkd", "mixed")
 FLOAT_DTYPES = ("float16", "float32")
@@ -95,21 +96,6 @@ class _ConfigLoader(yaml.SafeLoader):
                                       f"(first at line {first_line[key]})")
                 first_line[key] = line
         return super().construct_mapping(node, deep=deep)
-
-
-def _clip(text: str, limit: int = 80) -> str:
-    """`text` cut to `limit` characters: error messages never echo huge values."""
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-_REPR = reprlib.Repr()  # Python 3.11's Repr takes no arguments: set its limits
-_REPR.maxstring = _REPR.maxother = 80
-_REPR.maxlist = _REPR.maxdict = 8
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    """repr(value), abbreviated like reprlib and cut to `limit` characters."""
-    return _clip(_REPR.repr(value), limit)
 
 
 def _yaml_load(text: str) -> Any:

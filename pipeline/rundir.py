@@ -23,7 +23,7 @@ import yaml
 
 from pipeline.checkpoint import write_json
 from pipeline.config import Config, dump_config
-from pipeline.errors import BkdError
+from pipeline.errors import BkdError, short
 from pipeline.locks import PathLock
 
 # Fields that cannot change what a run computes: where things are read from or written to,
@@ -63,13 +63,8 @@ def config_difference(have: dict, want: dict, kind: str) -> str | None:
     a, b = flatten(have), flatten(want)
     for field in sorted(set(a) | set(b)):
         if _in_scope(field, SCOPES[kind]) and a.get(field) != b.get(field):
-            return f"{field} is {_short(a.get(field))} in the run, {_short(b.get(field))} now"
+            return f"{field} is {short(a.get(field))} in the run, {short(b.get(field))} now"
     return None
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def saved_config(run_dir: str | Path) -> dict:

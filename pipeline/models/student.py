@@ -12,7 +12,7 @@ from spikingjelly.activation_based import functional, layer
 from spikingjelly.activation_based.model.sew_resnet import BasicBlock
 from torch import nn
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, clip
 from pipeline.neurons import lif
 
 STUDENTS: dict[str, Callable[..., nn.Module]] = {}
@@ -40,18 +40,14 @@ def create_student(name: str, num_classes: int, input_shape: tuple[int, ...], ti
         raise ConfigError(f"student.model_kwargs: {_first_line(exc)}") from None
     # torch builds zero-width layers without complaint (and fails only in the first forward)
     if any(p.numel() == 0 for p in model.parameters()):
-        raise ConfigError(f"student.model_kwargs: {_clip(repr(kwargs))} builds a layer with no weights "
+        raise ConfigError(f"student.model_kwargs: {clip(repr(kwargs), 200)} builds a layer with no weights "
                           "(a width or size of 0?)")
     return model
 
 
-def _clip(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
-    return _clip(lines[0].strip() if lines else type(exc).__name__)
+    return clip(lines[0].strip() if lines else type(exc).__name__, 200)
 
 
 def encode(x: torch.Tensor, timesteps: int) -> torch.Tensor:
@@ -102,12 +98,12 @@ class SEWResNet(SpikingStudent):
             if (not isinstance(values, (list, tuple)) or not values
                     or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)):
                 raise ConfigError(f"student.model_kwargs: {key} must be a non-empty list of integers >= 1, "
-                                  f"got {_clip(repr(values), 80)}")
+                                  f"got {clip(repr(values), 80)}")
         if len(widths) != len(blocks):
             raise ConfigError("student.model_kwargs: widths and blocks must have the same length")
         if cnf not in SEW_CONNECTIONS:
             raise ConfigError(f"student.model_kwargs: cnf must be one of {', '.join(SEW_CONNECTIONS)}, "
-                              f"got {_clip(repr(cnf), 80)}")
+                              f"got {clip(repr(cnf), 80)}")
         self.timesteps = timesteps
         self.stem = nn.Sequential(
             layer.Conv2d(in_chans, widths[0], kernel_size=3, padding=1, bias=False),

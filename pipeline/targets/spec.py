@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
+from pipeline.errors import short
+
 FORMAT = "bkd-teacher-targets/3"
 FORMAT_FAMILY = FORMAT.split("/")[0]
 SPLITS = ("train", "test")
@@ -142,11 +144,6 @@ def first_difference(have: dict, want: dict, keys: tuple[str, ...]) -> str | Non
         if get(have, key) != get(want, key):
             return f"{key}: {short(get(have, key))} in the store, {short(get(want, key))} here"
     return None
-
-
-def short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def package_versions() -> dict[str, str]:
