@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 import time
@@ -42,9 +43,7 @@ TRAINED_STORE = "cache/mnist5k-resnet18.zarr"  # written by `dvc repro` with the
 
 
 def _store_size(info: dict) -> dict:
-    features = 1
-    for d in info["feature_shape"]:
-        features *= d
+    features = sum(math.prod(shape) for shape in info["feature_shapes"].values())
     raw = (features + info["num_classes"]) * 4  # float32 features + logits per sample and view
     dtypes = info["dtypes"]
     return {"path": info["path"], "bytes_per_sample_view": info["bytes_per_sample_view"], "raw_float32_bytes": raw,

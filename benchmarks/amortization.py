@@ -52,7 +52,7 @@ def run(tmp: Path, students: int = 4, epochs: int = 1, samples: int = 1024) -> d
     for ratio in ratios:
         started = time.perf_counter()
         dataset = CachedTargetDataset(train, targets, cfg.student.shuffle_buffer_chunks)
-        _train(make_setting("cached", _with_blur(cfg, ratio), train, targets.feature_dim, dataset, lambda b: b), epochs)
+        _train(make_setting("cached", _with_blur(cfg, ratio), train, targets.feature_shapes, dataset, lambda b: b), epochs)
         cached_students_s.append(time.perf_counter() - started)
 
     online_students_s = []
@@ -62,9 +62,9 @@ def run(tmp: Path, students: int = 4, epochs: int = 1, samples: int = 1024) -> d
 
         def online(batch, teacher=teacher):
             images, labels, _ = batch
-            return images, labels, *teacher_outputs(teacher, images)
+            return images, labels, *teacher_outputs(teacher, images, cfg.extract.features)
 
-        _train(make_setting("online", _with_blur(cfg, ratio), train, teacher.num_features, train, online), epochs)
+        _train(make_setting("online", _with_blur(cfg, ratio), train, targets.feature_shapes, train, online), epochs)
         online_students_s.append(time.perf_counter() - started)
 
     n, views = len(train), cfg.extract.views

@@ -26,6 +26,7 @@ def random_teacher_config(tmp: Path, *overrides: str) -> Config:
         "extract.splits=[train]",
         "teacher.device=cpu",
         "student.device=cpu",
+        "extract.features=[pre_logits]",  # what the mixed student reads; benchmarks time that path
         *overrides,
     ])
     train = load_split(cfg.data, "train")

@@ -28,7 +28,7 @@ def tile_store(source: str | Path, dest: str | Path, samples: int) -> int:
     src = TeacherTargets(source, "train")
     spec = dataclasses.replace(src.spec, splits={"train": {**src.spec.splits["train"], "num_samples": samples}})
     layout = spec.layout("train")
-    arrays = {name: src.group[name][:] for name in ("features", "logits", "view_params", "labels", "pixel_digest")}
+    arrays = {name: src.group[name][:] for name in src.spec.row_arrays() if name != "index"}
     writer = StoreWriter(dest, spec, overwrite=True)
     for shard in range(layout.num_shards):
         start, stop = layout.shard_rows(shard)
@@ -72,7 +72,7 @@ def stream(store: str, batch_size: int, buffer_chunks: int) -> dict:
         "chunks_decoded": dataset.chunks_decoded,
         "max_resident_chunks": dataset.max_resident_chunks,
         "buffer_rows": 2 * buffer_chunks * targets.chunk_size,
-        "decoded_store_mb": n * targets.views * (int(np.prod(targets.feature_shape)) + targets.num_classes) * 4 / 2**20,
+        "decoded_store_mb": n * targets.views * (sum(int(np.prod(s)) for s in targets.feature_shapes.values()) + targets.num_classes) * 4 / 2**20,
     }
 
 

@@ -45,7 +45,7 @@ from pipeline.losses import DistillationLoss
 from pipeline.models import create_student, load_teacher, teacher_outputs
 from pipeline.targets import open_student_targets
 from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler
-from pipeline.train import StudentForward, make_optimizer, student_step
+from pipeline.train import StudentForward, feature_pairs, make_optimizer, student_step
 
 from benchmarks.common import CONFIG, random_teacher_config, summarize
 
@@ -114,13 +114,14 @@ def build_store(tmp: Path, batch_size: int) -> Config:
     return cfg
 
 
-def make_setting(name: str, cfg: Config, train: ImageSplit, teacher_dim: int, dataset, targets) -> Setting:
+def make_setting(name: str, cfg: Config, train: ImageSplit, teacher_shapes: dict, dataset, targets) -> Setting:
     scfg = cfg.student
     mode_cfg = dataclasses.replace(scfg, distill="none" if name == "none" else "mixed")
     torch.manual_seed(cfg.seed)  # the three students start from the same weights
     student = create_student(scfg.model, train.num_classes, train.image_shape, scfg.timesteps,
                              **scfg.model_kwargs).train()
-    criterion = DistillationLoss(mode_cfg, student.num_features, teacher_dim).train()
+    pairs = feature_pairs(mode_cfg, student, teacher_shapes, train.load([0]))
+    criterion = DistillationLoss(mode_cfg, pairs).train()
     chunk_size = cfg.extract.chunk_size
     sampler = ChunkShuffleSampler(len(dataset), chunk_size, scfg.shuffle_buffer_chunks, seed=cfg.seed)
     # drop_last: every timed step sees a full batch.
@@ -163,20 +164,20 @@ def main(argv: list[str] | None = None) -> dict:
 
         def plain(batch):
             images, labels, _ = batch
-            return images, labels, None, None
+            return images, labels, {}, None
 
         def from_cache(batch):
             return batch
 
         def online(batch):
             images, labels, _ = batch
-            teacher_features, teacher_logits = teacher_outputs(teacher, images)
+            teacher_features, teacher_logits = teacher_outputs(teacher, images, cfg.extract.features)
             return images, labels, teacher_features, teacher_logits
 
         settings = {
-            "none": make_setting("none", cfg, train, targets.feature_dim, train, plain),
-            "cached": make_setting("cached", cfg, train, targets.feature_dim, cached, from_cache),
-            "online": make_setting("online", cfg, train, teacher.num_features, train, online),
+            "none": make_setting("none", cfg, train, targets.feature_shapes, train, plain),
+            "cached": make_setting("cached", cfg, train, targets.feature_shapes, cached, from_cache),
+            "online": make_setting("online", cfg, train, targets.feature_shapes, train, online),
         }
 
         rounds = args.warmup + args.steps

@@ -14,9 +14,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import DISTILL_MODES as MODES
 from pipeline.errors import BkdError
 
-MODES = ("none", "kd", "wsld", "bkd", "mixed")
 METRIC_FILE = "metrics/student-{mode}.json"
 
 

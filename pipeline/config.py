@@ -23,7 +23,9 @@ from pipeline.errors import ConfigError
 from pipeline.errors import clip as _clip
 from pipeline.errors import short as _short
 
-DISTILL_MODES = ("none", "kd", "wsld", "bkd", "mixed")
+DISTILL_MODES = ("none", "kd", "wsld", "bkd", "mixed", "kdsnn", "lasnn")
+# modes that read teacher features: how many (student location -> teacher location) pairs each takes
+FEATURE_MODES = {"bkd": "one", "mixed": "one", "kdsnn": "one", "lasnn": "one or more"}
 FLOAT_DTYPES = ("float16", "float32")
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; anything near this is not one
 MAX_ALIAS_VALUES = 10_000  # values that YAML aliases may add to a document (see _ConfigLoader)
@@ -158,9 +160,10 @@ class ExtractConfig:
     # Store only the k largest logits (and their classes) per view, e.g. 10 of ImageNet's 1000;
     # the logits losses then see the other classes as far below the k-th (README: the approximation).
     logits_topk: int | None = None
-    # pre_logits: the pooled penultimate feature (N, C); map: the feature map before pooling
-    # (N, C, H, W) -- BKD then regresses maps and its generation block's 3x3 convolutions act spatially.
-    features: str = "pre_logits"
+    # Teacher feature locations to cache, one array each: pre_logits (the pooled penultimate vector,
+    # (N, C)), map (the last map before pooling, (N, C, H, W)) or a module name of the teacher
+    # (e.g. layer3, layer4: that stage's output map). Students choose among them (student.features).
+    features: list[str] = field(default_factory=lambda: ["pre_logits", "layer1", "layer2"])
     views: int = 1  # K: view 0 is the clean input, views 1..K-1 augmented (train split; test is clean)
     chunk_size: int = 256  # samples per chunk (the unit the reader streams)
     chunks_per_shard: int = 4  # chunks per shard (the unit of work that writes)
@@ -173,8 +176,11 @@ class ExtractConfig:
 @dataclass
 class BKDConfig:
     blur_ratio: float = 0.15  # lambda: probability of zeroing each channel
+    # Weight of every feature term (BKD, KDSNN, LaSNN), like the official --alpha_mgd.
     alpha: float = 2e-3
-    rescale: bool = True  # rescale teacher features to the student's max ("clip" in the public code)
+    # Rescale teacher features to the aligned student's maximum: the official --use_clip, which no
+    # published run sets; off, as published.
+    rescale: bool = False
 
 
 @dataclass
@@ -193,6 +199,14 @@ class StudentConfig:
     batch_size: int = 64
     lr: float = 5e-3
     weight_decay: float = 1e-4
+    # Which student location distils to which cached teacher location (extract.features): one pair
+    # for bkd, mixed and kdsnn. Student locations: pre_logits (the pooled, time-averaged last map),
+    # map (the time-averaged last map) or a module name (its output averaged over T). The pair's
+    # shapes choose the BKD form (pipeline.losses.BKDHead): map -> vector: generation on the map,
+    # then pooled (Spikingformer-CML); map -> map; vector -> vector.
+    features: dict[str, str] = field(default_factory=lambda: {"pre_logits": "pre_logits"})
+    # lasnn's layer-wise pairs (one or more, usually intermediate stages), in the same form.
+    lasnn_features: dict[str, str] = field(default_factory=lambda: {"stages.1": "layer1", "stages.2": "layer2"})
     bkd: BKDConfig = field(default_factory=BKDConfig)
     logits: LogitsConfig = field(default_factory=LogitsConfig)
     shuffle_buffer_chunks: int = 4  # chunks held in memory by the streaming reader
@@ -203,6 +217,12 @@ class StudentConfig:
     augment: str = "views"
     out_dir: str = "runs/students"
     device: str = "auto"
+
+    def feature_pairs(self) -> dict[str, str]:
+        """{student location: teacher location} the distillation mode's feature terms use (none: {})."""
+        if self.distill not in FEATURE_MODES:
+            return {}
+        return self.lasnn_features if self.distill == "lasnn" else self.features
 
 
 @dataclass
@@ -330,7 +350,11 @@ def validate(cfg: Config) -> Config:
     _check(ex.chunks_per_shard >= 1, f"extract.chunks_per_shard must be >= 1, got {ex.chunks_per_shard}")
     _check(ex.batch_size >= 1, "extract.batch_size must be >= 1")
     _check(ex.logits_topk is None or ex.logits_topk >= 1, "extract.logits_topk must be >= 1 or null")
-    _check(ex.features in ("pre_logits", "map"), f"extract.features must be pre_logits or map, got {_short(ex.features)}")
+    _check(bool(ex.features), "extract.features must name at least one teacher feature location")
+    for loc in ex.features:
+        _check(_location_name(loc), f"extract.features: {_short(loc)} is not a location name "
+               "(pre_logits, map or a module name such as layer4)")
+    _check(len(set(ex.features)) == len(ex.features), f"extract.features names a location twice: {_short(ex.features)}")
     _check(bool(ex.splits), "extract.splits must name at least one split")
     for split in ex.splits:
         _check(split in ("train", "test"), f"extract.splits: unknown split {_short(split)} (known: train, test)")
@@ -346,9 +370,24 @@ def validate(cfg: Config) -> Config:
     _check(0 < st.logits.temperature < math.inf,
            f"student.logits.temperature must be finite and > 0, got {st.logits.temperature}")
     _check(0 <= st.logits.weight < math.inf, f"student.logits.weight must be finite and >= 0, got {st.logits.weight}")
+    for key in ("features", "lasnn_features"):
+        for student_loc, teacher_loc in getattr(st, key).items():
+            _check(_location_name(student_loc) and _location_name(teacher_loc),
+                   f"student.{key}: {_short(student_loc)}: {_short(teacher_loc)} must map a student location to a "
+                   "teacher location (pre_logits, map or module names)")
+    pairs = FEATURE_MODES.get(st.distill)
+    _check(pairs != "one" or len(st.features) == 1,
+           f"student.distill={st.distill} distils one feature pair; student.features has {len(st.features)}")
+    _check(pairs != "one or more" or len(st.lasnn_features) >= 1,
+           f"student.distill={st.distill} needs at least one pair in student.lasnn_features")
     _check(st.shuffle_buffer_chunks >= 1, "student.shuffle_buffer_chunks must be >= 1")
     _check(st.checkpoint_every >= 0, f"student.checkpoint_every must be >= 0 (0: epoch ends only), got {st.checkpoint_every}")
     return cfg
+
+
+def _location_name(value: Any) -> bool:
+    """A feature location: a module name as `named_modules` spells it (dotted identifiers and indices)."""
+    return isinstance(value, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", value) is not None
 
 
 def _validate_augment(cfg: Config) -> None:

@@ -14,7 +14,7 @@ from pipeline.errors import BkdError
 from pipeline.locks import PathLock
 from pipeline.models import load_teacher, teacher_outputs
 from pipeline.targets import (TOPK_INDEX, StoreWriter, check_store_location, existing_store, expected_spec,
-                              pixel_digests, teacher_sha)
+                              feature_array, pixel_digests, teacher_sha)
 
 
 class ShardExtractor:
@@ -32,10 +32,11 @@ class ShardExtractor:
             raise BkdError(f"extract.logits_topk is {ex.logits_topk}, but the teacher has only "
                            f"{first.num_classes} classes")
         self.augmenters = {name: view_augmenter(cfg.augment, s) for name, s in self.splits.items()}
-        with torch.no_grad():  # the feature shape: (C,) pre-logits or the (C, H, W) map
+        with torch.no_grad():  # each location's shape: (C,) vectors or (C, H, W) maps
             probe = first.load([0]).to(device)
-            self.feature_shape = tuple(teacher_outputs(self.model, probe, ex.features)[0].shape[1:])
-        self.spec = expected_spec(cfg, self.splits, sha, self.feature_shape, self.model.num_features)
+            self.feature_shapes = {loc: tuple(f.shape[1:])
+                                   for loc, f in teacher_outputs(self.model, probe, ex.features)[0].items()}
+        self.spec = expected_spec(cfg, self.splits, sha, self.feature_shapes, self.model.num_features)
         self.layouts = {name: self.spec.layout(name) for name in self.splits}
 
     def open_writer(self, overwrite: bool = False) -> StoreWriter:
@@ -46,7 +47,8 @@ class ShardExtractor:
         ex, split, layout, augmenter = self.ex, self.splits[name], self.layouts[name], self.augmenters[name]
         start, stop = layout.shard_rows(shard)
         params = augmenter.draw(np.arange(start, stop), layout.views)
-        features = np.empty((stop - start, layout.views, *self.feature_shape), np.float32)
+        features = {loc: np.empty((stop - start, layout.views, *shape), np.float32)
+                    for loc, shape in self.feature_shapes.items()}
         logits = np.empty((stop - start, layout.views, self.num_classes), np.float32)
         digests = np.empty(stop - start, np.uint64)
         arrays = {}
@@ -57,11 +59,12 @@ class ShardExtractor:
             for v in range(layout.views):
                 images = augmenter.apply(clean, params[b - start:e - start, v]).to(self.device)
                 f, z = teacher_outputs(self.model, images, ex.features)
-                features[b - start:e - start, v] = f.float().cpu().numpy()
+                for loc, values in f.items():
+                    features[loc][b - start:e - start, v] = values.float().cpu().numpy()
                 logits[b - start:e - start, v] = z.float().cpu().numpy()
                 if on_batch is not None:
                     on_batch(e - b)
-        for name, values in (("features", features), ("logits", logits)):
+        for name, values in (*((f"features at {loc}", f) for loc, f in features.items()), ("logits", logits)):
             if not np.isfinite(values).all():
                 raise BkdError(f"the teacher produced non-finite {name} on {split.split} shard {shard} "
                                f"(rows {start}:{stop}); nothing of that shard was written")
@@ -70,7 +73,7 @@ class ShardExtractor:
             logits, arrays[TOPK_INDEX] = values.numpy(), classes.numpy().astype(np.int32)
         return {
             **arrays,
-            "features": features.astype(ex.feature_dtype),
+            **{feature_array(loc): f.astype(ex.feature_dtype) for loc, f in features.items()},
             "logits": logits.astype(ex.logits_dtype),
             "view_params": params,
             "labels": split.labels[start:stop].numpy(),

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, Sampler
 from pipeline.augment import ViewAugmenter, view_schedule
 from pipeline.data import ImageSplit
 from pipeline.errors import BkdError, StoreError
-from pipeline.targets import TeacherTargets
+from pipeline.targets import TeacherTargets, feature_array
 
 
 class ChunkShuffleSampler(Sampler[int]):
@@ -71,7 +71,9 @@ class ChunkShuffleSampler(Sampler[int]):
 
 
 class CachedTargetDataset(Dataset):
-    """(image, label, teacher feature, teacher logits) for each sample of a split.
+    """(image, label, teacher features, teacher logits) for each sample of a split; the teacher
+    features are a dict {location: tensor} over `locations` (default: every cached one; only those
+    are read from the store).
 
     policy "views": serve view `view_schedule(...)[i]` of sample i, its input rebuilt by
     `augmenter` from the stored parameters. policy "online": a fresh random augmentation of
@@ -80,7 +82,8 @@ class CachedTargetDataset(Dataset):
     """
 
     def __init__(self, images: ImageSplit, targets: TeacherTargets, buffer_chunks: int,
-                 augmenter: ViewAugmenter | None = None, policy: str = "views", seed: int = 0):
+                 augmenter: ViewAugmenter | None = None, policy: str = "views", seed: int = 0,
+                 locations=None):
         if len(images) != len(targets):
             raise StoreError(f"{targets.path}: {targets.split} split has {len(targets)} samples, "
                              f"the dataset has {len(images)}")
@@ -88,6 +91,8 @@ class CachedTargetDataset(Dataset):
             raise ValueError(f"policy must be 'views' or 'online', got {policy!r}")
         self.images, self.targets, self.buffer_chunks = images, targets, buffer_chunks
         self.augmenter, self.policy, self.seed = augmenter, policy, seed
+        self.locations = list(targets.feature_shapes if locations is None else locations)
+        targets.check_locations(self.locations)
         self.set_epoch(0)
         self.capacity = 2 * buffer_chunks
         self._chunks: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
@@ -113,9 +118,9 @@ class CachedTargetDataset(Dataset):
         for chunk in chunks:
             if chunk in self._chunks:
                 continue
-            rows = self.targets.read_chunk(chunk)
+            rows = self.targets.read_chunk(chunk, self.locations)
             self._chunks[chunk] = {
-                "features": torch.from_numpy(rows["features"]).float(),
+                **{loc: torch.from_numpy(rows[feature_array(loc)]).float() for loc in self.locations},
                 "logits": torch.from_numpy(rows["logits"]).float(),
                 "view_params": torch.from_numpy(rows["view_params"]),
             }
@@ -129,7 +134,8 @@ class CachedTargetDataset(Dataset):
         idx = torch.as_tensor(indices)
         chunk_ids = idx // self.targets.chunk_size
         views = self.schedule[idx]
-        features = torch.empty(len(idx), *self.targets.feature_shape)
+        shapes = self.targets.feature_shapes
+        features = {loc: torch.empty(len(idx), *shapes[loc]) for loc in self.locations}
         logits = torch.empty(len(idx), self.targets.num_classes)
         stored_views = self.augmenter is not None and self.policy == "views"  # inputs rebuilt from stored params
         params = torch.empty(len(idx), self.targets.arrays["view_params"].shape[2], dtype=torch.int32)
@@ -139,7 +145,8 @@ class CachedTargetDataset(Dataset):
             rows = (chunk_ids == chunk).nonzero().squeeze(1)
             local = idx[rows] - chunk * self.targets.chunk_size
             data = self._chunks[chunk]
-            features[rows] = data["features"][local, views[rows]]
+            for loc in self.locations:
+                features[loc][rows] = data[loc][local, views[rows]]
             logits[rows] = data["logits"][local, views[rows]]
             if stored_views:
                 params[rows] = data["view_params"][local, views[rows]]
@@ -152,4 +159,4 @@ class CachedTargetDataset(Dataset):
 
     def __getitem__(self, i: int):
         images, labels, features, logits = self.__getitems__([i])
-        return images[0], labels[0], features[0], logits[0]
+        return images[0], labels[0], {loc: f[0] for loc, f in features.items()}, logits[0]

@@ -31,10 +31,11 @@ from pipeline.augment import view_augmenter
 from pipeline.config import AugmentConfig, Config
 from pipeline.data import collate_batch, load_split, load_splits, random_shift
 from pipeline.distributed import Ranks, process_group, resolve_device, split_global_batch
-from pipeline.errors import BkdError
+from pipeline.errors import BkdError, ConfigError
 from pipeline.evaluate import accuracy, count_correct
 from pipeline.losses import DistillationLoss
 from pipeline.models import create_student, create_teacher, load_teacher
+from pipeline.models.stages import capture, check_locations
 from pipeline.rundir import RunFolder
 from pipeline.targets import open_student_targets
 from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler
@@ -168,7 +169,7 @@ class Trainer:
             bar = tqdm(batches, desc=f"{self.desc} epoch {epoch + 1}/{self.epochs}", total=steps, initial=first,
                        leave=False, dynamic_ncols=True, disable=not self.ranks.is_main)
             for step, batch in enumerate(bar, start=first):
-                batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
+                batch = to_device(batch, self.device)
                 terms, logits, labels = self.step(batch)
                 loss = terms["loss"]
                 if not self.ranks.all_true(bool(torch.isfinite(loss))):
@@ -247,10 +248,49 @@ def train_teacher(cfg: Config, run_dir: str | Path, resume: bool = False) -> dic
             "epochs": len(history), "model": tcfg.model}
 
 
+def to_device(batch, device: torch.device):
+    """A batch (tensors, and dicts of them: teacher features by location) on `device`."""
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return tuple(to_device(value, device) for value in batch)
+    return batch.to(device, non_blocking=True)
+
+
+def student_features(student: nn.Module, images: torch.Tensor, locations) -> tuple[dict, torch.Tensor]:
+    """({location: feature} for `locations`, logits) from one forward of the student.
+
+    `map` is the time-averaged last map, `pre_logits` its spatial mean (what the head classifies),
+    module names their outputs averaged over T (captured during the same forward).
+    """
+    with capture(student, locations, time_major=True) as got:
+        feature_map = student.forward_feature_map(images)
+    pooled = feature_map.mean((2, 3))
+    got.update({"map": feature_map, "pre_logits": pooled})
+    return {loc: got[loc] for loc in locations}, student.forward_head(pooled)
+
+
+def student_feature_shapes(student: nn.Module, sample: torch.Tensor, locations) -> dict[str, tuple[int, ...]]:
+    """The per-sample shape of the student's feature at each location (one forward of one sample)."""
+    check_locations(student, locations, "student.features")
+    was_training = student.training
+    student.eval()
+    try:
+        with torch.no_grad():
+            features, _ = student_features(student, sample, locations)
+    finally:
+        student.train(was_training)
+    for loc, value in features.items():
+        if value.dim() not in (2, 4):
+            raise ConfigError(f"student.features: the student's '{loc}' gives features shaped "
+                              f"{tuple(value.shape[1:])} per sample; a location must give (C,) or (C, H, W)")
+    return {loc: tuple(value.shape[1:]) for loc, value in features.items()}
+
+
 class StudentForward(nn.Module):
     """The student's forward and its loss for a batch (images, labels, teacher features, teacher logits).
 
-    One module, so DDP wraps (and syncs the gradients of) the student and the BKD head together.
+    One module, so DDP wraps (and syncs the gradients of) the student and the feature heads together.
     `mix` (Mixup/CutMix, distill=none only) mixes the images and turns the labels the loss sees
     into soft labels; accuracy is still counted against the hard labels.
     """
@@ -263,13 +303,8 @@ class StudentForward(nn.Module):
         targets = labels
         if self.mix is not None:
             images, targets = self.mix(images, labels)
-        if self.criterion.spatial:  # distill the time-averaged map; classify its spatial mean
-            distilled = self.student.forward_feature_map(images)
-            features = distilled.mean((2, 3))
-        else:
-            distilled = features = self.student.forward_features(images)
-        logits = self.student.forward_head(features)
-        return self.criterion(distilled, logits, targets, teacher_features, teacher_logits), logits
+        features, logits = student_features(self.student, images, self.criterion.student_locations)
+        return self.criterion(features, logits, targets, teacher_features, teacher_logits), logits
 
 
 def student_step(forward: nn.Module) -> StepFn:
@@ -306,6 +341,18 @@ def batch_mixer(cfg: AugmentConfig, num_classes: int) -> nn.Module | None:
     return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
 
 
+def feature_pairs(scfg, student: nn.Module, teacher_shapes: dict, sample: torch.Tensor
+                  ) -> list[tuple[str, str, tuple, tuple]]:
+    """(student location, teacher location, student shape, teacher shape) for each feature pair the
+    distillation mode uses (`scfg.feature_pairs()`), the student's shapes from one forward of `sample`
+    and the teacher's from `teacher_shapes` ({location: shape}, e.g. the store's)."""
+    pairs = scfg.feature_pairs()
+    if not pairs:
+        return []
+    shapes = student_feature_shapes(student, sample, list(pairs))
+    return [(s, t, shapes[s], tuple(teacher_shapes[t])) for s, t in pairs.items()]
+
+
 def train_student(cfg: Config, run_dir: str | Path, resume: bool = False, trust_store_teacher: bool = False) -> dict:
     """Train the SNN student from cached teacher targets (the teacher is never loaded).
 
@@ -332,12 +379,16 @@ def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, devic
     torch.manual_seed(cfg.seed)
     student = create_student(scfg.model, train.num_classes, train.image_shape, scfg.timesteps,
                              **scfg.model_kwargs).to(device)
-    spatial = len(targets.feature_shape) == 3
-    criterion = DistillationLoss(scfg, student.num_features, targets.feature_dim, spatial).to(device)
+    targets.check_locations(scfg.feature_pairs().values())
+    pairs = feature_pairs(scfg, student, targets.feature_shapes, train.load([0]).to(device))
+    criterion = DistillationLoss(scfg, pairs).to(device)
+    if ranks.is_main:
+        tqdm.write(f"student[{scfg.distill}] distils {criterion.describe()}")
     if ranks.rank > 0:  # its own blur masks and mixing draws; rank 0 continues the one-process stream
         torch.manual_seed(ranks.seed(cfg.seed))
     dataset = CachedTargetDataset(train, targets, scfg.shuffle_buffer_chunks,
-                                  view_augmenter(cfg.augment, train), scfg.augment, seed=cfg.seed)
+                                  view_augmenter(cfg.augment, train), scfg.augment, seed=cfg.seed,
+                                  locations=criterion.teacher_locations)
     sampler = ChunkShuffleSampler(len(dataset), targets.chunk_size, scfg.shuffle_buffer_chunks, seed=cfg.seed,
                                   rank=ranks.rank, world_size=ranks.world_size)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_batch)

@@ -26,6 +26,7 @@ TINY = [
     "--set", "teacher.batch_size=64",
     "--set", "student.batch_size=32",
     "--set", "student.model_kwargs.widths=[8,16,32]",
+    "--set", "extract.features=[pre_logits]",  # the layer maps only lasnn reads: not needed here
 ]
 
 

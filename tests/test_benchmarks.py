@@ -18,7 +18,7 @@ def test_tiled_store_repeats_the_source_rows(tmp_path):
     assert len(big) == 1000 and size > 0
     rows = big.read_rows(0, 1000)
     source = np.arange(1000) % len(data["labels"])
-    np.testing.assert_array_equal(rows["features"], data["features"][source].astype(np.float16))
+    np.testing.assert_array_equal(rows["features.pre_logits"], data["features.pre_logits"][source].astype(np.float16))
     np.testing.assert_array_equal(rows["labels"], data["labels"][source])
     np.testing.assert_array_equal(rows["index"], np.arange(1000))
 

@@ -200,7 +200,7 @@ def test_eight_views_end_to_end(tiny_project: Path):
 
 def test_bkd_on_teacher_feature_maps(tiny_project: Path):
     """extract.features=map stores (C, H, W) teacher maps; BKD then runs spatially (3x3 convs)."""
-    args = [*TINY, "--set", "extract.store=cache/maps.zarr", "--set", "extract.features=map"]
+    args = [*TINY, "--set", "extract.store=cache/maps.zarr", "--set", "extract.features=[map]"]
     run_bkd(["extract-teacher", *args], tiny_project)
     features = zarr.open_group(str(tiny_project / "cache/maps.zarr"), mode="r")["train/features"]
     assert features.shape == (160, 1, 512, 2, 2)  # ResNet-18 layer4 on 28x28 with the small stem

@@ -26,7 +26,7 @@ SMALL_SHARDS = [*TINY, "--set", "extract.chunk_size=16", "--set", "extract.chunk
 
 def _arrays(store: Path) -> dict[str, np.ndarray]:
     group = zarr.open_group(str(store), mode="r")["train"]
-    return {name: group[name][:] for name in ("features", "logits", "view_params", "labels", "index")}
+    return {name: group[name][:] for name in ("features.pre_logits", "logits", "view_params", "labels", "index")}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from torch import nn
 
 from pipeline.config import BKDConfig, LogitsConfig, StudentConfig
 from pipeline.errors import BkdError
-from pipeline.losses import BKDHead, DistillationLoss, kd_loss, wsld_loss
+from pipeline.losses import BKDHead, DistillationLoss, FeatureRegression, bkd_form, kd_loss, wsld_loss
 
 # ---------------------------------------------------------------------------------------------
 # BKD head
@@ -104,7 +104,7 @@ def test_bkd_teacher_shape_mismatch_raises():
 def test_bkd_spatial_matches_explicit_convolutions(student_dim, teacher_dim, rescale):
     torch.manual_seed(3)
     n, h, w, alpha = 3, 4, 5, 0.05
-    head = BKDHead(student_dim, teacher_dim, alpha=alpha, rescale=rescale, spatial=True)
+    head = BKDHead(student_dim, teacher_dim, alpha=alpha, rescale=rescale, form="map")
     f_s = torch.randn(n, student_dim, h, w)
     f_t = torch.rand(n, teacher_dim, h, w) + 0.2
     mask = _fixed_mask((n, teacher_dim, 1, 1), seed=7, keep=0.6)
@@ -144,7 +144,7 @@ def test_blur_mask_drop_rate_and_shape_pooled():
 
 def test_blur_mask_spatial_is_per_channel():
     torch.manual_seed(5)
-    head = BKDHead(4, 4, blur_ratio=0.3, spatial=True)
+    head = BKDHead(4, 4, blur_ratio=0.3, form="map")
     aligned = torch.randn(200, 50, 3, 3)
     mask = head.blur_mask(aligned)
     assert mask.shape == (200, 50, 1, 1)
@@ -155,7 +155,7 @@ def test_blur_mask_spatial_is_per_channel():
 def test_blur_in_forward_zeroes_whole_channels_in_spatial_maps():
     torch.manual_seed(6)
     n, c = 16, 8
-    head = BKDHead(c, c, blur_ratio=0.5, spatial=True)  # identity align: a == f_s
+    head = BKDHead(c, c, blur_ratio=0.5, form="map")  # identity align: a == f_s
     seen = {}
     head.generation[0].register_forward_hook(lambda m, inp, out: seen.update(x=inp[0].detach().clone()))
     f_s = torch.rand(n, c, 4, 4) + 1.0  # strictly non-zero, so a zero means "masked"
@@ -293,6 +293,8 @@ EXPECTED_KEYS = {
     "wsld": {"ce", "wsld", "loss"},
     "bkd": {"ce", "bkd", "loss"},
     "mixed": {"ce", "bkd", "wsld", "loss"},
+    "kdsnn": {"ce", "kdsnn", "loss"},
+    "lasnn": {"ce", "lasnn", "loss"},
 }
 
 
@@ -306,17 +308,17 @@ def test_distillation_loss_terms(mode):
     torch.manual_seed(8)
     n, ds, dt, k = 6, 5, 7, 4
     cfg = _student_cfg(mode)
-    crit = DistillationLoss(cfg, student_dim=ds, teacher_dim=dt)
-    f_s = torch.randn(n, ds, requires_grad=True)
+    crit = DistillationLoss(cfg, [("pre_logits", "pre_logits", (ds,), (dt,))])
+    f_s = {"pre_logits": torch.randn(n, ds, requires_grad=True)}
     z_s = torch.randn(n, k, requires_grad=True)
     y = torch.randint(0, k, (n,))
-    f_t, z_t = torch.rand(n, dt) + 0.1, torch.randn(n, k)
+    f_t, z_t = {"pre_logits": torch.rand(n, dt) + 0.1}, torch.randn(n, k)
 
     if mode == "none":
-        assert crit.bkd is None
+        assert len(crit.feature_terms) == 0 and crit.teacher_locations == []
         assert len(list(crit.parameters())) == 0
         assert not crit.uses_teacher
-        terms = crit(f_s, z_s, y)  # no teacher needed
+        terms = crit({}, z_s, y)  # no teacher needed
     else:
         assert crit.uses_teacher
         terms = crit(f_s, z_s, y, f_t, z_t)
@@ -333,17 +335,47 @@ def test_distillation_loss_terms(mode):
     if "wsld" in terms:
         torch.testing.assert_close(terms["wsld"], 0.7 * wsld_loss(z_s, z_t, y, 3.0))
 
-    if mode in ("bkd", "mixed"):
-        assert isinstance(crit.bkd, BKDHead)
+    if mode in ("bkd", "mixed", "kdsnn", "lasnn"):
+        (head,) = crit.feature_terms
+        assert crit.student_locations == ["pre_logits"] and crit.teacher_locations == ["pre_logits"]
         params = list(crit.parameters())
-        assert params and len(params) == len(list(crit.bkd.parameters()))
-        assert crit.bkd.blur_ratio == 0.2 and crit.bkd.alpha == 0.01 and crit.bkd.rescale
-        assert isinstance(crit.bkd.align, nn.Linear)  # widths differ
+        assert params and len(params) == len(list(head.parameters()))
+        assert head.alpha == 0.01
+        assert isinstance(head.align, nn.Linear)  # widths differ
+        if mode in ("bkd", "mixed"):
+            assert isinstance(head, BKDHead) and head.form == "pooled"
+            assert head.blur_ratio == 0.2 and head.rescale
+        else:
+            assert isinstance(head, FeatureRegression)
         terms["loss"].backward()
         assert all(p.grad is not None for p in params)
     else:
-        assert crit.bkd is None
+        assert len(crit.feature_terms) == 0
         assert len(list(crit.parameters())) == 0
+
+
+def test_bkd_form_follows_the_pair_shapes():
+    assert bkd_form((384, 8, 8), (384,)) == "cml"
+    assert bkd_form((512, 7, 7), (512, 7, 7)) == "map"
+    assert bkd_form((128,), (512,)) == "pooled"
+    with pytest.raises(BkdError, match="pooled student vector"):
+        bkd_form((128,), (512, 7, 7))
+    cfg = _student_cfg("mixed")
+    crit = DistillationLoss(cfg, [("map", "pre_logits", (6, 4, 4), (8,))])
+    assert crit.feature_terms[0].form == "cml" and "map -> pre_logits (BKD cml)" in crit.describe()
+
+
+def test_lasnn_sums_one_regression_per_pair():
+    torch.manual_seed(9)
+    cfg = _student_cfg("lasnn")
+    pairs = [("a", "x", (3, 4, 4), (5, 4, 4)), ("b", "y", (6, 2, 2), (6, 2, 2))]
+    crit = DistillationLoss(cfg, pairs)
+    assert len(crit.feature_terms) == 2
+    f_s = {"a": torch.randn(2, 3, 4, 4), "b": torch.randn(2, 6, 2, 2)}
+    f_t = {"x": torch.randn(2, 5, 4, 4), "y": torch.randn(2, 6, 2, 2)}
+    terms = crit(f_s, torch.randn(2, 3), torch.tensor([0, 2]), f_t, torch.randn(2, 3))
+    want = crit.feature_terms[0](f_s["a"], f_t["x"]) + crit.feature_terms[1](f_s["b"], f_t["y"])
+    torch.testing.assert_close(terms["lasnn"], want)
 
 
 def test_bkd_rescale_refuses_non_positive_teacher_maximum():
@@ -398,7 +430,7 @@ def test_topk_logits_losses_approximate_full_logits(k, tolerance):
 
 def test_bkd_spatial_pools_a_larger_student_map_to_the_teacher_size():
     torch.manual_seed(0)
-    head = BKDHead(3, 5, blur_ratio=0.0, alpha=1.0, rescale=False, spatial=True)
+    head = BKDHead(3, 5, blur_ratio=0.0, alpha=1.0, rescale=False, form="map")
     f_s, f_t = torch.randn(2, 3, 6, 6), torch.randn(2, 5, 2, 2)
     expected = (head.generation(F.adaptive_avg_pool2d(head.align(f_s), 2)) - f_t).pow(2).sum() / 2
     torch.testing.assert_close(head(f_s, f_t), expected)

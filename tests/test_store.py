@@ -23,7 +23,7 @@ PARAMS = 3  # view parameters per view
 def make_arrays(n: int, seed: int, views: int = 1) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {
-        "features": (rng.standard_normal((n, views, DIM)) * 4).astype(np.float32),  # float16 in the store
+        "features.pre_logits": (rng.standard_normal((n, views, DIM)) * 4).astype(np.float32),  # float16 in the store
         "logits": (rng.standard_normal((n, views, CLASSES)) * 8).astype(np.float32),
         "view_params": rng.integers(0, 5, (n, views, PARAMS)).astype(np.int32),
         "labels": rng.integers(0, CLASSES, n).astype(np.int64),
@@ -43,7 +43,7 @@ def make_test_spec(sha: str = "a" * 64, fingerprints: dict | None = None,
                 "test": {"num_samples": n_test, "fingerprint": fingerprints["test"], "views": VIEWS["test"]}},
         transform={"scale": 1 / 255, "mean": [0.3], "std": [0.4], "input_shape": [1, 8, 8], "encoding": "direct"},
         augment={"kind": "pad_crop_flip", "seed": 0, "pad": 2, "param_names": ["top", "left", "flip"]},
-        features={"kind": "pre_logits", "shape": [DIM], "logits_topk": logits_topk},
+        features={"locations": {"pre_logits": [DIM]}, "logits_topk": logits_topk},
         chunking={"chunk_size": CHUNK, "chunks_per_shard": PER_SHARD},
     )
 
@@ -93,10 +93,10 @@ def test_round_trip_values(tmp_path):
         targets = TeacherTargets(path, split)
         n = len(data[split]["labels"])
         assert len(targets) == n
-        assert targets.feature_dim == DIM and targets.chunk_size == CHUNK
+        assert targets.feature_shapes == {"pre_logits": (DIM,)} and targets.chunk_size == CHUNK
         rows = targets.read_rows(0, n)
-        assert rows["features"].dtype == np.float16 and rows["logits"].dtype == np.float16
-        np.testing.assert_array_equal(rows["features"], data[split]["features"].astype(np.float16))
+        assert rows["features.pre_logits"].dtype == np.float16 and rows["logits"].dtype == np.float16
+        np.testing.assert_array_equal(rows["features.pre_logits"], data[split]["features.pre_logits"].astype(np.float16))
         np.testing.assert_array_equal(rows["logits"], data[split]["logits"].astype(np.float16))
         np.testing.assert_array_equal(rows["labels"], data[split]["labels"])
         np.testing.assert_array_equal(rows["index"], np.arange(n))
@@ -104,7 +104,7 @@ def test_round_trip_values(tmp_path):
         chunks = [targets.read_chunk(c) for c in range(targets.layout.num_chunks)]
         assert all(len(c["labels"]) == CHUNK for c in chunks[:-1])
         assert len(chunks[-1]["labels"]) == n - CHUNK * (len(chunks) - 1)
-        np.testing.assert_array_equal(np.concatenate([c["features"] for c in chunks]), rows["features"])
+        np.testing.assert_array_equal(np.concatenate([c["features.pre_logits"] for c in chunks]), rows["features.pre_logits"])
 
 
 def test_complete_only_after_finish(tmp_path):
@@ -160,7 +160,7 @@ def test_arrays_are_sharded_and_zstd_compressed(tmp_path):
         assert arr.shards is not None and arr.shards[0] == CHUNK * PER_SHARD, name
         assert any(type(c).__name__ == "ZstdCodec" for c in arr.compressors), name
 
-    meta = json.loads((Path(path) / "train" / "features" / "zarr.json").read_text())
+    meta = json.loads((Path(path) / "train" / "features.pre_logits" / "zarr.json").read_text())
     assert meta["zarr_format"] == 3
     assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [CHUNK * PER_SHARD, VIEWS["train"], DIM]
     (sharding,) = [c for c in meta["codecs"] if c["name"] == "sharding_indexed"]
@@ -169,7 +169,7 @@ def test_arrays_are_sharded_and_zstd_compressed(tmp_path):
     assert inner["zstd"]["level"] == 3 and inner["zstd"]["checksum"] is True
 
     # one object per shard (3), not per chunk (5)
-    files = [f for f in (Path(path) / "train" / "features" / "c").rglob("*") if f.is_file()]
+    files = [f for f in (Path(path) / "train" / "features.pre_logits" / "c").rglob("*") if f.is_file()]
     assert len(files) == 3
 
 
@@ -191,9 +191,9 @@ def test_verify_store_clean(tmp_path):
 def test_verify_store_flags_corrupted_shard(tmp_path):
     path = tmp_path / "s.zarr"
     build_store(path)
-    files = _shard_files(path, "train", "features")
+    files = _shard_files(path, "train", "features.pre_logits")
     # chunk key c/<shard>/0: pick shard 1
-    victim = [f for f in files if f.relative_to(path / "train" / "features" / "c").parts[0] == "1"]
+    victim = [f for f in files if f.relative_to(path / "train" / "features.pre_logits" / "c").parts[0] == "1"]
     assert len(victim) == 1
     victim = victim[0]
     raw = bytearray(victim.read_bytes())
@@ -215,11 +215,11 @@ def test_verify_store_flags_non_finite_and_incomplete(tmp_path):
     path = tmp_path / "s.zarr"
     writer = open_writer(path)
     data = make_arrays(N_TRAIN, 0, VIEWS["train"])
-    data["features"][270, 1, 3] = np.nan  # shard 2
+    data["features.pre_logits"][270, 1, 3] = np.nan  # shard 2
     write_split(writer, "train", data)
     write_split(writer, "test", make_arrays(N_TEST, 1), shards=[1])
     problems = {(s, i): p for s, i, p in verify_store(path)}
-    assert problems[("train", 2)] == "non-finite features"
+    assert problems[("train", 2)] == "non-finite teacher features (features.pre_logits)"
     assert problems[("train", 0)] is None and problems[("train", 1)] is None
     assert "not written" in problems[("test", 0)]
     assert problems[("test", 1)] is None
@@ -312,7 +312,7 @@ def test_writer_resume_keeps_completed_shards(tmp_path):
     write_split(resumed, "test", make_arrays(N_TEST, 1))
     resumed.finish()
     rows = TeacherTargets(path, "train").read_rows(0, N_TRAIN)
-    np.testing.assert_array_equal(rows["features"], data["features"].astype(np.float16))
+    np.testing.assert_array_equal(rows["features.pre_logits"], data["features.pre_logits"].astype(np.float16))
 
 
 def test_write_shard_rejects_wrong_row_count(tmp_path):

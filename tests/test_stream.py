@@ -156,9 +156,9 @@ def make_dataset(tmp_path):
         reads: list[int] = []
         original = targets.read_chunk
 
-        def counting_read(chunk):  # an independent count of the reads that hit the store
+        def counting_read(chunk, locations=None):  # an independent count of the reads that hit the store
             reads.append(chunk)
-            return original(chunk)
+            return original(chunk, locations)
 
         targets.read_chunk = counting_read
         split = _image_split(data["labels"])
@@ -172,10 +172,12 @@ def _run_epoch(dataset, sampler, batch_size, split, data):
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_batch)
     seen = 0
     for images, labels, features, logits in loader:
+        assert list(features) == ["pre_logits"]  # the store's one location
+        features = features["pre_logits"]
         idx = order[seen:seen + len(labels)]
         seen += len(labels)
         assert features.dtype == torch.float32 and logits.dtype == torch.float32
-        torch.testing.assert_close(features, torch.from_numpy(data["features"][idx, 0].astype(np.float16)).float(),
+        torch.testing.assert_close(features, torch.from_numpy(data["features.pre_logits"][idx, 0].astype(np.float16)).float(),
                                    rtol=0, atol=0)
         torch.testing.assert_close(logits, torch.from_numpy(data["logits"][idx, 0].astype(np.float16)).float(),
                                    rtol=0, atol=0)
@@ -223,10 +225,11 @@ def test_dataset_decodes_each_chunk_once_when_batches_straddle_windows(make_data
 
 def test_getitem_single_sample(make_dataset):
     dataset, split, data, _ = make_dataset(320, 2)
-    image, label, feature, logit = dataset[133]
+    image, label, features, logit = dataset[133]
+    feature = features["pre_logits"]
     assert torch.equal(image, split.load([133])[0])
     assert label.item() == data["labels"][133]
-    assert torch.equal(feature, torch.from_numpy(data["features"][133, 0].astype(np.float16)).float())
+    assert torch.equal(feature, torch.from_numpy(data["features.pre_logits"][133, 0].astype(np.float16)).float())
     assert torch.equal(logit, torch.from_numpy(data["logits"][133, 0].astype(np.float16)).float())
 
 

@@ -101,7 +101,7 @@ def test_crash_while_writing_the_skeleton_is_recoverable(tmp_path: Path, monkeyp
 
 # --- 3: a deleted or emptied shard is an error, never zeros ------------------------------------
 
-@pytest.mark.parametrize("array", ["features", "logits", "view_params", "labels", "pixel_digest"])
+@pytest.mark.parametrize("array", ["features.pre_logits", "logits", "view_params", "labels", "pixel_digest"])
 @pytest.mark.parametrize("damage", ["deleted", "emptied"])
 def test_missing_or_empty_shard_is_an_error(tmp_path: Path, array: str, damage: str):
     path = tmp_path / "s.zarr"
@@ -144,7 +144,7 @@ def test_all_zero_arrays_are_still_written(tmp_path: Path):
 def test_train_student_refuses_a_store_with_a_deleted_shard(tiny_project: Path, tmp_path: Path):
     store = tmp_path / "store.zarr"
     shutil.copytree(tiny_project / STORE, store)
-    shutil.rmtree(store / "train" / "features" / "c" / "1")
+    shutil.rmtree(store / "train" / "features.pre_logits" / "c" / "1")
     proc = run_bkd(["train-student", *TINY, "--set", f"extract.store={store}", "--run-dir", "runs/refused"],
                    tiny_project, check=False)
     _one_line_refusal(proc, "train shard 1 is damaged")
@@ -159,13 +159,13 @@ def test_rows_verify_would_flag_are_refused_when_read(tmp_path: Path):
     path = tmp_path / "s.zarr"
     writer = open_writer(path)
     data = make_arrays(N_TRAIN, 0, 3)
-    data["features"][200, 1, 0] = np.nan  # shard 1
+    data["features.pre_logits"][200, 1, 0] = np.nan  # shard 1
     write_split(writer, "train", data)
     write_split(writer, "test", make_arrays(150, 1))
     writer.finish()
     targets = TeacherTargets(path, "train")  # present and complete: accepted at open
     targets.read_chunk(0)
-    with pytest.raises(StoreError, match="non-finite features"):
+    with pytest.raises(StoreError, match="non-finite teacher features"):
         targets.read_chunk(3)  # rows 192:256
 
 
@@ -374,7 +374,7 @@ def test_extraction_killed_at_random_points_converges_to_the_same_store(tiny_pro
     run_bkd(["extract-teacher", *SHARDED, "--store", str(store)], tiny_project)
     ours = zarr.open_group(str(store), mode="r")["train"]
     theirs = zarr.open_group(str(reference), mode="r")["train"]
-    for name in ("features", "logits", "view_params", "labels", "index", "pixel_digest"):
+    for name in ("features.pre_logits", "logits", "view_params", "labels", "index", "pixel_digest"):
         np.testing.assert_array_equal(ours[name][:], theirs[name][:], err_msg=f"{name} (kill delays {delays})")
     assert all(problem is None for _, _, problem in verify_store(store))
 
@@ -421,16 +421,16 @@ def test_swapped_shards_are_caught_by_their_chunk_digests(tmp_path: Path):
 def test_extraction_rerun_rewrites_a_deleted_shard(tiny_project: Path, tmp_path: Path):
     store = tmp_path / "store.zarr"
     shutil.copytree(tiny_project / STORE, store)
-    before = zarr.open_group(str(store), mode="r")["train/features"][:]
-    (store / "train/features/c/1/0/0").unlink()
+    before = zarr.open_group(str(store), mode="r")["train/features.pre_logits"][:]
+    (store / "train/features.pre_logits/c/1/0/0").unlink()
     out = run_bkd(["extract-teacher", *TINY, "--store", str(store)], tiny_project)
     assert "(1 shards written)" in out.stdout
     assert all(problem is None for _, _, problem in verify_store(store))
-    np.testing.assert_array_equal(zarr.open_group(str(store), mode="r")["train/features"][:], before)
+    np.testing.assert_array_equal(zarr.open_group(str(store), mode="r")["train/features.pre_logits"][:], before)
 
 
 @pytest.mark.parametrize("damage, fragment", [
-    (lambda s: (s / "train/features/zarr.json").unlink(), "train/features is missing"),
+    (lambda s: (s / "train/features.pre_logits/zarr.json").unlink(), "train/features.pre_logits is missing"),
     (lambda s: (s / "train/zarr.json").unlink(), "'train' group's metadata is missing"),
     (lambda s: (s / "train/shards_done/c/1").write_bytes(b"\x00\x01"), "shards_done cannot be read"),
     (lambda s: _edit_manifest(s, ["splits", "train", "num_samples"], "160"), "splits.train.num_samples"),

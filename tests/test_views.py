@@ -111,7 +111,7 @@ def _tiny_cfg(tmp: Path, views: int, *extra: str):
         "data.limit=96", "data.test_size=500", "extract.chunk_size=16", "extract.chunks_per_shard=2",
         "extract.splits=[train]", f"extract.views={views}", "teacher.device=cpu", "student.device=cpu",
         f"teacher.checkpoint={tmp / 'teacher.safetensors'}", f"extract.store={tmp / f'k{views}.zarr'}",
-        "student.model_kwargs.widths=[8,16,32]", *extra,
+        "student.model_kwargs.widths=[8,16,32]", "extract.features=[pre_logits]", *extra,
     ])
 
 
@@ -174,9 +174,10 @@ def test_student_rebuilds_exactly_the_teacher_input(extracted):
         dataset.set_epoch(epoch)
         for i in rng.choice(96, size=12, replace=False).tolist():
             v = int(dataset.schedule[i])
-            image, _, feature, logits = dataset[i]
+            image, _, features, logits = dataset[i]
+            feature = features["pre_logits"]
             assert torch.equal(image, teacher_saw[(i, v)]), (i, v)  # bit for bit
-            assert torch.equal(feature, torch.from_numpy(stored["features"][i, v]).float())
+            assert torch.equal(feature, torch.from_numpy(stored["features.pre_logits"][i, v]).float())
             assert torch.equal(logits, torch.from_numpy(stored["logits"][i, v]).float())
             checked.add(v)
     assert checked == {0, 1, 2, 3}
@@ -191,8 +192,8 @@ def test_store_grows_linearly_with_views_and_view0_is_the_clean_extraction(extra
     clean = TeacherTargets(extracted[1][0].extract.store, "train").read_rows(0, 96)
     for k in (2, 4):
         rows = TeacherTargets(extracted[k][0].extract.store, "train").read_rows(0, 96)
-        assert rows["features"].shape == (96, k, clean["features"].shape[2])
-        np.testing.assert_array_equal(rows["features"][:, 0], clean["features"][:, 0])
+        assert rows["features.pre_logits"].shape == (96, k, clean["features.pre_logits"].shape[2])
+        np.testing.assert_array_equal(rows["features.pre_logits"][:, 0], clean["features.pre_logits"][:, 0])
         np.testing.assert_array_equal(rows["logits"][:, 0], clean["logits"][:, 0])
 
 
@@ -232,7 +233,8 @@ def test_online_policy_augments_freshly_with_clean_targets(extracted):
     dataset = CachedTargetDataset(train, targets, 2, view_augmenter(cfg.augment, train), "online", seed=0)
     stored = targets.read_rows(0, 96)
     images0, _, features, _ = dataset.__getitems__(list(range(96)))
-    torch.testing.assert_close(features, torch.from_numpy(stored["features"][:, 0]).float(), rtol=0, atol=0)
+    torch.testing.assert_close(features["pre_logits"], torch.from_numpy(stored["features.pre_logits"][:, 0]).float(),
+                               rtol=0, atol=0)
     assert not torch.equal(images0, train.load(range(96)))
     dataset.set_epoch(1)
     images1, *_ = dataset.__getitems__(list(range(96)))

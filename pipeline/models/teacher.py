@@ -64,15 +64,20 @@ def _adapt_inputs(model: nn.Module, size: int | None) -> None:
 
 
 @torch.no_grad()
-def teacher_outputs(model: nn.Module, images: torch.Tensor, features: str = "pre_logits"
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features, logits) as timm defines them: features are the pre-logits
-    (`forward_head(pre_logits=True)`), or with features="map" the map `forward_features` returns."""
-    feature_map = model.forward_features(images)
+def teacher_outputs(model: nn.Module, images: torch.Tensor, locations=("pre_logits",)
+                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """({location: features}, logits) from one forward: pre_logits (`forward_head(pre_logits=True)`),
+    map (what `forward_features` returns) or any module name, captured on the way."""
+    from pipeline.models.stages import capture
+
+    with capture(model, locations) as got:
+        feature_map = model.forward_features(images)
     logits = model.forward_head(feature_map)
-    if features == "map":
-        if feature_map.dim() != 4:
-            raise ConfigError(f"extract.features=map needs a convolutional teacher; '{type(model).__name__}' "
-                              f"returns features shaped {tuple(feature_map.shape)}")
-        return feature_map, logits
-    return model.forward_head(feature_map, pre_logits=True), logits
+    got["map"] = feature_map
+    if "pre_logits" in locations:
+        got["pre_logits"] = model.forward_head(feature_map, pre_logits=True)
+    for loc in locations:
+        if got[loc].dim() not in (2, 4):
+            raise ConfigError(f"extract.features: the teacher's '{loc}' gives features shaped "
+                              f"{tuple(got[loc].shape[1:])} per sample; a location must give (C,) or (C, H, W)")
+    return {loc: got[loc] for loc in locations}, logits

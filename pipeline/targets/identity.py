@@ -1,6 +1,6 @@
 """What a store built from a config is (`expected_spec`), and the student side's open (`open_student_targets`).
 
-The student takes what was cached -- K views, the feature kind and shape, top-k logits -- from
+The student takes what was cached -- K views, the feature locations and shapes, top-k logits -- from
 the store it opens; its config repeats none of it. It must agree with the store on the rest:
 teacher weights, dataset, split (ids and labels), transform, the view-making augmentation and,
 sample by sample, the pixels.
@@ -39,9 +39,11 @@ def teacher_sha(cfg: Config, required: bool = True) -> str | None:
     return None
 
 
-def expected_spec(cfg: Config, splits: dict, sha: str | None, feature_shape: tuple[int, ...] = (),
+def expected_spec(cfg: Config, splits: dict, sha: str | None, feature_shapes: dict | None = None,
                   num_features: int | None = None) -> TargetSpec:
-    """The spec of the store `cfg` builds from `splits` (ImageSplits), with the teacher's `sha` and feature shape."""
+    """The spec of the store `cfg` builds from `splits` (ImageSplits), with the teacher's `sha` and the
+    shape of its features at each of extract.features (`feature_shapes`, known once the teacher ran)."""
+    feature_shapes = feature_shapes or {loc: () for loc in cfg.extract.features}
     any_split = next(iter(splits.values()))
     ex = cfg.extract
     return TargetSpec(
@@ -53,7 +55,8 @@ def expected_spec(cfg: Config, splits: dict, sha: str | None, feature_shape: tup
                 for name, s in splits.items()},
         transform={**any_split.transform, "teacher_input_size": cfg.teacher.input_size},
         augment=ViewAugmenter(cfg.augment, tuple(any_split.image_shape)).spec(),
-        features={"kind": ex.features, "shape": list(feature_shape), "logits_topk": ex.logits_topk},
+        features={"locations": {loc: list(shape) for loc, shape in feature_shapes.items()},
+                  "logits_topk": ex.logits_topk},
         dtypes={"features": ex.feature_dtype, "logits": ex.logits_dtype},
         chunking={"chunk_size": ex.chunk_size, "chunks_per_shard": ex.chunks_per_shard},
         zstd_level=ex.zstd_level,

@@ -1,8 +1,9 @@
 """The teacher-target contract: one frozen description of a store, built once.
 
 A `TargetSpec` says everything a store holds and everything that identifies it: the teacher
-(timm name, checkpoint sha256, stem, classes, features), what was cached (`features`: pooled
-pre-logits or maps, their shape, top-k logits), the dataset and each split (size, fingerprint
+(timm name, checkpoint sha256, stem, classes, features), what was cached (`features`: the
+teacher's feature locations -- pooled pre-logits, its last map, named stages -- with their
+shapes, one array each, and top-k logits), the dataset and each split (size, fingerprint
 of ids and labels, K views), the input transform and the view-making augmentation, dtypes and
 chunking. The writer is made from a spec, the reader exposes the spec it opened, the manifest
 is its serialisation, and `first_difference` is the one comparison, naming the first field
@@ -20,17 +21,29 @@ from typing import Any
 
 from pipeline.errors import short
 
-FORMAT = "bkd-teacher-targets/3"
+FORMAT = "bkd-teacher-targets/4"
 FORMAT_FAMILY = FORMAT.split("/")[0]
 SPLITS = ("train", "test")
 TOPK_INDEX = "logits_index"  # with top-k logits: `logits` holds the k largest, this their classes
 # Written by the store itself: a 64-bit digest of every chunk's rows in every array, so a chunk
 # moved, swapped or rewritten behind bkd's back reads as an error instead of another row's targets.
+# One column per row array (in `row_arrays` order), so a reader of some of the arrays checks just those.
 CHUNK_DIGEST = "chunk_digest"
 FLAGS = "shards_done"
-ROW_ARRAYS = ("features", "logits", "view_params", "labels", "index", "pixel_digest")
+FEATURES = "features."  # the array of teacher feature location LOC is "features.LOC"
+ROW_ARRAYS = ("logits", "view_params", "labels", "index", "pixel_digest")  # besides the feature arrays
 
-# What a training run must agree with (the rest -- views, feature kind, top-k -- it takes from
+
+def feature_array(location: str) -> str:
+    """The name of the array that holds the teacher's features at `location`."""
+    return FEATURES + location
+
+
+def is_row_array(name: str) -> bool:
+    """Is `name` a per-row array a store may hold (the fixed ones, top-k classes, any feature location)?"""
+    return name in ROW_ARRAYS or name == TOPK_INDEX or (name.startswith(FEATURES) and len(name) > len(FEATURES))
+
+# What a training run must agree with (the rest -- views, feature locations, top-k -- it takes from
 # the store), as dotted manifest paths; `splits.<split>.fingerprint` is compared per split.
 STUDENT_IDENTITY = ("teacher.model", "teacher.checkpoint_sha256", "teacher.small_input_stem", "dataset.name",
                     "dataset.split_seed", "dataset.test_size", "dataset.limit", "transform", "augment")
@@ -71,7 +84,7 @@ class TargetSpec:
     splits: dict[str, dict[str, Any]]  # split -> num_samples, fingerprint, views
     transform: dict[str, Any]
     augment: dict[str, Any]  # the view-making spec, with its param_names
-    features: dict[str, Any]  # kind ("pre_logits" | "map"), shape, logits_topk
+    features: dict[str, Any]  # locations ({location: shape}, in extraction order), logits_topk
     dtypes: dict[str, str] = field(default_factory=lambda: {"features": "float16", "logits": "float16"})
     chunking: dict[str, int] = field(default_factory=lambda: {"chunk_size": 256, "chunks_per_shard": 4})
     zstd_level: int = 3
@@ -85,8 +98,9 @@ class TargetSpec:
         return self.features.get("logits_topk")
 
     @property
-    def feature_shape(self) -> tuple[int, ...]:
-        return tuple(self.features["shape"])
+    def feature_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{location: (C,) or (C, H, W)} of every cached teacher feature location."""
+        return {loc: tuple(shape) for loc, shape in self.features["locations"].items()}
 
     def layout(self, split: str) -> SplitLayout:
         meta = self.splits[split]
@@ -94,15 +108,17 @@ class TargetSpec:
                            meta["views"])
 
     def row_arrays(self) -> tuple[str, ...]:
-        """The per-row arrays of every split, in the order their chunk digests hash them."""
-        return ROW_ARRAYS + ((TOPK_INDEX,) if self.logits_topk else ())
+        """The per-row arrays of every split, in the order of their chunk-digest columns."""
+        features = tuple(feature_array(loc) for loc in self.feature_shapes)
+        return features + ROW_ARRAYS + ((TOPK_INDEX,) if self.logits_topk else ())
 
     def array_schema(self, split: str) -> dict[str, tuple[tuple[int, ...], str]]:
         """{name: (shape, dtype)} of the per-row arrays of `split`: the one definition of a store's arrays."""
         n, views = self.splits[split]["num_samples"], self.splits[split]["views"]
         k = self.logits_topk or self.num_classes
-        schema = {
-            "features": ((n, views, *self.feature_shape), self.dtypes["features"]),
+        schema = {feature_array(loc): ((n, views, *shape), self.dtypes["features"])
+                  for loc, shape in self.feature_shapes.items()}
+        schema |= {
             "logits": ((n, views, k), self.dtypes["logits"]),
             "view_params": ((n, views, len(self.augment["param_names"])), "int32"),
             "labels": ((n,), "int64"),

@@ -3,12 +3,14 @@
 Layout::
 
     STORE/                              attrs: manifest (identity, shapes, versions), complete
-      train/features     (N, V, C)      teacher pre-logits of each of the V views of each sample
+      train/features.LOC (N, V, C) or (N, V, C, H, W)  the teacher's features at location LOC (pre_logits,
+                                        map, a stage such as layer4) for each of the V views of each sample
       train/logits       (N, V, K)
       train/view_params  (N, V, P) int32  each view's augmentation parameters (view 0: clean input)
       train/labels       (N,)
       train/index        (N,)           position of each row in the split (sample ids live in the fingerprint)
       train/pixel_digest (N,) uint64    blake2b-64 of each sample's raw input: the store belongs to these pixels
+      train/chunk_digest (chunks, A) uint64  blake2b-64 of each chunk of each of the A row arrays
       train/shards_done  (S,) bool      one chunk per shard: set by that shard's writer after its data
       test/...                          (V = 1: the clean input)
 
@@ -42,14 +44,14 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from pipeline.errors import StoreError
-from pipeline.targets.spec import (CHUNK_DIGEST, FLAGS, FORMAT, FORMAT_FAMILY, ROW_ARRAYS, SPLITS, STORE_IDENTITY,
-                                   STUDENT_IDENTITY, TOPK_INDEX, SplitLayout, TargetSpec, first_difference, short)
+from pipeline.targets.spec import (CHUNK_DIGEST, FEATURES, FLAGS, FORMAT, FORMAT_FAMILY, SPLITS, STORE_IDENTITY,
+                                   STUDENT_IDENTITY, TOPK_INDEX, SplitLayout, TargetSpec, feature_array,
+                                   first_difference, is_row_array, short)
 
 MANIFEST_KEYS = ("teacher", "dataset", "splits", "transform", "augment", "features", "arrays", "chunking")
 # Every array is written whole shards at a time; all-fill chunks must still be written, so that a
 # missing object always means a missing piece (zarr skips them by default).
 WRITE_CONFIG = {"write_empty_chunks": True}
-STORE_ARRAYS = ROW_ARRAYS + (TOPK_INDEX, CHUNK_DIGEST, FLAGS)
 # Classes outside the stored top-k get the smallest kept logit minus this: a softmax weight of
 # e^-100 or less (zero in float32 at tau <= 4), yet finite, so KL and CE terms stay finite.
 TOPK_FILL_MARGIN = 100.0
@@ -80,14 +82,15 @@ def pixel_digests(raw: np.ndarray) -> np.ndarray:
 
 
 def chunk_digests(rows: dict[str, np.ndarray], names: tuple[str, ...], first_chunk: int, chunk_size: int) -> np.ndarray:
-    """(chunks,) uint64: blake2b-64 of each chunk's index and its rows of every array in `names`, as stored."""
+    """(chunks, len(names)) uint64: blake2b-64 of each chunk's index, the array's name and the chunk's rows
+    of that array, as stored. One column per array, so a reader of some arrays checks just those."""
     n = len(rows[names[0]])
-    out = np.empty(-(-n // chunk_size), np.uint64)
+    out = np.empty((-(-n // chunk_size), len(names)), np.uint64)
     for k in range(len(out)):
-        digest = hashlib.blake2b(str(first_chunk + k).encode(), digest_size=8)
-        for name in names:
+        for j, name in enumerate(names):
+            digest = hashlib.blake2b(f"{first_chunk + k}/{name}".encode(), digest_size=8)
             digest.update(np.ascontiguousarray(rows[name][k * chunk_size:(k + 1) * chunk_size]).tobytes())
-        out[k] = int.from_bytes(digest.digest(), "little")
+            out[k, j] = int.from_bytes(digest.digest(), "little")
     return out
 
 
@@ -137,8 +140,9 @@ class StoreWriter:
                 group.create_array(name, shape=shape, dtype=dtype, chunks=(layout.chunk_size,) + shape[1:],
                                    shards=(layout.shard_size,) + shape[1:], compressors=compressor, fill_value=0,
                                    config=WRITE_CONFIG)
-            group.create_array(CHUNK_DIGEST, shape=(layout.num_chunks,), dtype="uint64",
-                               chunks=(layout.chunks_per_shard,), compressors=compressor, fill_value=0,
+            columns = len(self.array_names)
+            group.create_array(CHUNK_DIGEST, shape=(layout.num_chunks, columns), dtype="uint64",
+                               chunks=(layout.chunks_per_shard, columns), compressors=compressor, fill_value=0,
                                config=WRITE_CONFIG)  # one object per shard, written with it
             group.create_array(FLAGS, shape=(layout.num_shards,), dtype="bool", chunks=(1,), fill_value=False)
         self.root.attrs["skeleton_done"] = True
@@ -199,7 +203,7 @@ def _is_store_object(parts: tuple[str, ...]) -> bool:
         return False
     if parts[1:] == ("zarr.json",):
         return True
-    return (len(parts) >= 3 and parts[1] in STORE_ARRAYS
+    return (len(parts) >= 3 and (parts[1] in (CHUNK_DIGEST, FLAGS) or is_row_array(parts[1]))
             and (parts[2:] == ("zarr.json",) or (parts[2] == "c" and len(parts) > 3 and all(p.isdigit() for p in parts[3:]))))
 
 
@@ -339,7 +343,7 @@ def shard_keys(group: zarr.Group, shard: int) -> list[str]:
         if array.shards is not None:
             keys.append(posixpath.join(group.path, name, "c", str(shard), *["0"] * (array.ndim - 1)))
         elif name == CHUNK_DIGEST:  # one plain chunk per shard
-            keys.append(posixpath.join(group.path, name, "c", str(shard)))
+            keys.append(posixpath.join(group.path, name, "c", str(shard), *["0"] * (array.ndim - 1)))
     return keys
 
 
@@ -379,7 +383,7 @@ class TeacherTargets:
             raise StoreError(f"{self.path}: store is incomplete (extraction did not finish); re-run `bkd extract-teacher`")
         if split not in self.manifest["splits"]:
             raise StoreError(f"{self.path}: no '{split}' split (has: {', '.join(self.manifest['splits'])})")
-        self.spec = TargetSpec.from_manifest(self.manifest)  # what the store holds: K, feature kind, top-k, ...
+        self.spec = TargetSpec.from_manifest(self.manifest)  # what the store holds: K, feature locations, top-k, ...
         self.topk = self.spec.logits_topk
         names = self.spec.row_arrays()
         self.group = _split_group(self.root, split, self.path, names + (CHUNK_DIGEST, FLAGS))
@@ -424,28 +428,38 @@ class TeacherTargets:
         return self.layout.views
 
     @property
-    def feature_shape(self) -> tuple[int, ...]:
-        """(C,) for pre-logits, (C, H, W) for feature maps."""
-        return tuple(self.arrays["features"].shape[2:])
+    def feature_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{location: (C,) for pooled vectors, (C, H, W) for maps}, as cached."""
+        return self.spec.feature_shapes
 
-    @property
-    def feature_dim(self) -> int:
-        return self.feature_shape[0]
+    def check_locations(self, locations) -> None:
+        """Refuse, in one line, a teacher feature location this store does not hold."""
+        for loc in locations:
+            if loc not in self.feature_shapes:
+                raise StoreError(f"{self.path} holds no teacher features at '{short(loc)}' (it holds: "
+                                 f"{', '.join(self.feature_shapes)}); add it to extract.features and re-extract")
 
     @property
     def num_classes(self) -> int:
         return self.spec.num_classes
 
-    def read_rows(self, start: int, stop: int, validate: bool = True) -> dict[str, np.ndarray]:
-        """Rows [start, stop) of every array; with top-k storage, `logits` comes back dense.
+    def read_rows(self, start: int, stop: int, validate: bool = True, locations=None) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of every array (of the feature arrays, only those of `locations`
+        when given); with top-k storage, `logits` comes back dense.
 
-        With `validate`, rows that `bkd cache verify` would flag (non-finite targets, labels out
-        of range, rows out of place) are refused rather than trained on.
+        Every array read is checked against its chunk digests. With `validate`, rows that
+        `bkd cache verify` would flag (non-finite targets, labels out of range, rows out of
+        place) are refused rather than trained on.
         """
+        names = list(self.arrays)
+        if locations is not None:
+            self.check_locations(locations)
+            wanted = {feature_array(loc) for loc in locations}
+            names = [name for name in names if not name.startswith(FEATURES) or name in wanted]
         for shard in range(start // self.layout.shard_size, (max(stop, start + 1) - 1) // self.layout.shard_size + 1):
             self._require_shard(shard)
         try:
-            rows = {name: arr[start:stop] for name, arr in self.arrays.items()}
+            rows = {name: self.arrays[name][start:stop] for name in names}
         except Exception as exc:  # a codec or checksum error: name where it happened
             shard = start // self.layout.shard_size
             raise StoreError(f"{self.path}: cannot read {self.split} rows {start}:{stop} "
@@ -468,20 +482,27 @@ class TeacherTargets:
             return None
         try:
             stored = self.group[CHUNK_DIGEST][first:last]
+            if stored.ndim != 2 or stored.shape[1] != len(self.spec.row_arrays()):
+                return f"chunk digests have shape {stored.shape[1:]}, expected one column per array"
         except Exception as exc:  # a damaged digest object
             return f"chunk digests cannot be read ({type(exc).__name__})"
         offset = first * size - start
         whole = {name: values[offset:offset + (last - first) * size] for name, values in rows.items()}
-        names = tuple(name for name in self.spec.row_arrays() if name in whole)
-        bad = np.flatnonzero(chunk_digests(whole, names, first, size) != stored)
+        order = self.spec.row_arrays()
+        names = tuple(name for name in order if name in whole)
+        columns = [order.index(name) for name in names]
+        bad = np.argwhere(chunk_digests(whole, names, first, size) != stored[:, columns])
         if len(bad):
-            return f"chunk {first + int(bad[0])} does not match its digest (moved, swapped or rewritten)"
+            chunk, column = bad[0]
+            return (f"chunk {first + int(chunk)} of {names[column]} does not match its digest "
+                    "(moved, swapped or rewritten)")
         return None
 
     def rows_problem(self, rows: dict[str, np.ndarray], start: int, stop: int) -> str | None:
         """What is wrong with rows [start, stop) as read, or None."""
-        if not np.isfinite(rows["features"]).all():
-            return "non-finite features"
+        for name, values in rows.items():
+            if name.startswith(FEATURES) and not np.isfinite(values).all():
+                return f"non-finite teacher features ({name})"
         if not np.isfinite(rows["logits"]).all():
             return "non-finite logits"
         if len(rows["labels"]) and (rows["labels"].min() < 0 or rows["labels"].max() >= self.num_classes):
@@ -490,9 +511,9 @@ class TeacherTargets:
             return "sample index out of order"
         return None
 
-    def read_chunk(self, chunk: int) -> dict[str, np.ndarray]:
+    def read_chunk(self, chunk: int, locations=None) -> dict[str, np.ndarray]:
         start = chunk * self.chunk_size
-        return self.read_rows(start, min(start + self.chunk_size, len(self)))
+        return self.read_rows(start, min(start + self.chunk_size, len(self)), locations=locations)
 
     def identity_digest(self) -> str:
         """sha256 (16 hex digits) of everything the store holds and is, provenance left out: equal
@@ -544,17 +565,19 @@ def store_info(path: str | Path) -> dict[str, Any]:
     size = bytes_on_disk(path)
     samples = sum(s["samples"] for s in splits.values())
     sample_views = sum(s["samples"] * s["views"] for s in splits.values())
-    features = root[next(iter(splits))]["features"]
+    split_group = root[next(iter(splits))]
+    features = {name[len(FEATURES):]: array for name, array in split_group.arrays() if name.startswith(FEATURES)}
+    any_features = next(iter(features.values()))
     return {
         "path": str(path),
         "complete": bool(root.attrs.get("complete", False)),
         "views": {split: s["views"] for split, s in splits.items()},
         "splits": splits,
-        "feature_shape": list(features.shape[2:]),
+        "feature_shapes": {loc: list(array.shape[2:]) for loc, array in features.items()},
         "num_classes": manifest["teacher"]["num_classes"],
-        "dtypes": {name: manifest["arrays"][name] for name in ("features", "logits")},
+        "dtypes": {"features": any_features.dtype.name, "logits": manifest["arrays"]["logits"]},
         "codec": ", ".join(f"{type(c).__name__}({getattr(c, 'level', '')})".replace("()", "")
-                           for c in features.compressors),
+                           for c in any_features.compressors),
         "bytes_on_disk": size,
         "bytes_per_sample": size / samples if samples else 0.0,
         "bytes_per_sample_view": size / sample_views if sample_views else 0.0,
