@@ -58,11 +58,12 @@ def run(tmp: Path, students: int = 4, epochs: int = 1, samples: int = 1024) -> d
     online_students_s = []
     for ratio in ratios:
         started = time.perf_counter()
-        teacher = load_teacher(cfg.teacher, train.num_classes, train.image_shape[-3])
+        teacher = load_teacher(cfg.teacher, train.num_classes, train.image_shape)
 
         def online(batch, teacher=teacher):
             images, labels, _ = batch
-            return images, labels, *teacher_outputs(teacher, images)
+            features, logits = teacher_outputs(teacher, images)
+            return images, labels, features["pre_logits"], logits
 
         _train(make_setting("online", _with_blur(cfg, ratio), train, teacher.num_features, train, online), epochs)
         online_students_s.append(time.perf_counter() - started)

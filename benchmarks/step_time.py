@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         targets = open_student_targets(cfg, "train", train)
         cached = CachedTargetDataset(train, targets, cfg.student.shuffle_buffer_chunks)
         # eval mode; teacher_outputs runs it under no_grad
-        teacher = load_teacher(cfg.teacher, train.num_classes, train.image_shape[-3])
+        teacher = load_teacher(cfg.teacher, train.num_classes, train.image_shape)
 
         def plain(batch):
             images, labels, _ = batch
@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         def online(batch):
             images, labels, _ = batch
             teacher_features, teacher_logits = teacher_outputs(teacher, images)
+            teacher_features = teacher_features["pre_logits"]
             return images, labels, teacher_features, teacher_logits
 
         settings = {

@@ -27,14 +27,14 @@ class ShardExtractor:
         first = next(iter(self.splits.values()))
         self.num_classes = first.num_classes
         sha = teacher_sha(cfg)
-        self.model = load_teacher(cfg.teacher, first.num_classes, first.image_shape[-3]).to(device)
+        self.model = load_teacher(cfg.teacher, first.num_classes, first.image_shape).to(device)
         if ex.logits_topk is not None and ex.logits_topk > first.num_classes:
             raise BkdError(f"extract.logits_topk is {ex.logits_topk}, but the teacher has only "
                            f"{first.num_classes} classes")
         self.augmenters = {name: view_augmenter(cfg.augment, s) for name, s in self.splits.items()}
         with torch.no_grad():  # the feature shape: (C,) pre-logits or the (C, H, W) map
             probe = first.load([0]).to(device)
-            self.feature_shape = tuple(teacher_outputs(self.model, probe, ex.features)[0].shape[1:])
+            self.feature_shape = tuple(teacher_outputs(self.model, probe, [ex.features])[0][ex.features].shape[1:])
         self.spec = expected_spec(cfg, self.splits, sha, self.feature_shape, self.model.num_features)
         self.layouts = {name: self.spec.layout(name) for name in self.splits}
 
@@ -56,7 +56,8 @@ class ShardExtractor:
             digests[b - start:e - start] = pixel_digests(raw)
             for v in range(layout.views):
                 images = augmenter.apply(clean, params[b - start:e - start, v]).to(self.device)
-                f, z = teacher_outputs(self.model, images, ex.features)
+                f, z = teacher_outputs(self.model, images, [ex.features])
+                f = f[ex.features]
                 features[b - start:e - start, v] = f.float().cpu().numpy()
                 logits[b - start:e - start, v] = z.float().cpu().numpy()
                 if on_batch is not None:
