@@ -58,7 +58,7 @@ def run(tmp: Path, students: int = 4, epochs: int = 1, samples: int = 1024) -> d
     online_students_s = []
     for ratio in ratios:
         started = time.perf_counter()
-        teacher = load_teacher(cfg.teacher, train.num_classes, train.image_shape[-3])
+        teacher = load_teacher(cfg.teacher, train.num_classes, train.image_shape)
 
         def online(batch, teacher=teacher):
             images, labels, _ = batch

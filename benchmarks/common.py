@@ -31,7 +31,7 @@ def random_teacher_config(tmp: Path, *overrides: str) -> Config:
     ])
     train = load_split(cfg.data, "train")
     torch.manual_seed(cfg.seed)
-    teacher = create_teacher(cfg.teacher, train.num_classes, train.image_shape[-3])
+    teacher = create_teacher(cfg.teacher, train.num_classes, train.image_shape)
     checkpoint.save_weights(teacher.state_dict(), cfg.teacher.checkpoint,
                             metadata={"model": cfg.teacher.model, "source": "random init (benchmark)"})
     return cfg

@@ -27,11 +27,11 @@ def bare_loop(cfg: Config) -> float:
     """Seconds to load the teacher and run it over every train input, writing nothing."""
     started = time.perf_counter()
     split = load_split(cfg.data, "train")
-    teacher = load_teacher(cfg.teacher, split.num_classes, split.image_shape[-3])
+    teacher = load_teacher(cfg.teacher, split.num_classes, split.image_shape)
     batch = cfg.extract.batch_size
     with torch.no_grad():
         for start in range(0, len(split), batch):
-            teacher_outputs(teacher, split.load(range(start, min(start + batch, len(split)))), cfg.extract.features)
+            teacher_outputs(teacher, split.load(range(start, min(start + batch, len(split)))), [cfg.extract.features])
     return time.perf_counter() - started
 
 

@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         targets = open_student_targets(cfg, "train", train)
         cached = CachedTargetDataset(train, targets, cfg.student.shuffle_buffer_chunks)
         # eval mode; teacher_outputs runs it under no_grad
-        teacher = load_teacher(cfg.teacher, train.num_classes, train.image_shape[-3])
+        teacher = load_teacher(cfg.teacher, train.num_classes, train.image_shape)
 
         def plain(batch):
             images, labels, _ = batch

@@ -131,6 +131,20 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors weights file ({} when it has none)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise BkdError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), "pt") as fh:
+            return dict(fh.metadata() or {})
+    except Exception as exc:  # a truncated or foreign file
+        raise BkdError(f"{path}: not a readable safetensors file ({type(exc).__name__})") from None
+
+
 def save_state(state: dict[str, Any], path: str | Path) -> None:
     """Atomically save a training state (tensors, numbers, strings, lists, dicts)."""
     def write(tmp):

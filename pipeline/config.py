@@ -136,15 +136,28 @@ class AugmentConfig:
     cutmix: float = 0.0
 
 
+TEACHER_INTERPOLATIONS = ("bilinear", "bicubic")
+SNN_TEACHER_PREFIX = "bkd:"  # teacher.model "bkd:<student>": a trained bkd SNN as teacher
+
+
 @dataclass
 class TeacherConfig:
-    model: str = "resnet18"  # any timm model name
+    # Any timm model name, or "bkd:<registered student>" (e.g. bkd:sew_resnet18) for a trained
+    # bkd SNN teacher (the official DVS runs distil from an SNN of the student's architecture).
+    model: str = "resnet18"
     # Replace the 7x7/2 stem convolution with a 3x3/1 one so 28x28 inputs keep spatial detail.
     small_input_stem: bool = True
     checkpoint: str = "models/teacher.safetensors"
     # Resize inputs to this side length before the teacher (e.g. 224 for a ViT on 32x32 CIFAR);
     # part of the teacher only: the student and the cached views keep the dataset's size.
     input_size: int | None = None
+    # How images are resized to input_size: the official CIFAR-10 script resizes 32 -> 224
+    # bicubic, the CIFAR-100 one bilinear.
+    interpolation: str = "bilinear"  # bilinear | bicubic
+    # bkd:<student> teachers only: the SNN's own T (required) and its constructor arguments; both
+    # must match the weights file's metadata (a bkd student weights file).
+    timesteps: int | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
     random_shift: int = 2  # training-time translation, in pixels (the teacher sees clean inputs at extraction)
     epochs: int = 10
     batch_size: int = 128
@@ -339,6 +352,7 @@ def validate(cfg: Config) -> Config:
     size = cfg.teacher.input_size
     _check(size is None or 1 <= size <= MAX_TEACHER_INPUT_SIZE,
            f"teacher.input_size must be in [1, {MAX_TEACHER_INPUT_SIZE}] or null, got {size}")
+    _validate_teacher_kind(cfg.teacher)
     # An empty path is "." to pathlib: a store there once made --overwrite delete the working
     # directory. Empty or blank usually means an unset shell variable in `--set extract.store=$X`.
     for key, value in (("extract.store", cfg.extract.store), ("student.out_dir", cfg.student.out_dir),
@@ -388,6 +402,23 @@ def validate(cfg: Config) -> Config:
 def _location_name(value: Any) -> bool:
     """A feature location: a module name as `named_modules` spells it (dotted identifiers and indices)."""
     return isinstance(value, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", value) is not None
+
+
+def _validate_teacher_kind(tc: TeacherConfig) -> None:
+    """The fields that depend on whether the teacher is a timm ANN or a bkd SNN."""
+    _check(tc.interpolation in TEACHER_INTERPOLATIONS,
+           f"teacher.interpolation must be one of {', '.join(TEACHER_INTERPOLATIONS)}, got {_short(tc.interpolation)}")
+    if tc.model.startswith(SNN_TEACHER_PREFIX):
+        _check(tc.timesteps is not None,
+               f"teacher.timesteps is required for an SNN teacher ({_short(tc.model)}): set its own T")
+        _check(tc.timesteps >= 1, f"teacher.timesteps must be >= 1, got {tc.timesteps}")
+        _check(tc.input_size is None, "teacher.input_size resizes inputs for ANN teachers; an SNN teacher "
+                                      f"({_short(tc.model)}) takes the student's inputs as they are (set it to null)")
+    else:
+        _check(tc.timesteps is None, f"teacher.timesteps is for bkd:<student> SNN teachers only; "
+                                     f"{_short(tc.model)} is an ANN (set it to null)")
+        _check(not tc.model_kwargs, f"teacher.model_kwargs is for bkd:<student> SNN teachers only; "
+                                    f"{_short(tc.model)} is a timm model (set it to {{}})")
 
 
 def _validate_augment(cfg: Config) -> None:

@@ -27,7 +27,7 @@ class ShardExtractor:
         first = next(iter(self.splits.values()))
         self.num_classes = first.num_classes
         sha = teacher_sha(cfg)
-        self.model = load_teacher(cfg.teacher, first.num_classes, first.image_shape[-3]).to(device)
+        self.model = load_teacher(cfg.teacher, first.num_classes, first.image_shape).to(device)
         if ex.logits_topk is not None and ex.logits_topk > first.num_classes:
             raise BkdError(f"extract.logits_topk is {ex.logits_topk}, but the teacher has only "
                            f"{first.num_classes} classes")

@@ -7,20 +7,29 @@ call `check_names` right after loading a config, before any heavy work.
 
 from __future__ import annotations
 
-from pipeline.config import Config
+from pipeline.config import SNN_TEACHER_PREFIX, Config
 from pipeline.errors import ConfigError
 
 
 def check_names(cfg: Config) -> Config:
-    """Refuse a teacher that timm does not know, an unregistered student, dataset or augmentation kind."""
+    """Refuse a teacher that timm does not know (or a `bkd:<student>` teacher naming no registered
+    student), an unregistered student, dataset or augmentation kind."""
     import timm
 
     from pipeline.augment import PARAM_NAMES
     from pipeline.data import DATASETS
     from pipeline.models import STUDENTS
 
+    teacher = cfg.teacher.model
+    if teacher.startswith(SNN_TEACHER_PREFIX):
+        name = teacher[len(SNN_TEACHER_PREFIX):]
+        teacher_check = (name in STUDENTS, f"teacher.model: {teacher!r:.80} names no registered student after "
+                                           f"'{SNN_TEACHER_PREFIX}' (known: {', '.join(sorted(STUDENTS))})")
+    else:
+        teacher_check = (timm.is_model(teacher), f"teacher.model: {teacher!r:.80} is not a timm model name "
+                                                 f"(or {SNN_TEACHER_PREFIX}<student> for an SNN teacher)")
     checks = (
-        (timm.is_model(cfg.teacher.model), f"teacher.model: {cfg.teacher.model!r:.80} is not a timm model name"),
+        teacher_check,
         (cfg.student.model in STUDENTS,
          f"student.model: unknown student {cfg.student.model!r:.80} (known: {', '.join(sorted(STUDENTS))})"),
         (cfg.data.name in DATASETS, f"data.name: unknown dataset {cfg.data.name!r:.80} (known: {', '.join(DATASETS)})"),

@@ -34,7 +34,7 @@ from pipeline.distributed import Ranks, process_group, resolve_device, split_glo
 from pipeline.errors import BkdError, ConfigError
 from pipeline.evaluate import accuracy, count_correct
 from pipeline.losses import DistillationLoss
-from pipeline.models import create_student, create_teacher, load_teacher
+from pipeline.models import create_student, create_teacher, load_teacher, teacher_metadata
 from pipeline.models.stages import capture, check_locations
 from pipeline.rundir import RunFolder
 from pipeline.targets import open_student_targets
@@ -212,14 +212,15 @@ def adopt_teacher(cfg: Config, own_weights: str) -> dict:
     checkpoint.check_replaceable_weights(cfg.teacher.checkpoint)
     test = load_split(cfg.data, "test")
     device = resolve_device(cfg.teacher.device)
-    model = load_teacher(cfg.teacher, test.num_classes, test.image_shape[-3], own_weights).to(device)
+    model = load_teacher(cfg.teacher, test.num_classes, test.image_shape, own_weights).to(device)
     checkpoint.save_weights(model.state_dict(), cfg.teacher.checkpoint,
-                            metadata={"model": cfg.teacher.model, "source": str(own_weights)})
+                            metadata=teacher_metadata(cfg.teacher, test, source=str(own_weights)))
     return {"test_accuracy": accuracy(model, test, device), "model": cfg.teacher.model, "source": str(own_weights)}
 
 
 def train_teacher(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
-    """Train the timm teacher with cross-entropy; save safetensors weights at cfg.teacher.checkpoint."""
+    """Train the teacher (timm, or a bkd:<student> SNN) with cross-entropy; save safetensors weights at
+    cfg.teacher.checkpoint (an SNN teacher with student-style metadata, so `load_teacher` can check it)."""
     folder = RunFolder(run_dir, cfg, "teacher", resume)
     folder.check()
     checkpoint.check_replaceable_weights(cfg.teacher.checkpoint)
@@ -227,7 +228,7 @@ def train_teacher(cfg: Config, run_dir: str | Path, resume: bool = False) -> dic
     device = resolve_device(tcfg.device)
     train, test = load_splits(cfg.data, ("train", "test")).values()
     torch.manual_seed(cfg.seed)
-    model = create_teacher(tcfg, train.num_classes, train.image_shape[-3]).to(device)
+    model = create_teacher(tcfg, train.num_classes, train.image_shape).to(device)
     sampler = ChunkShuffleSampler(len(train), chunk_size=len(train), buffer_chunks=1, seed=cfg.seed)
     loader = DataLoader(train, batch_size=tcfg.batch_size, sampler=sampler, collate_fn=collate_batch)
     optimizer, scheduler = make_optimizer(model.parameters(), tcfg.lr, tcfg.weight_decay, tcfg.epochs, len(loader))
@@ -243,7 +244,7 @@ def train_teacher(cfg: Config, run_dir: str | Path, resume: bool = False) -> dic
     with folder:
         history = trainer.fit(resume)
         checkpoint.save_weights(model.state_dict(), tcfg.checkpoint,
-                                metadata={"model": tcfg.model, "small_input_stem": str(tcfg.small_input_stem)})
+                                metadata=teacher_metadata(tcfg, train, len(history)))
     return {"test_accuracy": history[-1]["test_accuracy"], "train_accuracy": history[-1]["train_accuracy"],
             "epochs": len(history), "model": tcfg.model}
 

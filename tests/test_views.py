@@ -122,7 +122,7 @@ def teacher_dir(tmp_path_factory) -> Path:
     cfg = _tiny_cfg(tmp, 1)
     split = load_split(cfg.data, "train")
     torch.manual_seed(0)
-    teacher = create_teacher(cfg.teacher, split.num_classes, split.image_shape[-3])
+    teacher = create_teacher(cfg.teacher, split.num_classes, split.image_shape)
     checkpoint.save_weights(teacher.state_dict(), cfg.teacher.checkpoint)
     return tmp
 

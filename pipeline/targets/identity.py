@@ -48,12 +48,14 @@ def expected_spec(cfg: Config, splits: dict, sha: str | None, feature_shapes: di
     ex = cfg.extract
     return TargetSpec(
         teacher={"model": cfg.teacher.model, "checkpoint_sha256": sha, "small_input_stem": cfg.teacher.small_input_stem,
+                 "timesteps": cfg.teacher.timesteps, "model_kwargs": cfg.teacher.model_kwargs,
                  "num_classes": any_split.num_classes, "num_features": num_features},
         dataset={"name": cfg.data.name, "split_seed": cfg.data.split_seed, "test_size": cfg.data.test_size,
                  "limit": cfg.data.limit},
         splits={name: {"num_samples": len(s), "fingerprint": s.fingerprint(), "views": split_views(cfg, name)}
                 for name, s in splits.items()},
-        transform={**any_split.transform, "teacher_input_size": cfg.teacher.input_size},
+        transform={**any_split.transform, "teacher_input_size": cfg.teacher.input_size,
+                   "teacher_interpolation": cfg.teacher.interpolation},
         augment=ViewAugmenter(cfg.augment, tuple(any_split.image_shape)).spec(),
         features={"locations": {loc: list(shape) for loc, shape in feature_shapes.items()},
                   "logits_topk": ex.logits_topk},

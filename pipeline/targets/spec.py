@@ -45,7 +45,8 @@ def is_row_array(name: str) -> bool:
 
 # What a training run must agree with (the rest -- views, feature locations, top-k -- it takes from
 # the store), as dotted manifest paths; `splits.<split>.fingerprint` is compared per split.
-STUDENT_IDENTITY = ("teacher.model", "teacher.checkpoint_sha256", "teacher.small_input_stem", "dataset.name",
+STUDENT_IDENTITY = ("teacher.model", "teacher.checkpoint_sha256", "teacher.small_input_stem", "teacher.timesteps",
+                    "teacher.model_kwargs", "dataset.name",
                     "dataset.split_seed", "dataset.test_size", "dataset.limit", "transform", "augment")
 # What an extraction must agree with to resume a store: all of it but the provenance.
 STORE_IDENTITY = ("teacher", "dataset", "splits", "transform", "augment", "arrays", "chunking", "features")
