@@ -268,7 +268,7 @@ def test_a_split_left_empty_by_the_config_is_refused(overrides, fragment):
 def test_cli_refuses_a_bad_cifar_batch_in_one_line_before_any_work(tmp_path):
     path = _cifar_test_batch(tmp_path / "data", _pixels(), [0, 1, 255, 3])
     shutil.copytree(REPO / "configs", tmp_path / "configs")
-    result = run_bkd(["extract-teacher", "--config", "configs/cifar10-spikformer-4-384.yaml",
+    result = run_bkd(["extract-teacher", "--config", "configs/cifar10-spikingformer-4-384.yaml",
                       "--set", f"data.root={tmp_path / 'data'}", "--set", "extract.store=store.zarr"],
                      tmp_path, check=False)
     assert result.returncode == 2

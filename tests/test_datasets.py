@@ -133,41 +133,66 @@ def test_hdf5_is_read_lazily_in_any_order(tmp_path):
 # Each config family through the CLI, on tiny real-format data and scaled-down models
 # ---------------------------------------------------------------------------------------------
 
+TINY_CML = "student.model_kwargs={depths: 1, embed_dims: 32, num_heads: 2, mlp_ratio: 4.0}"
+TINY_DVS = "{channels: [4, 4, 4, 4, 8, 8, 8]}"
+# Each paper-row config with its published structure (student architecture, neurons, feature
+# locations, loss form) at toy widths, and the extra distillation mode to run besides its own.
 FAMILIES = {
-    "cifar10-spikformer-4-384.yaml": (
-        write_cifar10, ["teacher.model=vit_tiny_patch16_224", "teacher.input_size=224",
-                        "student.model_kwargs={depths: 1, embed_dims: 32, num_heads: 2, patch_size: 4}"]),
-    "cifar100-spikformer-4-384.yaml": (
-        write_cifar100, ["teacher.model=vit_tiny_patch16_224", "teacher.input_size=224",
-                         "student.model_kwargs={depths: 1, embed_dims: 32, num_heads: 2, patch_size: 4}"]),
-    "imagenet-sew-resnet18.yaml": (write_imagefolder, ["data.image_size=32", "extract.logits_topk=1"]),
-    "imagenet-spikformer-8-768.yaml": (
-        write_imagefolder, ["data.image_size=32", "extract.logits_topk=1", "teacher.model=vit_tiny_patch16_224", "teacher.input_size=224",
-                            "student.model_kwargs={depths: 1, embed_dims: 32, num_heads: 2, patch_size: 4}"]),
+    "cifar10-spikingformer-4-384.yaml": (
+        write_cifar10, ["teacher.model=vit_tiny_patch16_224", TINY_CML], "kdsnn"),
+    "cifar100-spikingformer-4-384.yaml": (
+        write_cifar100, ["teacher.model=vit_tiny_patch16_224", TINY_CML], None),
+    "imagenet-sew-resnet18.yaml": (
+        write_imagefolder, ["data.image_size=32", "extract.logits_topk=1",
+                            "extract.features=[pre_logits, layer1, layer2, layer3, layer4]"], "lasnn"),
+    "imagenet-sew-resnet34.yaml": (write_imagefolder, ["data.image_size=32", "extract.logits_topk=1"], None),
+    "imagenet-sew-resnet50.yaml": (write_imagefolder, ["data.image_size=32", "extract.logits_topk=1"], "kdsnn"),
+    "imagenet-spikingformer-8-768.yaml": (
+        write_imagefolder, ["data.image_size=32", "extract.logits_topk=1", "teacher.model=vit_tiny_patch16_224",
+                            "teacher.input_size=224", TINY_CML], None),
     "cifar10dvs-sew.yaml": (
-        lambda root: write_hdf5(root, "frames", (4, 2, 32, 32), {"train": 12, "test": 6}, np.float32),
-        ["student.timesteps=4"]),
+        lambda root: write_hdf5(root, "frames", (4, 2, 128, 128), {"train": 12, "test": 6}, np.float32),
+        [f"student.model_kwargs={TINY_DVS}", f"teacher.model_kwargs={TINY_DVS}", "extract.views=1"], None),
+}
+
+# What each row's published mode distils (the line train-student prints): the official BKD forms.
+PUBLISHED_FORM = {
+    "cifar10-spikingformer-4-384.yaml": "map -> pre_logits (BKD cml)",
+    "cifar100-spikingformer-4-384.yaml": "map -> pre_logits (BKD cml)",
+    "imagenet-spikingformer-8-768.yaml": "map -> pre_logits (BKD cml)",
+    "imagenet-sew-resnet18.yaml": "backbone.layer4 -> layer4 (BKD map)",
+    "imagenet-sew-resnet34.yaml": "backbone.layer4 -> layer4 (BKD map)",
+    "imagenet-sew-resnet50.yaml": "backbone.layer4 -> layer4 (BKD map)",
+    "cifar10dvs-sew.yaml": "conv.9 -> conv.9 (BKD map)",
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", sorted(FAMILIES))
 def test_config_family_end_to_end(tmp_path, config):
-    write, overrides = FAMILIES[config]
+    write, overrides, extra_mode = FAMILIES[config]
     write(tmp_path / "data")
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     args = ["--config", f"configs/{config}", "--set", f"data.root={tmp_path / 'data'}"]
-    for override in overrides + ["extract.views=2", "extract.chunk_size=4", "extract.chunks_per_shard=2",
-                                 "teacher.epochs=1", "teacher.batch_size=8", "extract.batch_size=8",
-                                 "student.epochs=1", "student.batch_size=8"]:
+    for override in ["extract.views=2", "extract.chunk_size=4", "extract.chunks_per_shard=2",
+                     "teacher.epochs=1", "teacher.batch_size=8", "extract.batch_size=8",
+                     "student.epochs=1", "student.batch_size=8"] + overrides:
         args += ["--set", override]
     run_bkd(["train-teacher", *args], tmp_path)
     run_bkd(["extract-teacher", *args], tmp_path)
     cfg = load_config(tmp_path / "configs" / config, [a for a in args[2:] if a != "--set"])
     info = json.loads(run_bkd(["cache", "info", cfg.extract.store, "--json"], tmp_path).stdout)
-    assert info["complete"] and info["views"]["train"] == 2
+    assert info["complete"] and info["views"]["train"] == cfg.extract.views
     assert info["manifest"]["features"]["logits_topk"] == cfg.extract.logits_topk
-    run_bkd(["train-student", *args, "--run-dir", "runs/s"], tmp_path)
-    run_bkd(["evaluate", *args, "--run-dir", "runs/s", "--metrics", "m.json", "--plots-dir", "plots"], tmp_path)
-    metrics = json.loads((tmp_path / "m.json").read_text())
-    assert 0.0 <= metrics["top1"] <= 1.0 and metrics["firing_rate"] >= 0
+    for mode in [cfg.student.distill] + ([extra_mode] if extra_mode else []):
+        run_dir = f"runs/{mode}"
+        trained = run_bkd(["train-student", *args, "--distill", mode, "--run-dir", run_dir], tmp_path)
+        said = trained.stdout + trained.stderr  # the feature pairs and the BKD form the row asks for
+        if mode == cfg.student.distill:
+            assert f"student[{mode}] distils {mode}: {PUBLISHED_FORM[config]}" in said
+        else:
+            assert f"student[{mode}] distils {mode}: " in said and "(regression)" in said
+        run_bkd(["evaluate", *args, "--distill", mode, "--run-dir", run_dir, "--metrics", f"{mode}.json",
+                 "--plots-dir", f"plots/{mode}"], tmp_path)
+        metrics = json.loads((tmp_path / f"{mode}.json").read_text())
+        assert 0.0 <= metrics["top1"] <= 1.0 and metrics["firing_rate"] >= 0
