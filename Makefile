@@ -22,7 +22,7 @@ run: install
 	$(BIN)/dvc metrics show
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 bench: install
 	$(BIN)/python -m benchmarks

@@ -60,7 +60,7 @@ def stream(store: str, batch_size: int, buffer_chunks: int) -> dict:
     started = time.perf_counter()
     for b in range(0, n, batch_size):
         batch = dataset.__getitems__(order[b:b + batch_size])
-        assert torch.isfinite(batch[2]).all()
+        assert all(torch.isfinite(f).all() for f in batch[2].values())
     seconds = time.perf_counter() - started
     return {
         "samples": n,

@@ -36,7 +36,7 @@ RESULT_NEUTRAL = ("student.device", "teacher.device", "student.checkpoint_every"
 SCOPES = {
     "teacher": ("seed", "data", "teacher"),
     "student": ("seed", "data", "augment", "teacher.model", "teacher.small_input_stem", "teacher.input_size",
-                "extract", "student"),
+                "teacher.interpolation", "teacher.timesteps", "teacher.model_kwargs", "extract", "student"),
     # Evaluating a finished run: what defines the model and the data it is evaluated on.
     "evaluate": ("data", "student.model", "student.model_kwargs", "student.timesteps", "student.distill"),
 }

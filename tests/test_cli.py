@@ -32,7 +32,7 @@ def test_pipeline_outputs(tiny_project: Path):
     assert info["bytes_on_disk"] > 0
 
     root = zarr.open_group(str(tiny_project / STORE), mode="r")
-    features = root["train/features"]
+    features = root["train/features.pre_logits"]
     assert features.shape == (160, 1, 512) and features.dtype == np.float16
     assert features.chunks == (32, 1, 512) and features.shards == (64, 1, 512)
     assert np.array_equal(root["train/index"][:], np.arange(160))
@@ -70,7 +70,7 @@ def test_cache_verify_flags_corrupted_chunk(tiny_project: Path, tmp_path: Path):
     store = tmp_path / "store.zarr"
     shutil.copytree(tiny_project / STORE, store)
     assert run_bkd(["cache", "verify", str(store)], tiny_project).returncode == 0
-    shard_file = store / "train/features/c/1/0/0"
+    shard_file = store / "train/features.pre_logits/c/1/0/0"
     data = bytearray(shard_file.read_bytes())
     data[len(data) // 3: len(data) // 3 + 64] = b"\x00" * 64  # inside a compressed chunk
     shard_file.write_bytes(bytes(data))
@@ -199,15 +199,20 @@ def test_eight_views_end_to_end(tiny_project: Path):
 
 
 def test_bkd_on_teacher_feature_maps(tiny_project: Path):
-    """extract.features=map stores (C, H, W) teacher maps; BKD then runs spatially (3x3 convs)."""
+    """extract.features=[map] stores (C, H, W) teacher maps; a student map distilled to it runs BKD map to
+    map (3x3 convolutions on the map); asking for a location the store lacks is one line, before training."""
     args = [*TINY, "--set", "extract.store=cache/maps.zarr", "--set", "extract.features=[map]"]
     run_bkd(["extract-teacher", *args], tiny_project)
-    features = zarr.open_group(str(tiny_project / "cache/maps.zarr"), mode="r")["train/features"]
+    features = zarr.open_group(str(tiny_project / "cache/maps.zarr"), mode="r")["train/features.map"]
     assert features.shape == (160, 1, 512, 2, 2)  # ResNet-18 layer4 on 28x28 with the small stem
-    # The student takes the feature kind from the store: its config does not repeat extract.features.
     student = [*TINY, "--set", "extract.store=cache/maps.zarr"]
+    refused = run_bkd(["train-student", *student, "--epochs", "1", "--run-dir", "runs/nomaps"], tiny_project,
+                      check=False)
+    assert refused.returncode == 2 and "holds no teacher features at 'pre_logits'" in refused.stderr
+    assert not (tiny_project / "runs/nomaps").exists()
+    student += ["--set", "student.features={map: map}"]
     run_bkd(["train-student", *student, "--epochs", "1", "--run-dir", "runs/maps"], tiny_project)
     history = json.loads((tiny_project / "runs/maps/history.json").read_text())
     assert history[0]["train_bkd"] > 0
     state = torch.load(tiny_project / "runs/maps/last.pt", weights_only=True)["modules"]["criterion"]
-    assert state["bkd.generation.0.weight"].shape == (512, 512, 3, 3)  # the spatial generation block
+    assert state["feature_terms.0.generation.0.weight"].shape == (512, 512, 3, 3)  # the spatial generation block

@@ -220,7 +220,7 @@ def test_student_takes_the_views_from_the_store(extracted):
 
 def _flatten(tree: dict, prefix: str = ""):
     for key, value in tree.items():
-        if isinstance(value, dict) and key != "model_kwargs":
+        if isinstance(value, dict) and key not in ("model_kwargs", "features", "lasnn_features"):
             yield from _flatten(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value if value is not None else "null"

@@ -436,7 +436,7 @@ class TeacherTargets:
         """Refuse, in one line, a teacher feature location this store does not hold."""
         for loc in locations:
             if loc not in self.feature_shapes:
-                raise StoreError(f"{self.path} holds no teacher features at '{short(loc)}' (it holds: "
+                raise StoreError(f"{self.path} holds no teacher features at {short(loc)} (it holds: "
                                  f"{', '.join(self.feature_shapes)}); add it to extract.features and re-extract")
 
     @property
