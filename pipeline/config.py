@@ -130,10 +130,19 @@ class AugmentConfig:
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # resized_crop_flip: area range
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # resized_crop_flip: aspect range
     max_roll: int = 4  # event_flip_roll: circular shift range, in pixels
-    # Mixup / CutMix alphas (0 = off). Only for distill=none: a mixed image's teacher feature is
-    # not the mix of the two images' features, so cached targets cannot follow a mix.
+    # timm's recipe on top of the geometric view, every random choice stored with the view:
+    randaugment: str = ""  # a timm RandAugment spec, e.g. rand-m9-n1-mstd0.4-inc1 ("" = off)
+    erasing: float = 0.0  # timm RandomErasing probability per view (the recipe's reprob)
+    erasing_mode: str = "const"  # const | rand | pixel (timm's remode)
+    # Mixup / CutMix Beta alphas (0 = off): the last `mix_views` of the K cached views mix each
+    # sample with a partner sample (both rebuilt from their pixels; the teacher saw the mixed image),
+    # and carry the soft target lam * y + (1 - lam) * y_partner.
     mixup: float = 0.0
     cutmix: float = 0.0
+    mix_views: int = 0
+    # Training only: from this epoch on, train on the unmixed views (0 = mix until the end), as the
+    # recipe's mixup_off_epoch.
+    mix_off_epoch: int = 0
 
 
 TEACHER_INTERPOLATIONS = ("bilinear", "bicubic")
@@ -222,6 +231,8 @@ class StudentConfig:
     lasnn_features: dict[str, str] = field(default_factory=lambda: {"stages.1": "layer1", "stages.2": "layer2"})
     bkd: BKDConfig = field(default_factory=BKDConfig)
     logits: LogitsConfig = field(default_factory=LogitsConfig)
+    # Label smoothing of the training target (timm's smoothing; CE and WSLD's weight use the soft target).
+    label_smoothing: float = 0.0
     shuffle_buffer_chunks: int = 4  # chunks held in memory by the streaming reader
     checkpoint_every: int = 0  # also checkpoint every N steps (0: at epoch ends only); --resume continues there
     # views:  each epoch trains on one cached view per sample (input and targets consistent);
@@ -433,14 +444,24 @@ def _validate_augment(cfg: Config) -> None:
                f"augment.{name} must be [low, high] with 0 < low <= high, both finite, got {_short(low_high)}")
     _check(aug.scale[1] <= 1.0, f"augment.scale must lie in (0, 1], got {aug.scale}")
     _check(views >= 1, f"extract.views (K) must be >= 1, got {views}")
-    _check(views == 1 or aug.kind != "none", "extract.views > 1 needs an augmentation (augment.kind is none)")
+    augments = aug.kind != "none" or bool(aug.randaugment) or aug.erasing > 0 or aug.mixup > 0 or aug.cutmix > 0
+    _check(views == 1 or augments, "extract.views > 1 needs an augmentation (augment.kind is none, and no recipe)")
     _check(cfg.student.augment in ("views", "online"),
            f"student.augment must be 'views' or 'online', got {_short(cfg.student.augment)}")
     _check(aug.mixup >= 0 and aug.cutmix >= 0, "augment.mixup and augment.cutmix must be >= 0")
-    if (aug.mixup > 0 or aug.cutmix > 0) and cfg.student.distill != "none":
-        raise ConfigError(
-            f"augment.mixup/cutmix cannot be used with student.distill={cfg.student.distill}: the cached teacher "
-            "targets belong to unmixed inputs, and a mixed image's teacher feature is not the mix of the features")
+    _check(0 <= aug.erasing <= 1, f"augment.erasing must be a probability in [0, 1], got {aug.erasing}")
+    _check(aug.erasing_mode in ("const", "rand", "pixel"),
+           f"augment.erasing_mode must be const, rand or pixel, got {_short(aug.erasing_mode)}")
+    _check(aug.mix_off_epoch >= 0, f"augment.mix_off_epoch must be >= 0 (0: never off), got {aug.mix_off_epoch}")
+    mixes = aug.mixup > 0 or aug.cutmix > 0
+    _check(0 <= aug.mix_views < views,
+           f"augment.mix_views must be in [0, extract.views - 1] (view 0 is the clean input), got {aug.mix_views} "
+           f"with extract.views {views}")
+    _check(not mixes or aug.mix_views >= 1 or cfg.student.augment == "online",
+           "augment.mixup/cutmix need augment.mix_views >= 1: the mixed views are cached with their teacher targets")
+    _check(mixes or aug.mix_views == 0, "augment.mix_views > 0 needs augment.mixup or augment.cutmix > 0")
+    _check(0 <= cfg.student.label_smoothing < 1,
+           f"student.label_smoothing must be in [0, 1), got {cfg.student.label_smoothing}")
 
 
 def _parse_scalar(text: str, assignment: str) -> Any:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.augment import view_augmenter
+from pipeline.augment import partner_inputs, view_augmenter
 from pipeline.config import Config
 from pipeline.data import load_splits
 from pipeline.errors import BkdError
@@ -46,7 +46,7 @@ class ShardExtractor:
         """The arrays of one shard: all its samples, all their views."""
         ex, split, layout, augmenter = self.ex, self.splits[name], self.layouts[name], self.augmenters[name]
         start, stop = layout.shard_rows(shard)
-        params = augmenter.draw(np.arange(start, stop), layout.views)
+        params = augmenter.draw(np.arange(start, stop), layout.views, num_samples=len(split))
         features = {loc: np.empty((stop - start, layout.views, *shape), np.float32)
                     for loc, shape in self.feature_shapes.items()}
         logits = np.empty((stop - start, layout.views, self.num_classes), np.float32)
@@ -57,7 +57,9 @@ class ShardExtractor:
             raw, clean = split.load_raw(range(b, e))  # one read per batch, whatever the number of views
             digests[b - start:e - start] = pixel_digests(raw)
             for v in range(layout.views):
-                images = augmenter.apply(clean, params[b - start:e - start, v]).to(self.device)
+                view_params = params[b - start:e - start, v]
+                images = augmenter.apply(clean, view_params, partner_inputs(split, augmenter, view_params, clean))
+                images = images.to(self.device)
                 f, z = teacher_outputs(self.model, images, ex.features)
                 for loc, values in f.items():
                     features[loc][b - start:e - start, v] = values.float().cpu().numpy()

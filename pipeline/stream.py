@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from pipeline.augment import ViewAugmenter, view_schedule
+from pipeline.augment import ViewAugmenter, partner_inputs, view_schedule
 from pipeline.data import ImageSplit
 from pipeline.errors import BkdError, StoreError
 from pipeline.targets import TeacherTargets, feature_array
@@ -71,26 +71,29 @@ class ChunkShuffleSampler(Sampler[int]):
 
 
 class CachedTargetDataset(Dataset):
-    """(image, label, teacher features, teacher logits) for each sample of a split; the teacher
-    features are a dict {location: tensor} over `locations` (default: every cached one; only those
-    are read from the store).
+    """(image, label, teacher features, teacher logits, training target) for each sample of a
+    split; the teacher features are a dict {location: tensor} over `locations` (default: every
+    cached one; only those are read from the store). The label is the sample's class (accuracy
+    counts against it); the training target is the label, or with label smoothing or a mixed
+    view the soft target (lam * s(y) + (1 - lam) * s(y_partner), as timm's Mixup builds it).
 
     policy "views": serve view `view_schedule(...)[i]` of sample i, its input rebuilt by
-    `augmenter` from the stored parameters. policy "online": a fresh random augmentation of
-    sample i each epoch, with the clean input's (view 0) targets. Without an augmenter, the
-    clean input and view 0.
+    `augmenter` from the stored parameters (a mixed view from its and its partner's pixels).
+    policy "online": a fresh random augmentation of sample i each epoch (mixed while the recipe
+    mixes), with the clean input's (view 0) targets: the inconsistent baseline. Without an
+    augmenter, the clean input and view 0.
     """
 
     def __init__(self, images: ImageSplit, targets: TeacherTargets, buffer_chunks: int,
                  augmenter: ViewAugmenter | None = None, policy: str = "views", seed: int = 0,
-                 locations=None):
+                 locations=None, smoothing: float = 0.0):
         if len(images) != len(targets):
             raise StoreError(f"{targets.path}: {targets.split} split has {len(targets)} samples, "
                              f"the dataset has {len(images)}")
         if policy not in ("views", "online"):
             raise ValueError(f"policy must be 'views' or 'online', got {policy!r}")
         self.images, self.targets, self.buffer_chunks = images, targets, buffer_chunks
-        self.augmenter, self.policy, self.seed = augmenter, policy, seed
+        self.augmenter, self.policy, self.seed, self.smoothing = augmenter, policy, seed, smoothing
         self.locations = list(targets.feature_shapes if locations is None else locations)
         targets.check_locations(self.locations)
         self.set_epoch(0)
@@ -105,7 +108,9 @@ class CachedTargetDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         if self.augmenter is not None and self.policy == "views":
-            self.schedule = torch.from_numpy(view_schedule(len(self), self.targets.views, epoch, self.seed))
+            self.schedule = torch.from_numpy(view_schedule(
+                len(self), self.targets.views, epoch, self.seed, self.augmenter.mixed_views(self.targets.views),
+                self.augmenter.cfg.mix_off_epoch))
         else:
             self.schedule = torch.zeros(len(self), dtype=torch.long)
 
@@ -151,12 +156,22 @@ class CachedTargetDataset(Dataset):
             if stored_views:
                 params[rows] = data["view_params"][local, views[rows]]
         images, labels, _ = self.images.__getitems__(indices)
+        targets = labels
         if self.augmenter is not None:
+            aug = self.augmenter
             if not stored_views:  # online: a fresh augmentation, against the clean input's targets
-                params = self.augmenter.draw_online(idx.numpy(), self.epoch)
-            images = self.augmenter.apply(images, params)
-        return images, labels, features, logits
+                off = aug.cfg.mix_off_epoch
+                params = aug.draw_online(idx.numpy(), self.epoch, len(self),
+                                         mix=aug.mixes and (off == 0 or self.epoch < off))
+            images = aug.apply(images, params, partner_inputs(self.images, aug, params, images))
+            if aug.mixes or self.smoothing > 0:
+                targets = aug.targets(labels, params, self.images.labels, self.images.num_classes, self.smoothing)
+        elif self.smoothing > 0:
+            off = self.smoothing / self.images.num_classes
+            targets = torch.full((len(labels), self.images.num_classes), off).scatter(
+                1, labels.view(-1, 1), 1.0 - self.smoothing + off)
+        return images, labels, features, logits, targets
 
     def __getitem__(self, i: int):
-        images, labels, features, logits = self.__getitems__([i])
-        return images[0], labels[0], {loc: f[0] for loc, f in features.items()}, logits[0]
+        images, labels, features, logits, targets = self.__getitems__([i])
+        return images[0], labels[0], {loc: f[0] for loc, f in features.items()}, logits[0], targets[0]

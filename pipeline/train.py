@@ -28,7 +28,7 @@ from tqdm import tqdm
 from pipeline import checkpoint
 from pipeline.checkpoint import write_json
 from pipeline.augment import view_augmenter
-from pipeline.config import AugmentConfig, Config
+from pipeline.config import Config
 from pipeline.data import collate_batch, load_split, load_splits, random_shift
 from pipeline.distributed import Ranks, process_group, resolve_device, split_global_batch
 from pipeline.errors import BkdError, ConfigError
@@ -289,22 +289,20 @@ def student_feature_shapes(student: nn.Module, sample: torch.Tensor, locations) 
 
 
 class StudentForward(nn.Module):
-    """The student's forward and its loss for a batch (images, labels, teacher features, teacher logits).
+    """The student's forward and its loss for a batch (images, labels, teacher features, teacher logits,
+    training targets): the loss sees the training targets (hard labels, or soft ones with label
+    smoothing and mixed views), accuracy the labels.
 
     One module, so DDP wraps (and syncs the gradients of) the student and the feature heads together.
-    `mix` (Mixup/CutMix, distill=none only) mixes the images and turns the labels the loss sees
-    into soft labels; accuracy is still counted against the hard labels.
     """
 
-    def __init__(self, student: nn.Module, criterion: DistillationLoss, mix: nn.Module | None = None):
+    def __init__(self, student: nn.Module, criterion: DistillationLoss):
         super().__init__()
-        self.student, self.criterion, self.mix = student, criterion, mix
+        self.student, self.criterion = student, criterion
 
-    def forward(self, images, labels, teacher_features, teacher_logits):
-        targets = labels
-        if self.mix is not None:
-            images, targets = self.mix(images, labels)
+    def forward(self, images, labels, teacher_features, teacher_logits, targets=None):
         features, logits = student_features(self.student, images, self.criterion.student_locations)
+        targets = labels if targets is None else targets
         return self.criterion(features, logits, targets, teacher_features, teacher_logits), logits
 
 
@@ -326,20 +324,6 @@ def student_metadata(cfg: Config, split, epochs: int) -> dict[str, str]:
             "timesteps": str(scfg.timesteps), "num_classes": str(split.num_classes),
             "input_shape": json.dumps(list(split.image_shape)), "transform": json.dumps(split.transform),
             "dataset": cfg.data.name, "distill": scfg.distill, "epochs": str(epochs)}
-
-
-def batch_mixer(cfg: AugmentConfig, num_classes: int) -> nn.Module | None:
-    """torchvision's MixUp / CutMix (one of them per batch when both are on), or None."""
-    from torchvision.transforms import v2
-
-    mixers = []
-    if cfg.mixup > 0:
-        mixers.append(v2.MixUp(alpha=cfg.mixup, num_classes=num_classes))
-    if cfg.cutmix > 0:
-        mixers.append(v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes))
-    if not mixers:
-        return None
-    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
 
 
 def feature_pairs(scfg, student: nn.Module, teacher_shapes: dict, sample: torch.Tensor
@@ -385,15 +369,15 @@ def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, devic
     criterion = DistillationLoss(scfg, pairs).to(device)
     if ranks.is_main:
         tqdm.write(f"student[{scfg.distill}] distils {criterion.describe()}")
-    if ranks.rank > 0:  # its own blur masks and mixing draws; rank 0 continues the one-process stream
+    if ranks.rank > 0:  # its own blur masks; rank 0 continues the one-process stream
         torch.manual_seed(ranks.seed(cfg.seed))
     dataset = CachedTargetDataset(train, targets, scfg.shuffle_buffer_chunks,
                                   view_augmenter(cfg.augment, train), scfg.augment, seed=cfg.seed,
-                                  locations=criterion.teacher_locations)
+                                  locations=criterion.teacher_locations, smoothing=scfg.label_smoothing)
     sampler = ChunkShuffleSampler(len(dataset), targets.chunk_size, scfg.shuffle_buffer_chunks, seed=cfg.seed,
                                   rank=ranks.rank, world_size=ranks.world_size)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_batch)
-    forward = StudentForward(student, criterion, batch_mixer(cfg.augment, train.num_classes))
+    forward = StudentForward(student, criterion)
     if ranks.distributed:
         forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer, scheduler = make_optimizer(forward.parameters(), scfg.lr, scfg.weight_decay, scfg.epochs, len(loader))

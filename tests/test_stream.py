@@ -171,7 +171,8 @@ def _run_epoch(dataset, sampler, batch_size, split, data):
     order = list(sampler)  # the order the loader will see (same seed and epoch)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_batch)
     seen = 0
-    for images, labels, features, logits in loader:
+    for images, labels, features, logits, targets in loader:
+        assert torch.equal(targets, labels)  # no smoothing, no mixing: the training target is the label
         assert list(features) == ["pre_logits"]  # the store's one location
         features = features["pre_logits"]
         idx = order[seen:seen + len(labels)]
@@ -225,7 +226,7 @@ def test_dataset_decodes_each_chunk_once_when_batches_straddle_windows(make_data
 
 def test_getitem_single_sample(make_dataset):
     dataset, split, data, _ = make_dataset(320, 2)
-    image, label, features, logit = dataset[133]
+    image, label, features, logit, _ = dataset[133]
     feature = features["pre_logits"]
     assert torch.equal(image, split.load([133])[0])
     assert label.item() == data["labels"][133]

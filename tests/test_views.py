@@ -174,7 +174,7 @@ def test_student_rebuilds_exactly_the_teacher_input(extracted):
         dataset.set_epoch(epoch)
         for i in rng.choice(96, size=12, replace=False).tolist():
             v = int(dataset.schedule[i])
-            image, _, features, logits = dataset[i]
+            image, _, features, logits, _ = dataset[i]
             feature = features["pre_logits"]
             assert torch.equal(image, teacher_saw[(i, v)]), (i, v)  # bit for bit
             assert torch.equal(feature, torch.from_numpy(stored["features.pre_logits"][i, v]).float())
@@ -232,7 +232,7 @@ def test_online_policy_augments_freshly_with_clean_targets(extracted):
     targets = open_student_targets(cfg, "train", train)
     dataset = CachedTargetDataset(train, targets, 2, view_augmenter(cfg.augment, train), "online", seed=0)
     stored = targets.read_rows(0, 96)
-    images0, _, features, _ = dataset.__getitems__(list(range(96)))
+    images0, _, features, _, _ = dataset.__getitems__(list(range(96)))
     torch.testing.assert_close(features["pre_logits"], torch.from_numpy(stored["features.pre_logits"][:, 0]).float(),
                                rtol=0, atol=0)
     assert not torch.equal(images0, train.load(range(96)))
@@ -248,7 +248,7 @@ def test_online_policy_augments_freshly_with_clean_targets(extracted):
 
 @pytest.mark.parametrize("overrides, fragment", [
     (["augment.mixup=0.2"], "mixup/cutmix"),
-    (["augment.cutmix=1.0", "student.distill=kd"], "mixup/cutmix"),
+    (["augment.mix_views=1", "extract.views=2"], "mix_views"),
     (["extract.views=0"], "extract.views"),
     (["extract.views=4", "augment.kind=none"], "needs an augmentation"),
     (["augment.kind=rotate"], "augment.kind"),
@@ -260,16 +260,3 @@ def test_bad_view_configs_refused(overrides, fragment):
 
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
         check_names(load_config(CONFIG, overrides))
-
-
-def test_mixup_allowed_without_distillation_and_mixes_the_batch():
-    from pipeline.train import batch_mixer
-
-    cfg = load_config(CONFIG, ["augment.mixup=0.4", "augment.cutmix=1.0", "student.distill=none"])
-    mixer = batch_mixer(cfg.augment, 10)
-    images, labels = torch.rand(8, 1, 28, 28), torch.arange(8)
-    torch.manual_seed(0)
-    mixed, soft = mixer(images, labels)
-    assert soft.shape == (8, 10) and torch.allclose(soft.sum(1), torch.ones(8))
-    assert not torch.equal(mixed, images)
-    assert batch_mixer(load_config(CONFIG).augment, 10) is None
