@@ -81,6 +81,13 @@ class ViewAugmenter:
                 out[row, v] = self._draw_one(np.random.default_rng([self.cfg.seed, 0, int(index), v]))
         return out
 
+    def target_classes(self, labels: np.ndarray, view_params: np.ndarray) -> np.ndarray:
+        """The classes each view's training target is made of, (n, V, 2) int64: for now every view
+        is one sample's, so both are its label (a mixed view's second is its partner's label)."""
+        labels = np.asarray(labels, dtype=np.int64)
+        views = np.asarray(view_params).shape[1]
+        return np.broadcast_to(labels[:, None, None], (len(labels), views, 2)).copy()
+
     def draw_online(self, indices: np.ndarray, epoch: int) -> np.ndarray:
         """Fresh parameters for one epoch of online augmentation, (len(indices), P) int32."""
         return np.asarray([self._draw_one(np.random.default_rng([self.cfg.seed, 1 + epoch, int(index), 1]))
