@@ -334,15 +334,19 @@ class ViewAugmenter:
         other = one_hot.scatter(1, partner_labels.view(-1, 1), 1.0 - smoothing + off)
         return lam * own + (1 - lam) * other
 
-    def target_classes(self, labels: torch.Tensor, params: np.ndarray, all_labels: torch.Tensor) -> np.ndarray:
-        """(B, 2) int64: each view's own class and its partner's (its own again when not mixed)."""
-        labels = torch.as_tensor(labels).view(-1)
-        partners = self.partners(params)
-        other = labels.clone()
-        mixed = partners >= 0
-        if mixed.any():
-            other[torch.from_numpy(mixed)] = all_labels[torch.from_numpy(partners[mixed])]
-        return torch.stack([labels, other], 1).numpy().astype(np.int64)
+    def target_classes(self, labels, view_params, all_labels=None) -> np.ndarray:
+        """(n, V, 2) int64: the classes each view's training target is made of -- the sample's label,
+        and its partner's label for a mixed view (the label again otherwise). `labels` (n,) are the
+        rows' labels, `view_params` (n, V, P), `all_labels` the split's labels (for the partners)."""
+        labels = np.asarray(labels, dtype=np.int64)
+        params = np.asarray(view_params)
+        out = np.repeat(np.repeat(labels[:, None, None], params.shape[1], 1), 2, 2)
+        for v in range(params.shape[1] if self.mixes else 0):
+            partners = self.partners(params[:, v])
+            mixed = partners >= 0
+            if mixed.any():
+                out[mixed, v, 1] = np.asarray(all_labels, dtype=np.int64)[partners[mixed]]
+        return out
 
 
 def view_schedule(num_samples: int, views: int, epoch: int, seed: int, mixed: range = range(0),

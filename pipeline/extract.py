@@ -13,8 +13,8 @@ from pipeline.data import load_splits
 from pipeline.errors import BkdError
 from pipeline.locks import PathLock
 from pipeline.models import load_teacher, teacher_outputs
-from pipeline.targets import (TOPK_INDEX, StoreWriter, check_store_location, existing_store, expected_spec,
-                              feature_array, pixel_digests, teacher_sha)
+from pipeline.targets import (StoreWriter, check_store_location, existing_store, expected_spec, feature_array,
+                              pixel_digests, teacher_sha, topk_arrays)
 
 
 class ShardExtractor:
@@ -70,15 +70,17 @@ class ShardExtractor:
             if not np.isfinite(values).all():
                 raise BkdError(f"the teacher produced non-finite {name} on {split.split} shard {shard} "
                                f"(rows {start}:{stop}); nothing of that shard was written")
-        if ex.logits_topk is not None:
-            values, classes = torch.from_numpy(logits).topk(ex.logits_topk, dim=-1)
-            logits, arrays[TOPK_INDEX] = values.numpy(), classes.numpy().astype(np.int32)
+        labels = split.labels[start:stop].numpy()
+        if ex.logits_topk is not None:  # the k largest, and what the losses need of the rest
+            classes = augmenter.target_classes(labels, params, split.labels.numpy())
+            arrays = topk_arrays(logits, ex.logits_topk, classes)
+            logits = arrays.pop("logits")
         return {
             **arrays,
             **{feature_array(loc): f.astype(ex.feature_dtype) for loc, f in features.items()},
             "logits": logits.astype(ex.logits_dtype),
             "view_params": params,
-            "labels": split.labels[start:stop].numpy(),
+            "labels": labels,
             "index": np.arange(start, stop, dtype=np.int64),
             "pixel_digest": digests,
         }

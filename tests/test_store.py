@@ -323,35 +323,88 @@ def test_write_shard_rejects_wrong_row_count(tmp_path):
     assert writer.missing_shards("train") == [0, 1, 2]
 
 
-def test_topk_logits_round_trip_dense(tmp_path):
-    from pipeline.targets import TOPK_FILL_MARGIN, TOPK_INDEX
+TOPK = 3
 
-    path = tmp_path / "topk.zarr"
-    writer = StoreWriter(path, make_test_spec(logits_topk=3))
+
+def build_topk_store(path) -> dict[str, dict]:
+    """A complete top-k store (k = TOPK) at `path`; returns the full arrays it was made from."""
+    from pipeline.targets import topk_arrays
+
+    writer = StoreWriter(path, make_test_spec(logits_topk=TOPK))
     full = {split: make_arrays(n, i, VIEWS[split]) for i, (split, n) in enumerate((("train", N_TRAIN), ("test", N_TEST)))}
     for split, data in full.items():
-        values, classes = torch_topk(data["logits"], 3)
-        write_split(writer, split, {**data, "logits": values, TOPK_INDEX: classes})
+        targets = np.repeat(data["labels"][:, None, None], VIEWS[split], 1).repeat(2, 2)
+        targets[::4, :, 1] = (data["labels"][::4, None] + 1) % CLASSES  # a mixed view's two classes
+        data["targets"] = targets
+        write_split(writer, split, {**{k: v for k, v in data.items() if k != "targets"},
+                                    **topk_arrays(data["logits"], TOPK, targets)})
     writer.finish()
-    rows = TeacherTargets(path, "train").read_rows(0, N_TRAIN)
-    assert TOPK_INDEX not in rows and rows["logits"].shape == (N_TRAIN, VIEWS["train"], CLASSES)
-    values, classes = torch_topk(full["train"]["logits"], 3)
-    values16 = values.astype(np.float16).astype(np.float32)
-    expected = np.empty_like(rows["logits"])
-    for i in range(N_TRAIN):  # an independent, plain reconstruction
-        for v in range(VIEWS["train"]):
-            expected[i, v, :] = values16[i, v].min() - TOPK_FILL_MARGIN
-            for j in range(3):
-                expected[i, v, classes[i, v, j]] = values16[i, v, j]
-    np.testing.assert_array_equal(rows["logits"], expected)
-    assert (rows["logits"].argmax(-1) == full["train"]["logits"].argmax(-1)).all()
+    return full
 
 
-def torch_topk(logits: np.ndarray, k: int):
-    import torch
+def test_topk_store_round_trip_holds_what_the_losses_need(tmp_path):
+    from pipeline.targets import TOPK_ARRAYS, TOPK_INDEX, TOPK_TAIL, TOPK_TARGET, TOPK_TARGET_CLASS
 
-    values, classes = torch.from_numpy(logits).topk(k, dim=-1)
-    return values.numpy(), classes.numpy().astype(np.int32)
+    path = tmp_path / "topk.zarr"
+    full = build_topk_store(path)
+    info = store_info(path)
+    assert {name: info["manifest"]["arrays"][name] for name in TOPK_ARRAYS} == {
+        TOPK_INDEX: "int32", TOPK_TARGET_CLASS: "int32", TOPK_TARGET: "float32", TOPK_TAIL: "float32"}
+    assert all(problem is None for *_, problem in verify_store(path))
+    targets = TeacherTargets(path, "train")
+    raw = {name: targets.arrays[name][:] for name in TOPK_ARRAYS}
+    z, classes = full["train"]["logits"].astype(np.float64), full["train"]["targets"]
+    assert raw[TOPK_INDEX].shape == (N_TRAIN, VIEWS["train"], TOPK)
+    np.testing.assert_array_equal(raw[TOPK_TARGET_CLASS], classes)
+    np.testing.assert_array_equal(raw[TOPK_TARGET], np.take_along_axis(z, classes, -1).astype(np.float32))
+    tail = np.ones(z.shape, bool)  # an independent tail: outside the top k and the target classes
+    np.put_along_axis(tail, np.argsort(-z, -1)[..., :TOPK], False, -1)
+    np.put_along_axis(tail, classes, False, -1)
+    np.testing.assert_allclose(raw[TOPK_TAIL][..., 0], np.log(np.where(tail, np.exp(z), 0).sum(-1)), rtol=1e-6)
+    np.testing.assert_allclose(raw[TOPK_TAIL][..., 1], np.where(tail, z, 0).sum(-1), rtol=1e-5, atol=1e-4)
+
+    rows = targets.read_rows(0, N_TRAIN)
+    assert not set(TOPK_ARRAYS) & set(rows) and rows["logits"].shape == (N_TRAIN, VIEWS["train"], CLASSES)
+    dense = rows["logits"].astype(np.float64)
+    np.testing.assert_array_equal(np.take_along_axis(dense, classes, -1), raw[TOPK_TARGET])  # exactly
+    kept = np.take_along_axis(dense, raw[TOPK_INDEX].astype(np.int64), -1)
+    on_target = (raw[TOPK_INDEX][..., None] == classes[..., None, :]).any(-1)
+    np.testing.assert_array_equal(kept[~on_target], logits16(z)[~on_target])
+    # the row's log-sum-exp and sum: exact up to the float16 top k; hence CE(z_t, y) and smoothed CE
+    lse = lambda x: np.log(np.exp(x).sum(-1))  # noqa: E731
+    np.testing.assert_allclose(lse(dense), lse(z), atol=1e-2)  # float16 at ~20: 0.008
+    np.testing.assert_allclose(dense.sum(-1), z.sum(-1), atol=5e-2)
+    ce = lse(dense)[:, :, None] - np.take_along_axis(dense, classes, -1)
+    np.testing.assert_allclose(ce, lse(z)[:, :, None] - np.take_along_axis(z, classes, -1), atol=1e-2)
+    assert (dense.argmax(-1) == z.argmax(-1)).all()
+
+
+def logits16(z: np.ndarray) -> np.ndarray:
+    """The top-k logits as a float16 store keeps them."""
+    return np.take_along_axis(z, np.argsort(-z, -1)[..., :TOPK], -1).astype(np.float16).astype(np.float64)
+
+
+def test_dense_logits_are_exact_where_the_losses_need_them():
+    """float32 top k: the rebuilt row's log-sum-exp, sum and target logits are the full row's."""
+    from pipeline.targets import dense_logits, topk_arrays
+
+    rng = np.random.default_rng(3)
+    for classes, k in ((1000, 10), (1000, 1), (50, 49), (50, 50), (7, 5)):
+        z = rng.standard_normal((40, 2, classes)) * 3
+        z[:, :, :4] += 12  # runners-up outside the top k
+        targets = rng.integers(0, classes, (40, 2, 2))
+        kept = topk_arrays(z, k, targets)
+        dense = dense_logits(kept.pop("logits"), num_classes=classes, **{
+            "indices": kept["logits_index"], "target_classes": kept["logits_target_class"],
+            "target_logits": kept["logits_target"], "tail": kept["logits_tail"]}).astype(np.float64)
+        lse = lambda x: np.log(np.exp(x).sum(-1))  # noqa: E731
+        np.testing.assert_allclose(lse(dense), lse(z), atol=2e-5)
+        np.testing.assert_allclose(dense.sum(-1), z.sum(-1), rtol=1e-5, atol=1e-2)
+        np.testing.assert_allclose(np.take_along_axis(dense, targets, -1), np.take_along_axis(z, targets, -1),
+                                   atol=1e-5)
+        top = np.sort(z, -1)[..., -k:]
+        np.testing.assert_allclose(np.sort(dense, -1)[..., -k:][..., -1], top[..., -1], atol=1e-5)
+        assert (dense <= top[..., -1:] + 1e-4).all()  # nothing rebuilt above the top logit
 
 
 def test_store_of_an_older_format_names_the_fix(tmp_path):

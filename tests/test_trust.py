@@ -418,6 +418,44 @@ def test_swapped_shards_are_caught_by_their_chunk_digests(tmp_path: Path):
         TeacherTargets(path, "train").read_chunk(0)
 
 
+@pytest.mark.parametrize("array", ["logits_index", "logits_target_class", "logits_target", "logits_tail"])
+def test_cache_verify_catches_a_damaged_topk_array(tmp_path: Path, array: str):
+    from tests.test_store import build_topk_store
+
+    path = tmp_path / "s.zarr"
+    build_topk_store(path)
+    assert run_bkd(["cache", "verify", str(path)], tmp_path).returncode == 0
+    stored = zarr.open_array(str(path / "train" / array), mode="r+")
+    rows = stored[64:128]  # chunk 1, shard 0: rewritten behind bkd's back, digests untouched
+    stored[64:128] = (rows + 1) % 10 if rows.dtype.kind == "i" else rows + 0.5
+    proc = run_bkd(["cache", "verify", str(path)], tmp_path, check=False)
+    assert proc.returncode == 1 and "bad shard train/0" in proc.stderr and array in proc.stderr, proc.stderr
+    assert "train/1" not in proc.stderr and "train/2" not in proc.stderr
+    with pytest.raises(StoreError, match=f"chunk 1 of {array} does not match its digest"):
+        TeacherTargets(path, "train").read_chunk(1)
+
+
+def test_topk_rows_that_cannot_be_rebuilt_are_refused(tmp_path: Path):
+    from pipeline.targets import topk_arrays
+    from tests.test_store import TOPK, make_arrays, write_split
+
+    path = tmp_path / "s.zarr"
+    writer = open_writer(path, spec=make_test_spec(logits_topk=TOPK))
+    for split, n, views in (("train", N_TRAIN, 3), ("test", 150, 1)):
+        data = make_arrays(n, 0, views)
+        kept = topk_arrays(data["logits"], TOPK, np.repeat(data["labels"][:, None, None], views, 1).repeat(2, 2))
+        if split == "train":
+            kept["logits_tail"][200, 1, 0] = np.nan  # shard 1, written with matching digests
+            kept["logits_target_class"][10, 0, 1] = 10  # shard 0: a class the teacher does not have
+        write_split(writer, split, {**data, **kept})
+    writer.finish()
+    problems = {(s, i): p for s, i, p in verify_store(path)}
+    assert "logits_target_class outside [0, 10)" in problems[("train", 0)]
+    assert "non-finite logits_tail" in problems[("train", 1)] and problems[("train", 2)] is None
+    with pytest.raises(StoreError, match="non-finite logits_tail"):
+        TeacherTargets(path, "train").read_chunk(3)
+
+
 def test_extraction_rerun_rewrites_a_deleted_shard(tiny_project: Path, tmp_path: Path):
     store = tmp_path / "store.zarr"
     shutil.copytree(tiny_project / STORE, store)

@@ -197,6 +197,34 @@ def test_store_grows_linearly_with_views_and_view0_is_the_clean_extraction(extra
         np.testing.assert_array_equal(rows["logits"][:, 0], clean["logits"][:, 0])
 
 
+def test_topk_extraction_writes_what_the_losses_need(teacher_dir):
+    """extract.logits_topk: the store holds the top k, the target classes (from the augmenter), the
+    logits there and the tail's statistics, as computed from the full logits of the same teacher."""
+    from pipeline.augment import view_augmenter
+    from pipeline.targets import TOPK_INDEX, TOPK_TAIL, TOPK_TARGET, TOPK_TARGET_CLASS, topk_arrays
+
+    stores = {}
+    for k in (None, 3):
+        cfg = _tiny_cfg(teacher_dir, 2, "extract.logits_dtype=float32", f"extract.logits_topk={k or 'null'}",
+                        f"extract.store={teacher_dir / f'top{k}.zarr'}")
+        extract_teacher(cfg, torch.device("cpu"))
+        stores[k] = TeacherTargets(cfg.extract.store, "train")
+    full, top = stores[None].read_rows(0, 96), stores[3]
+    raw = {name: top.arrays[name][:] for name in (TOPK_INDEX, TOPK_TARGET_CLASS, TOPK_TARGET, TOPK_TAIL)}
+    train = load_split(cfg.data, "train")
+    classes = view_augmenter(cfg.augment, train).target_classes(full["labels"], full["view_params"])
+    assert classes.shape == (96, 2, 2) and (classes == full["labels"][:, None, None]).all()
+    np.testing.assert_array_equal(raw[TOPK_TARGET_CLASS], classes)
+    expected = topk_arrays(full["logits"], 3, classes)
+    for name in raw:
+        np.testing.assert_allclose(raw[name], expected[name], rtol=1e-5, atol=1e-5)
+    assert top.spec.row_arrays()[-4:] == (TOPK_INDEX, TOPK_TARGET_CLASS, TOPK_TARGET, TOPK_TAIL)
+    dense = top.read_rows(0, 96)["logits"]
+    ce = lambda z: torch.nn.functional.cross_entropy(  # noqa: E731
+        torch.from_numpy(z).flatten(0, 1), torch.from_numpy(classes[..., 0]).flatten(), reduction="none")
+    torch.testing.assert_close(ce(dense), ce(full["logits"]), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("override, field", [
     ("augment.seed=5", "augment"),
     ("augment.pad=3", "augment"),

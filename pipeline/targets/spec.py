@@ -21,10 +21,15 @@ from typing import Any
 
 from pipeline.errors import short
 
-FORMAT = "bkd-teacher-targets/4"
+FORMAT = "bkd-teacher-targets/5"
 FORMAT_FAMILY = FORMAT.split("/")[0]
 SPLITS = ("train", "test")
 TOPK_INDEX = "logits_index"  # with top-k logits: `logits` holds the k largest, this their classes
+# ... and, per view, what the losses need of the logits left out (see store.dense_logits):
+TOPK_TARGET_CLASS = "logits_target_class"  # (N, V, 2) int32: the classes the view's training target is made of
+TOPK_TARGET = "logits_target"  # (N, V, 2) float32: the teacher's logits at those classes
+TOPK_TAIL = "logits_tail"  # (N, V, 2) float32: log-sum-exp and sum of the logits at every other class
+TOPK_ARRAYS = (TOPK_INDEX, TOPK_TARGET_CLASS, TOPK_TARGET, TOPK_TAIL)  # in this order in `row_arrays`
 # Written by the store itself: a 64-bit digest of every chunk's rows in every array, so a chunk
 # moved, swapped or rewritten behind bkd's back reads as an error instead of another row's targets.
 # One column per row array (in `row_arrays` order), so a reader of some of the arrays checks just those.
@@ -41,7 +46,7 @@ def feature_array(location: str) -> str:
 
 def is_row_array(name: str) -> bool:
     """Is `name` a per-row array a store may hold (the fixed ones, top-k classes, any feature location)?"""
-    return name in ROW_ARRAYS or name == TOPK_INDEX or (name.startswith(FEATURES) and len(name) > len(FEATURES))
+    return name in ROW_ARRAYS or name in TOPK_ARRAYS or (name.startswith(FEATURES) and len(name) > len(FEATURES))
 
 # What a training run must agree with (the rest -- views, feature locations, top-k -- it takes from
 # the store), as dotted manifest paths; `splits.<split>.fingerprint` is compared per split.
@@ -111,7 +116,7 @@ class TargetSpec:
     def row_arrays(self) -> tuple[str, ...]:
         """The per-row arrays of every split, in the order of their chunk-digest columns."""
         features = tuple(feature_array(loc) for loc in self.feature_shapes)
-        return features + ROW_ARRAYS + ((TOPK_INDEX,) if self.logits_topk else ())
+        return features + ROW_ARRAYS + (TOPK_ARRAYS if self.logits_topk else ())
 
     def array_schema(self, split: str) -> dict[str, tuple[tuple[int, ...], str]]:
         """{name: (shape, dtype)} of the per-row arrays of `split`: the one definition of a store's arrays."""
@@ -126,8 +131,9 @@ class TargetSpec:
             "index": ((n,), "int64"),
             "pixel_digest": ((n,), "uint64"),
         }
-        if self.logits_topk:
-            schema[TOPK_INDEX] = ((n, views, k), "int32")
+        if self.logits_topk:  # "every other class": outside the top k and the target classes
+            schema |= {TOPK_INDEX: ((n, views, k), "int32"), TOPK_TARGET_CLASS: ((n, views, 2), "int32"),
+                       TOPK_TARGET: ((n, views, 2), "float32"), TOPK_TAIL: ((n, views, 2), "float32")}
         return schema
 
     def to_manifest(self) -> dict[str, Any]:
