@@ -86,5 +86,6 @@ def run(tmp: Path, students: int = 4, epochs: int = 1, samples: int = 1024) -> d
 def default_sweep_passes(cfg: Config, students: int = 4) -> dict:
     """Teacher passes of a sweep of `students` on the full default config (no measuring)."""
     n = len(load_split(cfg.data, "train"))
-    return {"students": students, "epochs": cfg.student.epochs, "samples": n, "views": cfg.extract.views,
-            "teacher_passes_online": students * cfg.student.epochs * n, "teacher_passes_cached": cfg.extract.views * n}
+    epochs = cfg.student.train_epochs()  # with the schedule's cooldown epochs
+    return {"students": students, "epochs": epochs, "samples": n, "views": cfg.extract.views,
+            "teacher_passes_online": students * epochs * n, "teacher_passes_cached": cfg.extract.views * n}

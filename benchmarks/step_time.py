@@ -45,7 +45,7 @@ from pipeline.losses import DistillationLoss
 from pipeline.models import create_student, load_teacher, teacher_outputs
 from pipeline.targets import open_student_targets
 from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler
-from pipeline.train import StudentForward, feature_pairs, make_optimizer, student_step
+from pipeline.train import EpochSchedule, StudentForward, feature_pairs, optimizer_for, student_step
 
 from benchmarks.common import CONFIG, random_teacher_config, summarize
 
@@ -65,7 +65,7 @@ class Setting:
     student: nn.Module
     criterion: DistillationLoss
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: torch.optim.lr_scheduler.LRScheduler | EpochSchedule
     loader: DataLoader
     sampler: ChunkShuffleSampler
     targets: Callable[[tuple], tuple]  # batch -> (images, labels, teacher_features, teacher_logits)
@@ -127,8 +127,7 @@ def make_setting(name: str, cfg: Config, train: ImageSplit, teacher_shapes: dict
     # drop_last: every timed step sees a full batch.
     loader = DataLoader(dataset, batch_size=scfg.batch_size, sampler=sampler, collate_fn=collate_batch,
                         drop_last=True)
-    params = list(student.parameters()) + list(criterion.parameters())
-    optimizer, scheduler = make_optimizer(params, scfg.lr, scfg.weight_decay, scfg.epochs, len(loader))
+    optimizer, scheduler = optimizer_for(scfg, StudentForward(student, criterion), len(loader))
     return Setting(name, student, criterion, optimizer, scheduler, loader, sampler, targets)
 
 

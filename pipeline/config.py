@@ -30,6 +30,8 @@ FLOAT_DTYPES = ("float16", "float32")
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; anything near this is not one
 MAX_ALIAS_VALUES = 10_000  # values that YAML aliases may add to a document (see _ConfigLoader)
 MAX_TEACHER_INPUT_SIZE = 4096
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULE_PER = ("step", "epoch")
 
 
 class YAMLRefused(yaml.YAMLError):
@@ -212,6 +214,27 @@ class LogitsConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """The learning-rate schedule: cosine from `lr` to `min_lr` over `epochs` (timm's semantics).
+
+    The defaults are bkd's original schedule: per-step cosine from lr to 0 over all steps, no
+    warmup, no cooldown. The published Spikingformer recipe is per: epoch, warmup_epochs: 20,
+    warmup_lr: 1.0e-5, min_lr: 1.0e-5, cooldown_epochs: 10; SEW-ResNet's is per: epoch alone.
+    """
+
+    # step: the lr changes after every optimizer step | epoch: at epoch ends (timm's train script)
+    per: str = "step"
+    # Linear warmup from warmup_lr towards lr over the first warmup_epochs, inside `epochs`: as timm's
+    # default (warmup_prefix false) the cosine still starts at epoch 0, the warmup replaces its first
+    # epochs and hands over to it at epoch warmup_epochs. warmup_lr is unused without warmup.
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-5
+    min_lr: float = 0.0  # where the cosine ends
+    # Epochs at min_lr after the cosine: a run trains epochs + cooldown_epochs epochs.
+    cooldown_epochs: int = 0
+
+
+@dataclass
 class StudentConfig:
     model: str = "sew_resnet_mnist"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -221,6 +244,11 @@ class StudentConfig:
     batch_size: int = 64
     lr: float = 5e-3
     weight_decay: float = 1e-4
+    optimizer: str = "adamw"  # adamw | sgd (SGD with classical momentum, no Nesterov)
+    momentum: float = 0.9  # sgd only
+    # Exclude biases and norm weights (every 1-D parameter) from weight decay, as timm does.
+    no_decay_bias_norm: bool = False
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     # Which student location distils to which cached teacher location (extract.features): one pair
     # for bkd, mixed and kdsnn. Student locations: pre_logits (the pooled, time-averaged last map),
     # map (the time-averaged last map) or a module name (its output averaged over T). The pair's
@@ -241,6 +269,10 @@ class StudentConfig:
     augment: str = "views"
     out_dir: str = "runs/students"
     device: str = "auto"
+
+    def train_epochs(self) -> int:
+        """Epochs the run trains: the cosine's `epochs`, then the schedule's cooldown at min_lr."""
+        return self.epochs + self.schedule.cooldown_epochs
 
     def feature_pairs(self) -> dict[str, str]:
         """{student location: teacher location} the distillation mode's feature terms use (none: {})."""
@@ -406,8 +438,26 @@ def validate(cfg: Config) -> Config:
     _check(pairs != "one or more" or len(st.lasnn_features) >= 1,
            f"student.distill={st.distill} needs at least one pair in student.lasnn_features")
     _check(st.shuffle_buffer_chunks >= 1, "student.shuffle_buffer_chunks must be >= 1")
+    _validate_optimisation(st, "student")
     _check(st.checkpoint_every >= 0, f"student.checkpoint_every must be >= 0 (0: epoch ends only), got {st.checkpoint_every}")
     return cfg
+
+
+def _validate_optimisation(section: StudentConfig, name: str) -> None:
+    """The optimizer and schedule fields (lr, weight_decay and epochs are checked with the teacher's)."""
+    _check(section.optimizer in OPTIMIZERS,
+           f"{name}.optimizer: unknown optimizer {_short(section.optimizer)} (known: {', '.join(OPTIMIZERS)})")
+    _check(0 <= section.momentum < 1, f"{name}.momentum must be in [0, 1), got {section.momentum}")
+    sch = section.schedule
+    _check(sch.per in SCHEDULE_PER,
+           f"{name}.schedule.per must be one of {', '.join(SCHEDULE_PER)}, got {_short(sch.per)}")
+    _check(0 <= sch.min_lr <= section.lr,
+           f"{name}.schedule.min_lr must be in [0, {name}.lr={section.lr}], got {sch.min_lr}")
+    _check(0 <= sch.warmup_epochs < section.epochs,
+           f"{name}.schedule.warmup_epochs must be in [0, {name}.epochs={section.epochs}), got {sch.warmup_epochs}")
+    _check(sch.warmup_epochs == 0 or 0 <= sch.warmup_lr <= section.lr,
+           f"{name}.schedule.warmup_lr must be in [0, {name}.lr={section.lr}], got {sch.warmup_lr}")
+    _check(sch.cooldown_epochs >= 0, f"{name}.schedule.cooldown_epochs must be >= 0, got {sch.cooldown_epochs}")
 
 
 def _location_name(value: Any) -> bool:

@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ from tqdm import tqdm
 from pipeline import checkpoint
 from pipeline.checkpoint import write_json
 from pipeline.augment import view_augmenter
-from pipeline.config import Config
+from pipeline.config import Config, ScheduleConfig
 from pipeline.data import collate_batch, load_split, load_splits, random_shift
 from pipeline.distributed import Ranks, process_group, resolve_device, split_global_batch
 from pipeline.errors import BkdError, ConfigError
@@ -79,7 +79,7 @@ class Trainer:
 
     def __init__(self, modules: dict[str, nn.Module], step: StepFn, loader: DataLoader,
                  sampler: ChunkShuffleSampler, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, epochs: int, run_dir: str | Path,
+                 scheduler: "torch.optim.lr_scheduler.LRScheduler | EpochSchedule", epochs: int, run_dir: str | Path,
                  evaluate: Callable[[], float], device: torch.device, desc: str,
                  ranks: Ranks = Ranks(), checkpoint_every: int = 0):
         self.modules, self.step, self.loader, self.sampler = modules, step, loader, sampler
@@ -200,11 +200,91 @@ class Trainer:
         return self.history
 
 
-def make_optimizer(params, lr: float, weight_decay: float, epochs: int, steps_per_epoch: int):
-    """The optimizer and per-step scheduler of every bkd run (AdamW, cosine over all steps)."""
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch))
-    return optimizer, scheduler
+def make_optimizer(model: nn.Module | Iterable[nn.Parameter], lr: float, weight_decay: float, epochs: int,
+                   steps_per_epoch: int, optimizer: str = "adamw", momentum: float = 0.9,
+                   no_decay_bias_norm: bool = False, schedule: ScheduleConfig | None = None):
+    """The optimizer and scheduler of every bkd run, built by timm's factories.
+
+    `optimizer`: adamw, or sgd (timm's `momentum`: classical momentum, no Nesterov).
+    `no_decay_bias_norm`: timm's parameter groups, biases and 1-D (norm) parameters without weight
+    decay (and whatever the module's `no_weight_decay()` names); it needs `model` to be a module.
+    `schedule` (default: `ScheduleConfig()`): cosine over `epochs` with timm's warmup and min lr,
+    stepped per step or per epoch; the run then trains `epochs + schedule.cooldown_epochs` epochs
+    at `steps_per_epoch` steps each. The scheduler is stepped once per optimizer step either way
+    (see `EpochSchedule`).
+
+    Per-step cosine without warmup or cooldown is torch's CosineAnnealingLR, the schedule bkd always
+    used: timm's closed-form cosine differs from its recursive form in the last bits (~1e-15
+    relative), which would change the numbers of every existing run and its checkpoints' scheduler state.
+    """
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    schedule = schedule or ScheduleConfig()
+    if no_decay_bias_norm:
+        if not isinstance(model, nn.Module):
+            raise TypeError("make_optimizer: no_decay_bias_norm needs the module (parameter names), not its parameters")
+        params = model
+    else:  # one group, decay on everything, as before (a module would also exclude its no_weight_decay())
+        params = list(model.parameters() if isinstance(model, nn.Module) else model)
+    opt = create_optimizer_v2(params, opt={"adamw": "adamw", "sgd": "momentum"}[optimizer], lr=lr,
+                              weight_decay=weight_decay, momentum=momentum, filter_bias_and_bn=no_decay_bias_norm)
+    steps_per_epoch = max(1, steps_per_epoch)
+    if schedule.per == "step" and schedule.warmup_epochs == 0 and schedule.cooldown_epochs == 0:
+        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch),
+                                                               eta_min=schedule.min_lr)
+    scheduler, _ = create_scheduler_v2(opt, sched="cosine", num_epochs=epochs, warmup_epochs=schedule.warmup_epochs,
+                                       warmup_lr=schedule.warmup_lr, min_lr=schedule.min_lr,
+                                       cooldown_epochs=schedule.cooldown_epochs,
+                                       step_on_epochs=schedule.per == "epoch", updates_per_epoch=steps_per_epoch)
+    return opt, EpochSchedule(scheduler, steps_per_epoch)
+
+
+def optimizer_for(section, model: nn.Module, steps_per_epoch: int):
+    """`make_optimizer` from a config section: its lr, weight_decay and epochs, and the optimizer and
+    schedule fields it has (the student's; the teacher has none and keeps make_optimizer's defaults,
+    AdamW with a per-step cosine to 0, decay on every parameter)."""
+    kwargs = {name: getattr(section, name) for name in ("optimizer", "momentum", "no_decay_bias_norm", "schedule")
+              if hasattr(section, name)}
+    return make_optimizer(model, section.lr, section.weight_decay, section.epochs, steps_per_epoch, **kwargs)
+
+
+class EpochSchedule:
+    """A timm scheduler behind the interface `Trainer` drives: `step()` after every optimizer step.
+
+    timm's schedulers are stateless about time: the training script passes the count itself,
+    `step_update(num_updates)` after each update and `step(epoch)` at each epoch end (whichever the
+    scheduler was not built for is a no-op). `Trainer` knows neither call; it calls `step()` per
+    optimizer step and saves `state_dict()` in mid-epoch checkpoints. This adapter counts the
+    updates, makes both of timm's calls exactly where timm's train script makes them (an epoch
+    ends every `steps_per_epoch` updates), and keeps the count in its state, so a run resumed
+    mid-epoch continues the identical lr sequence.
+    """
+
+    def __init__(self, scheduler, steps_per_epoch: int):
+        self.scheduler, self.steps_per_epoch = scheduler, steps_per_epoch
+        self.updates = 0
+
+    def step(self) -> None:
+        self.updates += 1
+        self.scheduler.step_update(num_updates=self.updates)
+        if self.updates % self.steps_per_epoch == 0:
+            self.scheduler.step(self.updates // self.steps_per_epoch)
+
+    def get_last_lr(self) -> list[float]:
+        """The lr of each parameter group for the next step (as torch's schedulers report it)."""
+        return [group["lr"] for group in self.scheduler.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "steps_per_epoch": self.steps_per_epoch,
+                "timm": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "timm" not in state or state.get("steps_per_epoch") != self.steps_per_epoch:
+            raise BkdError("--resume: the checkpoint's learning-rate schedule is not this run's "
+                           "(another schedule or another number of steps per epoch)")
+        self.updates = state["updates"]
+        self.scheduler.load_state_dict(state["timm"])
 
 
 def adopt_teacher(cfg: Config, own_weights: str) -> dict:
@@ -231,7 +311,7 @@ def train_teacher(cfg: Config, run_dir: str | Path, resume: bool = False) -> dic
     model = create_teacher(tcfg, train.num_classes, train.image_shape).to(device)
     sampler = ChunkShuffleSampler(len(train), chunk_size=len(train), buffer_chunks=1, seed=cfg.seed)
     loader = DataLoader(train, batch_size=tcfg.batch_size, sampler=sampler, collate_fn=collate_batch)
-    optimizer, scheduler = make_optimizer(model.parameters(), tcfg.lr, tcfg.weight_decay, tcfg.epochs, len(loader))
+    optimizer, scheduler = optimizer_for(tcfg, model, len(loader))
 
     def step(batch):
         images, labels, _ = batch
@@ -299,6 +379,11 @@ class StudentForward(nn.Module):
     def __init__(self, student: nn.Module, criterion: DistillationLoss):
         super().__init__()
         self.student, self.criterion = student, criterion
+
+    def no_weight_decay(self) -> set[str]:
+        """The student's own weight-decay exclusions (timm's hook, e.g. position embeddings), under this
+        module's parameter names; used with student.no_decay_bias_norm."""
+        return {f"student.{name}" for name in getattr(self.student, "no_weight_decay", set)()}
 
     def forward(self, images, labels, teacher_features, teacher_logits, targets=None):
         features, logits = student_features(self.student, images, self.criterion.student_locations)
@@ -377,10 +462,10 @@ def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, devic
     sampler = ChunkShuffleSampler(len(dataset), targets.chunk_size, scfg.shuffle_buffer_chunks, seed=cfg.seed,
                                   rank=ranks.rank, world_size=ranks.world_size)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_batch)
-    forward = StudentForward(student, criterion)
+    forward = unwrapped = StudentForward(student, criterion)
     if ranks.distributed:
         forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer, scheduler = make_optimizer(forward.parameters(), scfg.lr, scfg.weight_decay, scfg.epochs, len(loader))
+    optimizer, scheduler = optimizer_for(scfg, unwrapped, len(loader))
 
     def evaluate() -> float:
         """Test accuracy of rank 0's model, each rank predicting every world_size-th sample."""
@@ -390,7 +475,7 @@ def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, devic
         return correct / total
 
     trainer = Trainer({"student": student, "criterion": criterion}, student_step(forward), loader, sampler,
-                      optimizer, scheduler, scfg.epochs, run_dir, evaluate, device, f"student[{scfg.distill}]",
+                      optimizer, scheduler, scfg.train_epochs(), run_dir, evaluate, device, f"student[{scfg.distill}]",
                       ranks, scfg.checkpoint_every)
     with folder:
         history = trainer.fit(resume)

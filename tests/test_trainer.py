@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline import checkpoint
+from pipeline.config import ScheduleConfig
 from pipeline.errors import BkdError
 from pipeline.stream import ChunkShuffleSampler
 from pipeline.train import Trainer, make_optimizer
@@ -19,13 +20,19 @@ class Crash(Exception):
     """Stands in for the process dying part-way through an epoch."""
 
 
-def _trainer(run_dir, fail_at: int | None = None, nan_at: int | None = None, checkpoint_every: int = 5):
+# timm's path: per-epoch cosine with warmup and a cooldown epoch (4 epochs in all)
+RECIPE = ScheduleConfig(per="epoch", warmup_epochs=1, warmup_lr=1e-5, min_lr=1e-5, cooldown_epochs=1)
+
+
+def _trainer(run_dir, fail_at: int | None = None, nan_at: int | None = None, checkpoint_every: int = 5,
+             schedule: ScheduleConfig | None = None):
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(N, 6), torch.randint(0, 3, (N,)))
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))  # dropout: RNG matters
     sampler = ChunkShuffleSampler(N, CHUNK, 2, seed=1)
     loader = DataLoader(data, batch_size=BATCH, sampler=sampler)
-    optimizer, scheduler = make_optimizer(model.parameters(), 1e-2, 1e-4, EPOCHS, len(loader))
+    optimizer, scheduler = make_optimizer(model.parameters(), 1e-2, 1e-4, EPOCHS, len(loader), schedule=schedule)
+    epochs = EPOCHS + (schedule.cooldown_epochs if schedule else 0)
     calls = {"n": 0}
 
     def step(batch):
@@ -39,23 +46,27 @@ def _trainer(run_dir, fail_at: int | None = None, nan_at: int | None = None, che
             loss = loss * float("nan")
         return {"loss": loss}, logits, y
 
-    trainer = Trainer({"model": model}, step, loader, sampler, optimizer, scheduler, EPOCHS, run_dir,
+    trainer = Trainer({"model": model}, step, loader, sampler, optimizer, scheduler, epochs, run_dir,
                       lambda: 0.5, torch.device("cpu"), "test", checkpoint_every=checkpoint_every)
     return trainer, model
 
 
-def test_crash_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
-    reference, ref_model = _trainer(tmp_path / "ref")
+@pytest.mark.parametrize("schedule", [None, RECIPE], ids=["default", "timm-recipe"])
+def test_crash_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, schedule):
+    reference, ref_model = _trainer(tmp_path / "ref", schedule=schedule)
     ref_history = reference.fit()
+    assert len(ref_history) == EPOCHS + (schedule.cooldown_epochs if schedule else 0)
+    if schedule:  # the lr logged at each epoch end is the next epoch's: cosine, then the cooldown at min_lr
+        assert [row["lr"] for row in ref_history][-2:] == [1e-5, 1e-5]
 
-    crashed, _ = _trainer(tmp_path / "run", fail_at=12 + 8)  # epoch 2, step 8: after the step-5 checkpoint
+    crashed, _ = _trainer(tmp_path / "run", fail_at=12 + 8, schedule=schedule)  # epoch 2, step 8: after step 5
     with pytest.raises(Crash):
         crashed.fit()
     state = checkpoint.load_state(tmp_path / "run" / "last.pt")
     assert (state["epoch"], state["step"]) == (1, 5)  # continues at epoch index 1, step 5
     assert state["ranks"][0]["tally"]["seen"] == 5 * BATCH
 
-    resumed, model = _trainer(tmp_path / "run")
+    resumed, model = _trainer(tmp_path / "run", schedule=schedule)
     history = resumed.fit(resume=True)
     for key, value in ref_model.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
