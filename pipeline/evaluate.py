@@ -268,9 +268,9 @@ def evaluate_student(cfg, run_dir: str | Path, plots_dir: str | Path, trust_stor
             trained_epochs = (fh.metadata() or {}).get("epochs")
     except Exception as exc:  # a truncated or foreign file
         raise BkdError(f"{weights}: not a readable safetensors file ({type(exc).__name__})") from None
-    if trained_epochs != str(len(history)) or len(history) != scfg.epochs:
+    if trained_epochs != str(len(history)) or len(history) != scfg.train_epochs():
         raise BkdError(f"{run_dir}: the weights ({trained_epochs} epochs), history ({len(history)}) and config "
-                       f"({scfg.epochs}) do not belong to one finished run; train it again")
+                       f"({scfg.train_epochs()}) do not belong to one finished run; train it again")
     device = resolve_device(scfg.device)
     student.load_state_dict(checkpoint.load_weights(weights))
     student.to(device).eval()

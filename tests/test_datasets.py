@@ -134,14 +134,17 @@ def test_hdf5_is_read_lazily_in_any_order(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 TINY_CML = "student.model_kwargs={depths: 1, embed_dims: 32, num_heads: 2, mlp_ratio: 4.0}"
+# the published recipe's shape at toy length: warmup, cooldown, mixed views switched off after epoch 1
+TINY_RECIPE = ["augment.mix_views=1", "augment.mix_off_epoch=1", "student.epochs=2",
+               "student.schedule.warmup_epochs=1", "student.schedule.cooldown_epochs=1"]
 TINY_DVS = "{channels: [4, 4, 4, 4, 8, 8, 8]}"
 # Each paper-row config with its published structure (student architecture, neurons, feature
 # locations, loss form) at toy widths, and the extra distillation mode to run besides its own.
 FAMILIES = {
     "cifar10-spikingformer-4-384.yaml": (
-        write_cifar10, ["teacher.model=vit_tiny_patch16_224", TINY_CML], "kdsnn"),
+        write_cifar10, ["teacher.model=vit_tiny_patch16_224", TINY_CML, *TINY_RECIPE], "kdsnn"),
     "cifar100-spikingformer-4-384.yaml": (
-        write_cifar100, ["teacher.model=vit_tiny_patch16_224", TINY_CML], None),
+        write_cifar100, ["teacher.model=vit_tiny_patch16_224", TINY_CML, *TINY_RECIPE], None),
     "imagenet-sew-resnet18.yaml": (
         write_imagefolder, ["data.image_size=32", "extract.logits_topk=1",
                             "extract.features=[pre_logits, layer1, layer2, layer3, layer4]"], "lasnn"),
@@ -149,7 +152,9 @@ FAMILIES = {
     "imagenet-sew-resnet50.yaml": (write_imagefolder, ["data.image_size=32", "extract.logits_topk=1"], "kdsnn"),
     "imagenet-spikingformer-8-768.yaml": (
         write_imagefolder, ["data.image_size=32", "extract.logits_topk=1", "teacher.model=vit_tiny_patch16_224",
-                            "teacher.input_size=224", TINY_CML], None),
+                            "teacher.input_size=224", TINY_CML, *TINY_RECIPE, "augment.mix_off_epoch=0"], None),
+    "mnist5k-recipe.yaml": (  # the embedded digits: nothing to write
+        lambda root: None, ["data.limit=64", "student.model_kwargs.widths=[8,16,32]", *TINY_RECIPE], "none"),
     "cifar10dvs-sew.yaml": (
         lambda root: write_hdf5(root, "frames", (4, 2, 128, 128), {"train": 12, "test": 6}, np.float32),
         [f"student.model_kwargs={TINY_DVS}", f"teacher.model_kwargs={TINY_DVS}", "extract.views=1"], None),
@@ -164,6 +169,7 @@ PUBLISHED_FORM = {
     "imagenet-sew-resnet34.yaml": "backbone.layer4 -> layer4 (BKD map)",
     "imagenet-sew-resnet50.yaml": "backbone.layer4 -> layer4 (BKD map)",
     "cifar10dvs-sew.yaml": "conv.9 -> conv.9 (BKD map)",
+    "mnist5k-recipe.yaml": "pre_logits -> pre_logits (BKD pooled)",
 }
 
 
@@ -190,6 +196,8 @@ def test_config_family_end_to_end(tmp_path, config):
         said = trained.stdout + trained.stderr  # the feature pairs and the BKD form the row asks for
         if mode == cfg.student.distill:
             assert f"student[{mode}] distils {mode}: {PUBLISHED_FORM[config]}" in said
+        elif mode == "none":
+            assert f"student[{mode}] distils {mode}" in said
         else:
             assert f"student[{mode}] distils {mode}: " in said and "(regression)" in said
         run_bkd(["evaluate", *args, "--distill", mode, "--run-dir", run_dir, "--metrics", f"{mode}.json",
