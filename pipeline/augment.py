@@ -50,6 +50,7 @@ PARAM_NAMES = {
     "event_flip_roll": ("dy", "dx", "flip"),
 }
 RECIPE = ("recipe_seed",)
+MAX_MAGNITUDE = 9.99  # RandAugment's magnitude cap (timm's is 10; see recipe_transforms)
 MIX = ("mix", "partner", "lam_bits", "box_top", "box_left", "box_height", "box_width")
 MIXUP, CUTMIX = 1, 2  # values of the `mix` parameter (0: not mixed)
 
@@ -65,6 +66,10 @@ def recipe_transforms(cfg: AugmentConfig, image_shape, mean, scale: float):
         channels, size = image_shape[-3], min(image_shape[-2:])
         fill = tuple(min(255, round(m / scale)) for m in mean)
         hparams = {"translate_const": int(size * 0.45), "img_mean": fill if channels > 1 else fill[0]}
+        if "-mmax" not in cfg.randaugment:
+            # Magnitude noise can reach timm's cap of 10, where PosterizeIncreasing keeps 0 bits, which
+            # Pillow >= 10 refuses (an error mid-extraction); a cap just under 10 keeps 1 bit.
+            hparams["magnitude_max"] = MAX_MAGNITUDE
         try:
             randaugment = rand_augment_transform(cfg.randaugment, hparams)
         except Exception as exc:  # noqa: BLE001 -- timm's parser raises assertions and KeyErrors

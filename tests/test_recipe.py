@@ -214,3 +214,12 @@ def test_bad_recipes_are_one_line_errors(tmp_path, overrides, fragment):
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
         cfg = _cfg(tmp_path, *overrides)
         view_augmenter(cfg.augment, load_split(cfg.data, "train"))
+
+
+def test_randaugment_at_the_magnitude_cap_never_fails():
+    """Magnitude noise reaches timm's cap, where PosterizeIncreasing would keep 0 bits (Pillow refuses
+    that mid-extraction); every view of a strong recipe must build."""
+    aug = ViewAugmenter(AugmentConfig(kind="none", randaugment="rand-m10-n3-mstd1.0-inc1"), (3, 16, 16))
+    image = torch.rand(3, 16, 16)
+    for seed in range(400):
+        assert aug._apply_recipe(image, seed).shape == image.shape
