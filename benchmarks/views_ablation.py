@@ -3,7 +3,10 @@
 Run from the repository root, after `bkd train-teacher` (it reuses the config's teacher checkpoint)::
 
     python -m benchmarks.views_ablation [--suite views|recipe] [--seeds 0 1 2] [--views 8]
-                                        [--epochs E] [--json OUT]
+                                        [--epochs E] [--only SETTING ...] [--store-dir DIR] [--json OUT]
+
+With --store-dir the stores persist there and are reused (extraction resumes: a complete store
+is not recomputed), so several processes can split the settings (--only) between them.
 
 Suite `views` (the `mixed` student with three kinds of targets):
   clean          K = 1: clean inputs, clean-input targets, no augmentation
@@ -71,13 +74,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--views", type=int, default=8, help="K of the multi-view stores (default: 8)")
     parser.add_argument("--epochs", type=int, default=None, help="student epochs (default: the config's)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="SETTING", help="run only these settings")
+    parser.add_argument("--store-dir", type=Path, default=None, help="keep (and reuse) the stores here")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT")
     args = parser.parse_args(argv)
     epochs = args.epochs or load_config(args.config).student.epochs
     store_overrides, settings = suites(args.views, epochs)[args.suite]
+    if args.only:
+        unknown = sorted(set(args.only) - set(settings))
+        if unknown:
+            parser.error(f"--only: unknown setting {unknown[0]} (known: {', '.join(settings)})")
+        settings = {name: settings[name] for name in args.only}
+        store_overrides = {name: store_overrides[name] for name in {s[0] for s in settings.values()}}
 
     results: dict = {"suite": args.suite, "settings": {}, "stores": {}}
-    with tempfile.TemporaryDirectory(prefix="bkd-views-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bkd-views-") as scratch:
+        tmp = args.store_dir or scratch
         for name, overrides in store_overrides.items():
             cfg = load_config(args.config, [*overrides, *COMMON, f"extract.store={tmp}/{name}.zarr"])
             started = time.perf_counter()
@@ -95,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
                 cfg = load_config(args.config, [*store_overrides[store], *COMMON, f"extract.store={tmp}/{store}.zarr",
                                                 f"student.augment={policy}", f"seed={seed}",
                                                 f"student.distill={distill}", f"student.epochs={epochs}", *training])
-                row = train_student(cfg, Path(tmp) / f"{name.replace('/', '-')}-{seed}")
+                row = train_student(cfg, Path(scratch) / f"{name.replace('/', '-')}-{seed}")
                 accuracies.append(row["test_accuracy"])
                 print(f"{name} seed {seed}: test accuracy {row['test_accuracy']:.4f}", flush=True)
             results["settings"][name] = {

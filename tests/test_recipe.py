@@ -37,13 +37,10 @@ def _cfg(tmp: Path, *extra: str):
     ])
 
 
-@pytest.fixture(scope="module")
-def recipe_store(tmp_path_factory):
-    """A K = 4 store with the full recipe (views 2 and 3 mixed), and every input the teacher was fed."""
+def _extract_recording(cfg) -> dict:
+    """Extract `cfg`'s store with a random teacher; {(sample, view): the tensor the teacher was fed}."""
     import pipeline.extract as extract_module
 
-    tmp = tmp_path_factory.mktemp("recipe")
-    cfg = _cfg(tmp)
     split = load_split(cfg.data, "train")
     torch.manual_seed(0)
     checkpoint.save_weights(create_teacher(cfg.teacher, split.num_classes, split.image_shape).state_dict(),
@@ -60,12 +57,44 @@ def recipe_store(tmp_path_factory):
         extract_teacher(cfg, torch.device("cpu"))
     finally:
         extract_module.teacher_outputs = real
-    teacher_saw = {}
-    for shard, start in enumerate(range(0, 64, 32)):  # per shard (32 rows, one batch): views 0..3 in turn
-        for v in range(4):
-            for r, image in enumerate(fed[1 + shard * 4 + v]):  # fed[0] probes the feature shape
+    teacher_saw, views = {}, cfg.extract.views
+    shard_rows = cfg.extract.chunk_size * cfg.extract.chunks_per_shard
+    assert cfg.extract.batch_size >= shard_rows  # one batch per shard: views 0..K-1 in turn
+    for shard, start in enumerate(range(0, len(split), shard_rows)):
+        for v in range(views):
+            for r, image in enumerate(fed[1 + shard * views + v]):  # fed[0] probes the feature shape
                 teacher_saw[(start + r, v)] = image
-    return cfg, split, teacher_saw
+    return teacher_saw
+
+
+@pytest.fixture(scope="module")
+def recipe_store(tmp_path_factory):
+    """A K = 4 store with the full recipe (views 2 and 3 mixed), and every input the teacher was fed."""
+    cfg = _cfg(tmp_path_factory.mktemp("recipe"))
+    return cfg, load_split(cfg.data, "train"), _extract_recording(cfg)
+
+
+@pytest.mark.parametrize("ops", [
+    ["augment.erasing=0", "augment.mixup=0", "augment.cutmix=0", "augment.mix_views=0"],  # RandAugment alone
+    ["augment.randaugment=", "augment.mixup=0", "augment.cutmix=0", "augment.mix_views=0"],  # erasing alone
+    ["augment.randaugment=", "augment.erasing=0", "augment.cutmix=0"],  # mixup alone
+    ["augment.randaugment=", "augment.erasing=0", "augment.mixup=0"],  # cutmix alone
+], ids=["randaugment", "erasing", "mixup", "cutmix"])
+def test_each_op_alone_round_trips_bit_for_bit(tmp_path, ops):
+    cfg = _cfg(tmp_path, "data.limit=32", "extract.views=3", "augment.kind=none", *ops,
+               *(["augment.mix_views=1"] if "augment.mix_views=0" not in ops else []))
+    teacher_saw = _extract_recording(cfg)
+    split = load_split(cfg.data, "train")
+    targets = open_student_targets(cfg, "train", split)
+    dataset = CachedTargetDataset(split, targets, 2, view_augmenter(cfg.augment, split), "views", seed=cfg.seed)
+    changed = 0
+    for v in range(3):
+        dataset.schedule = torch.full((len(split),), v)
+        for i in range(32):
+            image = dataset[i][0]
+            assert torch.equal(image, teacher_saw[(i, v)]), (i, v)
+            changed += v > 0 and not torch.equal(image, split.load([i])[0])
+    assert changed >= 8  # the op really acts (RandAugment applies its op with p 0.5)
 
 
 def test_every_view_is_rebuilt_bit_for_bit_with_its_partner(recipe_store):
