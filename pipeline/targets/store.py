@@ -166,7 +166,6 @@ def topk_problem(rows: dict[str, np.ndarray], num_classes: int) -> str | None:
     return None
 
 
-
 def pixel_digests(raw: np.ndarray) -> np.ndarray:
     """(N,) uint64: blake2b-64 of each sample's raw input (its bytes, dtype and shape).
 
