@@ -326,9 +326,7 @@ class ViewAugmenter:
                 num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
         """(B, num_classes) soft targets of the views, as timm's Mixup builds them: lam * s(y) +
         (1 - lam) * s(y_partner) with s the label-smoothed one-hot (off value smoothing / classes)."""
-        off = smoothing / num_classes
-        one_hot = torch.full((len(labels), num_classes), off)
-        own = one_hot.scatter(1, labels.view(-1, 1), 1.0 - smoothing + off)
+        own = smoothed_one_hot(labels, num_classes, smoothing)
         partners = self.partners(params)
         mixed = partners >= 0
         if not mixed.any():
@@ -336,8 +334,7 @@ class ViewAugmenter:
         lam = torch.from_numpy(self.lam(params)).view(-1, 1)
         partner_labels = labels.clone()
         partner_labels[torch.from_numpy(mixed)] = all_labels[torch.from_numpy(partners[mixed])]
-        other = one_hot.scatter(1, partner_labels.view(-1, 1), 1.0 - smoothing + off)
-        return lam * own + (1 - lam) * other
+        return lam * own + (1 - lam) * smoothed_one_hot(partner_labels, num_classes, smoothing)
 
     def target_classes(self, labels, view_params, all_labels=None) -> np.ndarray:
         """(n, V, 2) int64: the classes each view's training target is made of -- the sample's label,
@@ -367,6 +364,12 @@ def view_schedule(num_samples: int, views: int, epoch: int, seed: int, mixed: ra
         pool = mixed if (mix_off_epoch == 0 or epoch < mix_off_epoch) else range(mixed.start)
     offsets = np.random.default_rng([seed, 0x5EED]).integers(0, len(pool), size=num_samples)
     return pool.start + (offsets + epoch) % len(pool)
+
+
+def smoothed_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    """(B, num_classes): timm's label-smoothed one-hot, 1 - smoothing + smoothing / K at the label."""
+    off = smoothing / num_classes
+    return torch.full((len(labels), num_classes), off).scatter(1, labels.view(-1, 1), 1.0 - smoothing + off)
 
 
 def partner_inputs(split, augmenter: ViewAugmenter, params, like: torch.Tensor) -> torch.Tensor | None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from pipeline.augment import ViewAugmenter, partner_inputs, view_schedule
+from pipeline.augment import ViewAugmenter, partner_inputs, smoothed_one_hot, view_schedule
 from pipeline.data import ImageSplit
 from pipeline.errors import BkdError, StoreError
 from pipeline.targets import TeacherTargets, feature_array
@@ -167,9 +167,7 @@ class CachedTargetDataset(Dataset):
             if aug.mixes or self.smoothing > 0:
                 targets = aug.targets(labels, params, self.images.labels, self.images.num_classes, self.smoothing)
         elif self.smoothing > 0:
-            off = self.smoothing / self.images.num_classes
-            targets = torch.full((len(labels), self.images.num_classes), off).scatter(
-                1, labels.view(-1, 1), 1.0 - self.smoothing + off)
+            targets = smoothed_one_hot(labels, self.images.num_classes, self.smoothing)
         return images, labels, features, logits, targets
 
     def __getitem__(self, i: int):
