@@ -162,7 +162,7 @@ class ViewAugmenter:
 
     def mixed_views(self, views: int) -> range:
         """The cached views that are mixed: the last `augment.mix_views` of the K (never view 0)."""
-        return range(views - self.cfg.mix_views, views) if self.mixes else range(0)
+        return range(max(1, views - self.cfg.mix_views), views) if self.mixes else range(0)
 
     def draw(self, indices: np.ndarray, views: int, num_samples: int | None = None) -> np.ndarray:
         """The cached views' parameters, (len(indices), views, P) int32; view 0 is the identity.
