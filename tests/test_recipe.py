@@ -216,9 +216,9 @@ def _batch_smoothed(y, eps):
 
 
 @pytest.mark.parametrize("override, field", [
-    ("augment.randaugment=rand-m7-n1-mstd0.4-inc1", "augment"),
-    ("augment.erasing=0.5", "augment"),
-    ("augment.mixup=0.8", "augment"),
+    ("augment.randaugment=rand-m7-n1-mstd0.4-inc1", r"augment\.randaugment: 'rand-m9"),
+    ("augment.erasing=0.5", r"augment\.erasing: 0\.25 in the store, 0\.5 here"),
+    ("augment.mixup=0.8", r"augment\.mixup: 0\.5 in the store, 0\.8 here"),
 ])
 def test_a_recipe_the_store_was_not_built_for_is_refused(recipe_store, override, field):
     cfg, split, _ = recipe_store

@@ -162,10 +162,16 @@ def get(mapping: dict, dotted: str) -> Any:
 
 
 def first_difference(have: dict, want: dict, keys: tuple[str, ...]) -> str | None:
-    """'field: X in the store, Y here' for the first of `keys` (dotted paths) that differs, or None."""
+    """'field: X in the store, Y here' for the first of `keys` (dotted paths) that differs, or None;
+    where both sides are mappings, the first differing field inside them (augment.randaugment, not
+    all of augment), so the line names what to change."""
     for key in keys:
-        if get(have, key) != get(want, key):
-            return f"{key}: {short(get(have, key))} in the store, {short(get(want, key))} here"
+        a, b = get(have, key), get(want, key)
+        while isinstance(a, dict) and isinstance(b, dict) and a != b:
+            inner = next(k for k in [*a, *(k for k in b if k not in a)] if a.get(k) != b.get(k))
+            key, a, b = f"{key}.{inner}", a.get(inner), b.get(inner)
+        if a != b:
+            return f"{key}: {short(a)} in the store, {short(b)} here"
     return None
 
 
