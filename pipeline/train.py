@@ -35,7 +35,7 @@ from pipeline.errors import BkdError, ConfigError
 from pipeline.evaluate import accuracy, count_correct
 from pipeline.losses import DistillationLoss
 from pipeline.models import create_student, create_teacher, load_teacher, teacher_metadata
-from pipeline.models.stages import capture, check_locations
+from pipeline.models.stages import check_locations, spiking_outputs
 from pipeline.rundir import RunFolder
 from pipeline.targets import open_student_targets
 from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler
@@ -344,11 +344,8 @@ def student_features(student: nn.Module, images: torch.Tensor, locations) -> tup
     `map` is the time-averaged last map, `pre_logits` its spatial mean (what the head classifies),
     module names their outputs averaged over T (captured during the same forward).
     """
-    with capture(student, locations, time_major=True) as got:
-        feature_map = student.forward_feature_map(images)
-    pooled = feature_map.mean((2, 3))
-    got.update({"map": feature_map, "pre_logits": pooled})
-    return {loc: got[loc] for loc in locations}, student.forward_head(pooled)
+    got, logits = spiking_outputs(student, images, locations)
+    return {loc: got[loc] for loc in locations}, logits
 
 
 def student_feature_shapes(student: nn.Module, sample: torch.Tensor, locations) -> dict[str, tuple[int, ...]]:

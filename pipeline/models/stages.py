@@ -67,3 +67,13 @@ def capture(model: nn.Module, names, time_major: bool = False) -> Iterator[dict[
     finally:
         for handle in handles:
             handle.remove()
+
+
+def spiking_outputs(model: nn.Module, images: torch.Tensor, names) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """({name: output averaged over T, "map": the time-averaged last map, "pre_logits": its spatial
+    mean}, logits) from one forward of a bkd spiking model (`forward_feature_map`, `forward_head`)."""
+    with capture(model, names, time_major=True) as got:
+        feature_map = model.forward_feature_map(images)
+    pooled = feature_map.mean((2, 3))
+    got.update({"map": feature_map, "pre_logits": pooled})
+    return got, model.forward_head(pooled)

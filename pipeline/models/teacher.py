@@ -209,16 +209,15 @@ def teacher_outputs(model: nn.Module, images: torch.Tensor, locations: Sequence[
     snn = is_snn_teacher(model)
     if snn and images.dim() == 5 and images.shape[1] != model.timesteps:
         raise ConfigError(_frames_message(images.shape[1], model.timesteps))
-    with stages.capture(model, modules, time_major=snn) as captured:
-        if snn:
-            feature_map = model.forward_feature_map(images)
-            pooled = feature_map.mean((2, 3))
-            logits = model.forward_head(pooled)
-        else:
+    if snn:
+        captured, logits = stages.spiking_outputs(model, images, modules)
+        feature_map, pooled = captured["map"], captured["pre_logits"]
+    else:
+        with stages.capture(model, modules) as captured:
             feature_map = model.forward_features(images)
             logits = model.forward_head(feature_map)
-    if not snn and "pre_logits" in locations:  # outside the capture: head modules keep the logits pass's output
-        pooled = model.forward_head(feature_map, pre_logits=True)
+        if "pre_logits" in locations:  # outside the capture: head modules keep the logits pass's output
+            pooled = model.forward_head(feature_map, pre_logits=True)
     out = {}
     for loc in locations:
         if loc == "pre_logits":
