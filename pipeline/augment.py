@@ -7,6 +7,11 @@ parameters, stores them beside the teacher's targets, and feeds the teacher
 same tensor for the student. Parameters are small integer vectors. A view is built in the
 order of timm's training transform:
 
+Views are cut from the split's source pixels, which for ImageNet with `data.load_size` are larger
+than the input (`source_shape`): a RandomResizedCrop box lies in the source image and is resized to
+the input size, every other base works on the input-sized centre crop, and the clean input (the
+identity) is that centre crop.
+
 1. the geometric base, one layout per `augment.kind`:
      pad_crop_flip       (top, left, flip)             crop of the image zero-padded by `pad` (raw 0)
      resized_crop_flip   (top, left, height, width, flip)   RandomResizedCrop box, resized back
@@ -101,13 +106,23 @@ class ViewAugmenter:
 
     `fill`, `mean`, `std`, `scale`: the split's normalization (pixel = (raw * scale - mean) / std),
     for padding with raw black and for running RandAugment on the raw uint8 image.
+    `source_shape`: the shape of the pixels views are cut from (default: `image_shape`, the output).
     """
 
     def __init__(self, cfg: AugmentConfig, image_shape: tuple[int, ...], fill: torch.Tensor | None = None,
-                 mean: torch.Tensor | None = None, std: torch.Tensor | None = None, scale: float = 1 / 255):
+                 mean: torch.Tensor | None = None, std: torch.Tensor | None = None, scale: float = 1 / 255,
+                 source_shape: tuple[int, ...] | None = None):
         if cfg.kind not in PARAM_NAMES:  # also checked by config validation; here for direct use
             raise ConfigError(f"augment.kind: unknown '{cfg.kind}' (known: {', '.join(PARAM_NAMES)})")
         self.cfg, self.height, self.width = cfg, image_shape[-2], image_shape[-1]
+        source_shape = tuple(image_shape if source_shape is None else source_shape)
+        self.source_height, self.source_width = source_shape[-2], source_shape[-1]
+        if self.source_height < self.height or self.source_width < self.width:
+            raise ValueError(f"source pixels {source_shape} are smaller than the views {tuple(image_shape)}")
+        self.crops = (self.source_height, self.source_width) != (self.height, self.width)
+        # the centre crop's box, as torchvision's center_crop places it
+        self.centre = (int(round((self.source_height - self.height) / 2.0)),
+                       int(round((self.source_width - self.width) / 2.0)))
         self.frames = len(image_shape) == 4
         # Bounds that need the image size, for the kind that uses each. A pad beyond the image's
         # larger side only adds zeros (and pad 200000 would allocate a 640 GB canvas); a circular
@@ -156,7 +171,7 @@ class ViewAugmenter:
     def identity(self) -> np.ndarray:
         kind, h, w = self.cfg.kind, self.height, self.width
         base = {"none": [0], "pad_crop_flip": [self.cfg.pad, self.cfg.pad, 0],
-                "resized_crop_flip": [0, 0, h, w, 0], "event_flip_roll": [0, 0, 0]}[kind]
+                "resized_crop_flip": [*self.centre, h, w, 0], "event_flip_roll": [0, 0, 0]}[kind]
         own = base + ([-1] if self.has_recipe else [])  # recipe seed -1: no RandAugment, no erasing
         return np.asarray(own + ([0, -1, 0, 0, 0, 0, 0] + own if self.mixes else []), np.int32)
 
@@ -212,7 +227,7 @@ class ViewAugmenter:
         return self._draw_base(rng) + ([int(rng.integers(0, 2**31 - 1))] if self.has_recipe else [])
 
     def _draw_base(self, rng: np.random.Generator) -> list[int]:
-        cfg, h, w = self.cfg, self.height, self.width
+        cfg = self.cfg
         flip = int(cfg.flip and rng.random() < 0.5)
         if cfg.kind == "pad_crop_flip":
             top, left = rng.integers(0, 2 * cfg.pad + 1, size=2)
@@ -221,11 +236,11 @@ class ViewAugmenter:
             dy, dx = rng.integers(-cfg.max_roll, cfg.max_roll + 1, size=2)
             return [int(dy), int(dx), flip]
         if cfg.kind == "resized_crop_flip":
-            # torchvision's own RandomResizedCrop sampling, on a torch RNG seeded from this view.
+            # torchvision's own RandomResizedCrop sampling, on a torch RNG seeded from this view, in the source image.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(rng.integers(0, 2**62)))
                 top, left, height, width = T.RandomResizedCrop.get_params(
-                    torch.empty(1, h, w), list(cfg.scale), list(cfg.ratio))
+                    torch.empty(1, self.source_height, self.source_width), list(cfg.scale), list(cfg.ratio))
             return [top, left, height, width, flip]
         return [0]
 
@@ -250,10 +265,11 @@ class ViewAugmenter:
 
     def apply(self, images: torch.Tensor, params: np.ndarray | torch.Tensor,
               partners: torch.Tensor | None = None) -> torch.Tensor:
-        """The views of a batch: images (B, ..., H, W), params (B, P); `partners` (B, ..., H, W): the
-        clean inputs of each row's partner sample (`partners(params)`), needed where a view is mixed."""
+        """The views of a batch: images (B, ..., H, W) the normalized source pixels, params (B, P);
+        `partners` (B, ..., H, W): the source pixels of each row's partner sample (`partners(params)`),
+        needed where a view is mixed. Views have the input shape (the source's centre crop for identity)."""
         if self.cfg.kind == "none" and not self.has_recipe and not self.mixes:
-            return images
+            return self.centre_crop(images)
         params = torch.as_tensor(params).tolist()
         out = []
         for b, (image, p) in enumerate(zip(images, params)):
@@ -299,12 +315,25 @@ class ViewAugmenter:
                 image = self.erasing(image.clone())
         return image
 
+    def centre_crop(self, images: torch.Tensor) -> torch.Tensor:
+        """The input-sized centre crop of source pixels (..., H, W): the clean input."""
+        if not self.crops:
+            return images
+        top, left = self.centre
+        return images[..., top:top + self.height, left:left + self.width]
+
     def _apply_base(self, image: torch.Tensor, p: list[int]) -> torch.Tensor:
-        if p == self._identity[:self.base_size]:
-            return image  # the clean input, bit for bit
         kind, h, w = self.cfg.kind, self.height, self.width
-        if kind == "none":
-            return image
+        if kind == "resized_crop_flip":  # a box of the source image, resized to the input size
+            top, left, height, width, flip = p
+            if (height, width) == (h, w):  # no resize: the crop itself, bit for bit (the identity among them)
+                out = image[..., top:top + h, left:left + w]
+            else:
+                out = TF.resized_crop(image, top, left, height, width, [h, w], antialias=True)
+            return out.flip(-1) if flip else out
+        image = self.centre_crop(image)
+        if kind == "none" or p == self._identity[:self.base_size]:
+            return image  # the clean input, bit for bit
         if kind == "pad_crop_flip":
             top, left, flip = p
             pad = self.cfg.pad
@@ -312,12 +341,9 @@ class ViewAugmenter:
             canvas = fill.to(image.dtype).view(-1, 1, 1).expand(*image.shape[:-2], h + 2 * pad, w + 2 * pad).clone()
             canvas[..., pad:pad + h, pad:pad + w] = image
             out = canvas[..., top:top + h, left:left + w]
-        elif kind == "event_flip_roll":
+        else:  # event_flip_roll
             dy, dx, flip = p
             out = torch.roll(image, shifts=(dy, dx), dims=(-2, -1))
-        else:  # resized_crop_flip
-            top, left, height, width, flip = p
-            out = TF.resized_crop(image, top, left, height, width, [h, w], antialias=True)
         return out.flip(-1) if flip else out
 
     # -- targets --------------------------------------------------------------------------------
@@ -373,17 +399,18 @@ def smoothed_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -
 
 
 def partner_inputs(split, augmenter: ViewAugmenter, params, like: torch.Tensor) -> torch.Tensor | None:
-    """The clean inputs of the mix partners of `params`' views, from `split` (zeros where a view is
-    not mixed; None when none is): what `apply` rebuilds the partners' views from."""
+    """The source pixels of the mix partners of `params`' views, from `split` (zeros where a view is
+    not mixed; None when none is): what `apply` rebuilds the partners' views from. `like`: the
+    batch's own source pixels."""
     partners = augmenter.partners(params)
     if not (partners >= 0).any():
         return None
     out = torch.zeros_like(like)
-    out[torch.from_numpy(partners >= 0)] = split.load(partners[partners >= 0])
+    out[torch.from_numpy(partners >= 0)] = split.load_pixels(partners[partners >= 0])
     return out
 
 
 def view_augmenter(cfg: AugmentConfig, split) -> ViewAugmenter:
     """The augmenter for an `ImageSplit`: its image shape and normalization (padding with its black)."""
     return ViewAugmenter(cfg, tuple(split.image_shape), fill=split.black, mean=split.mean, std=split.std,
-                         scale=split.scale)
+                         scale=split.scale, source_shape=tuple(split.source_shape))

@@ -117,8 +117,12 @@ class DataConfig:
     test_size: int = 1000
     # Use only the first `limit` samples of each split (tiny runs, tests); null = all.
     limit: int | None = None
-    # imagenet: images are resized (shorter side) and center-cropped to this size on load.
+    # imagenet: the input size. Files are decoded, their shorter side resized to `load_size` and
+    # centre-cropped square: the pixels views are cut from (a RandomResizedCrop box of the
+    # load_size image, resized to image_size). The clean input (view 0, evaluation) is the
+    # image_size centre crop of it -- torchvision's Resize(load_size) + CenterCrop(image_size).
     image_size: int = 224
+    load_size: int | None = None  # null: image_size (views are cut from the centre crop itself)
 
 
 @dataclass
@@ -195,6 +199,26 @@ class ExtractConfig:
     feature_dtype: str = "float16"
     logits_dtype: str = "float16"
     zstd_level: int = 3
+    # Also store each split's source pixels (uint8, as decoded: data.load_size for ImageNet) in the
+    # store, so student training reads arrays instead of decoding image files every epoch.
+    images: bool = False
+
+
+@dataclass
+class LoaderConfig:
+    """DataLoader worker processes for teacher training, extraction and student training.
+
+    Workers decode images and rebuild views while the model computes. Student training deals whole
+    shuffle windows of the store to workers (`ChunkShuffleSampler` lanes), so each worker decodes
+    its own chunks once per epoch; with W workers the epoch's sample order interleaves W lanes of
+    whole batches (the order then depends on W, like DDP's on its world size: W is part of a student
+    run). Teacher training and extraction give the same results with any number of workers.
+    """
+
+    workers: int = 0  # 0: load in the training process
+    pin_memory: bool | str = "auto"  # auto (on when the device is CUDA) | true | false
+    prefetch_factor: int = 2  # batches each worker loads ahead
+    persistent_workers: bool = True  # keep workers (and their decoded chunks) between epochs
 
 
 @dataclass
@@ -289,6 +313,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -383,6 +408,15 @@ def validate(cfg: Config) -> Config:
     _check(cfg.data.test_size > 0, "data.test_size must be > 0")
     _check(cfg.data.limit is None or cfg.data.limit > 0, "data.limit must be > 0 or null")
     _check(cfg.data.image_size >= 1, f"data.image_size must be >= 1, got {cfg.data.image_size}")
+    load = cfg.data.load_size
+    _check(load is None or cfg.data.image_size <= load <= MAX_TEACHER_INPUT_SIZE,
+           f"data.load_size must be in [data.image_size={cfg.data.image_size}, {MAX_TEACHER_INPUT_SIZE}] or null, "
+           f"got {load}")
+    ld = cfg.loader
+    _check(ld.workers >= 0, f"loader.workers must be >= 0, got {ld.workers}")
+    _check(ld.pin_memory in (True, False, "auto"),
+           f"loader.pin_memory must be auto, true or false, got {_short(ld.pin_memory)}")
+    _check(ld.prefetch_factor >= 1, f"loader.prefetch_factor must be >= 1, got {ld.prefetch_factor}")
     for section in (cfg.teacher, cfg.student):
         name = "teacher" if section is cfg.teacher else "student"
         _check(section.epochs >= 1, f"{name}.epochs must be >= 1, got {section.epochs}")

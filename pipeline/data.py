@@ -18,6 +18,7 @@ Small sources live in memory; ImageNet folders and HDF5 files are read lazily, p
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import os
@@ -28,9 +29,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, LoaderConfig
 from pipeline.errors import ConfigError, DataError
 
 
@@ -125,7 +126,8 @@ class HDF5Source(Source):
 
 
 class ImageFolderSource(Source):
-    """An ImageNet-style class-folder tree (torchvision's ImageFolder), resized and center-cropped.
+    """An ImageNet-style class-folder tree (torchvision's ImageFolder): each image decoded, its shorter
+    side resized to `size` and centre-cropped square (the pixels views are cut from).
 
     Labels are the indices of the sorted class-folder names, so every class needs a folder with
     images in it: an empty one is refused rather than left to torchvision's traceback.
@@ -277,7 +279,7 @@ def _imagenet(cfg: DataConfig, split: str) -> Source:
         if not needed.is_dir():
             raise DataError(f"{needed} not found: ImageNet goes in data.root as train/<class>/*.JPEG "
                             f"and val/<class>/*.JPEG")
-    source = ImageFolderSource(folder, cfg.image_size)
+    source = ImageFolderSource(folder, cfg.load_size or cfg.image_size)
     if folder != train:
         expected, found = _class_names(train), source.classes
         if expected != found:
@@ -340,7 +342,12 @@ DATASETS: dict[str, DatasetInfo] = {
 
 
 class ImageSplit(Dataset):
-    """One split of a dataset; items are (normalized input, label, row in the split)."""
+    """One split of a dataset; items are (normalized input, label, row in the split).
+
+    `source_shape` is the shape of the raw samples the source gives (the pixels views are cut
+    from), `image_shape` the model's input: the same, except for ImageNet with a `data.load_size`
+    above `data.image_size`, where the input is the image_size centre crop of the source image.
+    """
 
     def __init__(self, name: str, split: str, source: Source, rows: np.ndarray, cfg: DataConfig):
         info = DATASETS[name]
@@ -348,7 +355,10 @@ class ImageSplit(Dataset):
         self.ids = np.asarray(rows, dtype=np.int64)
         self.labels = torch.from_numpy(source.labels[self.ids])
         self.num_classes = source.num_classes
-        self.image_shape = source.shape
+        self.source_shape = tuple(source.shape)
+        self.image_shape = self.source_shape
+        if name == "imagenet":
+            self.image_shape = (source.shape[0], cfg.image_size, cfg.image_size)
         self.encoding, self.scale = info.encoding, info.scale
         channels = source.shape[-3]
         self.mean = torch.tensor((info.mean * channels)[:channels]).view(-1, 1, 1)
@@ -358,9 +368,11 @@ class ImageSplit(Dataset):
             "scale": info.scale,
             "mean": self.mean.flatten().tolist(),
             "std": self.std.flatten().tolist(),
-            "input_shape": list(source.shape),
+            "input_shape": list(self.image_shape),
             "encoding": info.encoding,
             "image_size": cfg.image_size if name == "imagenet" else None,
+            # only where set: stores written before load_size existed keep their identity
+            **({"load_size": cfg.load_size} if name == "imagenet" and cfg.load_size else {}),
         }
         # Small in-memory datasets are normalized once; the rest per batch.
         self._normalized = self._normalize(source.read(self.ids)) if isinstance(source, ArraySource) else None
@@ -371,12 +383,29 @@ class ImageSplit(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def load(self, indices) -> torch.Tensor:
-        """Normalized inputs (len(indices), *image_shape) for rows of this split."""
+    @property
+    def crops(self) -> bool:
+        """True when the input is a centre crop of larger source pixels."""
+        return self.image_shape != self.source_shape
+
+    def centre_crop(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The model input (..., image_shape) of normalized source pixels: their centre crop."""
+        if not self.crops:
+            return pixels
+        import torchvision.transforms.v2.functional as TF
+
+        return TF.center_crop(pixels, list(self.image_shape[-2:]))
+
+    def load_pixels(self, indices) -> torch.Tensor:
+        """Normalized source pixels (len(indices), *source_shape) for rows of this split: what views are cut from."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if self._normalized is not None:
             return self._normalized[torch.from_numpy(idx)]
         return self._normalize(self.source.read(self.ids[idx]))
+
+    def load(self, indices) -> torch.Tensor:
+        """Normalized inputs (len(indices), *image_shape) for rows of this split (the clean input)."""
+        return self.centre_crop(self.load_pixels(indices))
 
     def __getitem__(self, i: int):
         return self.load([i])[0], self.labels[i], i
@@ -391,11 +420,22 @@ class ImageSplit(Dataset):
         return self._normalized is not None
 
     def load_raw(self, indices) -> tuple[np.ndarray, torch.Tensor]:
-        """(raw source values, normalized inputs) for rows of this split, from one read."""
+        """(raw source values, normalized source pixels) for rows of this split, from one read."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         raw = self.source.read(self.ids[idx])
         normalized = self._normalized[torch.from_numpy(idx)] if self.in_memory else self._normalize(raw)
         return raw, normalized
+
+    def reading_from(self, source: Source) -> "ImageSplit":
+        """This split with its pixels read from `source` (same rows, labels, fingerprint and transform):
+        e.g. the decoded images a store holds instead of the image files. `source.read` takes the rows
+        of the original source (this split's `ids`) and must give the same raw values."""
+        if tuple(source.shape) != self.source_shape:
+            raise DataError(f"{source.origin} holds samples of shape {tuple(source.shape)}, the dataset's are "
+                            f"{self.source_shape}")
+        other = copy.copy(self)
+        other.source = source
+        return other
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
@@ -417,6 +457,20 @@ def random_shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:
 def collate_batch(batch):
     """Collate for loaders over ImageSplit: `__getitems__` already returns stacked tensors."""
     return batch
+
+
+def data_loader(dataset, batch_size: int | None, sampler, loader: LoaderConfig, device: torch.device,
+                workers: int | None = None) -> DataLoader:
+    """The DataLoader every stage uses: `loader.workers` worker processes (`workers` overrides the
+    count) with pinned memory (auto: when the device is CUDA), `prefetch_factor` batches ahead per
+    worker and persistent workers as configured. `batch_size` None: the dataset's items are batches.
+    Datasets here batch themselves (`__getitems__`) and are deterministic functions of their indices,
+    so the workers change when a batch is ready, never what it holds."""
+    workers = loader.workers if workers is None else workers
+    pin = loader.pin_memory is True or (loader.pin_memory == "auto" and device.type == "cuda")
+    extra = {"prefetch_factor": loader.prefetch_factor, "persistent_workers": loader.persistent_workers} if workers else {}
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_batch, num_workers=workers,
+                      pin_memory=pin and torch.cuda.is_available(), **extra)
 
 
 def load_split(cfg: DataConfig, split: str) -> ImageSplit:

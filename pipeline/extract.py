@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from pipeline.augment import partner_inputs, view_augmenter
 from pipeline.config import Config
-from pipeline.data import load_splits
+from pipeline.data import data_loader, load_splits
 from pipeline.errors import BkdError
 from pipeline.locks import PathLock
 from pipeline.models import load_teacher, teacher_outputs
-from pipeline.targets import (StoreWriter, check_store_location, existing_store, expected_spec, feature_array,
+from pipeline.targets import (IMAGES, StoreWriter, check_store_location, existing_store, expected_spec, feature_array,
                               pixel_digests, teacher_sha, topk_arrays)
 
 
@@ -38,52 +39,98 @@ class ShardExtractor:
                                    for loc, f in teacher_outputs(self.model, probe, ex.features)[0].items()}
         self.spec = expected_spec(cfg, self.splits, sha, self.feature_shapes, self.model.num_features)
         self.layouts = {name: self.spec.layout(name) for name in self.splits}
+        self.images = ex.images
 
     def open_writer(self, overwrite: bool = False) -> StoreWriter:
         return StoreWriter(self.ex.store, self.spec, overwrite=overwrite)
 
-    def compute(self, name: str, shard: int, on_batch=None) -> dict[str, np.ndarray]:
+    def batches(self, name: str, shards: list[int], workers: int | None = None):
+        """The `ViewBatches` of `shards` of split `name` through a DataLoader with the config's loader
+        settings (`workers` overrides the count: 0 inside dask workers, which cannot have children)."""
+        layout = self.layouts[name]
+        spans = [(b, min(b + self.ex.batch_size, stop)) for shard in shards
+                 for start, stop in [layout.shard_rows(shard)] for b in range(start, stop, self.ex.batch_size)]
+        dataset = ViewBatches(self.splits[name], self.augmenters[name], layout.views, spans, self.images)
+        return data_loader(dataset, None, None, self.cfg.loader, self.device, workers=workers)
+
+    def compute(self, name: str, shard: int, on_batch=None, workers: int | None = None) -> dict[str, np.ndarray]:
         """The arrays of one shard: all its samples, all their views."""
+        return next(self.shard_arrays(name, [shard], on_batch, workers))[1]
+
+    def shard_arrays(self, name: str, shards: list[int], on_batch=None, workers: int | None = None):
+        """(shard, arrays) for each of `shards` in turn, from one loader: workers build the next views
+        while the teacher runs."""
+        if not shards:
+            return
         ex, split, layout, augmenter = self.ex, self.splits[name], self.layouts[name], self.augmenters[name]
-        start, stop = layout.shard_rows(shard)
-        params = augmenter.draw(np.arange(start, stop), layout.views, num_samples=len(split))
-        features = {loc: np.empty((stop - start, layout.views, *shape), np.float32)
-                    for loc, shape in self.feature_shapes.items()}
-        logits = np.empty((stop - start, layout.views, self.num_classes), np.float32)
-        digests = np.empty(stop - start, np.uint64)
-        arrays = {}
-        for b in range(start, stop, ex.batch_size):
-            e = min(b + ex.batch_size, stop)
-            raw, clean = split.load_raw(range(b, e))  # one read per batch, whatever the number of views
-            digests[b - start:e - start] = pixel_digests(raw)
-            for v in range(layout.views):
-                view_params = params[b - start:e - start, v]
-                images = augmenter.apply(clean, view_params, partner_inputs(split, augmenter, view_params, clean))
-                images = images.to(self.device)
-                f, z = teacher_outputs(self.model, images, ex.features)
-                for loc, values in f.items():
-                    features[loc][b - start:e - start, v] = values.float().cpu().numpy()
-                logits[b - start:e - start, v] = z.float().cpu().numpy()
-                if on_batch is not None:
-                    on_batch(e - b)
-        for name, values in (*((f"features at {loc}", f) for loc, f in features.items()), ("logits", logits)):
-            if not np.isfinite(values).all():
-                raise BkdError(f"the teacher produced non-finite {name} on {split.split} shard {shard} "
-                               f"(rows {start}:{stop}); nothing of that shard was written")
-        labels = split.labels[start:stop].numpy()
-        if ex.logits_topk is not None:  # the k largest, and what the losses need of the rest
-            classes = augmenter.target_classes(labels, params, split.labels.numpy())
-            arrays = topk_arrays(logits, ex.logits_topk, classes)
-            logits = arrays.pop("logits")
-        return {
-            **arrays,
-            **{feature_array(loc): f.astype(ex.feature_dtype) for loc, f in features.items()},
-            "logits": logits.astype(ex.logits_dtype),
-            "view_params": params,
-            "labels": labels,
-            "index": np.arange(start, stop, dtype=np.int64),
-            "pixel_digest": digests,
-        }
+        batches = iter(self.batches(name, shards, workers))
+        for shard in shards:
+            start, stop = layout.shard_rows(shard)
+            features = {loc: np.empty((stop - start, layout.views, *shape), np.float32)
+                        for loc, shape in self.feature_shapes.items()}
+            logits = np.empty((stop - start, layout.views, self.num_classes), np.float32)
+            digests = np.empty(stop - start, np.uint64)
+            params = np.empty((stop - start, layout.views, len(augmenter.param_names)), np.int32)
+            images = np.empty((stop - start, *split.source_shape), np.uint8) if self.images else None
+            arrays = {}
+            for b in range(start, stop, ex.batch_size):
+                batch = next(batches)
+                e = b + len(batch["digests"])
+                assert batch["start"] == b, "extraction batches out of order"
+                rows = slice(b - start, e - start)
+                digests[rows], params[rows] = batch["digests"], batch["params"]
+                if images is not None:
+                    images[rows] = batch["raw"]
+                for v, view in enumerate(batch["views"]):
+                    f, z = teacher_outputs(self.model, view.to(self.device, non_blocking=True), ex.features)
+                    for loc, values in f.items():
+                        features[loc][rows, v] = values.float().cpu().numpy()
+                    logits[rows, v] = z.float().cpu().numpy()
+                    if on_batch is not None:
+                        on_batch(e - b)
+            for what, values in (*((f"features at {loc}", f) for loc, f in features.items()), ("logits", logits)):
+                if not np.isfinite(values).all():
+                    raise BkdError(f"the teacher produced non-finite {what} on {split.split} shard {shard} "
+                                   f"(rows {start}:{stop}); nothing of that shard was written")
+            labels = split.labels[start:stop].numpy()
+            if ex.logits_topk is not None:  # the k largest, and what the losses need of the rest
+                classes = augmenter.target_classes(labels, params, split.labels.numpy())
+                arrays = topk_arrays(logits, ex.logits_topk, classes)
+                logits = arrays.pop("logits")
+            if images is not None:
+                arrays[IMAGES] = images
+            yield shard, {
+                **arrays,
+                **{feature_array(loc): f.astype(ex.feature_dtype) for loc, f in features.items()},
+                "logits": logits.astype(ex.logits_dtype),
+                "view_params": params,
+                "labels": labels,
+                "index": np.arange(start, stop, dtype=np.int64),
+                "pixel_digest": digests,
+            }
+
+
+class ViewBatches(Dataset):
+    """Item i: one extraction batch of a split (rows `spans[i]`) made ready for the teacher -- the
+    rows' pixel digests, their views' parameters and every view's input (V, B, ...), and with
+    `keep_raw` the raw source pixels (for the store's images). Runs in loader workers: decoding,
+    digests and view building overlap the teacher's forward."""
+
+    def __init__(self, split, augmenter, views: int, spans: list[tuple[int, int]], keep_raw: bool = False):
+        self.split, self.augmenter, self.views, self.spans, self.keep_raw = split, augmenter, views, spans, keep_raw
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def __getitem__(self, i: int) -> dict:
+        start, stop = self.spans[i]
+        split, augmenter = self.split, self.augmenter
+        raw, pixels = split.load_raw(range(start, stop))  # one read per batch, whatever the number of views
+        params = augmenter.draw(np.arange(start, stop), self.views, num_samples=len(split))
+        views = torch.stack([augmenter.apply(pixels, params[:, v], partner_inputs(split, augmenter, params[:, v], pixels))
+                             for v in range(self.views)])
+        return {"start": start, "digests": pixel_digests(raw), "params": params, "views": views,
+                "raw": raw if self.keep_raw else None}
 
 
 _WORKER_STATE: dict = {}  # per dask worker process: the extractor and writer, built once
@@ -108,7 +155,7 @@ def _extract_shard_task(cfg: Config, device_name: str, name: str, shard: int, th
         extractor = ShardExtractor(cfg, _worker_device(device_name))
         _WORKER_STATE[key] = (extractor, extractor.open_writer())
     extractor, writer = _WORKER_STATE[key]
-    writer.write_shard(name, shard, extractor.compute(name, shard))
+    writer.write_shard(name, shard, extractor.compute(name, shard, workers=0))  # dask workers have no children
     start, stop = extractor.layouts[name].shard_rows(shard)
     return (stop - start) * extractor.layouts[name].views
 
@@ -133,8 +180,10 @@ def extract_teacher(cfg: Config, device: torch.device, overwrite: bool = False, 
         total = sum(np.diff(extractor.layouts[n].shard_rows(s))[0] * extractor.layouts[n].views for n, s in missing)
         with tqdm(total=total, desc="extract", unit="view", dynamic_ncols=True) as bar:
             if local:
-                for name, shard in missing:
-                    writer.write_shard(name, shard, extractor.compute(name, shard, bar.update))
+                for name in extractor.splits:
+                    shards = [shard for split, shard in missing if split == name]
+                    for shard, arrays in extractor.shard_arrays(name, shards, bar.update):
+                        writer.write_shard(name, shard, arrays)
             else:
                 _run_on_dask(cfg, str(device), missing, workers, scheduler, bar)
         writer.finish()

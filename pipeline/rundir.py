@@ -29,14 +29,17 @@ from pipeline.locks import PathLock
 # Fields that cannot change what a run computes: where things are read from or written to,
 # the device, how often checkpoints are saved, how extraction batches the teacher.
 RESULT_NEUTRAL = ("student.device", "teacher.device", "student.checkpoint_every", "student.out_dir",
-                  "teacher.checkpoint", "extract.store", "extract.batch_size", "data.root")
+                  "teacher.checkpoint", "extract.store", "extract.batch_size", "data.root",
+                  "loader.pin_memory", "loader.prefetch_factor", "loader.persistent_workers")
 # What each kind of run depends on. A student depends on the teacher only through the store,
 # whose identity (teacher weights included) is checked on its own; so teacher training settings
 # are not part of a student run.
 SCOPES = {
     "teacher": ("seed", "data", "teacher"),
     "student": ("seed", "data", "augment", "teacher.model", "teacher.small_input_stem", "teacher.input_size",
-                "teacher.interpolation", "teacher.timesteps", "teacher.model_kwargs", "extract", "student"),
+                "teacher.interpolation", "teacher.timesteps", "teacher.model_kwargs", "extract", "student",
+                # the sample order interleaves one lane of shuffle windows per loader worker
+                "loader.workers"),
     # Evaluating a finished run: what defines the model and the data it is evaluated on.
     "evaluate": ("data", "student.model", "student.model_kwargs", "student.timesteps", "student.distill"),
 }

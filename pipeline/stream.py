@@ -8,6 +8,12 @@ window boundary needs chunks of both windows, and with that capacity, least-rece
 eviction that never evicts the current batch's chunks only drops chunks of finished windows.
 So each chunk is decoded once per epoch and the store is never loaded whole.
 
+Under DataLoader workers, each worker keeps its own decoded chunks, so batches that need the same
+chunks must go to the same worker: with `lanes` = W workers the sampler cuts the epoch's order
+into W contiguous spans of whole batches (each a run of whole windows but at its two ends) and
+interleaves them batch by batch, so batch k comes from span k mod W -- the worker DataLoader
+sends it to. Each worker then streams its own windows and still decodes each chunk once.
+
 With K cached views per sample, each epoch serves one view per sample (`view_schedule`): the
 student input is rebuilt from that view's stored augmentation parameters, so it is exactly
 the tensor the teacher saw, and the targets are that view's features and logits.
@@ -27,7 +33,7 @@ from pipeline.errors import BkdError, StoreError
 from pipeline.targets import TeacherTargets, feature_array
 
 
-class ChunkShuffleSampler(Sampler[int]):
+class ChunkShuffleSampler(Sampler):
     """Chunk-aligned shuffle, reproducible from (seed, epoch); under DDP, one rank's share of it.
 
     With `world_size` ranks, each epoch's shuffled chunk order is dealt round-robin, so ranks
@@ -35,12 +41,21 @@ class ChunkShuffleSampler(Sampler[int]):
     possible share, ceil(chunks / ranks) full chunks -- a shorter share repeating its own first
     samples, so all ranks take the same number of steps (DDP steps in lockstep).
     `set_epoch(epoch, start)` skips the first `start` indices: resuming mid-epoch.
+
+    `lanes` > 1 (DataLoader workers, with the loader's `batch_size`): the order is cut into that many
+    spans of whole batches, interleaved batch by batch (see the module docstring); the last batch,
+    the only one that may be short, stays last. `with_epoch`: yield (epoch, index) pairs, so a
+    dataset copy in a persistent worker knows the epoch of every index it serves.
     """
 
     def __init__(self, num_samples: int, chunk_size: int, buffer_chunks: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, lanes: int = 1, batch_size: int | None = None,
+                 with_epoch: bool = False):
         self.num_samples, self.chunk_size, self.buffer_chunks, self.seed = num_samples, chunk_size, buffer_chunks, seed
         self.rank, self.world_size = rank, world_size
+        if lanes > 1 and not batch_size:
+            raise ValueError("lanes > 1 needs the loader's batch_size")
+        self.lanes, self.batch_size, self.with_epoch = lanes, batch_size, with_epoch
         self.num_chunks = -(-num_samples // chunk_size)
         if self.num_chunks < world_size:
             raise BkdError(f"{self.num_chunks} chunks of {chunk_size} samples cannot be shared by {world_size} ranks; "
@@ -67,7 +82,33 @@ class ChunkShuffleSampler(Sampler[int]):
                 for c in chunk_order[w:w + self.buffer_chunks]]))
             for w in range(0, len(chunk_order), self.buffer_chunks)]
         order = np.resize(np.concatenate(windows), len(self))  # pads a short share with its own samples
-        yield from order[self.start:].tolist()
+        if self.lanes > 1:
+            order = interleave_lanes(order, self.batch_size, self.lanes)
+        order = order[self.start:].tolist()
+        if self.with_epoch:
+            yield from ((self.epoch, i) for i in order)
+        else:
+            yield from order
+
+
+def interleave_lanes(order: np.ndarray, batch_size: int, lanes: int) -> np.ndarray:
+    """`order` cut into `lanes` contiguous spans of whole batches, then interleaved batch by batch:
+    batch k of the result is the next batch of span k mod lanes. The spans hold ceil or floor of
+    batches / lanes batches, the longer ones first; the span that ends the result is the one that
+    ends `order`, so the one short batch (its last) stays last and every other batch is whole."""
+    batches = -(-len(order) // batch_size)
+    if batches <= 1 or lanes <= 1:
+        return order
+    lanes = min(lanes, batches)
+    q, r = divmod(batches, lanes)
+    counts = [q + (lane < r) for lane in range(lanes)]
+    last = (r - 1) if r else lanes - 1  # the lane whose batch comes last
+    span_order = [lane for lane in range(lanes) if lane != last] + [last]  # spans of `order`, in order
+    starts, at = {}, 0
+    for lane in span_order:
+        starts[lane], at = at, at + counts[lane]
+    picks = [starts[k % lanes] + k // lanes for k in range(batches)]  # batch k of the result
+    return np.concatenate([order[b * batch_size:(b + 1) * batch_size] for b in picks])
 
 
 class CachedTargetDataset(Dataset):
@@ -135,7 +176,12 @@ class CachedTargetDataset(Dataset):
                 del self._chunks[evictable.pop(0)]
         self.max_resident_chunks = max(self.max_resident_chunks, len(self._chunks))
 
-    def __getitems__(self, indices: list[int]):
+    def __getitems__(self, indices: list):
+        if indices and isinstance(indices[0], tuple):  # (epoch, index) pairs from a with_epoch sampler
+            epoch = indices[0][0]
+            if epoch != self.epoch:
+                self.set_epoch(epoch)
+            indices = [i for _, i in indices]
         idx = torch.as_tensor(indices)
         chunk_ids = idx // self.targets.chunk_size
         views = self.schedule[idx]
@@ -155,19 +201,22 @@ class CachedTargetDataset(Dataset):
             logits[rows] = data["logits"][local, views[rows]]
             if stored_views:
                 params[rows] = data["view_params"][local, views[rows]]
-        images, labels, _ = self.images.__getitems__(indices)
+        labels = self.images.labels[idx]
         targets = labels
-        if self.augmenter is not None:
+        if self.augmenter is None:
+            images = self.images.load(indices)
+            if self.smoothing > 0:
+                targets = smoothed_one_hot(labels, self.images.num_classes, self.smoothing)
+        else:
             aug = self.augmenter
             if not stored_views:  # online: a fresh augmentation, against the clean input's targets
                 off = aug.cfg.mix_off_epoch
                 params = aug.draw_online(idx.numpy(), self.epoch, len(self),
                                          mix=aug.mixes and (off == 0 or self.epoch < off))
-            images = aug.apply(images, params, partner_inputs(self.images, aug, params, images))
+            pixels = self.images.load_pixels(indices)
+            images = aug.apply(pixels, params, partner_inputs(self.images, aug, params, pixels))
             if aug.mixes or self.smoothing > 0:
                 targets = aug.targets(labels, params, self.images.labels, self.images.num_classes, self.smoothing)
-        elif self.smoothing > 0:
-            targets = smoothed_one_hot(labels, self.images.num_classes, self.smoothing)
         return images, labels, features, logits, targets
 
     def __getitem__(self, i: int):

@@ -29,7 +29,7 @@ from pipeline import checkpoint
 from pipeline.checkpoint import write_json
 from pipeline.augment import view_augmenter
 from pipeline.config import Config, ScheduleConfig
-from pipeline.data import collate_batch, load_split, load_splits, random_shift
+from pipeline.data import data_loader, load_split, load_splits, random_shift
 from pipeline.distributed import Ranks, process_group, resolve_device, split_global_batch
 from pipeline.errors import BkdError, ConfigError
 from pipeline.evaluate import accuracy, count_correct
@@ -37,7 +37,7 @@ from pipeline.losses import DistillationLoss
 from pipeline.models import create_student, create_teacher, load_teacher, teacher_metadata
 from pipeline.models.stages import check_locations, spiking_outputs
 from pipeline.rundir import RunFolder
-from pipeline.targets import open_student_targets
+from pipeline.targets import StoredImages, open_student_targets
 from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler
 
 StepFn = Callable[[tuple], tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]]
@@ -310,7 +310,7 @@ def train_teacher(cfg: Config, run_dir: str | Path, resume: bool = False) -> dic
     torch.manual_seed(cfg.seed)
     model = create_teacher(tcfg, train.num_classes, train.image_shape).to(device)
     sampler = ChunkShuffleSampler(len(train), chunk_size=len(train), buffer_chunks=1, seed=cfg.seed)
-    loader = DataLoader(train, batch_size=tcfg.batch_size, sampler=sampler, collate_fn=collate_batch)
+    loader = data_loader(train, tcfg.batch_size, sampler, cfg.loader, device)
     optimizer, scheduler = optimizer_for(tcfg, model, len(loader))
 
     def step(batch):
@@ -443,6 +443,8 @@ def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, devic
     targets = open_student_targets(cfg, "train", train, trust_store_teacher)
     if ranks.is_main:
         folder.store_identity = targets.identity_digest()
+    if targets.spec.image_shape is not None and not train.in_memory:
+        train = train.reading_from(StoredImages(targets, train))  # the decoded pixels, not the image files
     torch.manual_seed(cfg.seed)
     student = create_student(scfg.model, train.num_classes, train.image_shape, scfg.timesteps,
                              **scfg.model_kwargs).to(device)
@@ -456,9 +458,11 @@ def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, devic
     dataset = CachedTargetDataset(train, targets, scfg.shuffle_buffer_chunks,
                                   view_augmenter(cfg.augment, train), scfg.augment, seed=cfg.seed,
                                   locations=criterion.teacher_locations, smoothing=scfg.label_smoothing)
+    # With loader workers, whole shuffle windows go to each worker (lanes), so each decodes its chunks once.
     sampler = ChunkShuffleSampler(len(dataset), targets.chunk_size, scfg.shuffle_buffer_chunks, seed=cfg.seed,
-                                  rank=ranks.rank, world_size=ranks.world_size)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_batch)
+                                  rank=ranks.rank, world_size=ranks.world_size, lanes=max(1, cfg.loader.workers),
+                                  batch_size=batch_size, with_epoch=True)
+    loader = data_loader(dataset, batch_size, sampler, cfg.loader, device)
     forward = unwrapped = StudentForward(student, criterion)
     if ranks.distributed:
         forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)

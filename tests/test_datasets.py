@@ -145,13 +145,16 @@ FAMILIES = {
         write_cifar10, ["teacher.model=vit_tiny_patch16_224", TINY_CML, *TINY_RECIPE], "kdsnn"),
     "cifar100-spikingformer-4-384.yaml": (
         write_cifar100, ["teacher.model=vit_tiny_patch16_224", TINY_CML, *TINY_RECIPE], None),
-    "imagenet-sew-resnet18.yaml": (
-        write_imagefolder, ["data.image_size=32", "extract.logits_topk=1",
+    "imagenet-sew-resnet18.yaml": (  # loader workers, lanes and the stored images, as configured
+        write_imagefolder, ["data.image_size=32", "data.load_size=40", "extract.logits_topk=1", "loader.workers=2",
                             "extract.features=[pre_logits, layer1, layer2, layer3, layer4]"], "lasnn"),
-    "imagenet-sew-resnet34.yaml": (write_imagefolder, ["data.image_size=32", "extract.logits_topk=1"], None),
-    "imagenet-sew-resnet50.yaml": (write_imagefolder, ["data.image_size=32", "extract.logits_topk=1"], "kdsnn"),
+    "imagenet-sew-resnet34.yaml": (write_imagefolder, ["data.image_size=32", "data.load_size=40",
+                                                       "extract.logits_topk=1"], None),
+    "imagenet-sew-resnet50.yaml": (write_imagefolder, ["data.image_size=32", "data.load_size=40",
+                                                       "extract.logits_topk=1"], "kdsnn"),
     "imagenet-spikingformer-8-768.yaml": (
-        write_imagefolder, ["data.image_size=32", "extract.logits_topk=1", "teacher.model=vit_tiny_patch16_224",
+        write_imagefolder, ["data.image_size=32", "data.load_size=40", "extract.logits_topk=1",
+                            "teacher.model=vit_tiny_patch16_224",
                             "teacher.input_size=224", TINY_CML, *TINY_RECIPE, "augment.mix_off_epoch=0"], None),
     "mnist5k-recipe.yaml": (  # the embedded digits: nothing to write
         lambda root: None, ["data.limit=64", "student.model_kwargs.widths=[8,16,32]", *TINY_RECIPE], "none"),
@@ -180,7 +183,7 @@ def test_config_family_end_to_end(tmp_path, config):
     write(tmp_path / "data")
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     args = ["--config", f"configs/{config}", "--set", f"data.root={tmp_path / 'data'}"]
-    for override in ["extract.views=2", "extract.chunk_size=4", "extract.chunks_per_shard=2",
+    for override in ["extract.views=2", "extract.chunk_size=4", "extract.chunks_per_shard=2", "loader.workers=0",
                      "teacher.epochs=1", "teacher.batch_size=8", "extract.batch_size=8",
                      "student.epochs=1", "student.batch_size=8"] + overrides:
         args += ["--set", override]

@@ -58,7 +58,9 @@ def expected_spec(cfg: Config, splits: dict, sha: str | None, feature_shapes: di
                    "teacher_interpolation": cfg.teacher.interpolation},
         augment=ViewAugmenter(cfg.augment, tuple(any_split.image_shape)).spec(),
         features={"locations": {loc: list(shape) for loc, shape in feature_shapes.items()},
-                  "logits_topk": ex.logits_topk},
+                  "logits_topk": ex.logits_topk,
+                  # only where on: stores without images keep the identity they had
+                  **({"images": list(any_split.source_shape)} if ex.images else {})},
         dtypes={"features": ex.feature_dtype, "logits": ex.logits_dtype},
         chunking={"chunk_size": ex.chunk_size, "chunks_per_shard": ex.chunks_per_shard},
         zstd_level=ex.zstd_level,

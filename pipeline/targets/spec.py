@@ -37,6 +37,9 @@ CHUNK_DIGEST = "chunk_digest"
 FLAGS = "shards_done"
 FEATURES = "features."  # the array of teacher feature location LOC is "features.LOC"
 ROW_ARRAYS = ("logits", "view_params", "labels", "index", "pixel_digest")  # besides the feature arrays
+# With extract.images: each sample's raw source pixels (N, *source_shape) uint8, one inner chunk per
+# row (a mix partner is read alone), so training reads arrays instead of decoding image files.
+IMAGES = "images"
 
 
 def feature_array(location: str) -> str:
@@ -46,7 +49,8 @@ def feature_array(location: str) -> str:
 
 def is_row_array(name: str) -> bool:
     """Is `name` a per-row array a store may hold (the fixed ones, top-k classes, any feature location)?"""
-    return name in ROW_ARRAYS or name in TOPK_ARRAYS or (name.startswith(FEATURES) and len(name) > len(FEATURES))
+    return (name in ROW_ARRAYS or name in TOPK_ARRAYS or name == IMAGES
+            or (name.startswith(FEATURES) and len(name) > len(FEATURES)))
 
 # What a training run must agree with (the rest -- views, feature locations, top-k -- it takes from
 # the store), as dotted manifest paths; `splits.<split>.fingerprint` is compared per split.
@@ -104,6 +108,12 @@ class TargetSpec:
         return self.features.get("logits_topk")
 
     @property
+    def image_shape(self) -> tuple[int, ...] | None:
+        """The shape of one sample's stored source pixels, or None when the store holds no images."""
+        shape = self.features.get("images")
+        return tuple(shape) if shape else None
+
+    @property
     def feature_shapes(self) -> dict[str, tuple[int, ...]]:
         """{location: (C,) or (C, H, W)} of every cached teacher feature location."""
         return {loc: tuple(shape) for loc, shape in self.features["locations"].items()}
@@ -116,7 +126,7 @@ class TargetSpec:
     def row_arrays(self) -> tuple[str, ...]:
         """The per-row arrays of every split, in the order of their chunk-digest columns."""
         features = tuple(feature_array(loc) for loc in self.feature_shapes)
-        return features + ROW_ARRAYS + (TOPK_ARRAYS if self.logits_topk else ())
+        return features + ROW_ARRAYS + (TOPK_ARRAYS if self.logits_topk else ()) + ((IMAGES,) if self.image_shape else ())
 
     def array_schema(self, split: str) -> dict[str, tuple[tuple[int, ...], str]]:
         """{name: (shape, dtype)} of the per-row arrays of `split`: the one definition of a store's arrays."""
@@ -134,6 +144,8 @@ class TargetSpec:
         if self.logits_topk:  # "every other class": outside the top k and the target classes
             schema |= {TOPK_INDEX: ((n, views, k), "int32"), TOPK_TARGET_CLASS: ((n, views, 2), "int32"),
                        TOPK_TARGET: ((n, views, 2), "float32"), TOPK_TAIL: ((n, views, 2), "float32")}
+        if self.image_shape:
+            schema[IMAGES] = ((n, *self.image_shape), "uint8")
         return schema
 
     def to_manifest(self) -> dict[str, Any]:
@@ -168,9 +180,11 @@ def first_difference(have: dict, want: dict, keys: tuple[str, ...]) -> str | Non
     for key in keys:
         a, b = get(have, key), get(want, key)
         while isinstance(a, dict) and isinstance(b, dict) and a != b:
-            inner = next(k for k in [*a, *(k for k in b if k not in a)] if a.get(k) != b.get(k))
+            inner = next((k for k in [*a, *(k for k in b if k not in a)] if a.get(k) != b.get(k)), None)
+            if inner is None:  # they differ only by a key one side lacks and the other sets to None
+                break
             key, a, b = f"{key}.{inner}", a.get(inner), b.get(inner)
-        if a != b:
+        if a != b and not (isinstance(a, dict) and isinstance(b, dict)):
             return f"{key}: {short(a)} in the store, {short(b)} here"
     return None
 

@@ -15,6 +15,8 @@ Layout::
       train/logits_target_class (N, V, 2) int32  the classes each view's training target is made of
       train/logits_target (N, V, 2) float32  the teacher's logits at those classes
       train/logits_tail  (N, V, 2) float32  log-sum-exp and sum of the logits at every other class
+      train/images       (N, C, H, W) uint8  with extract.images: each sample's raw source pixels, one inner
+                                        chunk per row (read by `StoredImages`, checked against pixel_digest)
       train/chunk_digest (chunks, A) uint64  blake2b-64 of each chunk of each of the A row arrays
       train/shards_done  (S,) bool      one chunk per shard: set by that shard's writer after its data
       test/...                          (V = 1: the clean input)
@@ -49,7 +51,8 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from pipeline.errors import StoreError
-from pipeline.targets.spec import (CHUNK_DIGEST, FEATURES, FLAGS, FORMAT, FORMAT_FAMILY, SPLITS, STORE_IDENTITY,
+from pipeline.data import Source
+from pipeline.targets.spec import (CHUNK_DIGEST, FEATURES, FLAGS, FORMAT, FORMAT_FAMILY, IMAGES, SPLITS, STORE_IDENTITY,
                                    STUDENT_IDENTITY, TOPK_ARRAYS, TOPK_INDEX, TOPK_TAIL,
                                    TOPK_TARGET, TOPK_TARGET_CLASS, SplitLayout, TargetSpec, feature_array,
                                    first_difference, is_row_array, short)
@@ -238,7 +241,8 @@ class StoreWriter:
         for split, layout in self.layouts.items():
             group = self.root.create_group(split)
             for name, (shape, dtype) in self.spec.array_schema(split).items():
-                group.create_array(name, shape=shape, dtype=dtype, chunks=(layout.chunk_size,) + shape[1:],
+                rows = 1 if name == IMAGES else layout.chunk_size  # images: read one by one (mix partners)
+                group.create_array(name, shape=shape, dtype=dtype, chunks=(rows,) + shape[1:],
                                    shards=(layout.shard_size,) + shape[1:], compressors=compressor, fill_value=0,
                                    config=WRITE_CONFIG)
             columns = len(self.array_names)
@@ -546,15 +550,16 @@ class TeacherTargets:
     def num_classes(self) -> int:
         return self.spec.num_classes
 
-    def read_rows(self, start: int, stop: int, validate: bool = True, locations=None) -> dict[str, np.ndarray]:
+    def read_rows(self, start: int, stop: int, validate: bool = True, locations=None,
+                  images: bool = False) -> dict[str, np.ndarray]:
         """Rows [start, stop) of every array (of the feature arrays, only those of `locations`
-        when given); with top-k storage, `logits` comes back dense.
+        when given; the stored images only with `images`); with top-k storage, `logits` comes back dense.
 
         Every array read is checked against its chunk digests. With `validate`, rows that
         `bkd cache verify` would flag (non-finite targets, labels out of range, rows out of
         place) are refused rather than trained on.
         """
-        names = list(self.arrays)
+        names = [name for name in self.arrays if images or name != IMAGES]
         if locations is not None:
             self.check_locations(locations)
             wanted = {feature_array(loc) for loc in locations}
@@ -651,6 +656,53 @@ class TeacherTargets:
                              "re-run `bkd extract-teacher --overwrite` for these files")
 
 
+class StoredImages(Source):
+    """The raw source pixels a store holds (`extract.images`), as a `Source` of the split it was built
+    from: `read` takes that source's rows (the split's `ids`) and returns the very values the
+    teacher's inputs were made from, without decoding an image file.
+
+    Every read is checked sample by sample against the store's pixel digests (themselves checked
+    against their chunk digests at open), so a rewritten, swapped or corrupt image is an error,
+    never another picture.
+    """
+
+    def __init__(self, targets: TeacherTargets, split):
+        if targets.spec.image_shape is None:
+            raise StoreError(f"{targets.path} holds no images (extract.images was off when it was built)")
+        if len(split) != len(targets):
+            raise StoreError(f"{targets.path}: {targets.split} split has {len(targets)} samples, the dataset has "
+                             f"{len(split)}")
+        self.path, self.origin = targets.path, f"{targets.path} ({targets.split} images)"
+        self.array = targets.arrays[IMAGES]
+        self.shape, self.num_classes = targets.spec.image_shape, split.num_classes
+        self.labels = split.source.labels
+        self.position = np.full(int(split.ids.max()) + 1, -1, np.int64)  # source row -> store row
+        self.position[split.ids] = np.arange(len(split))
+        digests = targets.group["pixel_digest"][:]
+        problem = targets._digest_problem({"pixel_digest": digests}, 0, len(targets))
+        if problem:
+            raise StoreError(f"{targets.path}: {targets.split}/pixel_digest: {problem}; `bkd cache verify` lists "
+                             "every bad shard")
+        self.digests = digests
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        at = self.position[np.clip(rows, 0, len(self.position) - 1)]
+        if (at < 0).any() or (rows >= len(self.position)).any():
+            raise StoreError(f"{self.path}: source rows outside the stored split were asked for")
+        unique, inverse = np.unique(at, return_inverse=True)
+        try:
+            data = self.array.get_orthogonal_selection((unique,))
+        except Exception as exc:  # a codec or checksum error
+            raise StoreError(f"{self.path}: cannot read images of rows {unique[:5].tolist()}: "
+                             f"{type(exc).__name__}: {exc}") from None
+        bad = np.flatnonzero(pixel_digests(data) != self.digests[unique])
+        if len(bad):
+            raise StoreError(f"{self.path}: the stored image of row {int(unique[bad[0]])} does not match its pixel "
+                             "digest (rewritten or swapped); re-run `bkd extract-teacher --overwrite`")
+        return data[inverse.reshape(-1)]
+
+
 def bytes_on_disk(url: str | Path) -> int:
     fs, path = filesystem(url)
     return fs.du(path)
@@ -711,7 +763,7 @@ def verify_store(path: str | Path) -> Iterator[tuple[str, int, str | None]]:
                 yield split, shard, f"{bad[0]} is missing or empty"
                 continue
             try:
-                rows = targets.read_rows(start, stop, validate=False)
+                rows = targets.read_rows(start, stop, validate=False, images=True)
             except StoreError as exc:
                 yield split, shard, str(exc).split(": ", 1)[-1]
                 continue

@@ -1,0 +1,307 @@
+"""Parallel loading that keeps the store's locality, decoded images in the store, views of the full image.
+
+Loader workers must change when a batch is ready, never what it holds; under workers each chunk is
+decoded (close to) once per epoch; the store's images give the very pixels the files give.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+import zarr
+from PIL import Image
+
+from pipeline import checkpoint
+from pipeline.augment import view_augmenter
+from pipeline.config import LoaderConfig, load_config
+from pipeline.data import data_loader, load_split, load_splits
+from pipeline.errors import ConfigError, StoreError
+from pipeline.extract import extract_teacher
+from pipeline.models import create_teacher
+from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler, interleave_lanes
+from pipeline.targets import IMAGES, StoredImages, TeacherTargets, open_student_targets, verify_store
+from tests.conftest import run_bkd
+from tests.test_store import CHUNK, build_store
+from tests.test_stream import _image_split
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+# -- lanes: whole spans of the epoch's order per worker -----------------------------------------
+
+@pytest.mark.parametrize("n,batch,lanes", [(320, 32, 2), (300, 32, 3), (1000, 50, 4), (97, 10, 8), (64, 64, 2),
+                                           (65, 32, 4)])
+def test_lanes_reorder_whole_batches_and_keep_the_short_one_last(n, batch, lanes):
+    order = np.random.default_rng(n).permutation(n)
+    out = interleave_lanes(order, batch, lanes)
+    assert sorted(out.tolist()) == list(range(n))  # a reordering of the same samples
+    batches = [out[i:i + batch] for i in range(0, n, batch)]
+    originals = {tuple(order[i:i + batch]) for i in range(0, n, batch)}
+    assert all(tuple(b) in originals for b in batches)  # the same batches, whole
+    assert all(len(b) == batch for b in batches[:-1])
+    # batch k comes from lane k mod L, and each lane is one contiguous span of the original order
+    used = min(lanes, len(batches))
+    position = {tuple(order[i:i + batch]): i // batch for i in range(0, n, batch)}
+    for lane in range(used):
+        mine = sorted(position[tuple(b)] for k, b in enumerate(batches) if k % used == lane)
+        assert mine == list(range(mine[0], mine[0] + len(mine)))
+
+
+def test_lane_sampler_is_the_plain_order_with_one_lane_and_resumes_by_prefix():
+    plain = ChunkShuffleSampler(300, 16, 2, seed=4)
+    one = ChunkShuffleSampler(300, 16, 2, seed=4, lanes=1, batch_size=32)
+    assert list(plain) == list(one)
+    lanes = ChunkShuffleSampler(300, 16, 2, seed=4, lanes=3, batch_size=32, with_epoch=True)
+    lanes.set_epoch(2)
+    full = list(lanes)
+    assert all(epoch == 2 for epoch, _ in full)
+    lanes.set_epoch(2, start=96)
+    assert list(lanes) == full[96:]
+
+
+# -- workers: same batches, chunks decoded once ----------------------------------------------------
+
+def _logged_dataset(tmp_path: Path, n: int, buffer_chunks: int, log: Path):
+    """A CachedTargetDataset whose store reads append 'pid chunk' to `log` (from whichever process reads)."""
+    data = build_store(tmp_path / f"s{n}.zarr", n_train=n)["train"]
+    targets = TeacherTargets(tmp_path / f"s{n}.zarr", "train")
+    original = targets.read_chunk
+
+    def logged(chunk, locations=None):
+        with open(log, "a") as fh:
+            fh.write(f"{os.getpid()} {chunk}\n")
+        return original(chunk, locations)
+
+    targets.read_chunk = logged
+    return CachedTargetDataset(_image_split(data["labels"]), targets, buffer_chunks)
+
+
+def _reads(log: Path) -> list[tuple[int, int]]:
+    lines = log.read_text().split() if log.exists() else []
+    out = [(int(lines[i]), int(lines[i + 1])) for i in range(0, len(lines), 2)]
+    log.unlink(missing_ok=True)
+    return out
+
+
+def _epoch(loader) -> list:
+    return [(images, labels, features["pre_logits"], logits) for images, labels, features, logits, _ in loader]
+
+
+def test_two_workers_serve_the_main_process_batches_and_decode_each_chunk_about_once(tmp_path):
+    n, batch, buffer = 640, 32, 2  # 10 chunks of 64, windows of 2 chunks
+    log = tmp_path / "reads.log"
+    dataset = _logged_dataset(tmp_path, n, buffer, log)
+    sampler = ChunkShuffleSampler(n, CHUNK, buffer, seed=1, lanes=2, batch_size=batch, with_epoch=True)
+    loader = data_loader(dataset, batch, sampler, LoaderConfig(workers=2, persistent_workers=True), CPU)
+    reference = data_loader(dataset, batch, sampler, LoaderConfig(workers=0), CPU)
+    chunks = n // CHUNK
+    for epoch in range(2):  # persistent workers learn the epoch from the sampler's (epoch, index) pairs
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        served = _epoch(loader)
+        reads = _reads(log)
+        expected = _epoch(reference)
+        _reads(log)
+        assert len(served) == len(expected) == n // batch
+        for got, want in zip(served, expected):
+            for a, b in zip(got, want):
+                assert torch.equal(a, b)
+        pids = {pid for pid, _ in reads}
+        assert len(pids) == 2 and os.getpid() not in pids  # the workers decoded, the trainer did not
+        # every chunk decoded, each once but for those of a window where the two lanes meet (persistent
+        # workers may still hold some of last epoch's chunks)
+        if epoch == 0:
+            assert {c for _, c in reads} == set(range(chunks))
+        assert len(reads) <= chunks + 2 * buffer
+        assert all(reads.count(r) == 1 for r in reads)  # no worker decodes a chunk twice
+    # without lanes the workers take alternate batches: each decodes (nearly) every chunk
+    plain = ChunkShuffleSampler(n, CHUNK, buffer, seed=1)
+    list(data_loader(dataset, batch, plain, LoaderConfig(workers=2, persistent_workers=False), CPU))
+    assert len(_reads(log)) > 1.5 * chunks
+
+
+def test_extraction_with_loader_workers_writes_the_same_store(tmp_path):
+    def cfg(name: str, workers: int):
+        return load_config(REPO / "configs/mnist5k.yaml", [
+            "data.limit=48", "extract.chunk_size=8", "extract.chunks_per_shard=2", "extract.batch_size=12",
+            "extract.splits=[train]", "extract.features=[pre_logits]", "extract.views=3",
+            "augment.mixup=0.5", "augment.mix_views=1", "augment.randaugment=rand-m9-n1-mstd0.4-inc1",
+            f"teacher.checkpoint={tmp_path / 'teacher.safetensors'}", f"extract.store={tmp_path / name}",
+            f"loader.workers={workers}"])
+
+    one, two = cfg("one.zarr", 0), cfg("two.zarr", 2)
+    split = load_split(one.data, "train")
+    torch.manual_seed(0)
+    checkpoint.save_weights(create_teacher(one.teacher, split.num_classes, split.image_shape).state_dict(),
+                            one.teacher.checkpoint)
+    extract_teacher(one, CPU)
+    extract_teacher(two, CPU)
+    a, b = TeacherTargets(one.extract.store, "train"), TeacherTargets(two.extract.store, "train")
+    rows_a, rows_b = a.read_rows(0, len(a)), b.read_rows(0, len(b))
+    assert set(rows_a) == set(rows_b)
+    for name in rows_a:
+        np.testing.assert_array_equal(rows_a[name], rows_b[name], err_msg=name)
+
+
+# -- ImageNet: views of the load_size image, images stored once ------------------------------------
+
+def _write_photos(root: Path, per_class: int = 6) -> None:
+    """A train/ and val/ class-folder tree of JPEGs larger than load_size, sizes differing."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("n01440764", "n01443537"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                h, w = 30 + 3 * i, 44 - 2 * i
+                smooth = np.cumsum(rng.integers(-9, 10, (h, w, 3)), axis=1)  # photo-like gradients, not noise
+                Image.fromarray(np.clip(smooth + 128, 0, 255).astype(np.uint8)).save(folder / f"{i}.JPEG", quality=90)
+
+
+def _imagenet_cfg(tmp: Path, *extra: str):
+    return load_config(REPO / "configs/mnist5k.yaml", [
+        "data.name=imagenet", f"data.root={tmp / 'photos'}", "data.image_size=16", "data.load_size=24",
+        "augment.kind=resized_crop_flip", "augment.flip=true", "extract.views=3", "extract.images=true",
+        "extract.chunk_size=4", "extract.chunks_per_shard=2", "extract.batch_size=8", "extract.features=[pre_logits]",
+        "student.features={pre_logits: pre_logits}", "student.model_kwargs.widths=[8,16,32]", "student.batch_size=4",
+        f"teacher.checkpoint={tmp / 'teacher.safetensors'}", f"extract.store={tmp / 'imagenet.zarr'}", *extra])
+
+
+@pytest.fixture(scope="module")
+def imagenet_store(tmp_path_factory):
+    """A K = 3 store of a JPEG tree at load_size 24, input 16, with the images, and what the teacher saw."""
+    import pipeline.extract as extract_module
+
+    tmp = tmp_path_factory.mktemp("imagenet")
+    _write_photos(tmp / "photos")
+    cfg = _imagenet_cfg(tmp)
+    split = load_split(cfg.data, "train")
+    torch.manual_seed(0)
+    checkpoint.save_weights(create_teacher(cfg.teacher, split.num_classes, split.image_shape).state_dict(),
+                            cfg.teacher.checkpoint)
+    fed = []
+    real = extract_module.teacher_outputs
+
+    def recording(model, images, *args):
+        fed.append(images.clone())
+        return real(model, images, *args)
+
+    extract_module.teacher_outputs = recording
+    try:
+        extract_teacher(cfg, CPU)
+    finally:
+        extract_module.teacher_outputs = real
+    saw, views = {}, cfg.extract.views
+    for b, start in enumerate(range(0, len(split), cfg.extract.batch_size)):  # one batch per shard
+        for v in range(views):
+            for r, image in enumerate(fed[1 + b * views + v]):  # fed[0] probes the feature shape
+                saw[(start + r, v)] = image
+    return cfg, split, saw
+
+
+def test_clean_input_is_the_centre_crop_of_the_load_size_image(imagenet_store):
+    cfg, split, _ = imagenet_store
+    assert split.source_shape == (3, 24, 24) and split.image_shape == (3, 16, 16)
+    path = split.source.folder.samples[5][0]
+    pixels = TF.pil_to_tensor(Image.open(path).convert("RGB"))
+    expected = TF.center_crop(TF.center_crop(TF.resize(pixels, [24], antialias=True), [24, 24]), [16, 16])
+    torch.testing.assert_close(split.load([5])[0], (expected.float() * split.scale - split.mean) / split.std,
+                               rtol=0, atol=0)
+    assert split.transform["load_size"] == 24 and split.transform["input_shape"] == [3, 16, 16]
+
+
+def test_views_are_cut_from_the_whole_load_size_image(imagenet_store):
+    cfg, split, saw = imagenet_store
+    targets = TeacherTargets(cfg.extract.store, "train")
+    params = targets.read_rows(0, len(split))["view_params"]  # (N, V, [top, left, height, width, flip])
+    assert (params[:, 0] == [4, 4, 16, 16, 0]).all()  # view 0: the centre crop
+    boxes = params[:, 1:].reshape(-1, 5)
+    assert (boxes[:, 0] + boxes[:, 2] <= 24).all() and (boxes[:, 1] + boxes[:, 3] <= 24).all()
+    outside = (boxes[:, 0] < 4) | (boxes[:, 1] < 4) | (boxes[:, 0] + boxes[:, 2] > 20) | (boxes[:, 1] + boxes[:, 3] > 20)
+    assert outside.sum() >= len(boxes) // 2  # most boxes reach beyond the centre crop
+    for i in range(len(split)):
+        assert torch.equal(saw[(i, 0)], split.load([i])[0])
+
+
+def test_student_views_equal_the_teacher_inputs_from_files_and_from_the_store(imagenet_store):
+    cfg, split, saw = imagenet_store
+    targets = open_student_targets(cfg, "train", split)
+    raw, _ = split.load_raw(range(len(split)))
+    stored = zarr.open_group(cfg.extract.store, mode="r")["train"][IMAGES][:]
+    np.testing.assert_array_equal(stored, raw)  # uint8, as the source decoded them
+    from_store = split.reading_from(StoredImages(targets, split))
+    for images in (split, from_store):
+        dataset = CachedTargetDataset(images, targets, 2, view_augmenter(cfg.augment, images), "views")
+        for v in range(cfg.extract.views):
+            dataset.schedule = torch.full((len(split),), v)
+            batch = dataset.__getitems__(list(range(len(split))))[0]
+            for i in range(len(split)):
+                assert torch.equal(batch[i], saw[(i, v)]), (i, v)
+
+
+def test_a_rewritten_stored_image_is_an_error_never_another_picture(imagenet_store, tmp_path):
+    import shutil
+
+    cfg, split, _ = imagenet_store
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(cfg.extract.store, copy)
+    array = zarr.open_group(copy, mode="r+")["train"][IMAGES]
+    array[3] = array[4]  # another (real) picture in row 3
+    targets = TeacherTargets(copy, "train")
+    images = StoredImages(targets, split)
+    with pytest.raises(StoreError, match="row 3 does not match its pixel digest") as info:
+        images.read(split.ids[[1, 3]])
+    assert "\n" not in str(info.value)
+    assert any(problem and "images" in problem for _, _, problem in verify_store(copy))
+
+
+def test_student_trains_from_the_stored_images_with_loader_workers(imagenet_store, monkeypatch):
+    cfg, split, _ = imagenet_store
+    root = Path(cfg.extract.store).parent
+    read = []
+    monkeypatch.setattr(StoredImages, "read", lambda self, rows, _real=StoredImages.read: read.append(1) or
+                        _real(self, rows))
+    args = [f"data.root={cfg.data.root}", "data.name=imagenet", "data.image_size=16", "data.load_size=24",
+            "augment.kind=resized_crop_flip", "augment.flip=true", "extract.views=3", "extract.images=true",
+            "extract.chunk_size=4", "extract.chunks_per_shard=2", "extract.features=[pre_logits]",
+            "student.model_kwargs.widths=[8,16,32]", "student.batch_size=4", "student.epochs=1",
+            f"teacher.checkpoint={cfg.teacher.checkpoint}", f"extract.store={cfg.extract.store}"]
+    sets = [x for a in args for x in ("--set", a)]
+    run_bkd(["train-student", "--config", str(REPO / "configs/mnist5k.yaml"), *sets, "--set", "loader.workers=0",
+             "--run-dir", str(root / "run0")], root)
+    assert read  # the training process read the store's images, not the files
+    run_bkd(["train-student", "--config", str(REPO / "configs/mnist5k.yaml"), *sets, "--set", "loader.workers=2",
+             "--run-dir", str(root / "run2")], root)
+    assert (root / "run2" / "student.safetensors").is_file()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("loader.workers=-1", "loader.workers must be >= 0"),
+    ("loader.pin_memory=sometimes", "loader.pin_memory must be auto, true or false"),
+    ("loader.prefetch_factor=0", "loader.prefetch_factor must be >= 1"),
+    ("data.load_size=100", "data.load_size must be in [data.image_size=224"),
+])
+def test_bad_loader_settings_are_one_line(override, message):
+    extra = ["data.image_size=224"] if override.startswith("data.load_size") else []
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")) as info:
+        load_config(None, [*extra, override])
+    assert "\n" not in str(info.value)
+
+
+def test_loader_settings_do_not_change_a_teacher_run_or_the_store_identity():
+    from pipeline.rundir import RESULT_NEUTRAL, SCOPES
+
+    assert "loader.workers" in SCOPES["student"]  # a student's sample order has one lane per worker
+    assert not any(s.startswith("loader") for s in SCOPES["teacher"])
+    assert {"loader.pin_memory", "loader.prefetch_factor", "loader.persistent_workers"} <= set(RESULT_NEUTRAL)
+    cfg = load_config(None, ["loader.workers=3"])
+    assert dataclasses.asdict(cfg.loader)["workers"] == 3
+    splits = load_splits(cfg.data, ["train"])
+    assert splits["train"].source_shape == splits["train"].image_shape  # mnist: no crop
