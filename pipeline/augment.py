@@ -104,14 +104,15 @@ def seeded(seed: int):
 class ViewAugmenter:
     """Draws and applies the views of one dataset's inputs (shape (C, H, W) or (T, C, H, W)).
 
-    `fill`, `mean`, `std`, `scale`: the split's normalization (pixel = (raw * scale - mean) / std),
-    for padding with raw black and for running RandAugment on the raw uint8 image.
+    Views are made from the raw source values (uint8 images, float event frames), in the order of
+    torchvision's and timm's training transforms: the geometric base and RandAugment on the raw
+    image, then the normalization (pixel = (raw * scale - mean) / std, the split's), then random
+    erasing and the mix on normalized tensors. `mean`, `std`, `scale` default to no normalization.
     `source_shape`: the shape of the pixels views are cut from (default: `image_shape`, the output).
     """
 
-    def __init__(self, cfg: AugmentConfig, image_shape: tuple[int, ...], fill: torch.Tensor | None = None,
-                 mean: torch.Tensor | None = None, std: torch.Tensor | None = None, scale: float = 1 / 255,
-                 source_shape: tuple[int, ...] | None = None):
+    def __init__(self, cfg: AugmentConfig, image_shape: tuple[int, ...], mean: torch.Tensor | None = None,
+                 std: torch.Tensor | None = None, scale: float = 1.0, source_shape: tuple[int, ...] | None = None):
         if cfg.kind not in PARAM_NAMES:  # also checked by config validation; here for direct use
             raise ConfigError(f"augment.kind: unknown '{cfg.kind}' (known: {', '.join(PARAM_NAMES)})")
         self.cfg, self.height, self.width = cfg, image_shape[-2], image_shape[-1]
@@ -138,9 +139,6 @@ class ViewAugmenter:
                               "(timm's RandAugment and RandomErasing); turn them off for this dataset")
         if cfg.randaugment and image_shape[-3] not in (1, 3):
             raise ConfigError(f"augment.randaugment needs 1- or 3-channel images, these have {image_shape[-3]}")
-        # What padding writes, per channel, in the normalized space the images live in: the
-        # normalized value of raw 0 (black), as torchvision pads raw images. None: 0.
-        self.fill = fill
         channels = image_shape[-3]  # without a normalization: pixel = raw * scale
         self.mean = torch.as_tensor(0.0 if mean is None else mean, dtype=torch.float32).flatten().expand(channels)
         self.std = torch.as_tensor(1.0 if std is None else std, dtype=torch.float32).flatten().expand(channels)
@@ -263,24 +261,47 @@ class ViewAugmenter:
         lam = np.ascontiguousarray(params[:, self.own_size + 2], dtype=np.int32).view(np.float32)
         return np.where(mode > 0, lam, np.float32(1.0)).astype(np.float32)
 
+    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
+        """(raw * scale - mean) / std as float32, as `ImageSplit` normalizes (the same operations, in place)."""
+        return raw.to(torch.float32, copy=True).mul_(self.scale).sub_(self.mean).div_(self.std)
+
     def apply(self, images: torch.Tensor, params: np.ndarray | torch.Tensor,
               partners: torch.Tensor | None = None) -> torch.Tensor:
-        """The views of a batch: images (B, ..., H, W) the normalized source pixels, params (B, P);
-        `partners` (B, ..., H, W): the source pixels of each row's partner sample (`partners(params)`),
-        needed where a view is mixed. Views have the input shape (the source's centre crop for identity)."""
+        """The normalized views of a batch, (B, *image_shape) float32: images (B, ..., H, W) the raw source
+        values, params (B, P); `partners` (B, ..., H, W): the raw source values of each row's partner sample
+        (`partners(params)`), needed where a view is mixed. The identity is the normalized centre crop.
+
+        The raw views are built per sample, then normalized as one batch (elementwise, so bit for bit
+        what per-sample normalization gives), then erased and mixed per sample."""
         if self.cfg.kind == "none" and not self.has_recipe and not self.mixes:
-            return self.centre_crop(images)
+            return self.normalize(self.centre_crop(images))
         params = torch.as_tensor(params).tolist()
-        out = []
-        for b, (image, p) in enumerate(zip(images, params)):
-            view = self._apply_own(image, p[:self.own_size])
-            if self.mixes and p[self.own_size] > 0:
-                if partners is None:
-                    raise ValueError("a mixed view needs its partner's pixels (partners=...)")
-                view = self._mix(view, self._apply_own(partners[b], p[self.own_size + len(MIX):]),
-                                 p[self.own_size:self.own_size + len(MIX)])
-            out.append(view)
-        return torch.stack(out)
+        out = self._views(images, [p[:self.own_size] for p in params])
+        mixed = [b for b, p in enumerate(params) if self.mixes and p[self.own_size] > 0]
+        if mixed:
+            if partners is None:
+                raise ValueError("a mixed view needs its partner's pixels (partners=...)")
+            others = self._views(partners[mixed], [params[b][self.own_size + len(MIX):] for b in mixed])
+            for other, b in zip(others, mixed):
+                out[b] = self._mix(out[b], other, params[b][self.own_size:self.own_size + len(MIX)])
+        return out
+
+    def _views(self, images: torch.Tensor, own: list[list[int]]) -> torch.Tensor:
+        """Unmixed normalized views (B, *image_shape): the base and RandAugment on each raw image, the
+        normalization of the batch, then each view's erasing."""
+        raws = []
+        for image, p in zip(images, own):
+            raw = self._apply_base(image, p[:self.base_size])
+            if self.has_recipe and p[self.base_size] >= 0 and self.randaugment is not None:
+                raw = self._randaugment(raw, p[self.base_size])
+            raws.append(raw)
+        out = self.normalize(torch.stack(raws))
+        if self.erasing is not None:
+            for b, p in enumerate(own):
+                if p[self.base_size] >= 0:
+                    with seeded(p[self.base_size] + 1):
+                        self.erasing(out[b])  # in place
+        return out
 
     def _mix(self, own: torch.Tensor, other: torch.Tensor, m: list[int]) -> torch.Tensor:
         mode, _, lam_bits, top, left, height, width = m
@@ -292,28 +313,20 @@ class ViewAugmenter:
         return own * lam + other * (1 - lam)
 
     def _apply_own(self, image: torch.Tensor, p: list[int]) -> torch.Tensor:
-        base, seed = p[:self.base_size], (p[self.base_size] if self.has_recipe else -1)
-        out = self._apply_base(image, base)
-        if seed >= 0:
-            out = self._apply_recipe(out, seed)
-        return out
+        """One unmixed view of one raw image, normalized."""
+        return self._views(image[None], [p])[0]
 
-    def _apply_recipe(self, image: torch.Tensor, seed: int) -> torch.Tensor:
-        """timm's RandAugment on the uint8 image, then timm's RandomErasing on the normalized tensor."""
-        if self.randaugment is not None:
-            from PIL import Image
+    def _randaugment(self, raw: torch.Tensor, seed: int) -> torch.Tensor:
+        """timm's RandAugment on the uint8 image (C, H, W), under generators seeded from `seed`."""
+        from PIL import Image
 
-            raw = ((image * self.std + self.mean) / self.scale).round().clamp(0, 255).to(torch.uint8)
-            array = raw.permute(1, 2, 0).numpy()
-            pil = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-            with seeded(seed):
-                pil = self.randaugment(pil)
-            raw = torch.from_numpy(np.array(pil, dtype=np.uint8)).reshape(*array.shape).permute(2, 0, 1)
-            image = (raw.float() * self.scale - self.mean) / self.std
-        if self.erasing is not None:
-            with seeded(seed + 1):
-                image = self.erasing(image.clone())
-        return image
+        if raw.dtype != torch.uint8:
+            raise ConfigError(f"augment.randaugment needs uint8 images, these are {raw.dtype}")
+        array = raw.permute(1, 2, 0).numpy()
+        pil = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+        with seeded(seed):
+            pil = self.randaugment(pil)
+        return torch.from_numpy(np.array(pil, dtype=np.uint8)).reshape(*array.shape).permute(2, 0, 1)
 
     def centre_crop(self, images: torch.Tensor) -> torch.Tensor:
         """The input-sized centre crop of source pixels (..., H, W): the clean input."""
@@ -336,9 +349,8 @@ class ViewAugmenter:
             return image  # the clean input, bit for bit
         if kind == "pad_crop_flip":
             top, left, flip = p
-            pad = self.cfg.pad
-            fill = torch.zeros(image.shape[-3]) if self.fill is None else self.fill
-            canvas = fill.to(image.dtype).view(-1, 1, 1).expand(*image.shape[:-2], h + 2 * pad, w + 2 * pad).clone()
+            pad = self.cfg.pad  # zero padding of the raw image: black, as torchvision pads
+            canvas = image.new_zeros(*image.shape[:-2], h + 2 * pad, w + 2 * pad)
             canvas[..., pad:pad + h, pad:pad + w] = image
             out = canvas[..., top:top + h, left:left + w]
         else:  # event_flip_roll
@@ -399,18 +411,18 @@ def smoothed_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -
 
 
 def partner_inputs(split, augmenter: ViewAugmenter, params, like: torch.Tensor) -> torch.Tensor | None:
-    """The source pixels of the mix partners of `params`' views, from `split` (zeros where a view is
+    """The raw source values of the mix partners of `params`' views, from `split` (zeros where a view is
     not mixed; None when none is): what `apply` rebuilds the partners' views from. `like`: the
-    batch's own source pixels."""
+    batch's own raw values."""
     partners = augmenter.partners(params)
     if not (partners >= 0).any():
         return None
     out = torch.zeros_like(like)
-    out[torch.from_numpy(partners >= 0)] = split.load_pixels(partners[partners >= 0])
+    out[torch.from_numpy(partners >= 0)] = split.read(partners[partners >= 0])
     return out
 
 
 def view_augmenter(cfg: AugmentConfig, split) -> ViewAugmenter:
-    """The augmenter for an `ImageSplit`: its image shape and normalization (padding with its black)."""
-    return ViewAugmenter(cfg, tuple(split.image_shape), fill=split.black, mean=split.mean, std=split.std,
-                         scale=split.scale, source_shape=tuple(split.source_shape))
+    """The augmenter for an `ImageSplit`: its input and source shapes and its normalization."""
+    return ViewAugmenter(cfg, tuple(split.image_shape), mean=split.mean, std=split.std, scale=split.scale,
+                         source_shape=tuple(split.source_shape))

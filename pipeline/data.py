@@ -363,7 +363,6 @@ class ImageSplit(Dataset):
         channels = source.shape[-3]
         self.mean = torch.tensor((info.mean * channels)[:channels]).view(-1, 1, 1)
         self.std = torch.tensor((info.std * channels)[:channels]).view(-1, 1, 1)
-        self.black = (-self.mean / self.std).flatten()  # raw 0 after normalization: what padding writes
         self.transform = {
             "scale": info.scale,
             "mean": self.mean.flatten().tolist(),
@@ -377,8 +376,9 @@ class ImageSplit(Dataset):
         # Small in-memory datasets are normalized once; the rest per batch.
         self._normalized = self._normalize(source.read(self.ids)) if isinstance(source, ArraySource) else None
 
-    def _normalize(self, raw: np.ndarray) -> torch.Tensor:
-        return (torch.from_numpy(np.ascontiguousarray(raw)).float() * self.scale - self.mean) / self.std
+    def _normalize(self, raw: np.ndarray | torch.Tensor) -> torch.Tensor:
+        raw = torch.from_numpy(np.ascontiguousarray(raw)) if isinstance(raw, np.ndarray) else raw
+        return (raw.float() * self.scale - self.mean) / self.std
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -396,16 +396,16 @@ class ImageSplit(Dataset):
 
         return TF.center_crop(pixels, list(self.image_shape[-2:]))
 
-    def load_pixels(self, indices) -> torch.Tensor:
-        """Normalized source pixels (len(indices), *source_shape) for rows of this split: what views are cut from."""
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if self._normalized is not None:
-            return self._normalized[torch.from_numpy(idx)]
-        return self._normalize(self.source.read(self.ids[idx]))
+    def read(self, indices) -> torch.Tensor:
+        """Raw source values (len(indices), *source_shape) for rows of this split: what views are cut from."""
+        return torch.from_numpy(np.ascontiguousarray(self.load_raw(indices)))
 
     def load(self, indices) -> torch.Tensor:
         """Normalized inputs (len(indices), *image_shape) for rows of this split (the clean input)."""
-        return self.centre_crop(self.load_pixels(indices))
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if self._normalized is not None:
+            return self.centre_crop(self._normalized[torch.from_numpy(idx)])
+        return self._normalize(self.centre_crop(torch.from_numpy(self.source.read(self.ids[idx]))))
 
     def __getitem__(self, i: int):
         return self.load([i])[0], self.labels[i], i
@@ -419,12 +419,9 @@ class ImageSplit(Dataset):
         """True when the whole split is held in memory (reading every sample costs no I/O)."""
         return self._normalized is not None
 
-    def load_raw(self, indices) -> tuple[np.ndarray, torch.Tensor]:
-        """(raw source values, normalized source pixels) for rows of this split, from one read."""
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        raw = self.source.read(self.ids[idx])
-        normalized = self._normalized[torch.from_numpy(idx)] if self.in_memory else self._normalize(raw)
-        return raw, normalized
+    def load_raw(self, indices) -> np.ndarray:
+        """Raw source values (len(indices), *source_shape), as the source gives them, for rows of this split."""
+        return self.source.read(self.ids[np.asarray(indices, dtype=np.int64).reshape(-1)])
 
     def reading_from(self, source: Source) -> "ImageSplit":
         """This split with its pixels read from `source` (same rows, labels, fingerprint and transform):

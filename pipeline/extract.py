@@ -125,7 +125,8 @@ class ViewBatches(Dataset):
     def __getitem__(self, i: int) -> dict:
         start, stop = self.spans[i]
         split, augmenter = self.split, self.augmenter
-        raw, pixels = split.load_raw(range(start, stop))  # one read per batch, whatever the number of views
+        raw = split.load_raw(range(start, stop))  # one read per batch, whatever the number of views
+        pixels = torch.from_numpy(np.ascontiguousarray(raw))
         params = augmenter.draw(np.arange(start, stop), self.views, num_samples=len(split))
         views = torch.stack([augmenter.apply(pixels, params[:, v], partner_inputs(split, augmenter, params[:, v], pixels))
                              for v in range(self.views)])

@@ -213,7 +213,7 @@ class CachedTargetDataset(Dataset):
                 off = aug.cfg.mix_off_epoch
                 params = aug.draw_online(idx.numpy(), self.epoch, len(self),
                                          mix=aug.mixes and (off == 0 or self.epoch < off))
-            pixels = self.images.load_pixels(indices)
+            pixels = self.images.read(indices)
             images = aug.apply(pixels, params, partner_inputs(self.images, aug, params, pixels))
             if aug.mixes or self.smoothing > 0:
                 targets = aug.targets(labels, params, self.images.labels, self.images.num_classes, self.smoothing)

@@ -233,7 +233,7 @@ def test_views_are_cut_from_the_whole_load_size_image(imagenet_store):
 def test_student_views_equal_the_teacher_inputs_from_files_and_from_the_store(imagenet_store):
     cfg, split, saw = imagenet_store
     targets = open_student_targets(cfg, "train", split)
-    raw, _ = split.load_raw(range(len(split)))
+    raw = split.load_raw(range(len(split)))
     stored = zarr.open_group(cfg.extract.store, mode="r")["train"][IMAGES][:]
     np.testing.assert_array_equal(stored, raw)  # uint8, as the source decoded them
     from_store = split.reading_from(StoredImages(targets, split))
@@ -305,3 +305,16 @@ def test_loader_settings_do_not_change_a_teacher_run_or_the_store_identity():
     assert dataclasses.asdict(cfg.loader)["workers"] == 3
     splits = load_splits(cfg.data, ["train"])
     assert splits["train"].source_shape == splits["train"].image_shape  # mnist: no crop
+
+
+def test_views_never_write_into_the_raw_values_they_are_cut_from():
+    from pipeline.augment import ViewAugmenter
+    from pipeline.config import AugmentConfig
+
+    frames = torch.rand(3, 4, 2, 8, 8)  # float event counts: float32 already, normalized in place
+    kept = frames.clone()
+    aug = ViewAugmenter(AugmentConfig(kind="event_flip_roll", max_roll=2), (4, 2, 8, 8), mean=torch.tensor([0.5]),
+                        std=torch.tensor([2.0]))
+    out = aug.apply(frames, np.stack([aug.identity()] * 3))
+    assert torch.equal(frames, kept)
+    assert torch.equal(out, (kept - 0.5) / 2.0)

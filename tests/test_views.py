@@ -58,18 +58,18 @@ def test_pad_crop_ranges_and_flip_off():
 
 
 def test_pad_crop_shifts_and_fills_with_black():
-    fill = torch.tensor([-1.5])
-    aug = ViewAugmenter(AugmentConfig(kind="pad_crop_flip", pad=2), (1, 5, 5), fill=fill)
-    image = torch.arange(25.0).view(1, 1, 5, 5)
+    # normalized = (raw - 1.5) / 1: raw black (0) pads as -1.5
+    aug = ViewAugmenter(AugmentConfig(kind="pad_crop_flip", pad=2), (1, 5, 5), mean=torch.tensor([1.5]))
+    image = torch.arange(1, 26, dtype=torch.uint8).view(1, 1, 5, 5)
     # top = pad + 1, left = pad - 2: the content moves up by 1 and right by 2
     out = aug.apply(image, np.array([[3, 0, 0]]))[0, 0]
     expected = torch.full((5, 5), -1.5)
-    expected[:4, 2:] = image[0, 0, 1:, :3]
+    expected[:4, 2:] = image[0, 0, 1:, :3].float() - 1.5
     assert torch.equal(out, expected)
     flipped = aug.apply(image, np.array([[3, 0, 1]]))[0, 0]
     assert torch.equal(flipped, expected.flip(-1))
     assert aug.apply(image, aug.identity()[None]) is not None
-    assert torch.equal(aug.apply(image, aug.identity()[None]), image)  # identity: bit for bit
+    assert torch.equal(aug.apply(image, aug.identity()[None]), image.float() - 1.5)  # identity: bit for bit
 
 
 def test_resized_crop_matches_torchvision_and_event_roll():

@@ -1,0 +1,108 @@
+"""The student's data path at ImageNet scale, on this machine: JPEG files vs the images decoded into
+the store, one process vs loader workers.
+
+A class folder of real photos (`benchmarks.photos`, ImageNet-like sizes) is extracted once with a
+randomly initialised ResNet-18 at 224 (K views of RandomResizedCrop + flip cut from the image at
+load_size 256, `extract.images` on). Then one epoch of the student's loader -- `CachedTargetDataset`
+with its chunk-aligned sampler, every batch rebuilt from the stored view parameters -- is timed four
+ways, side by side: pixels from the JPEG files or from the store, in the training process or in
+`workers` loader processes (one lane of shuffle windows each). The batches are the same tensors
+either way (tests/test_loading.py); only their cost differs.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import checkpoint
+from pipeline.augment import view_augmenter
+from pipeline.config import Config, load_config
+from pipeline.data import data_loader, load_split
+from pipeline.extract import extract_teacher
+from pipeline.models import create_teacher
+from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler
+from pipeline.targets import StoredImages, bytes_on_disk, open_student_targets
+
+from benchmarks.common import CONFIG
+from benchmarks.photos import make_jpeg_folder
+
+CPU = torch.device("cpu")
+
+
+def imagenet_config(tmp: Path, views: int = 2, *overrides: str) -> Config:
+    """ImageNet at 224 from load_size 256 with stored images, a random ResNet-18 teacher, in `tmp`."""
+    return load_config(CONFIG, [
+        "data.name=imagenet", f"data.root={tmp / 'photos'}", "data.image_size=224", "data.load_size=256",
+        "augment.kind=resized_crop_flip", "augment.flip=true", f"extract.views={views}", "extract.images=true",
+        "extract.splits=[train]", "extract.features=[pre_logits]", "extract.chunk_size=32",
+        "extract.chunks_per_shard=4", "extract.batch_size=32", "teacher.model=resnet18",
+        "teacher.small_input_stem=false", "teacher.device=cpu", "student.device=cpu",
+        f"teacher.checkpoint={tmp / 'teacher.safetensors'}", f"extract.store={tmp / 'imagenet.zarr'}", *overrides])
+
+
+def epoch_seconds(cfg: Config, stored: bool, workers: int, batch_size: int = 64, buffer_chunks: int = 2) -> float:
+    """Seconds for one epoch of the student's batches (inputs, labels, targets), loader start included."""
+    split = load_split(cfg.data, "train")
+    targets = open_student_targets(cfg, "train", split)
+    if stored:
+        split = split.reading_from(StoredImages(targets, split))
+    dataset = CachedTargetDataset(split, targets, buffer_chunks, view_augmenter(cfg.augment, split), "views",
+                                  seed=cfg.seed, locations=["pre_logits"])
+    sampler = ChunkShuffleSampler(len(dataset), targets.chunk_size, buffer_chunks, seed=cfg.seed,
+                                  lanes=max(1, workers), batch_size=batch_size, with_epoch=True)
+    sampler.set_epoch(1)
+    dataset.set_epoch(1)
+    loader_cfg = type(cfg.loader)(workers=workers, persistent_workers=False)
+    started = time.perf_counter()
+    seen = 0
+    for images, labels, *_ in data_loader(dataset, batch_size, sampler, loader_cfg, CPU):
+        seen += len(labels)
+    assert seen == len(dataset)
+    return time.perf_counter() - started
+
+
+def run(tmp: Path, classes: int = 4, per_class: int = 120, views: int = 2, workers: int = 2, reps: int = 1) -> dict:
+    tmp = Path(tmp)
+    folder = make_jpeg_folder(tmp / "photos", classes, per_class, seed=0, val_per_class=1)
+    cfg = imagenet_config(tmp, views)
+    split = load_split(cfg.data, "train")
+    torch.manual_seed(0)
+    checkpoint.save_weights(create_teacher(cfg.teacher, split.num_classes, split.image_shape).state_dict(),
+                            cfg.teacher.checkpoint)
+    started = time.perf_counter()
+    extract_teacher(cfg, CPU, overwrite=True)
+    extract_s = time.perf_counter() - started
+    settings = {"jpeg_1": (False, 0), f"jpeg_{workers}": (False, workers),
+                "stored_1": (True, 0), f"stored_{workers}": (True, workers)}
+    seconds: dict[str, list[float]] = {name: [] for name in settings}
+    for _ in range(reps):  # alternate, so machine noise hits every setting alike
+        for name, (stored, w) in settings.items():
+            seconds[name].append(epoch_seconds(cfg, stored, w))
+    n = len(split)
+    rate = {name: n / float(np.median(s)) for name, s in seconds.items()}
+    return {
+        "samples": n, "views": views, "workers": workers, "folder": folder, "extract_s": extract_s,
+        "store_bytes_per_image": bytes_on_disk(cfg.extract.store) / n,
+        "epoch_s": seconds, "samples_per_s": rate,
+        "workers/one_process": rate[f"jpeg_{workers}"] / rate["jpeg_1"],
+        "stored/jpeg": rate["stored_1"] / rate["jpeg_1"],
+        "stored_workers/jpeg_workers": rate[f"stored_{workers}"] / rate[f"jpeg_{workers}"],
+    }
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+    import tempfile
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.loading", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--per-class", type=int, default=120)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=1)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bkd-loading-") as tmp:
+        print(json.dumps(run(Path(tmp), per_class=args.per_class, workers=args.workers, reps=args.reps), indent=2))
