@@ -2,47 +2,75 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from pipeline.checkpoint import save_png
 from pipeline.neurons import spiking_layers
 
 
+class _Batches(Dataset):
+    """Item i: the clean inputs of the i-th span of rows of a split (loaded in a loader worker)."""
+
+    def __init__(self, split, spans: list[Sequence[int]]):
+        self.split, self.spans = split, spans
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.split.load(self.spans[i])
+
+
+def _input_batches(split, indices: Sequence[int], batch_size: int, device: torch.device, loader=None):
+    """The split's clean inputs for `indices`, `batch_size` at a time, in order: read in `loader.workers`
+    worker processes when given and the split is read from files (decoding overlaps the model)."""
+    spans = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
+    if loader is None or not loader.workers or split.in_memory or len(spans) < 2:
+        return (split.load(span) for span in spans)
+    from pipeline.data import data_loader
+
+    workers = min(loader.workers, len(spans))
+    return data_loader(_Batches(split, spans), None, None, dataclasses.replace(loader, persistent_workers=False),
+                       device, workers=workers)
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, split, device: torch.device, batch_size: int = 500,
-                   indices: Sequence[int] | None = None) -> torch.Tensor:
-    """Logits for `indices` of the split (all of it by default), in eval mode."""
+                   indices: Sequence[int] | None = None, loader=None) -> torch.Tensor:
+    """Logits for `indices` of the split (all of it by default), in eval mode; `loader` (a LoaderConfig):
+    read the inputs in its worker processes."""
     indices = range(len(split)) if indices is None else indices
     was_training = model.training
     model.eval()
     out = []
-    for start in range(0, len(indices), batch_size):
-        images = split.load(indices[start:start + batch_size]).to(device)
-        out.append(model(images).float().cpu())
+    for images in _input_batches(split, indices, batch_size, device, loader):
+        out.append(model(images.to(device, non_blocking=True)).float().cpu())
     model.train(was_training)
     return torch.cat(out)
 
 
 def predict(model: nn.Module, split, device: torch.device, batch_size: int = 500,
-            indices: Sequence[int] | None = None) -> torch.Tensor:
+            indices: Sequence[int] | None = None, loader=None) -> torch.Tensor:
     """Predicted classes for `indices` of the split (all of it by default)."""
-    return predict_logits(model, split, device, batch_size, indices).argmax(1)
+    return predict_logits(model, split, device, batch_size, indices, loader).argmax(1)
 
 
 def count_correct(model: nn.Module, split, device: torch.device,
-                  indices: Sequence[int] | None = None) -> tuple[int, int]:
+                  indices: Sequence[int] | None = None, loader=None) -> tuple[int, int]:
     """(correct top-1 predictions, samples) over `indices` of the split (all of it by default)."""
     indices = range(len(split)) if indices is None else indices
-    correct = (predict(model, split, device, indices=indices) == split.labels[list(indices)]).sum().item()
+    correct = (predict(model, split, device, indices=indices, loader=loader) == split.labels[list(indices)]).sum().item()
     return correct, len(indices)
 
 
-def accuracy(model: nn.Module, split, device: torch.device) -> float:
-    correct, total = count_correct(model, split, device)
+def accuracy(model: nn.Module, split, device: torch.device, loader=None) -> float:
+    correct, total = count_correct(model, split, device, loader=loader)
     return correct / total
 
 
@@ -135,10 +163,10 @@ class ActivityProbe:
                 "energy_mj": (E_MAC_PJ * analog_macs + E_AC_PJ * sops) * 1e-9}  # pJ -> mJ
 
 
-def _probe_pass(model: nn.Module, split, device: torch.device, timesteps: int, batch_size: int = 500):
+def _probe_pass(model: nn.Module, split, device: torch.device, timesteps: int, batch_size: int = 500, loader=None):
     probe = ActivityProbe(model, timesteps)
     try:
-        logits = predict_logits(model, split, device, batch_size)
+        logits = predict_logits(model, split, device, batch_size, loader=loader)
     finally:
         probe.remove()
     return probe, logits
@@ -274,7 +302,7 @@ def evaluate_student(cfg, run_dir: str | Path, plots_dir: str | Path, trust_stor
     device = resolve_device(scfg.device)
     student.load_state_dict(checkpoint.load_weights(weights))
     student.to(device).eval()
-    probe, logits = _probe_pass(student, test, device, scfg.timesteps)
+    probe, logits = _probe_pass(student, test, device, scfg.timesteps, loader=cfg.loader)
     rates, operations = probe.firing_rates(), probe.operations(len(test))
     teacher = teacher_accuracy(open_student_targets(cfg, "test", test, trust_store_teacher), test.labels)
     curves, layers = (plots_dir / name for name in PLOT_FILES)

@@ -320,7 +320,7 @@ def train_teacher(cfg: Config, run_dir: str | Path, resume: bool = False) -> dic
         return {"loss": loss}, logits, labels
 
     trainer = Trainer({"model": model}, step, loader, sampler, optimizer, scheduler, tcfg.epochs, run_dir,
-                      lambda: accuracy(model, test, device), device, "teacher")
+                      lambda: accuracy(model, test, device, cfg.loader), device, "teacher")
     with folder:
         history = trainer.fit(resume)
         checkpoint.save_weights(model.state_dict(), tcfg.checkpoint,
@@ -472,7 +472,7 @@ def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, devic
         """Test accuracy of rank 0's model, each rank predicting every world_size-th sample."""
         ranks.sync_buffers(student)
         correct, total = ranks.sum(list(count_correct(student, test, device,
-                                                      range(ranks.rank, len(test), ranks.world_size))))
+                                                      range(ranks.rank, len(test), ranks.world_size), cfg.loader)))
         return correct / total
 
     trainer = Trainer({"student": student, "criterion": criterion}, student_step(forward), loader, sampler,

@@ -318,3 +318,15 @@ def test_views_never_write_into_the_raw_values_they_are_cut_from():
     out = aug.apply(frames, np.stack([aug.identity()] * 3))
     assert torch.equal(frames, kept)
     assert torch.equal(out, (kept - 0.5) / 2.0)
+
+
+def test_evaluation_reads_files_in_loader_workers_with_the_same_result(imagenet_store):
+    from pipeline.evaluate import predict_logits
+
+    cfg, _, _ = imagenet_store
+    test = load_splits(cfg.data, ("train", "test"))["test"]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 2))
+    alone = predict_logits(model, test, CPU, batch_size=4)
+    workers = predict_logits(model, test, CPU, batch_size=4, loader=LoaderConfig(workers=2))
+    assert len(alone) == len(test) and torch.equal(alone, workers)
