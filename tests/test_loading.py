@@ -330,3 +330,31 @@ def test_evaluation_reads_files_in_loader_workers_with_the_same_result(imagenet_
     alone = predict_logits(model, test, CPU, batch_size=4)
     workers = predict_logits(model, test, CPU, batch_size=4, loader=LoaderConfig(workers=2))
     assert len(alone) == len(test) and torch.equal(alone, workers)
+
+
+def test_mid_epoch_resume_under_loader_workers_is_exact(tiny_project, monkeypatch):
+    """Two workers, lanes, persistent workers over 2 epochs: killed after step 2 of 5, resumed, the same weights."""
+    from pipeline import train
+    from pipeline.checkpoint import load_weights
+    from tests.conftest import TINY
+
+    monkeypatch.chdir(tiny_project)
+    cfg = load_config("configs/mnist5k.yaml", [a for a in TINY if a != "--set"] +
+                      ["loader.workers=2", "student.checkpoint_every=2", "student.epochs=2"])
+    train.train_student(cfg, "runs/lanes-straight")
+    real_save = train.Trainer._save
+
+    def save_then_die(self, epoch, step, tally):
+        real_save(self, epoch, step, tally)
+        if step:  # the first mid-epoch checkpoint
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.Trainer, "_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_student(cfg, "runs/lanes-resumed")
+    monkeypatch.setattr(train.Trainer, "_save", real_save)
+    train.train_student(cfg, "runs/lanes-resumed", resume=True)
+    straight = load_weights(tiny_project / "runs/lanes-straight/student.safetensors")
+    resumed = load_weights(tiny_project / "runs/lanes-resumed/student.safetensors")
+    for name, tensor in straight.items():
+        assert torch.equal(tensor, resumed[name]), name
