@@ -299,6 +299,15 @@ def test_forced_neuron_backend_under_autocast_on_cuda_is_refused():
         check_neuron_backend("cupy", CPU, "float32")
 
 
+def test_forced_backends_know_which_neurons_they_can_run():
+    from spikingjelly.activation_based import neuron, surrogate
+
+    assert fast._node_ops(create_student("sew_resnet_mnist", 10, (1, 8, 8), 2)) == ({"lif"}, [])
+    odd = nn.Sequential(neuron.LIFNode(surrogate_function=surrogate.PiecewiseLeakyReLU(), step_mode="m"),
+                        neuron.IzhikevichNode(step_mode="m"))
+    assert fast._node_ops(odd) == (set(), ["the PiecewiseLeakyReLU surrogate", "IzhikevichNode neurons"])
+
+
 # --- channels_last and torch.compile --------------------------------------------------------------
 
 @pytest.fixture(scope="module")

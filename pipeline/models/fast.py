@@ -162,14 +162,19 @@ NEURON_OPS = {"IFNode": "if_", "LIFNode": "lif", "ParametricLIFNode": "plif"}
 
 
 def _node_ops(model: nn.Module) -> tuple[set[str], list[str]]:
-    """(op packages of `model`'s spiking nodes, class names of nodes without one)."""
+    """(op packages of `model`'s spiking nodes, descriptions of nodes no forced implementation can run:
+    another neuron type, or a surrogate spikingjelly's kernels do not have)."""
+    from spikingjelly._ops.surrogate import _surrogate_spec
+
     from pipeline.neurons import spiking_layers
 
     packages, unsupported = set(), []
     for _, node in spiking_layers(model):
         package = next((NEURON_OPS[c.__name__] for c in type(node).__mro__ if c.__name__ in NEURON_OPS), None)
         if package is None:
-            unsupported.append(type(node).__name__)
+            unsupported.append(f"{type(node).__name__} neurons")
+        elif _surrogate_spec(getattr(node, "surrogate_function", None)) is None:
+            unsupported.append(f"the {type(node.surrogate_function).__name__} surrogate")
         else:
             packages.add(package)
     return packages, unsupported
@@ -219,8 +224,8 @@ def set_neuron_backend(model: nn.Module, backend: str, device: torch.device, pre
         return resolved
     packages, unsupported = _node_ops(model)
     if unsupported:
-        raise ConfigError(f"{field_name}: {resolved} is not available for {unsupported[0]} neurons (only "
-                          f"{', '.join(NEURON_OPS)}); set auto")
+        raise ConfigError(f"{field_name}: {resolved} is not available for {unsupported[0]} (only "
+                          f"{', '.join(NEURON_OPS)} with spikingjelly's built-in surrogates); set auto")
     if resolved == "cuda":
         missing = sorted(p for p in packages if not _native_built(p))
         if missing:
