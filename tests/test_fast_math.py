@@ -88,6 +88,24 @@ def test_defaults_resolve_to_float32_contiguous_eager_torch_on_cpu():
     assert (math.precision, math.compile, math.neuron_backend, math.grad_scaler()) == ("float32", False, "torch", None)
 
 
+@pytest.mark.parametrize("capability,auto", [((9, 0), "bfloat16"), ((8, 0), "bfloat16"), ((7, 0), "float32")])
+def test_auto_on_a_gpu_is_bfloat16_where_the_gpu_has_it(monkeypatch, capability, auto):
+    """The GPU side of the resolution, with torch.cuda's answers stubbed (this machine has no GPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    gpu = torch.device("cuda:0")
+    assert resolve_precision(gpu, "auto", "student.precision") == auto
+    assert resolve_precision(gpu, "float16") == "float16"
+    if auto == "float32":  # emulated bfloat16 is slower than float32: asking for it is refused
+        with pytest.raises(ConfigError, match="student.precision: bfloat16 is not supported by a GPU"):
+            resolve_precision(gpu, "bfloat16", "student.precision")
+    assert resolve_channels_last(gpu, "auto", create_teacher(_cfg().teacher, 10, (1, 8, 8))) is True
+    assert resolve_channels_last(gpu, "auto", nn.Linear(2, 2)) is False
+    assert check_neuron_backend("auto", gpu, auto) == "auto"  # spikingjelly's own choice
+
+
 def test_default_extraction_is_float32_and_bit_identical_to_the_plain_teacher(project):
     cfg = _cfg()
     assert _manifest_precision(project / STORE) == "float32"

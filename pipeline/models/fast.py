@@ -58,8 +58,11 @@ def resolve_precision(device: torch.device, value: str, field_name: str = "preci
 
 
 def _bf16_supported(device: torch.device) -> bool:
-    with torch.cuda.device(device):
-        return torch.cuda.is_bf16_supported()
+    """Native bfloat16 on `device` (NVIDIA sm_80 and later). torch.cuda.is_bf16_supported() also says yes
+    where bfloat16 is only emulated (slowly), and asks the current device rather than `device`."""
+    if torch.version.hip:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def autocast(device: torch.device, precision: str):
