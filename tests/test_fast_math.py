@@ -4,8 +4,9 @@ On CPU every default resolves to what bkd always did (float32, contiguous, eager
 torch reference neurons), and the real extraction and training paths stay bit for bit the same;
 the reduced precisions run on CPU too (bfloat16 and float16 autocast), so their plumbing, manifest
 record, GradScaler checkpointing and refusals are tested here. torch.compile is tested with the
-`aot_eager` backend (dynamo's graph capture, torch's own kernels): inductor works on this machine but
-takes ~20 s to compile even a tiny model, too slow for the suite.
+`aot_eager` backend (dynamo's graph capture, torch's own kernels): inductor works on this 2-core machine
+and gives the same outputs (within 2e-7, gradients 6e-7), but compiling took 17 s for a five-layer model
+and minutes for the ResNet-10 teacher and the tiny student below, too slow for the suite.
 """
 
 from __future__ import annotations
