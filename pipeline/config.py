@@ -31,6 +31,11 @@ MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; anything near this is not on
 MAX_ALIAS_VALUES = 10_000  # values that YAML aliases may add to a document (see _ConfigLoader)
 MAX_TEACHER_INPUT_SIZE = 4096
 OPTIMIZERS = ("adamw", "sgd")
+# Fast math (pipeline.models.fast): autocast dtypes, channels_last and spikingjelly 2.0's multi-step
+# neuron implementations. "auto" resolves from the device the stage actually runs on.
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+CHANNELS_LAST = ("auto", "on", "off")
+NEURON_BACKENDS = ("auto", "torch", "cuda", "triton")
 SCHEDULE_PER = ("step", "epoch")
 
 
@@ -202,6 +207,16 @@ class ExtractConfig:
     # Also store each split's source pixels (uint8, as decoded: data.load_size for ImageNet) in the
     # store, so student training reads arrays instead of decoding image files every epoch.
     images: bool = False
+    # Autocast dtype of the teacher's forward: auto | float32 | bfloat16 | float16. auto = bfloat16 on
+    # a CUDA device that supports it, float32 otherwise (CPU). Targets are stored as above whatever the
+    # compute dtype; the resolved value is recorded in the store (teacher.precision), and resuming a
+    # store made at another precision is refused.
+    precision: str = "auto"
+    # Teacher weights and images in channels_last memory layout: auto | on | off (auto = on for a CUDA
+    # device when the teacher has Conv2d layers, off on CPU). YAML reads a bare on / off as true / false;
+    # both spellings are taken and stored as "on" / "off".
+    channels_last: str | bool = "auto"
+    compile: bool = False  # torch.compile the teacher's forward (the first batches pay the compilation)
 
 
 @dataclass
@@ -293,6 +308,18 @@ class StudentConfig:
     augment: str = "views"
     out_dir: str = "runs/students"
     device: str = "auto"
+    # Autocast dtype of the student's forward in the training step (and of the per-epoch test accuracy):
+    # auto | float32 | bfloat16 | float16; auto = bfloat16 on a CUDA device that supports it, float32
+    # otherwise (CPU). The loss terms, BKD heads included, are computed in float32; float16 trains with a
+    # GradScaler (saved in checkpoints). `bkd evaluate` always evaluates in float32.
+    precision: str = "auto"
+    compile: bool = False  # torch.compile the student's forward in the training step (weights keep their names)
+    # spikingjelly 2.0's implementation of the multi-step IF/LIF/PLIF neurons on CUDA: auto | torch | cuda |
+    # triton. auto leaves spikingjelly's own choice (its native CUDA kernels when built, else Triton, else
+    # the torch reference); on CPU only the torch reference exists. Forcing one needs student.precision
+    # float32 (spikingjelly's fused kernels keep a float32 membrane; under autocast the nodes run the
+    # torch reference, which spikingjelly refuses to run when an implementation is forced).
+    neuron_backend: str = "auto"
 
     def train_epochs(self) -> int:
         """Epochs the run trains: the cosine's `epochs`, then the schedule's cooldown at min_lr."""
@@ -387,7 +414,8 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     if unknown:
         prefix = f"{where}." if where else ""
         key = unknown[0] if isinstance(unknown[0], str) else repr(unknown[0])
-        raise ConfigError(f"unknown config key '{prefix}{_clip(key)}' (known: {', '.join(sorted(names))})")
+        # the key clipped shorter than other values: the student section's list of known keys is long
+        raise ConfigError(f"unknown config key '{prefix}{_clip(key, 60)}' (known: {', '.join(sorted(names))})")
     kwargs = {}
     for key, value in raw.items():
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
@@ -452,6 +480,12 @@ def validate(cfg: Config) -> Config:
     _check(ex.feature_dtype in FLOAT_DTYPES, f"extract.feature_dtype must be one of {FLOAT_DTYPES}")
     _check(ex.logits_dtype in FLOAT_DTYPES, f"extract.logits_dtype must be one of {FLOAT_DTYPES}")
     _check(1 <= ex.zstd_level <= 22, "extract.zstd_level must be in [1, 22]")
+    _check(ex.precision in PRECISIONS,
+           f"extract.precision must be one of {', '.join(PRECISIONS)}, got {_short(ex.precision)}")
+    if isinstance(ex.channels_last, bool):  # YAML 1.1: `channels_last: on` is a boolean
+        ex.channels_last = "on" if ex.channels_last else "off"
+    _check(ex.channels_last in CHANNELS_LAST,
+           f"extract.channels_last must be one of {', '.join(CHANNELS_LAST)}, got {_short(ex.channels_last)}")
     st = cfg.student
     _check(st.timesteps >= 1, f"student.timesteps (T) must be >= 1, got {st.timesteps}")
     _check(st.distill in DISTILL_MODES,
@@ -474,6 +508,12 @@ def validate(cfg: Config) -> Config:
     _check(st.shuffle_buffer_chunks >= 1, "student.shuffle_buffer_chunks must be >= 1")
     _validate_optimisation(st, "student")
     _check(st.checkpoint_every >= 0, f"student.checkpoint_every must be >= 0 (0: epoch ends only), got {st.checkpoint_every}")
+    _check(st.precision in PRECISIONS,
+           f"student.precision must be one of {', '.join(PRECISIONS)}, got {_short(st.precision)}")
+    cupy = " (cupy was spikingjelly 0.0.0.0.x's backend; spikingjelly 2.0 has cuda and triton)" \
+        if st.neuron_backend == "cupy" else ""
+    _check(st.neuron_backend in NEURON_BACKENDS, f"student.neuron_backend must be one of {', '.join(NEURON_BACKENDS)}, "
+                                                 f"got {_short(st.neuron_backend)}{cupy}")
     return cfg
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 
 import numpy as np
 import torch
@@ -14,6 +15,7 @@ from pipeline.data import data_loader, load_splits
 from pipeline.errors import BkdError
 from pipeline.locks import PathLock
 from pipeline.models import load_teacher, teacher_outputs
+from pipeline.models.fast import prepare_teacher, resolve_extract
 from pipeline.targets import (IMAGES, StoreWriter, check_store_location, existing_store, expected_spec, feature_array,
                               pixel_digests, teacher_sha, topk_arrays)
 
@@ -29,6 +31,7 @@ class ShardExtractor:
         self.num_classes = first.num_classes
         sha = teacher_sha(cfg)
         self.model = load_teacher(cfg.teacher, first.num_classes, first.image_shape).to(device)
+        self.teacher = prepare_teacher(self.model, device, ex, teacher_outputs)  # precision, channels_last, compile
         if ex.logits_topk is not None and ex.logits_topk > first.num_classes:
             raise BkdError(f"extract.logits_topk is {ex.logits_topk}, but the teacher has only "
                            f"{first.num_classes} classes")
@@ -36,8 +39,9 @@ class ShardExtractor:
         with torch.no_grad():  # each location's shape: (C,) vectors or (C, H, W) maps
             probe = first.load([0]).to(device)
             self.feature_shapes = {loc: tuple(f.shape[1:])
-                                   for loc, f in teacher_outputs(self.model, probe, ex.features)[0].items()}
-        self.spec = expected_spec(cfg, self.splits, sha, self.feature_shapes, self.model.num_features)
+                                   for loc, f in self.teacher.outputs(probe, ex.features)[0].items()}
+        self.spec = expected_spec(cfg, self.splits, sha, self.feature_shapes, self.model.num_features,
+                                  self.teacher.precision)
         self.layouts = {name: self.spec.layout(name) for name in self.splits}
         self.images = ex.images
 
@@ -82,7 +86,7 @@ class ShardExtractor:
                 if images is not None:
                     images[rows] = batch["raw"]
                 for v, view in enumerate(batch["views"]):
-                    f, z = teacher_outputs(self.model, view.to(self.device, non_blocking=True), ex.features)
+                    f, z = self.teacher.outputs(view.to(self.device, non_blocking=True), ex.features)
                     for loc, values in f.items():
                         features[loc][rows, v] = values.float().cpu().numpy()
                     logits[rows, v] = z.float().cpu().numpy()
@@ -170,11 +174,15 @@ def extract_teacher(cfg: Config, device: torch.device, overwrite: bool = False, 
     `scheduler`); each worker loads the teacher once and writes its shards itself.
     """
     local = workers <= 1 and scheduler is None
+    # "auto" precision resolved once, from the device the shards run on: the manifest and every worker agree
+    cfg = dataclasses.replace(cfg, extract=resolve_extract(cfg.extract, device))
     check_store_location(cfg.extract.store)  # before any heavy work: a path bkd must not write to,
     existing_store(cfg.extract.store)  # or something there that bkd did not make
     # With dask, this process only plans and records shards: it keeps its teacher copy (needed for
     # the manifest's feature shape) off the GPUs the workers use.
-    extractor = ShardExtractor(cfg, device if local else torch.device("cpu"))
+    extractor = ShardExtractor(cfg if local else _planner_config(cfg), device if local else torch.device("cpu"))
+    if local:
+        tqdm.write(f"teacher {extractor.teacher.describe()}")
     with store_lock(cfg.extract.store):
         writer = extractor.open_writer(overwrite)
         missing = [(name, shard) for name in extractor.splits for shard in writer.missing_shards(name)]
@@ -190,6 +198,11 @@ def extract_teacher(cfg: Config, device: torch.device, overwrite: bool = False, 
         writer.finish()
     return {"store": str(cfg.extract.store), "shards_written": len(missing),
             "num_features": extractor.model.num_features}
+
+
+def _planner_config(cfg: Config) -> Config:
+    """The planning process's config under dask: its one probe forward needs no compilation or layout."""
+    return dataclasses.replace(cfg, extract=dataclasses.replace(cfg.extract, compile=False, channels_last="off"))
 
 
 def _run_on_dask(cfg: Config, device: str, shards: list, workers: int, scheduler: str | None, bar) -> None:

@@ -3,7 +3,8 @@
 `Trainer` owns epochs, optimisation, per-epoch evaluation, history and checkpoints; a run
 supplies only its modules, its data and a `step` that turns a batch into loss terms.
 Checkpoints (written atomically at epoch ends and every `checkpoint_every` steps) hold every
-module, the optimizer, the scheduler, each rank's RNG state and the history, so `resume=True`
+module, the optimizer, the scheduler (and the GradScaler of a float16 run), each rank's RNG state
+and the history, so `resume=True`
 continues bit for bit from wherever the run stopped. The student run is also a DDP rank when
 launched by torchrun.
 """
@@ -35,6 +36,7 @@ from pipeline.errors import BkdError, ConfigError
 from pipeline.evaluate import accuracy, count_correct
 from pipeline.losses import DistillationLoss
 from pipeline.models import create_student, create_teacher, load_teacher, teacher_metadata
+from pipeline.models.fast import FastStudent, student_math
 from pipeline.models.stages import check_locations, spiking_outputs
 from pipeline.rundir import RunFolder
 from pipeline.targets import StoredImages, open_student_targets
@@ -75,17 +77,22 @@ class Trainer:
     written at every epoch end and, with `checkpoint_every` > 0, every that many steps; resuming
     from any of them replays the rest of the run exactly (the sampler skips the steps done).
     Only rank 0 writes files; metrics are summed over ranks.
+
+    With a `scaler` (torch.amp.GradScaler, for float16 autocast) the loss is scaled before backward and
+    the optimizer steps through it: a step whose gradients overflow is skipped (the scheduler still
+    steps, as timm's AMP loop does) and the scale backs off; its state is in every checkpoint. The
+    non-finite-loss stop looks at the unscaled loss, so skipped steps never trigger it.
     """
 
     def __init__(self, modules: dict[str, nn.Module], step: StepFn, loader: DataLoader,
                  sampler: ChunkShuffleSampler, optimizer: torch.optim.Optimizer,
                  scheduler: "torch.optim.lr_scheduler.LRScheduler | EpochSchedule", epochs: int, run_dir: str | Path,
                  evaluate: Callable[[], float], device: torch.device, desc: str,
-                 ranks: Ranks = Ranks(), checkpoint_every: int = 0):
+                 ranks: Ranks = Ranks(), checkpoint_every: int = 0, scaler: "torch.amp.GradScaler | None" = None):
         self.modules, self.step, self.loader, self.sampler = modules, step, loader, sampler
         self.optimizer, self.scheduler, self.epochs = optimizer, scheduler, epochs
         self.run_dir, self.evaluate, self.device, self.desc = Path(run_dir), evaluate, device, desc
-        self.ranks, self.checkpoint_every = ranks, checkpoint_every
+        self.ranks, self.checkpoint_every, self.scaler = ranks, checkpoint_every, scaler
         self.history: list[dict] = []
 
     @property
@@ -102,7 +109,7 @@ class Trainer:
         per_rank = self.ranks.gather({"rng": self._rng_state(), "tally": dataclasses.asdict(tally)})
         if not self.ranks.is_main:
             return
-        checkpoint.save_state({
+        state = {
             "epoch": epoch,
             "step": step,
             "world_size": self.ranks.world_size,
@@ -111,7 +118,10 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "history": self.history,
-        }, self.checkpoint_path)
+        }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        checkpoint.save_state(state, self.checkpoint_path)
 
     def _restore(self) -> tuple[int, int, Tally]:
         if not self.checkpoint_path.is_file():
@@ -126,6 +136,11 @@ class Trainer:
             module.load_state_dict(state["modules"][name])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None:
+            if "scaler" not in state:
+                raise BkdError(f"--resume: {self.checkpoint_path} holds no GradScaler state, so it was not a float16 "
+                               "run; resume with the run's student.precision")
+            self.scaler.load_state_dict(state["scaler"])
         mine = state["ranks"][self.ranks.rank]
         torch.set_rng_state(mine["rng"]["cpu"])
         if "cuda" in mine["rng"] and self.device.type == "cuda":
@@ -176,8 +191,13 @@ class Trainer:
                     raise BkdError(f"loss became non-finite in epoch {epoch + 1}, step {step + 1}; stopped, the last "
                                    f"good checkpoint is {self.checkpoint_path}")
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+                if self.scaler is None:
+                    loss.backward()
+                    self.optimizer.step()
+                else:
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
+                    self.scaler.update()
                 self.scheduler.step()
                 tally.add(terms, logits, labels)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -371,11 +391,13 @@ class StudentForward(nn.Module):
     smoothing and mixed views), accuracy the labels.
 
     One module, so DDP wraps (and syncs the gradients of) the student and the feature heads together.
+    With `fast` (pipeline.models.fast.FastStudent) the student's forward runs under its autocast (and
+    compiled) and its features and logits are cast to float32 before the loss, which runs outside autocast.
     """
 
-    def __init__(self, student: nn.Module, criterion: DistillationLoss):
+    def __init__(self, student: nn.Module, criterion: DistillationLoss, fast: FastStudent | None = None):
         super().__init__()
-        self.student, self.criterion = student, criterion
+        self.student, self.criterion, self.fast = student, criterion, fast
 
     def no_weight_decay(self) -> set[str]:
         """The student's own weight-decay exclusions (timm's hook, e.g. position embeddings), under this
@@ -383,7 +405,10 @@ class StudentForward(nn.Module):
         return {f"student.{name}" for name in getattr(self.student, "no_weight_decay", set)()}
 
     def forward(self, images, labels, teacher_features, teacher_logits, targets=None):
-        features, logits = student_features(self.student, images, self.criterion.student_locations)
+        if self.fast is None:
+            features, logits = student_features(self.student, images, self.criterion.student_locations)
+        else:
+            features, logits = self.fast.features(self.student, images, self.criterion.student_locations)
         targets = labels if targets is None else targets
         return self.criterion(features, logits, targets, teacher_features, teacher_logits), logits
 
@@ -438,6 +463,7 @@ def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, devic
         folder.check()  # refused before any data or store is touched; claimed once training starts
     scfg = cfg.student
     batch_size = split_global_batch(scfg.batch_size, ranks.world_size)
+    fast = student_math(scfg, device)  # precision, compile, neuron backend: refused here if they cannot run
     train, test = load_splits(cfg.data, ("train", "test")).values()
     # checked even for `none`: same data, same split
     targets = open_student_targets(cfg, "train", train, trust_store_teacher)
@@ -448,11 +474,13 @@ def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, devic
     torch.manual_seed(cfg.seed)
     student = create_student(scfg.model, train.num_classes, train.image_shape, scfg.timesteps,
                              **scfg.model_kwargs).to(device)
+    fast.prepare(student)
     targets.check_locations(scfg.feature_pairs().values())
     pairs = feature_pairs(scfg, student, targets.feature_shapes, train.load([0]).to(device))
     criterion = DistillationLoss(scfg, pairs).to(device)
     if ranks.is_main:
         tqdm.write(f"student[{scfg.distill}] distils {criterion.describe()}")
+        tqdm.write(f"student[{scfg.distill}] {fast.describe()}")
     if ranks.rank > 0:  # its own blur masks; rank 0 continues the one-process stream
         torch.manual_seed(ranks.seed(cfg.seed))
     dataset = CachedTargetDataset(train, targets, scfg.shuffle_buffer_chunks,
@@ -463,7 +491,7 @@ def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, devic
                                   rank=ranks.rank, world_size=ranks.world_size, lanes=max(1, cfg.loader.workers),
                                   batch_size=batch_size, with_epoch=True)
     loader = data_loader(dataset, batch_size, sampler, cfg.loader, device)
-    forward = unwrapped = StudentForward(student, criterion)
+    forward = unwrapped = StudentForward(student, criterion, fast)
     if ranks.distributed:
         forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer, scheduler = optimizer_for(scfg, unwrapped, len(loader))
@@ -471,13 +499,14 @@ def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, devic
     def evaluate() -> float:
         """Test accuracy of rank 0's model, each rank predicting every world_size-th sample."""
         ranks.sync_buffers(student)
-        correct, total = ranks.sum(list(count_correct(student, test, device,
-                                                      range(ranks.rank, len(test), ranks.world_size), cfg.loader)))
+        with fast.autocast():  # the training forward's dtype; `bkd evaluate` reports float32 accuracy
+            counts = count_correct(student, test, device, range(ranks.rank, len(test), ranks.world_size), cfg.loader)
+        correct, total = ranks.sum(list(counts))
         return correct / total
 
     trainer = Trainer({"student": student, "criterion": criterion}, student_step(forward), loader, sampler,
                       optimizer, scheduler, scfg.train_epochs(), run_dir, evaluate, device, f"student[{scfg.distill}]",
-                      ranks, scfg.checkpoint_every)
+                      ranks, scfg.checkpoint_every, fast.grad_scaler())
     with folder:
         history = trainer.fit(resume)
         if ranks.is_main:

@@ -40,16 +40,20 @@ def teacher_sha(cfg: Config, required: bool = True) -> str | None:
 
 
 def expected_spec(cfg: Config, splits: dict, sha: str | None, feature_shapes: dict | None = None,
-                  num_features: int | None = None) -> TargetSpec:
+                  num_features: int | None = None, precision: str | None = None) -> TargetSpec:
     """The spec of the store `cfg` builds from `splits` (ImageSplits), with the teacher's `sha` and the
-    shape of its features at each of extract.features (`feature_shapes`, known once the teacher ran)."""
+    shape of its features at each of extract.features (`feature_shapes`, known once the teacher ran).
+
+    `precision` is the resolved autocast dtype of the teacher's forward (pipeline.models.fast), recorded as
+    teacher.precision: an extraction resumes only a store made at the same precision, while a student reads
+    a store made at any (STUDENT_IDENTITY does not list it) and can see how its targets were made."""
     feature_shapes = feature_shapes or {loc: () for loc in cfg.extract.features}
     any_split = next(iter(splits.values()))
     ex = cfg.extract
     return TargetSpec(
         teacher={"model": cfg.teacher.model, "checkpoint_sha256": sha, "small_input_stem": cfg.teacher.small_input_stem,
                  "timesteps": cfg.teacher.timesteps, "model_kwargs": cfg.teacher.model_kwargs,
-                 "num_classes": any_split.num_classes, "num_features": num_features},
+                 "num_classes": any_split.num_classes, "num_features": num_features, "precision": precision},
         dataset={"name": cfg.data.name, "split_seed": cfg.data.split_seed, "test_size": cfg.data.test_size,
                  "limit": cfg.data.limit},
         splits={name: {"num_samples": len(s), "fingerprint": s.fingerprint(), "views": split_views(cfg, name)}

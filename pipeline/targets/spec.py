@@ -89,7 +89,7 @@ class SplitLayout:
 
 @dataclass(frozen=True)
 class TargetSpec:
-    teacher: dict[str, Any]  # model, checkpoint_sha256, small_input_stem, num_classes, num_features
+    teacher: dict[str, Any]  # model, checkpoint_sha256, small_input_stem, num_classes, num_features, precision
     dataset: dict[str, Any]  # name, split_seed, test_size, limit
     splits: dict[str, dict[str, Any]]  # split -> num_samples, fingerprint, views
     transform: dict[str, Any]
