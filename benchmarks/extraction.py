@@ -31,7 +31,7 @@ def bare_loop(cfg: Config) -> float:
     batch = cfg.extract.batch_size
     with torch.no_grad():
         for start in range(0, len(split), batch):
-            teacher_outputs(teacher, split.load(range(start, min(start + batch, len(split)))), [cfg.extract.features])
+            teacher_outputs(teacher, split.load(range(start, min(start + batch, len(split)))), cfg.extract.features)
     return time.perf_counter() - started
 
 
