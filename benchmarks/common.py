@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 from pathlib import Path
@@ -29,12 +30,19 @@ def random_teacher_config(tmp: Path, *overrides: str) -> Config:
         "extract.features=[pre_logits]",  # what the mixed student reads; benchmarks time that path
         *overrides,
     ])
+    write_random_teacher(cfg)
+    return cfg
+
+
+def write_random_teacher(cfg: Config) -> None:
+    """Write a seeded random init of cfg.teacher.model for cfg's dataset at cfg.teacher.checkpoint
+    (timm's `pretrained=False`: no weights are downloaded; accuracy does not matter for speed)."""
     train = load_split(cfg.data, "train")
     torch.manual_seed(cfg.seed)
     teacher = create_teacher(cfg.teacher, train.num_classes, train.image_shape)
+    Path(cfg.teacher.checkpoint).parent.mkdir(parents=True, exist_ok=True)
     checkpoint.save_weights(teacher.state_dict(), cfg.teacher.checkpoint,
                             metadata={"model": cfg.teacher.model, "source": "random init (benchmark)"})
-    return cfg
 
 
 def summarize(seconds: list[float]) -> dict[str, float]:
@@ -73,3 +81,73 @@ def machine() -> dict:
         "python_version": platform.python_version(),
         "platform": platform.platform(),
     }
+
+
+# --- devices, precision and the integrator's hooks -------------------------------------------------------------
+
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def benchmark_device(name: str) -> torch.device:
+    """torch.device(name) for `cpu` or `cuda[:k]`; CUDA that is not there is a one-line error (ValueError)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name (cpu or cuda[:k])") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here (torch {torch.__version__}, "
+                         f"{'built without CUDA' if torch.version.cuda is None else 'no CUDA device visible'})")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda are benchmarked")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """auto -> bfloat16 on CUDA, float32 elsewhere; the others as they are."""
+    if name == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision '{name}' (auto | {' | '.join(PRECISIONS)})")
+    return name
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context of a resolved precision: none for float32."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously): call before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def has_field(cfg: Config, dotted: str) -> bool:
+    """Whether the config schema has `section.field` (e.g. extract.precision, loader.workers)."""
+    node = cfg
+    for part in dotted.split("."):
+        if not hasattr(node, part):
+            return False
+        node = getattr(node, part)
+    return True
+
+
+def load_with_hooks(path: str | Path, overrides: list[str], hooks: dict[str, object]) -> tuple[Config, dict]:
+    """`load_config(path, overrides)` plus each `hooks` entry ({dotted field: value}, e.g.
+    {"extract.precision": "bfloat16", "loader.workers": 2}) as an override, but only where the
+    config schema has that field: the pipeline options other branches add. Returns the config and
+    {field: value applied, or None where the schema lacks it}."""
+    cfg = load_config(path, overrides)
+    applied = {key: (value if has_field(cfg, key) else None) for key, value in hooks.items()}
+    extra = [f"{key}={value}" for key, value in applied.items() if value is not None]
+    return (load_config(path, [*overrides, *extra]) if extra else cfg), applied
+
+
+def effective_precision(cfg: Config, section: str, device: torch.device) -> str:
+    """The precision `section` (extract | student) of the pipeline runs at under `cfg`: its
+    `precision` field resolved, or float32 where the schema has no such field yet."""
+    field_ = f"{section}.precision"
+    return resolve_precision(getattr(getattr(cfg, section), "precision"), device) if has_field(cfg, field_) \
+        else "float32"
