@@ -4,17 +4,20 @@ Run from the repository root::
 
     python -m benchmarks.step_time [--steps N] [--warmup W] [--batch-size B] [--json OUT]
 
-Three settings on the default config (MNIST-5k, SEW-ResNet student, ResNet-18 teacher), each
-with its own identically seeded student, loss and optimizer:
+Three settings on one config (by default the MNIST-5k one: SEW-ResNet student, ResNet-18 teacher;
+`measure` takes any config whose store is extracted, on any device), each with its own
+identically seeded student, loss and optimizer:
 
   none    student + cross-entropy, batches from the plain image split (no teacher anywhere);
-  cached  distill=mixed (CE + BKD + WSLD), batches from `CachedTargetDataset` over a real store;
+  cached  distill=mixed (CE + BKD + WSLD), batches from `CachedTargetDataset` over a real store,
+          built as `bkd train-student` builds it (views, label smoothing, the locations it distils);
   online  distill=mixed, the teacher (eval mode, no_grad) runs on every batch, as in the public
           BKDSNN code.
 
 The store is built in a temporary directory from a randomly initialised teacher (accuracy does
 not matter for timing) with the project's own `extract_teacher`. A timed step runs from fetching
-the batch out of the DataLoader to the end of `optimizer.step()`, so the cached reader's chunk
+the batch out of the DataLoader to the end of `optimizer.step()` (on CUDA, to the end of the
+device's work: the clock is read after torch.cuda.synchronize), so the cached reader's chunk
 decoding and the online teacher's forward both count. The settings run round-robin, one step
 each per round with the order rotated every round, so machine noise hits all three alike.
 """
@@ -37,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from pipeline.augment import view_augmenter
 from pipeline.config import Config, load_config
 from pipeline.data import ImageSplit, collate_batch, load_split
 from pipeline.extract import extract_teacher
@@ -44,9 +48,9 @@ from pipeline.losses import DistillationLoss
 from pipeline.models import create_student, load_teacher, teacher_outputs
 from pipeline.targets import open_student_targets
 from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler
-from pipeline.train import EpochSchedule, StudentForward, feature_pairs, optimizer_for, student_step
+from pipeline.train import EpochSchedule, StudentForward, feature_pairs, optimizer_for, student_step, to_device
 
-from benchmarks.common import CONFIG, random_teacher_config, summarize
+from benchmarks.common import CONFIG, autocast, random_teacher_config, summarize, synchronize
 
 SETTINGS = ("none", "cached", "online")
 LABELS = {
@@ -54,6 +58,7 @@ LABELS = {
     "cached": "mixed, from cache",
     "online": "mixed, online teacher",
 }
+CPU = torch.device("cpu")
 
 
 @dataclass
@@ -67,7 +72,9 @@ class Setting:
     scheduler: torch.optim.lr_scheduler.LRScheduler | EpochSchedule
     loader: DataLoader
     sampler: ChunkShuffleSampler
-    targets: Callable[[tuple], tuple]  # batch -> (images, labels, teacher_features, teacher_logits)
+    targets: Callable[[tuple], tuple]  # batch -> (images, labels, teacher_features, teacher_logits[, targets])
+    device: torch.device = CPU
+    precision: str = "float32"  # resolved: float32 | bfloat16 | float16 (autocast, with a GradScaler for float16)
     epoch: int = 0
     step_s: list[float] = field(default_factory=list)
     load_s: list[float] = field(default_factory=list)
@@ -75,10 +82,13 @@ class Setting:
 
     def __post_init__(self):
         self.forward = student_step(StudentForward(self.student, self.criterion))  # built once, as in training
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "float16" else None
 
     def next_batch(self) -> tuple:
         if self._it is None:
             self.sampler.set_epoch(self.epoch)
+            if hasattr(self.loader.dataset, "set_epoch"):
+                self.loader.dataset.set_epoch(self.epoch)
             self._it = iter(self.loader)
         try:
             return next(self._it)
@@ -89,14 +99,22 @@ class Setting:
 
     def step(self, record: bool) -> None:
         """One timed training step: fetch, (teacher), forward, loss, backward, optimizer step."""
+        synchronize(self.device)
         start = time.perf_counter()
-        batch = self.next_batch()
+        batch = to_device(self.next_batch(), self.device)
         loaded = time.perf_counter()
-        terms, _, _ = self.forward(self.targets(batch))
+        with autocast(self.precision, self.device):
+            terms, _, _ = self.forward(self.targets(batch))
         loss = terms["loss"]  # then as in Trainer.fit
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        synchronize(self.device)
         end = time.perf_counter()
         self.scheduler.step()
         if not torch.isfinite(loss):
@@ -109,25 +127,133 @@ class Setting:
 def build_store(tmp: Path, batch_size: int) -> Config:
     """A config whose random teacher and train-split store live in `tmp`, both written here."""
     cfg = random_teacher_config(tmp, f"student.batch_size={batch_size}")
-    extract_teacher(cfg, torch.device("cpu"))
+    extract_teacher(cfg, CPU)
     return cfg
 
 
-def make_setting(name: str, cfg: Config, train: ImageSplit, teacher_shapes: dict, dataset, targets) -> Setting:
+def make_setting(name: str, cfg: Config, train: ImageSplit, teacher_shapes: dict, dataset, targets,
+                 device: torch.device = CPU, precision: str = "float32", workers: int = 0) -> Setting:
+    """Setting `name` (none, cached, online) on `device`; `workers` DataLoader worker processes
+    (0: batches are read in this process, as `bkd train-student` does today)."""
     scfg = cfg.student
     mode_cfg = dataclasses.replace(scfg, distill="none" if name == "none" else "mixed")
     torch.manual_seed(cfg.seed)  # the three students start from the same weights
     student = create_student(scfg.model, train.num_classes, train.image_shape, scfg.timesteps,
-                             **scfg.model_kwargs).train()
-    pairs = feature_pairs(mode_cfg, student, teacher_shapes, train.load([0]))
-    criterion = DistillationLoss(mode_cfg, pairs).train()
+                             **scfg.model_kwargs).to(device).train()
+    pairs = feature_pairs(mode_cfg, student, teacher_shapes, train.load([0]).to(device))
+    criterion = DistillationLoss(mode_cfg, pairs).to(device).train()
     chunk_size = cfg.extract.chunk_size
     sampler = ChunkShuffleSampler(len(dataset), chunk_size, scfg.shuffle_buffer_chunks, seed=cfg.seed)
     # drop_last: every timed step sees a full batch.
     loader = DataLoader(dataset, batch_size=scfg.batch_size, sampler=sampler, collate_fn=collate_batch,
-                        drop_last=True)
+                        drop_last=True, num_workers=workers, persistent_workers=workers > 0)
     optimizer, scheduler = optimizer_for(scfg, StudentForward(student, criterion), len(loader))
-    return Setting(name, student, criterion, optimizer, scheduler, loader, sampler, targets)
+    return Setting(name, student, criterion, optimizer, scheduler, loader, sampler, targets, device, precision)
+
+
+def measure(cfg: Config, device: torch.device = CPU, steps: int = 60, warmup: int = 3, precision: str = "float32",
+            workers: int = 0, desc: str = "step-time rounds") -> dict:
+    """Median step times of none / cached / online for `cfg`, whose train-split store must exist
+    (cfg.extract.store, made by `extract_teacher` with cfg.teacher.checkpoint). `precision` is the
+    resolved autocast precision of the student's (and the online teacher's) forward."""
+    scfg = cfg.student
+    train = load_split(cfg.data, "train")
+    targets = open_student_targets(cfg, "train", train)
+    if len(train) < scfg.batch_size:
+        raise ValueError(f"{len(train)} training samples are fewer than one batch of {scfg.batch_size}")
+    locations = list(dict.fromkeys(dataclasses.replace(scfg, distill="mixed").feature_pairs().values()))
+    cached = CachedTargetDataset(train, targets, scfg.shuffle_buffer_chunks, view_augmenter(cfg.augment, train),
+                                 scfg.augment, seed=cfg.seed, locations=locations, smoothing=scfg.label_smoothing)
+    # eval mode; teacher_outputs runs it under no_grad
+    teacher = load_teacher(cfg.teacher, train.num_classes, train.image_shape).to(device)
+
+    def plain(batch):
+        images, labels, _ = batch
+        return images, labels, {}, None
+
+    def from_cache(batch):
+        return batch
+
+    def online(batch):
+        images, labels, _ = batch
+        teacher_features, teacher_logits = teacher_outputs(teacher, images, locations)
+        return images, labels, teacher_features, teacher_logits
+
+    common = dict(device=device, precision=precision, workers=workers)
+    settings = {
+        "none": make_setting("none", cfg, train, targets.feature_shapes, train, plain, **common),
+        "cached": make_setting("cached", cfg, train, targets.feature_shapes, cached, from_cache, **common),
+        "online": make_setting("online", cfg, train, targets.feature_shapes, train, online, **common),
+    }
+    load_before = os.getloadavg()
+    order = list(SETTINGS)
+    for r in tqdm(range(warmup + steps), desc=desc, unit="round", dynamic_ncols=True):
+        k = r % len(order)
+        for name in order[k:] + order[:k]:  # rotate who goes first
+            settings[name].step(record=r >= warmup)
+    load_after = os.getloadavg()
+
+    stats = {name: summarize(s.step_s) for name, s in settings.items()}
+    loads = {name: summarize(s.load_s) for name, s in settings.items()}
+
+    def ratios(key: str) -> dict[str, float]:
+        return {"cached/none": stats["cached"][key] / stats["none"][key],
+                "online/cached": stats["online"][key] / stats["cached"][key],
+                "online/none": stats["online"][key] / stats["none"][key]}
+
+    return {
+        "benchmark": "student_step_time",
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "num_threads": torch.get_num_threads(),
+        "device": str(device),
+        "precision": precision,
+        "workers": workers,
+        "student_model": scfg.model,
+        "timesteps": scfg.timesteps,
+        "teacher_model": cfg.teacher.model,
+        "image_shape": list(train.image_shape),
+        "batch_size": scfg.batch_size,
+        "steps": steps,
+        "warmup": warmup,
+        "median_ms": {name: stats[name]["median_ms"] for name in SETTINGS},
+        "ratios_of_medians": ratios("median_ms"),
+        "ratios_of_means": ratios("mean_ms"),
+        "step": stats,
+        "load": loads,
+        "cached_chunks_decoded": cached.chunks_decoded,
+        "loadavg_1min_before": load_before[0],
+        "loadavg_1min_after": load_after[0],
+    }
+
+
+def report(result: dict) -> None:
+    """Print one measure() result as a table."""
+    stats, loads = result["step"], result["load"]
+    print()
+    print(f"student step time, {result['student_model']} T={result['timesteps']} on {result['device']} "
+          f"({result['precision']}), batch {result['batch_size']}, {result['steps']} timed steps per setting "
+          f"(+{result['warmup']} warm-up), round-robin; torch {result['torch_version']}, {result['cpu_count']} CPUs, "
+          f"{result['num_threads']} threads")
+    header = f"{'setting':<24}{'median ms':>11}{'IQR ms':>9}{'q1–q3 ms':>17}{'mean ms':>10}{'load med':>10}{'load mean':>11}"
+    print(header)
+    print("-" * len(header))
+    for name in SETTINGS:
+        s, ld = stats[name], loads[name]
+        print(f"{LABELS[name]:<24}{s['median_ms']:>11.1f}{s['iqr_ms']:>9.1f}"
+              f"{s['q1_ms']:>8.1f}–{s['q3_ms']:<8.1f}{s['mean_ms']:>10.1f}{ld['median_ms']:>10.2f}{ld['mean_ms']:>11.2f}")
+    print()
+    print(f"{'ratio':<16}{'of medians':>12}{'of means':>10}")
+    for key in result["ratios_of_medians"]:
+        print(f"{key:<16}{result['ratios_of_medians'][key]:>12.3f}{result['ratios_of_means'][key]:>10.3f}")
+    busiest = max(result["loadavg_1min_before"], result["loadavg_1min_after"])
+    print(f"(cached reader decoded {result['cached_chunks_decoded']} chunks; 1-min load average "
+          f"{result['loadavg_1min_before']:.2f} before, {result['loadavg_1min_after']:.2f} after, "
+          f"{result['cpu_count']} CPUs)")
+    if busiest > (result["cpu_count"] or 1) and result["num_threads"] > 1 and result["device"] == "cpu":
+        print(f"warning: the machine was busy with other work; with {result['num_threads']} intra-op threads the "
+              f"steps stall on each other's barriers, so absolute times are inflated (try --threads 1)")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -147,107 +273,16 @@ def main(argv: list[str] | None = None) -> dict:
         if args.threads < 1:
             parser.error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()
     batch_size = args.batch_size or load_config(CONFIG).student.batch_size
 
     with tempfile.TemporaryDirectory(prefix="bkd-step-time-") as tmp:
         started = time.perf_counter()
         cfg = build_store(Path(tmp), batch_size)
         setup_s = time.perf_counter() - started
-        train = load_split(cfg.data, "train")
-        targets = open_student_targets(cfg, "train", train)
-        cached = CachedTargetDataset(train, targets, cfg.student.shuffle_buffer_chunks)
-        # eval mode; teacher_outputs runs it under no_grad
-        teacher = load_teacher(cfg.teacher, train.num_classes, train.image_shape)
-
-        def plain(batch):
-            images, labels, _ = batch
-            return images, labels, {}, None
-
-        def from_cache(batch):
-            return batch
-
-        def online(batch):
-            images, labels, _ = batch
-            teacher_features, teacher_logits = teacher_outputs(teacher, images, cfg.extract.features)
-            return images, labels, teacher_features, teacher_logits
-
-        settings = {
-            "none": make_setting("none", cfg, train, targets.feature_shapes, train, plain),
-            "cached": make_setting("cached", cfg, train, targets.feature_shapes, cached, from_cache),
-            "online": make_setting("online", cfg, train, targets.feature_shapes, train, online),
-        }
-
-        rounds = args.warmup + args.steps
-        order = list(SETTINGS)
-        for r in tqdm(range(rounds), desc="step-time rounds", unit="round", dynamic_ncols=True):
-            k = r % len(order)
-            for name in order[k:] + order[:k]:  # rotate who goes first
-                settings[name].step(record=r >= args.warmup)
-        chunks_decoded = cached.chunks_decoded
-    load_after = os.getloadavg()
-
-    stats = {name: summarize(s.step_s) for name, s in settings.items()}
-    loads = {name: summarize(s.load_s) for name, s in settings.items()}
-    ratios = {
-        "cached/none": stats["cached"]["median_ms"] / stats["none"]["median_ms"],
-        "online/cached": stats["online"]["median_ms"] / stats["cached"]["median_ms"],
-        "online/none": stats["online"]["median_ms"] / stats["none"]["median_ms"],
-    }
-    mean_ratios = {
-        "cached/none": stats["cached"]["mean_ms"] / stats["none"]["mean_ms"],
-        "online/cached": stats["online"]["mean_ms"] / stats["cached"]["mean_ms"],
-        "online/none": stats["online"]["mean_ms"] / stats["none"]["mean_ms"],
-    }
-
-    threads = torch.get_num_threads()
-    print()
-    print(f"student step time, {cfg.student.model} T={cfg.student.timesteps}, batch {batch_size}, "
-          f"{args.steps} timed steps per setting (+{args.warmup} warm-up), round-robin; "
-          f"torch {torch.__version__}, {os.cpu_count()} CPUs, {threads} threads")
-    header = f"{'setting':<24}{'median ms':>11}{'IQR ms':>9}{'q1–q3 ms':>17}{'mean ms':>10}{'load med':>10}{'load mean':>11}"
-    print(header)
-    print("-" * len(header))
-    for name in SETTINGS:
-        s, ld = stats[name], loads[name]
-        print(f"{LABELS[name]:<24}{s['median_ms']:>11.1f}{s['iqr_ms']:>9.1f}"
-              f"{s['q1_ms']:>8.1f}–{s['q3_ms']:<8.1f}{s['mean_ms']:>10.1f}{ld['median_ms']:>10.2f}{ld['mean_ms']:>11.2f}")
-    print()
-    print(f"{'ratio':<16}{'of medians':>12}{'of means':>10}")
-    for key in ratios:
-        print(f"{key:<16}{ratios[key]:>12.3f}{mean_ratios[key]:>10.3f}")
-    print(f"(cached reader decoded {chunks_decoded} chunks of {cfg.extract.chunk_size} rows; "
-          f"store built in {setup_s:.1f}s)")
-    busiest = max(load_before[0], load_after[0])
-    print(f"1-min load average {load_before[0]:.2f} before, {load_after[0]:.2f} after ({os.cpu_count()} CPUs)")
-    if busiest > (os.cpu_count() or 1) and threads > 1:
-        print(f"warning: the machine was busy with other work; with {threads} intra-op threads the steps stall on "
-              f"each other's barriers, so absolute times are inflated (try --threads 1)")
-
-    result = {
-        "benchmark": "student_step_time",
-        "config": CONFIG,
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "num_threads": threads,
-        "device": "cpu",
-        "student_model": cfg.student.model,
-        "timesteps": cfg.student.timesteps,
-        "teacher_model": cfg.teacher.model,
-        "batch_size": batch_size,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "median_ms": {name: stats[name]["median_ms"] for name in SETTINGS},
-        "ratios_of_medians": ratios,
-        "ratios_of_means": mean_ratios,
-        "step": stats,
-        "load": loads,
-        "cached_chunks_decoded": chunks_decoded,
-        "store_build_s": setup_s,
-        "loadavg_1min_before": load_before[0],
-        "loadavg_1min_after": load_after[0],
-    }
+        result = measure(cfg, CPU, args.steps, args.warmup)
+    result = {**result, "config": CONFIG, "store_build_s": setup_s}
+    report(result)
+    print(f"(store built in {setup_s:.1f}s)")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
