@@ -79,15 +79,17 @@ class Sizes:
     reps: int  # extraction reps (median)
     jpeg_classes: int
     jpeg_per_class: int
+    loader_batch: int  # batch of the JPEG loader (the student's on GPU; on CPU toy batches would time IPC)
 
 
 SIZES = {
-    ("cuda", "full"): Sizes(224, 8192, 8192, 256, 64, 64, 60, 5, 3, 16, 128),
-    ("cuda", "quick"): Sizes(224, 4096, 4096, 256, 64, 64, 20, 3, 2, 8, 64),
-    ("cuda", "smoke"): Sizes(224, 256, 256, 64, 16, 16, 3, 1, 1, 2, 16),
-    ("cpu", "full"): Sizes(224, 32, 32, 16, 2, 4, 2, 1, 1, 8, 32),
-    ("cpu", "quick"): Sizes(224, 16, 16, 8, 2, 2, 1, 1, 1, 4, 8),
-    ("cpu", "smoke"): Sizes(64, 8, 8, 8, 2, 2, 1, 0, 1, 2, 4),
+    ("cuda", "full"): Sizes(224, 8192, 8192, 256, 64, 64, 60, 5, 3, 16, 128, 64),
+    ("cuda", "quick"): Sizes(224, 4096, 4096, 256, 64, 64, 20, 3, 2, 8, 64, 64),
+    ("cuda", "smoke"): Sizes(224, 256, 256, 64, 16, 16, 3, 1, 1, 2, 16, 16),
+    # On CPU a SEW-ResNet-18 step at 224 takes seconds: a few untimed-warmup-free steps check the script.
+    ("cpu", "full"): Sizes(224, 16, 16, 8, 2, 2, 2, 0, 1, 8, 32, 32),
+    ("cpu", "quick"): Sizes(224, 8, 8, 8, 2, 2, 1, 0, 1, 4, 8, 16),
+    ("cpu", "smoke"): Sizes(64, 8, 8, 8, 2, 2, 1, 0, 1, 2, 4, 4),
 }
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,7 +174,7 @@ def jpeg_loader(tmp: Path, sizes: Sizes, workload: dict, store: str, loader_work
     through the cached reader (with the workload's targets tiled to the folder's size)."""
     folder = photos.make_jpeg_folder(tmp / "jpeg", sizes.jpeg_classes, sizes.jpeg_per_class, seed=0)
     split = load_split(DataConfig(name="imagenet", root=str(tmp / "jpeg"), image_size=sizes.image), "train")
-    batch = workload["step_time"]["batch_size"]
+    batch = sizes.loader_batch
     chunk = TeacherTargets(store, "train").chunk_size
     rates = {w: loader_rate(split, batch, w, chunk) for w in dict.fromkeys((0, loader_workers))}
     tiled = tmp / "jpeg-targets.zarr"
@@ -182,7 +184,7 @@ def jpeg_loader(tmp: Path, sizes: Sizes, workload: dict, store: str, loader_work
               for w in dict.fromkeys((0, loader_workers))}
     consumed = workload["loader"]["student_samples_per_s"]
     best = max(r["samples_per_s"] for r in cached.values())
-    return {"folder": folder, "image_size": sizes.image, "workers": loader_workers,
+    return {"folder": folder, "image_size": sizes.image, "workers": loader_workers, "batch_size": batch,
             "jpeg": {str(w): r for w, r in rates.items()}, "cached_reader": {str(w): r for w, r in cached.items()},
             "workers/single": rates[loader_workers]["samples_per_s"] / rates[0]["samples_per_s"],
             "student_samples_per_s": consumed, "cached_reader/consumption": best / consumed}
@@ -245,7 +247,8 @@ def rows(r: dict) -> list[tuple]:
     out += [
         (f"JPEG loader {w} workers / 1 process", f"{jl['workers/single']:.2f}", f">= {LOADER_WORKERS_TARGET}",
          jl["workers/single"] >= LOADER_WORKERS_TARGET if w == 2 else None,
-         f"{_rate(many)} vs {_rate(single)} samples/s; {jl['folder']['train']} JPEGs ~{jl['folder']['mean_width']:.0f}x"
+         f"{_rate(many)} vs {_rate(single)} samples/s, batch {jl['batch_size']}; {jl['folder']['train']} JPEGs "
+         f"~{jl['folder']['mean_width']:.0f}x"
          f"{jl['folder']['mean_height']:.0f} -> {jl['image_size']} px"),
         ("JPEG cached reader / consumption", f"{jl['cached_reader/consumption']:.2f}x", "", None,
          f"{_rate(max(r['samples_per_s'] for r in jl['cached_reader'].values()))} vs "
