@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 from pathlib import Path
@@ -83,9 +82,7 @@ def machine() -> dict:
     }
 
 
-# --- devices, precision and the integrator's hooks -------------------------------------------------------------
-
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# --- devices, precision and config hooks --------------------------------------------------------------------
 
 
 def benchmark_device(name: str) -> torch.device:
@@ -100,22 +97,6 @@ def benchmark_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name}: only cpu and cuda are benchmarked")
     return device
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """auto -> bfloat16 on CUDA, float32 elsewhere; the others as they are."""
-    if name == "auto":
-        return "bfloat16" if device.type == "cuda" else "float32"
-    if name not in PRECISIONS:
-        raise ValueError(f"unknown precision '{name}' (auto | {' | '.join(PRECISIONS)})")
-    return name
-
-
-def autocast(precision: str, device: torch.device):
-    """The autocast context of a resolved precision: none for float32."""
-    if precision == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=PRECISIONS[precision])
 
 
 def synchronize(device: torch.device) -> None:
@@ -136,9 +117,9 @@ def has_field(cfg: Config, dotted: str) -> bool:
 
 def load_with_hooks(path: str | Path, overrides: list[str], hooks: dict[str, object]) -> tuple[Config, dict]:
     """`load_config(path, overrides)` plus each `hooks` entry ({dotted field: value}, e.g.
-    {"extract.precision": "bfloat16", "loader.workers": 2}) as an override, but only where the
-    config schema has that field: the pipeline options other branches add. Returns the config and
-    {field: value applied, or None where the schema lacks it}."""
+    {"extract.precision": "bfloat16", "loader.workers": 2}) as an override where the config schema
+    has that field (a benchmark can name options a branch of the pipeline does not have yet).
+    Returns the config and {field: value applied, or None where the schema lacks it}."""
     cfg = load_config(path, overrides)
     applied = {key: (value if has_field(cfg, key) else None) for key, value in hooks.items()}
     extra = [f"{key}={value}" for key, value in applied.items() if value is not None]
@@ -146,8 +127,9 @@ def load_with_hooks(path: str | Path, overrides: list[str], hooks: dict[str, obj
 
 
 def effective_precision(cfg: Config, section: str, device: torch.device) -> str:
-    """The precision `section` (extract | student) of the pipeline runs at under `cfg`: its
-    `precision` field resolved, or float32 where the schema has no such field yet."""
-    field_ = f"{section}.precision"
-    return resolve_precision(getattr(getattr(cfg, section), "precision"), device) if has_field(cfg, field_) \
-        else "float32"
+    """The autocast precision `section` (extract | student) of the pipeline runs at under `cfg` on
+    `device` (pipeline.models.fast.resolve_precision: auto is bfloat16 on a CUDA device with native
+    bfloat16, float32 elsewhere)."""
+    from pipeline.models.fast import resolve_precision
+
+    return resolve_precision(device, getattr(cfg, section).precision, f"{section}.precision")

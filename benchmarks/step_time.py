@@ -42,15 +42,16 @@ from tqdm import tqdm
 
 from pipeline.augment import view_augmenter
 from pipeline.config import Config, load_config
-from pipeline.data import ImageSplit, collate_batch, load_split
+from pipeline.data import ImageSplit, data_loader, load_split
 from pipeline.extract import extract_teacher
 from pipeline.losses import DistillationLoss
-from pipeline.models import create_student, load_teacher, teacher_outputs
-from pipeline.targets import open_student_targets
+from pipeline.models import create_student, load_teacher
+from pipeline.models.fast import FastStudent, prepare_teacher, student_math
+from pipeline.targets import StoredImages, open_student_targets
 from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler
 from pipeline.train import EpochSchedule, StudentForward, feature_pairs, optimizer_for, student_step, to_device
 
-from benchmarks.common import CONFIG, autocast, random_teacher_config, summarize, synchronize
+from benchmarks.common import CONFIG, random_teacher_config, summarize, synchronize
 
 SETTINGS = ("none", "cached", "online")
 LABELS = {
@@ -73,16 +74,18 @@ class Setting:
     loader: DataLoader
     sampler: ChunkShuffleSampler
     targets: Callable[[tuple], tuple]  # batch -> (images, labels, teacher_features, teacher_logits[, targets])
+    fast: FastStudent  # the student's math as training resolves it: autocast, compile, neuron backend
     device: torch.device = CPU
-    precision: str = "float32"  # resolved: float32 | bfloat16 | float16 (autocast, with a GradScaler for float16)
     epoch: int = 0
     step_s: list[float] = field(default_factory=list)
     load_s: list[float] = field(default_factory=list)
     _it: object = None
 
     def __post_init__(self):
-        self.forward = student_step(StudentForward(self.student, self.criterion))  # built once, as in training
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "float16" else None
+        # built once, as in training: the forward under the student's autocast, the loss in float32
+        self.forward = student_step(StudentForward(self.student, self.criterion, self.fast))
+        self.scaler = self.fast.grad_scaler()  # float16 only, as Trainer.fit
+        self.batch_size = self.loader.batch_size
 
     def next_batch(self) -> tuple:
         if self._it is None:
@@ -91,11 +94,12 @@ class Setting:
                 self.loader.dataset.set_epoch(self.epoch)
             self._it = iter(self.loader)
         try:
-            return next(self._it)
+            batch = next(self._it)
         except StopIteration:
             self.epoch += 1
             self._it = None
             return self.next_batch()
+        return batch if len(batch[1]) == self.batch_size else self.next_batch()  # every timed step: a full batch
 
     def step(self, record: bool) -> None:
         """One timed training step: fetch, (teacher), forward, loss, backward, optimizer step."""
@@ -103,8 +107,7 @@ class Setting:
         start = time.perf_counter()
         batch = to_device(self.next_batch(), self.device)
         loaded = time.perf_counter()
-        with autocast(self.precision, self.device):
-            terms, _, _ = self.forward(self.targets(batch))
+        terms, _, _ = self.forward(self.targets(batch))
         loss = terms["loss"]  # then as in Trainer.fit
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
@@ -132,40 +135,49 @@ def build_store(tmp: Path, batch_size: int) -> Config:
 
 
 def make_setting(name: str, cfg: Config, train: ImageSplit, teacher_shapes: dict, dataset, targets,
-                 device: torch.device = CPU, precision: str = "float32", workers: int = 0) -> Setting:
-    """Setting `name` (none, cached, online) on `device`; `workers` DataLoader worker processes
-    (0: batches are read in this process, as `bkd train-student` does today)."""
+                 device: torch.device = CPU, workers: int | None = None) -> Setting:
+    """Setting `name` (none, cached, online) on `device`, built as `bkd train-student` builds its run:
+    the student's math from student.precision / compile / neuron_backend (`student_math`), batches
+    through `data_loader` with `workers` processes (default loader.workers), the cached dataset's
+    sampler dealing lanes of whole batches to them."""
     scfg = cfg.student
     mode_cfg = dataclasses.replace(scfg, distill="none" if name == "none" else "mixed")
+    fast = student_math(mode_cfg, device)
     torch.manual_seed(cfg.seed)  # the three students start from the same weights
     student = create_student(scfg.model, train.num_classes, train.image_shape, scfg.timesteps,
                              **scfg.model_kwargs).to(device).train()
+    fast.prepare(student)
     pairs = feature_pairs(mode_cfg, student, teacher_shapes, train.load([0]).to(device))
     criterion = DistillationLoss(mode_cfg, pairs).to(device).train()
-    chunk_size = cfg.extract.chunk_size
-    sampler = ChunkShuffleSampler(len(dataset), chunk_size, scfg.shuffle_buffer_chunks, seed=cfg.seed)
-    # drop_last: every timed step sees a full batch.
-    loader = DataLoader(dataset, batch_size=scfg.batch_size, sampler=sampler, collate_fn=collate_batch,
-                        drop_last=True, num_workers=workers, persistent_workers=workers > 0)
-    optimizer, scheduler = optimizer_for(scfg, StudentForward(student, criterion), len(loader))
-    return Setting(name, student, criterion, optimizer, scheduler, loader, sampler, targets, device, precision)
+    workers = cfg.loader.workers if workers is None else workers
+    cached = isinstance(dataset, CachedTargetDataset)
+    sampler = ChunkShuffleSampler(len(dataset), cfg.extract.chunk_size, scfg.shuffle_buffer_chunks, seed=cfg.seed,
+                                  lanes=max(1, workers), batch_size=scfg.batch_size, with_epoch=cached)
+    loader = data_loader(dataset, scfg.batch_size, sampler, cfg.loader, device, workers=workers)
+    optimizer, scheduler = optimizer_for(scfg, StudentForward(student, criterion, fast), len(loader))
+    return Setting(name, student, criterion, optimizer, scheduler, loader, sampler, targets, fast, device)
 
 
-def measure(cfg: Config, device: torch.device = CPU, steps: int = 60, warmup: int = 3, precision: str = "float32",
-            workers: int = 0, desc: str = "step-time rounds") -> dict:
+def measure(cfg: Config, device: torch.device = CPU, steps: int = 60, warmup: int = 3, workers: int | None = None,
+            desc: str = "step-time rounds") -> dict:
     """Median step times of none / cached / online for `cfg`, whose train-split store must exist
-    (cfg.extract.store, made by `extract_teacher` with cfg.teacher.checkpoint). `precision` is the
-    resolved autocast precision of the student's (and the online teacher's) forward."""
+    (cfg.extract.store, made by `extract_teacher` with cfg.teacher.checkpoint). The students run at
+    student.precision (and compile, neuron_backend), the online teacher as extraction prepares it
+    (extract.precision, channels_last, compile); `workers` loader processes (default loader.workers)."""
     scfg = cfg.student
     train = load_split(cfg.data, "train")
     targets = open_student_targets(cfg, "train", train)
     if len(train) < scfg.batch_size:
         raise ValueError(f"{len(train)} training samples are fewer than one batch of {scfg.batch_size}")
     locations = list(dict.fromkeys(dataclasses.replace(scfg, distill="mixed").feature_pairs().values()))
-    cached = CachedTargetDataset(train, targets, scfg.shuffle_buffer_chunks, view_augmenter(cfg.augment, train),
+    images = train  # as training: a store holding the decoded pixels serves them instead of the files
+    if targets.spec.image_shape is not None and not train.in_memory:
+        images = train.reading_from(StoredImages(targets, train))
+    cached = CachedTargetDataset(images, targets, scfg.shuffle_buffer_chunks, view_augmenter(cfg.augment, images),
                                  scfg.augment, seed=cfg.seed, locations=locations, smoothing=scfg.label_smoothing)
     # eval mode; teacher_outputs runs it under no_grad
-    teacher = load_teacher(cfg.teacher, train.num_classes, train.image_shape).to(device)
+    teacher = prepare_teacher(load_teacher(cfg.teacher, train.num_classes, train.image_shape).to(device), device,
+                              cfg.extract)
 
     def plain(batch):
         images, labels, _ = batch
@@ -176,10 +188,10 @@ def measure(cfg: Config, device: torch.device = CPU, steps: int = 60, warmup: in
 
     def online(batch):
         images, labels, _ = batch
-        teacher_features, teacher_logits = teacher_outputs(teacher, images, locations)
-        return images, labels, teacher_features, teacher_logits
+        teacher_features, teacher_logits = teacher.outputs(images, locations)  # in the autocast dtype
+        return images, labels, {loc: f.float() for loc, f in teacher_features.items()}, teacher_logits.float()
 
-    common = dict(device=device, precision=precision, workers=workers)
+    common = dict(device=device, workers=workers)
     settings = {
         "none": make_setting("none", cfg, train, targets.feature_shapes, train, plain, **common),
         "cached": make_setting("cached", cfg, train, targets.feature_shapes, cached, from_cache, **common),
@@ -208,8 +220,10 @@ def measure(cfg: Config, device: torch.device = CPU, steps: int = 60, warmup: in
         "cpu_count": os.cpu_count(),
         "num_threads": torch.get_num_threads(),
         "device": str(device),
-        "precision": precision,
-        "workers": workers,
+        "precision": settings["cached"].fast.precision,
+        "student_math": settings["cached"].fast.describe(),
+        "teacher_math": teacher.describe(),
+        "workers": cfg.loader.workers if workers is None else workers,
         "student_model": scfg.model,
         "timesteps": scfg.timesteps,
         "teacher_model": cfg.teacher.model,
