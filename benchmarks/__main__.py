@@ -23,9 +23,10 @@ growth (CPU, benchmarks.growth):
 paper (on --device, benchmarks.paper_scale):
   7. paper scale             ResNet-18 -> SEW-ResNet-18 at 224 and ViT-S (224) -> Spikingformer-CML
                              4-384 at 32: extraction / bare teacher forward (>= 0.9), student steps
-                             none / cached / online (cached/none <= 1.02 on GPU), loaders (a real-JPEG
-                             class folder with 0 and 2 workers, >= 1.8x; cached reader) vs the
-                             student's consumption
+                             none / cached / online (cached/none <= 1.02 on GPU), the cached reader vs
+                             the student's consumption; a real-JPEG class folder's loader with 2
+                             workers (>= 1.8x one process) and from the decoded-image store (>= 3x the
+                             files) (benchmarks.loading)
 
 `--device cuda` runs the paper section only (the GPU check; `--only` chooses otherwise); on CPU
 that section runs at toy sizes and checks the script. It prints a table and writes every figure
@@ -74,10 +75,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=None, metavar="SECTION",
                         help=f"run only these sections ({', '.join(SECTIONS)}; default: all on cpu, paper on cuda)")
     parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                        help="paper section: extract/student precision where the config has it (default auto)")
-    parser.add_argument("--workers", type=int, default=0,
-                        help="paper section: DataLoader workers of the student steps (loader.workers where the "
-                             "config has it; default 0)")
+                        help="paper section: extract.precision and student.precision (default auto)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="paper section: loader.workers of extraction and the student steps (default: the "
+                             "paper configs' on cuda, 0 on cpu)")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT",
                         help="where to write the figures (default: benchmarks/results.json for all sections on "
                              "cpu, else benchmarks/results-DEVICE-SECTIONS.json)")

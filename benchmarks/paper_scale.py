@@ -27,21 +27,25 @@ settings feed the same inputs. Per workload, in one run:
                  (benchmarks.step_time.measure); target cached/none <= 1.02 on GPU; online/cached
                  reported for each teacher
   loader         samples/s of the workload's cached reader (images + targets) vs the student's
-                 consumption (batch / median cached step); for sew_resnet18 also a real JPEG class
-                 folder (benchmarks.photos.make_jpeg_folder, ImageNet-like sizes) through bkd's
-                 `imagenet` dataset with 0 and `--loader-workers` DataLoader workers (target >= 1.8x
-                 for 2 workers) and through the cached reader
+                 consumption (batch / median cached step)
+and once, on a real-JPEG class folder (benchmarks.photos: ImageNet-like photos; benchmarks.loading:
+RandomResizedCrop + flip views at 224 from load_size 256), one epoch of the student's loader from the
+JPEG files or from the decoded images in the store (`extract.images`), in one process or with
+`--loader-workers` worker processes: targets >= 1.8x for 2 workers over one process and >= 3x for
+the store over the files; the fastest against SEW-ResNet-18's consumption.
 
-Precision: `--precision` (auto = bfloat16 on CUDA, float32 on CPU) is passed as extract.precision
-and student.precision overrides where the config schema has those fields; otherwise the pipeline
-runs float32 and so do the bare loop and the step loop. `--workers` is passed as loader.workers
-where the schema has it, and is the step loop's DataLoader workers. On CPU the sizes are small: it
+Everything runs as the pipeline runs it (`pipeline.models.fast`, `pipeline.data.data_loader`):
+`--precision` (auto = bfloat16 on a CUDA device with native bfloat16, float32 on CPU) is passed as
+extract.precision and student.precision, `--workers` as loader.workers; channels_last and compile
+stay at the configs' values (auto / off). The bare teacher loop and the step loop prepare the teacher
+and the students with the same calls extraction and training make. On CPU the sizes are small: it
 checks the script, the GPU figures are the ones that count.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -50,20 +54,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
-from pipeline.config import DataConfig
-from pipeline.data import collate_batch, load_split
+from pipeline.config import LoaderConfig
+from pipeline.data import data_loader, load_split
+from pipeline.models.fast import resolve_precision
 from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler
 from pipeline.targets import TeacherTargets
 
-from benchmarks import extraction, photos, reader, step_time
-from benchmarks.common import (benchmark_device, effective_precision, load_with_hooks, machine, resolve_precision,
-                               write_random_teacher)
+from benchmarks import extraction, loading, photos, step_time
+from benchmarks.common import benchmark_device, load_with_hooks, machine, write_random_teacher
+
+CPU = torch.device("cpu")
 
 EXTRACTION_TARGET = 0.9
 STEP_TARGET = 1.02  # cached / none on GPU
 LOADER_WORKERS_TARGET = 1.8  # 2 workers / 1 process
+STORED_TARGET = 3.0  # decoded-image store / JPEG files, per epoch at the same views
 
 
 @dataclass(frozen=True)
@@ -77,19 +83,19 @@ class Sizes:
     steps: int
     warmup: int
     reps: int  # extraction reps (median)
-    jpeg_classes: int
+    jpeg_classes: int  # the JPEG class folder of benchmarks.loading: classes x per_class images, K views
     jpeg_per_class: int
-    loader_batch: int  # batch of the JPEG loader (the student's on GPU; on CPU toy batches would time IPC)
+    jpeg_views: int
 
 
 SIZES = {
-    ("cuda", "full"): Sizes(224, 8192, 8192, 256, 64, 64, 60, 5, 3, 16, 128, 64),
-    ("cuda", "quick"): Sizes(224, 4096, 4096, 256, 64, 64, 20, 3, 2, 8, 64, 64),
-    ("cuda", "smoke"): Sizes(224, 256, 256, 64, 16, 16, 3, 1, 1, 2, 16, 16),
-    # On CPU a SEW-ResNet-18 step at 224 takes seconds: a few untimed-warmup-free steps check the script.
-    ("cpu", "full"): Sizes(224, 16, 16, 8, 2, 2, 2, 0, 1, 8, 32, 32),
-    ("cpu", "quick"): Sizes(224, 8, 8, 8, 2, 2, 1, 0, 1, 4, 8, 16),
-    ("cpu", "smoke"): Sizes(64, 8, 8, 8, 2, 2, 1, 0, 1, 2, 4, 4),
+    ("cuda", "full"): Sizes(224, 8192, 8192, 256, 64, 64, 60, 5, 3, 16, 128, 2),
+    ("cuda", "quick"): Sizes(224, 4096, 4096, 256, 64, 64, 20, 3, 2, 8, 64, 2),
+    ("cuda", "smoke"): Sizes(224, 256, 256, 64, 16, 16, 3, 1, 1, 2, 16, 2),
+    # On CPU a SEW-ResNet-18 step at 224 takes seconds: a few steps without warm-up check the script.
+    ("cpu", "full"): Sizes(224, 16, 16, 8, 2, 2, 2, 0, 1, 4, 64, 2),
+    ("cpu", "quick"): Sizes(224, 8, 8, 8, 2, 2, 1, 0, 1, 4, 16, 2),
+    ("cpu", "smoke"): Sizes(64, 8, 8, 8, 2, 2, 1, 0, 1, 2, 4, 1),
 }
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,7 +106,7 @@ WORKLOADS = {  # the paper-row configs, relative to the repository root
 
 
 def workload_config(name: str, tmp: Path, data_root: Path, sizes: Sizes, device: torch.device, precision: str,
-                    workers: int):
+                    workers: int | None):
     """The workload's paper-row config on the photo data, its random teacher and store in `tmp`,
     with the precision and worker hooks applied where the schema has them. Returns (cfg, hooks)."""
     batch = sizes.sew_batch if name.startswith("sew") else sizes.spk_batch
@@ -113,25 +119,28 @@ def workload_config(name: str, tmp: Path, data_root: Path, sizes: Sizes, device:
     ]
     if name.startswith("spikingformer"):  # K = 1: no mixed views
         overrides += ["augment.mixup=0.0", "augment.mix_views=0", "augment.mix_off_epoch=0"]
-    hooks = {"extract.precision": precision, "student.precision": precision, "loader.workers": workers}
+    hooks = {"extract.precision": precision, "student.precision": precision}
+    if workers is not None:  # else the config's (8 in both paper-row configs)
+        hooks["loader.workers"] = workers
     return load_with_hooks(REPO / WORKLOADS[name], overrides, hooks)
 
 
-def loader_rate(dataset, batch_size: int, workers: int, chunk_size: int, buffer_chunks: int = 4) -> dict:
-    """Samples/s one DataLoader epoch delivers (shuffled in chunk windows, as training reads), after
-    a first epoch that starts the workers and warms the page cache. Integrator's hook: any dataset
-    of (images, labels, ...) batches (e.g. a decoded-image store) can be timed the same way."""
-    sampler = ChunkShuffleSampler(len(dataset), chunk_size, buffer_chunks, seed=0)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_batch,
-                        num_workers=workers, persistent_workers=workers > 0, drop_last=False)
+def loader_rate(dataset, batch_size: int, loader: LoaderConfig, chunk_size: int, buffer_chunks: int = 4) -> dict:
+    """Samples/s one epoch of `data_loader` delivers (shuffled in chunk windows, lanes for workers, as
+    training reads), after a first epoch that starts the workers and warms the page cache."""
+    lanes = max(1, loader.workers)
+    with_epoch = isinstance(dataset, CachedTargetDataset)
+    sampler = ChunkShuffleSampler(len(dataset), chunk_size, buffer_chunks, seed=0, lanes=lanes,
+                                  batch_size=batch_size, with_epoch=with_epoch)
+    feed = data_loader(dataset, batch_size, sampler, dataclasses.replace(loader, persistent_workers=True), CPU)
     seconds = []
     for epoch in range(2):
         sampler.set_epoch(epoch)
         started = time.perf_counter()
-        samples = sum(len(batch[1]) for batch in loader)
+        samples = sum(len(batch[1]) for batch in feed)
         seconds.append(time.perf_counter() - started)
-    del loader
-    return {"samples": samples, "workers": workers, "batch_size": batch_size, "first_epoch_s": seconds[0],
+    del feed
+    return {"samples": samples, "workers": loader.workers, "batch_size": batch_size, "first_epoch_s": seconds[0],
             "epoch_s": seconds[1], "samples_per_s": samples / seconds[1]}
 
 
@@ -145,22 +154,21 @@ def _consumption(step: dict) -> float:
 
 
 def run_workload(name: str, tmp: Path, data_root: Path, sizes: Sizes, device: torch.device, precision: str,
-                 workers: int) -> dict:
+                 workers: int | None) -> dict:
     tmp.mkdir(parents=True, exist_ok=True)
     cfg, hooks = workload_config(name, tmp, data_root, sizes, device, precision, workers)
     write_random_teacher(cfg)
     print(f"\n-- {name}: extraction ({cfg.teacher.model}, batch {cfg.extract.batch_size})")
     ex = extraction.run(cfg, sizes.reps, device)  # leaves the store the steps read
     print(f"-- {name}: student steps ({cfg.student.model}, batch {cfg.student.batch_size})")
-    step = step_time.measure(cfg, device, sizes.steps, sizes.warmup, effective_precision(cfg, "student", device),
-                             workers, desc=f"{name} step rounds")
+    step = step_time.measure(cfg, device, sizes.steps, sizes.warmup, desc=f"{name} step rounds")
     step_time.report(step)
     train = load_split(cfg.data, "train")
     targets = TeacherTargets(cfg.extract.store, "train")
     locations = list(dict.fromkeys(cfg.student.feature_pairs().values()))
     reader_rate = loader_rate(CachedTargetDataset(train, targets, cfg.student.shuffle_buffer_chunks,
                                                   locations=locations),
-                              cfg.student.batch_size, workers, targets.chunk_size, cfg.student.shuffle_buffer_chunks)
+                              cfg.student.batch_size, cfg.loader, targets.chunk_size, cfg.student.shuffle_buffer_chunks)
     consumed = _consumption(step)
     return {"config": WORKLOADS[name], "hooks": hooks, "teacher_model": cfg.teacher.model,
             "student_model": cfg.student.model, "timesteps": cfg.student.timesteps,
@@ -169,32 +177,25 @@ def run_workload(name: str, tmp: Path, data_root: Path, sizes: Sizes, device: to
                        "cached_reader/consumption": reader_rate["samples_per_s"] / consumed}}
 
 
-def jpeg_loader(tmp: Path, sizes: Sizes, workload: dict, store: str, loader_workers: int) -> dict:
-    """The JPEG class folder through bkd's imagenet dataset (0 and `loader_workers` workers) and
-    through the cached reader (with the workload's targets tiled to the folder's size)."""
-    folder = photos.make_jpeg_folder(tmp / "jpeg", sizes.jpeg_classes, sizes.jpeg_per_class, seed=0)
-    split = load_split(DataConfig(name="imagenet", root=str(tmp / "jpeg"), image_size=sizes.image), "train")
-    batch = sizes.loader_batch
-    chunk = TeacherTargets(store, "train").chunk_size
-    rates = {w: loader_rate(split, batch, w, chunk) for w in dict.fromkeys((0, loader_workers))}
-    tiled = tmp / "jpeg-targets.zarr"
-    reader.tile_store(store, tiled, len(split))
-    targets = TeacherTargets(tiled, "train")
-    cached = {w: loader_rate(CachedTargetDataset(split, targets, 4, locations=["layer4"]), batch, w, chunk)
-              for w in dict.fromkeys((0, loader_workers))}
-    consumed = workload["loader"]["student_samples_per_s"]
-    best = max(r["samples_per_s"] for r in cached.values())
-    return {"folder": folder, "image_size": sizes.image, "workers": loader_workers, "batch_size": batch,
-            "jpeg": {str(w): r for w, r in rates.items()}, "cached_reader": {str(w): r for w, r in cached.items()},
-            "workers/single": rates[loader_workers]["samples_per_s"] / rates[0]["samples_per_s"],
-            "student_samples_per_s": consumed, "cached_reader/consumption": best / consumed}
+def jpeg_loader(tmp: Path, sizes: Sizes, consumed: float, workers: int) -> dict:
+    """benchmarks.loading on a real-JPEG class folder (ImageNet-like photos, RandomResizedCrop + flip
+    views at 224 from load_size 256): one epoch of the student's loader from the JPEG files or from
+    the decoded images in the store, in one process or `workers` worker processes; and the fastest
+    against `consumed`, the samples/s SEW-ResNet-18 trains at."""
+    out = loading.run(tmp, sizes.jpeg_classes, sizes.jpeg_per_class, sizes.jpeg_views, workers)
+    out["student_samples_per_s"] = consumed
+    out["best/consumption"] = max(out["samples_per_s"].values()) / consumed
+    return out
 
 
-def run(tmp: Path, device: torch.device, size: str = "quick", precision: str = "auto", workers: int = 0,
+def run(tmp: Path, device: torch.device, size: str = "quick", precision: str = "auto", workers: int | None = None,
         loader_workers: int = 2) -> dict:
-    """Every figure of the paper-scale check; `tmp` receives the data, teachers and stores."""
+    """Every figure of the paper-scale check; `tmp` receives the data, teachers and stores. `workers`:
+    loader.workers of extraction and the student steps (default: the configs' on CUDA, 0 on CPU)."""
     sizes = SIZES[(device.type, size)]
-    resolve_precision(precision, device)  # refuses an unknown name before any work
+    if workers is None and device.type == "cpu":
+        workers = 0  # three settings' worker pools would swamp a small CPU machine
+    resolve_precision(device, precision, "--precision")  # refuses an unknown name before any work
     started = time.perf_counter()
     data = {"in224": photos.write_hdf5(tmp / "in224", sizes.n224, 16, sizes.image, 1000, seed=0),
             "c32": photos.write_hdf5(tmp / "c32", sizes.n32, 16, 32, 10, seed=1)}
@@ -206,9 +207,10 @@ def run(tmp: Path, device: torch.device, size: str = "quick", precision: str = "
         "spikingformer_cml@32": run_workload("spikingformer_cml@32", tmp / "spk", tmp / "c32", sizes, device,
                                              precision, workers),
     }
-    print("\n-- JPEG class folder loader")
-    loader = jpeg_loader(tmp, sizes, workloads["sew_resnet18@224"], str(tmp / "sew" / "targets.zarr"), loader_workers)
-    shutil.rmtree(tmp / "jpeg", ignore_errors=True)
+    print("\n-- JPEG class folder: files vs decoded images in the store, one process vs workers (benchmarks.loading)")
+    loader = jpeg_loader(tmp / "loading", sizes, workloads["sew_resnet18@224"]["loader"]["student_samples_per_s"],
+                         loader_workers)
+    shutil.rmtree(tmp / "loading", ignore_errors=True)
     return {"device": str(device), "machine": machine(), "size": size, "sizes": sizes.__dict__,
             "precision_requested": precision, "workers": workers, "data": data, "workloads": workloads,
             "jpeg_loader": loader, "cudnn_benchmark": torch.backends.cudnn.benchmark,
@@ -242,17 +244,20 @@ def rows(r: dict) -> list[tuple]:
              f"{_rate(w['loader']['student_samples_per_s'])} samples/s"),
         ]
     jl = r["jpeg_loader"]
-    w = jl["workers"]
-    single, many = jl["jpeg"]["0"]["samples_per_s"], jl["jpeg"][str(w)]["samples_per_s"]
+    w, rate = jl["workers"], jl["samples_per_s"]
+    folder = f"{jl['samples']} JPEGs ~{jl['folder']['mean_width']:.0f}x{jl['folder']['mean_height']:.0f}, K = {jl['views']}"
     out += [
-        (f"JPEG loader {w} workers / 1 process", f"{jl['workers/single']:.2f}", f">= {LOADER_WORKERS_TARGET}",
-         jl["workers/single"] >= LOADER_WORKERS_TARGET if w == 2 else None,
-         f"{_rate(many)} vs {_rate(single)} samples/s, batch {jl['batch_size']}; {jl['folder']['train']} JPEGs "
-         f"~{jl['folder']['mean_width']:.0f}x"
-         f"{jl['folder']['mean_height']:.0f} -> {jl['image_size']} px"),
-        ("JPEG cached reader / consumption", f"{jl['cached_reader/consumption']:.2f}x", "", None,
-         f"{_rate(max(r['samples_per_s'] for r in jl['cached_reader'].values()))} vs "
-         f"{_rate(jl['student_samples_per_s'])} samples/s (sew_resnet18 consumes)"),
+        (f"JPEG loader {w} workers / 1 process", f"{jl['workers/one_process']:.2f}", f">= {LOADER_WORKERS_TARGET}",
+         jl["workers/one_process"] >= LOADER_WORKERS_TARGET if w == 2 else None,
+         f"{_rate(rate[f'jpeg_{w}'])} vs {_rate(rate['jpeg_1'])} samples/s; {folder}"),
+        ("decoded-image store / JPEG, 1 process", f"{jl['stored/jpeg']:.2f}", f">= {STORED_TARGET}",
+         jl["stored/jpeg"] >= STORED_TARGET, f"{_rate(rate['stored_1'])} vs {_rate(rate['jpeg_1'])} samples/s per "
+                                             f"epoch, same views"),
+        (f"decoded-image store / JPEG, {w} workers", f"{jl['stored_workers/jpeg_workers']:.2f}", "", None,
+         f"{_rate(rate[f'stored_{w}'])} vs {_rate(rate[f'jpeg_{w}'])} samples/s"),
+        ("JPEG-folder loader / consumption", f"{jl['best/consumption']:.1f}x", "", None,
+         f"fastest {_rate(max(rate.values()))} vs {_rate(jl['student_samples_per_s'])} samples/s "
+         f"(sew_resnet18 consumes)"),
     ]
     return out
 
@@ -264,7 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
     group.add_argument("--quick", action="store_true", help="fewer samples and steps")
     group.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script (tests)")
     parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the student steps (default 0)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="loader.workers of extraction and the student steps (default: the configs' on cuda, 0 on cpu)")
     parser.add_argument("--loader-workers", type=int, default=2, help="workers of the JPEG loader (default 2)")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT")
     args = parser.parse_args(argv)
