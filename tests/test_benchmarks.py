@@ -142,25 +142,27 @@ def test_paper_scale_smoke_runs_end_to_end_with_every_figure(tmp_path, capsys, o
     assert r["device"] == "cpu" and r["size"] == "smoke"
     assert set(r["workloads"]) == {"sew_resnet18@224", "spikingformer_cml@32"}
     for name, w in r["workloads"].items():
-        assert set(w["hooks"]) == {"extract.precision", "student.precision", "loader.workers"}
+        assert w["hooks"] == {"extract.precision": "auto", "student.precision": "auto", "loader.workers": 0}
         ex, st, ld = w["extraction"], w["step_time"], w["loader"]
         assert ex["samples"] > 0 and ex["ratio"] > 0 and ex["bare_samples_per_s"] > 0 and ex["precision"] == "float32"
         assert ex["store"]["complete"]
         assert all(st["median_ms"][s] > 0 for s in ("none", "cached", "online"))
         assert set(st["ratios_of_medians"]) == {"cached/none", "online/cached", "online/none"}
         assert ld["cached_reader"]["samples_per_s"] > 0 and ld["cached_reader/consumption"] > 0
+        assert st["student_math"].startswith("forward: float32") and "float32" in st["teacher_math"]
     assert r["workloads"]["sew_resnet18@224"]["teacher_model"] == "resnet18"
     assert r["workloads"]["sew_resnet18@224"]["student_model"] == "sew_resnet18"
     assert r["workloads"]["spikingformer_cml@32"]["teacher_model"] == "vit_small_patch16_224"
     assert r["workloads"]["spikingformer_cml@32"]["image_shape"] == [3, 32, 32]
     jl = r["jpeg_loader"]
-    assert set(jl["jpeg"]) == set(jl["cached_reader"]) == {"0", "2"}
-    assert jl["workers/single"] > 0 and jl["cached_reader/consumption"] > 0
+    assert set(jl["samples_per_s"]) == {"jpeg_1", "jpeg_2", "stored_1", "stored_2"}
+    assert all(rate > 0 for rate in jl["samples_per_s"].values())
+    assert jl["workers/one_process"] > 0 and jl["stored/jpeg"] > 0 and jl["best/consumption"] > 0
     rows = paper_scale.rows(r)
-    assert len(rows) == 10 and all(value for _, value, *_ in rows)
+    assert len(rows) == 12 and all(value for _, value, *_ in rows)
     table = capsys.readouterr().out
     for measure in ("paper: sew_resnet18@224: extraction / bare", "paper: spikingformer_cml@32: online / cached step",
-                    "paper: JPEG loader 2 workers / 1 process"):
+                    "paper: JPEG loader 2 workers / 1 process", "paper: decoded-image store / JPEG, 1 process"):
         assert measure in table
 
 
