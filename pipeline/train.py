@@ -470,7 +470,8 @@ def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, devic
     if ranks.is_main:
         folder.store_identity = targets.identity_digest()
     if targets.spec.image_shape is not None and not train.in_memory:
-        train = train.reading_from(StoredImages(targets, train))  # the decoded pixels, not the image files
+        # the decoded pixels, not the image files; a sampler window's blocks stay decoded, like its chunks
+        train = train.reading_from(StoredImages(targets, train, 2 * scfg.shuffle_buffer_chunks * targets.chunk_size))
     torch.manual_seed(cfg.seed)
     student = create_student(scfg.model, train.num_classes, train.image_shape, scfg.timesteps,
                              **scfg.model_kwargs).to(device)

@@ -15,8 +15,8 @@ Layout::
       train/logits_target_class (N, V, 2) int32  the classes each view's training target is made of
       train/logits_target (N, V, 2) float32  the teacher's logits at those classes
       train/logits_tail  (N, V, 2) float32  log-sum-exp and sum of the logits at every other class
-      train/images       (N, C, H, W) uint8  with extract.images: each sample's raw source pixels, one inner
-                                        chunk per row (read by `StoredImages`, checked against pixel_digest)
+      train/images       (N, C, H, W) uint8  with extract.images: each sample's raw source pixels, in chunks of
+                                        a few rows (read by `StoredImages`, checked against pixel_digest)
       train/chunk_digest (chunks, A) uint64  blake2b-64 of each chunk of each of the A row arrays
       train/shards_done  (S,) bool      one chunk per shard: set by that shard's writer after its data
       test/...                          (V = 1: the clean input)
@@ -40,8 +40,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import posixpath
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -61,6 +63,15 @@ MANIFEST_KEYS = ("teacher", "dataset", "splits", "transform", "augment", "featur
 # Every array is written whole shards at a time; all-fill chunks must still be written, so that a
 # missing object always means a missing piece (zarr skips them by default).
 WRITE_CONFIG = {"write_empty_chunks": True}
+def image_block_rows(chunk_size: int) -> int:
+    """Rows per stored chunk of the images array: a few (a mix partner decodes its block), dividing the
+    chunk size (so shards hold whole blocks)."""
+    return math.gcd(IMAGE_BLOCK, chunk_size)
+
+
+IMAGE_BLOCK = 16
+
+
 def topk_arrays(logits: np.ndarray, k: int, target_classes: np.ndarray) -> dict[str, np.ndarray]:
     """What a store keeps of full logits (..., C) with top-k storage: the k largest (`logits`, as
     float32) and their classes, the logits at each view's target classes (..., 2), and the
@@ -241,7 +252,7 @@ class StoreWriter:
         for split, layout in self.layouts.items():
             group = self.root.create_group(split)
             for name, (shape, dtype) in self.spec.array_schema(split).items():
-                rows = 1 if name == IMAGES else layout.chunk_size  # images: read one by one (mix partners)
+                rows = image_block_rows(layout.chunk_size) if name == IMAGES else layout.chunk_size
                 group.create_array(name, shape=shape, dtype=dtype, chunks=(rows,) + shape[1:],
                                    shards=(layout.shard_size,) + shape[1:], compressors=compressor, fill_value=0,
                                    config=WRITE_CONFIG)
@@ -661,13 +672,19 @@ class StoredImages(Source):
     from: `read` takes that source's rows (the split's `ids`) and returns the very values the
     teacher's inputs were made from, without decoding an image file.
 
+    The images are stored in blocks of `image_block_rows` rows (one zstd chunk each): zarr costs about
+    a millisecond per chunk read whatever its size, several times the decoding of one 256 px image.
+    Decoded blocks are kept (least recently used first out, at most `cache_rows` rows' worth), so the
+    sampler's windows -- whose rows the batches of a window revisit -- decode each block about once
+    per epoch; a mix partner elsewhere in the split costs one block.
+
     Each row is checked against the store's pixel digests (themselves checked against their chunk
     digests at open) the first time a process reads it, so a rewritten, swapped or corrupt image is
     an error, never another picture; later reads of the row in that process (the next epochs of a
     persistent loader worker) rely on zstd's checksum of every chunk.
     """
 
-    def __init__(self, targets: TeacherTargets, split):
+    def __init__(self, targets: TeacherTargets, split, cache_rows: int = 0):
         if targets.spec.image_shape is None:
             raise StoreError(f"{targets.path} holds no images (extract.images was off when it was built)")
         if len(split) != len(targets):
@@ -686,29 +703,45 @@ class StoredImages(Source):
                              "every bad shard")
         self.digests = digests
         self.verified = np.zeros(len(digests), bool)
+        self.block = int(self.array.chunks[0])  # rows per stored chunk
+        self.capacity = max(1, -(-cache_rows // self.block))  # blocks kept
+        self._blocks: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.blocks_decoded = 0  # for tests and benchmarks
+
+    def _load_block(self, block: int, needed: set[int]) -> np.ndarray:
+        if block in self._blocks:
+            self._blocks.move_to_end(block)
+            return self._blocks[block]
+        start = block * self.block
+        try:
+            data = self.array[start:min(start + self.block, len(self.digests))]
+        except Exception as exc:  # a codec or checksum error
+            raise StoreError(f"{self.path}: cannot read the images of rows {start}:{start + self.block}: "
+                             f"{type(exc).__name__}: {exc}") from None
+        self.blocks_decoded += 1
+        self._blocks[block] = data
+        for old in [b for b in self._blocks if b not in needed][:max(0, len(self._blocks) - self.capacity)]:
+            del self._blocks[old]
+        return data
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
         at = self.position[np.clip(rows, 0, len(self.position) - 1)]
         if (at < 0).any() or (rows >= len(self.position)).any():
             raise StoreError(f"{self.path}: source rows outside the stored split were asked for")
-        unique, inverse = np.unique(at, return_inverse=True)
-        # One slice per run of consecutive rows: zarr's orthogonal selection over a sharded array costs
-        # ~20x a plain read per row.
-        runs = np.split(unique, np.flatnonzero(np.diff(unique) != 1) + 1) if len(unique) else []
-        try:
-            data = np.concatenate([self.array[int(run[0]):int(run[-1]) + 1] for run in runs]) if runs else \
-                np.empty((0, *self.shape), np.uint8)
-        except Exception as exc:  # a codec or checksum error
-            raise StoreError(f"{self.path}: cannot read images of rows {unique[:5].tolist()}: "
-                             f"{type(exc).__name__}: {exc}") from None
-        new = ~self.verified[unique]  # each row checked the first time this process reads it
-        bad = np.flatnonzero(pixel_digests(data[new]) != self.digests[unique[new]])
+        out = np.empty((len(at), *self.shape), np.uint8)
+        blocks = at // self.block
+        needed = set(np.unique(blocks).tolist())
+        for block in needed:
+            mine = np.flatnonzero(blocks == block)
+            out[mine] = self._load_block(block, needed)[at[mine] - block * self.block]
+        new = np.flatnonzero(~self.verified[at])  # each row checked the first time this process reads it
+        bad = np.flatnonzero(pixel_digests(out[new]) != self.digests[at[new]])
         if len(bad):
-            raise StoreError(f"{self.path}: the stored image of row {int(unique[new][bad[0]])} does not match its "
+            raise StoreError(f"{self.path}: the stored image of row {int(at[new][bad[0]])} does not match its "
                              "pixel digest (rewritten or swapped); re-run `bkd extract-teacher --overwrite`")
-        self.verified[unique] = True
-        return data[inverse.reshape(-1)]
+        self.verified[at] = True
+        return out
 
 
 def bytes_on_disk(url: str | Path) -> int:
