@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import DataConfig, LoaderConfig
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import BkdError, ConfigError, DataError
 
 
 class Source:
@@ -466,8 +466,34 @@ def data_loader(dataset, batch_size: int | None, sampler, loader: LoaderConfig, 
     workers = loader.workers if workers is None else workers
     pin = loader.pin_memory is True or (loader.pin_memory == "auto" and device.type == "cuda")
     extra = {"prefetch_factor": loader.prefetch_factor, "persistent_workers": loader.persistent_workers} if workers else {}
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_batch, num_workers=workers,
-                      pin_memory=pin and torch.cuda.is_available(), **extra)
+    return WorkerErrorsAsRaised(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_batch,
+                                num_workers=workers, pin_memory=pin and torch.cuda.is_available(), **extra)
+
+
+class WorkerErrorsAsRaised(DataLoader):
+    """A DataLoader whose workers' refusals (a corrupt image, a damaged store) reach the caller as the
+    worker raised them: torch re-raises them with its worker banner and the worker's traceback in the
+    message, which `bkd: error:` would print as one very long line."""
+
+    def __iter__(self):
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except BkdError as exc:
+                raise _as_raised(exc) from None
+            yield batch
+
+
+def _as_raised(exc: BkdError) -> BkdError:
+    """`exc` with the message the worker gave it (the last line of the traceback torch put in it)."""
+    text = str(exc)
+    if not (text.startswith("Caught ") and "Original Traceback" in text):
+        return exc
+    last = text.rstrip().splitlines()[-1]
+    return type(exc)(last.split(": ", 1)[1] if ": " in last else last)
 
 
 def load_split(cfg: DataConfig, split: str) -> ImageSplit:

@@ -358,3 +358,23 @@ def test_mid_epoch_resume_under_loader_workers_is_exact(tiny_project, monkeypatc
     resumed = load_weights(tiny_project / "runs/lanes-resumed/student.safetensors")
     for name, tensor in straight.items():
         assert torch.equal(tensor, resumed[name]), name
+
+
+def test_a_corrupt_image_read_in_a_loader_worker_is_one_plain_line(tmp_path):
+    _write_photos(tmp_path / "photos", per_class=3)
+    bad = sorted((tmp_path / "photos" / "train" / "n01443537").iterdir())[1]
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated mid-file
+    cfg = _imagenet_cfg(tmp_path, "loader.workers=2", "extract.splits=[train]", "extract.images=false")
+    split = load_split(cfg.data, "train")
+    checkpoint.save_weights(create_teacher(cfg.teacher, split.num_classes, split.image_shape).state_dict(),
+                            cfg.teacher.checkpoint)
+    sets = [x for a in ["data.name=imagenet", f"data.root={tmp_path / 'photos'}", "data.image_size=16",
+                        "data.load_size=24", "extract.features=[pre_logits]", "extract.splits=[train]",
+                        "extract.chunk_size=2", "extract.chunks_per_shard=1", "extract.batch_size=2",
+                        "loader.workers=2", f"teacher.checkpoint={cfg.teacher.checkpoint}",
+                        f"extract.store={tmp_path / 'bad.zarr'}"] for x in ("--set", a)]
+    proc = run_bkd(["extract-teacher", "--config", str(REPO / "configs/mnist5k.yaml"), *sets], tmp_path, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("bkd: error: ") and f"{bad}: not a readable image" in lines[-1]
+    assert "Caught" not in lines[-1] and "Traceback" not in lines[-1]
