@@ -12,7 +12,8 @@ Under DataLoader workers, each worker keeps its own decoded chunks, so batches t
 chunks must go to the same worker: with `lanes` = W workers the sampler cuts the epoch's order
 into W contiguous spans of whole batches (each a run of whole windows but at its two ends) and
 interleaves them batch by batch, so batch k comes from span k mod W -- the worker DataLoader
-sends it to. Each worker then streams its own windows and still decodes each chunk once.
+sends it to. Each worker then streams its own windows and decodes each chunk once per epoch, but
+for the chunks of a window where two spans meet, which both of their workers read.
 
 With K cached views per sample, each epoch serves one view per sample (`view_schedule`): the
 student input is rebuilt from that view's stored augmentation parameters, so it is exactly
