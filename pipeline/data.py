@@ -389,12 +389,8 @@ class ImageSplit(Dataset):
         return self.image_shape != self.source_shape
 
     def centre_crop(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The model input (..., image_shape) of normalized source pixels: their centre crop."""
-        if not self.crops:
-            return pixels
-        import torchvision.transforms.v2.functional as TF
-
-        return TF.center_crop(pixels, list(self.image_shape[-2:]))
+        """The model input (..., image_shape) of source pixels: their centre crop."""
+        return centre_crop(pixels, *self.image_shape[-2:]) if self.crops else pixels
 
     def read(self, indices) -> torch.Tensor:
         """Raw source values (len(indices), *source_shape) for rows of this split: what views are cut from."""
@@ -441,6 +437,18 @@ class ImageSplit(Dataset):
         return digest.hexdigest()
 
 
+def centre_offsets(height: int, width: int, crop_height: int, crop_width: int) -> tuple[int, int]:
+    """(top, left) of a crop_height x crop_width centre crop of a height x width image, placed as
+    torchvision's center_crop places it."""
+    return int(round((height - crop_height) / 2.0)), int(round((width - crop_width) / 2.0))
+
+
+def centre_crop(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The height x width centre crop of (..., H, W) pixels (a view, as torchvision's center_crop gives)."""
+    top, left = centre_offsets(pixels.shape[-2], pixels.shape[-1], height, width)
+    return pixels[..., top:top + height, left:left + width]
+
+
 def random_shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:
     """Translate each image by up to `max_shift` pixels in x and y, padding with its corner value."""
     if max_shift == 0:
@@ -476,15 +484,28 @@ class WorkerErrorsAsRaised(DataLoader):
     message, which `bkd: error:` would print as one very long line."""
 
     def __iter__(self):
-        batches = super().__iter__()
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            except BkdError as exc:
-                raise _as_raised(exc) from None
-            yield batch
+        # Made now, not at the first batch: the iterator draws its workers' seed from the global RNG, which
+        # `Trainer` keeps out of the training stream around `iter(loader)` (a generator would draw it later).
+        return _AsRaised(super().__iter__())
+
+
+class _AsRaised:
+    """An iterator of batches that re-raises bkd's refusals with their own message (`_as_raised`)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self.batches)
+        except BkdError as exc:
+            raise _as_raised(exc) from None
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def _as_raised(exc: BkdError) -> BkdError:
