@@ -46,6 +46,7 @@ import torchvision.transforms as T
 import torchvision.transforms.v2.functional as TF
 
 from pipeline.config import AugmentConfig
+from pipeline.data import centre_crop, centre_offsets
 from pipeline.errors import ConfigError, clip
 
 PARAM_NAMES = {
@@ -121,9 +122,7 @@ class ViewAugmenter:
         if self.source_height < self.height or self.source_width < self.width:
             raise ValueError(f"source pixels {source_shape} are smaller than the views {tuple(image_shape)}")
         self.crops = (self.source_height, self.source_width) != (self.height, self.width)
-        # the centre crop's box, as torchvision's center_crop places it
-        self.centre = (int(round((self.source_height - self.height) / 2.0)),
-                       int(round((self.source_width - self.width) / 2.0)))
+        self.centre = centre_offsets(self.source_height, self.source_width, self.height, self.width)
         self.frames = len(image_shape) == 4
         # Bounds that need the image size, for the kind that uses each. A pad beyond the image's
         # larger side only adds zeros (and pad 200000 would allocate a 640 GB canvas); a circular
@@ -330,10 +329,7 @@ class ViewAugmenter:
 
     def centre_crop(self, images: torch.Tensor) -> torch.Tensor:
         """The input-sized centre crop of source pixels (..., H, W): the clean input."""
-        if not self.crops:
-            return images
-        top, left = self.centre
-        return images[..., top:top + self.height, left:left + self.width]
+        return centre_crop(images, self.height, self.width) if self.crops else images
 
     def _apply_base(self, image: torch.Tensor, p: list[int]) -> torch.Tensor:
         kind, h, w = self.cfg.kind, self.height, self.width
