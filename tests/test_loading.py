@@ -27,6 +27,7 @@ from pipeline.models import create_teacher
 from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler, interleave_lanes
 from pipeline.targets import IMAGES, StoredImages, TeacherTargets, open_student_targets, verify_store
 from tests.conftest import run_bkd
+from tests.test_recipe import _extract_recording
 from tests.test_store import CHUNK, build_store
 from tests.test_stream import _image_split
 
@@ -177,32 +178,11 @@ def _imagenet_cfg(tmp: Path, *extra: str):
 @pytest.fixture(scope="module")
 def imagenet_store(tmp_path_factory):
     """A K = 3 store of a JPEG tree at load_size 24, input 16, with the images, and what the teacher saw."""
-    import pipeline.extract as extract_module
-
     tmp = tmp_path_factory.mktemp("imagenet")
     _write_photos(tmp / "photos")
     cfg = _imagenet_cfg(tmp)
+    saw = _extract_recording(cfg)  # one batch per shard, as it needs
     split = load_split(cfg.data, "train")
-    torch.manual_seed(0)
-    checkpoint.save_weights(create_teacher(cfg.teacher, split.num_classes, split.image_shape).state_dict(),
-                            cfg.teacher.checkpoint)
-    fed = []
-    real = extract_module.teacher_outputs
-
-    def recording(model, images, *args):
-        fed.append(images.clone())
-        return real(model, images, *args)
-
-    extract_module.teacher_outputs = recording
-    try:
-        extract_teacher(cfg, CPU)
-    finally:
-        extract_module.teacher_outputs = real
-    saw, views = {}, cfg.extract.views
-    for b, start in enumerate(range(0, len(split), cfg.extract.batch_size)):  # one batch per shard
-        for v in range(views):
-            for r, image in enumerate(fed[1 + b * views + v]):  # fed[0] probes the feature shape
-                saw[(start + r, v)] = image
     return cfg, split, saw
 
 
