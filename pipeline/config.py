@@ -116,11 +116,16 @@ class DataConfig:
     name: str = "mnist5k"  # mnist5k | digits | cifar10 | cifar100 | imagenet | hdf5 | dvs_hdf5
     # Where the on-disk datasets live (not used by the embedded mnist5k / digits).
     root: str = "data"
-    # Fixed, seeded train/test split of the embedded datasets (mnist5k, digits, and hdf5 files
-    # without a split); datasets with an official split (CIFAR, ImageNet) use it.
+    # Seeds which rows each split holds and in what order. Datasets without an official split
+    # (mnist5k, digits) are one pool split by a seeded permutation; datasets with one (CIFAR,
+    # ImageNet, HDF5 files) keep their official split, its rows put in a seeded random order. So a
+    # split is never in its file's order -- ImageFolder and many HDF5 files list samples class by
+    # class -- and neither is the store, whose rows follow the split: its chunk-local batches are
+    # i.i.d. draws, as the published runs' samplers give.
     split_seed: int = 0
     test_size: int = 1000
-    # Use only the first `limit` samples of each split (tiny runs, tests); null = all.
+    # Use only `limit` samples of each split (tiny runs, tests): a seeded subset that keeps every
+    # class in proportion to its share of the split (largest remainders); null = all.
     limit: int | None = None
     # imagenet: the input size. Files are decoded, their shorter side resized to `load_size` and
     # centre-cropped square: the pixels views are cut from (a RandomResizedCrop box of the
@@ -128,6 +133,9 @@ class DataConfig:
     # image_size centre crop of it -- torchvision's Resize(load_size) + CenterCrop(image_size).
     image_size: int = 224
     load_size: int | None = None  # null: image_size (views are cut from the centre crop itself)
+    # imagenet: the filter of that resize, antialiased (torchvision's and timm's evaluation default
+    # is bilinear; the Spikingformer ImageNet recipe resizes bicubic).
+    interpolation: str = "bilinear"  # bilinear | bicubic
 
 
 @dataclass
@@ -156,7 +164,7 @@ class AugmentConfig:
     mix_off_epoch: int = 0
 
 
-TEACHER_INTERPOLATIONS = ("bilinear", "bicubic")
+INTERPOLATIONS = ("bilinear", "bicubic")
 SNN_TEACHER_PREFIX = "bkd:"  # teacher.model "bkd:<student>": a trained bkd SNN as teacher
 
 
@@ -440,6 +448,8 @@ def validate(cfg: Config) -> Config:
     _check(load is None or cfg.data.image_size <= load <= MAX_TEACHER_INPUT_SIZE,
            f"data.load_size must be in [data.image_size={cfg.data.image_size}, {MAX_TEACHER_INPUT_SIZE}] or null, "
            f"got {load}")
+    _check(cfg.data.interpolation in INTERPOLATIONS, f"data.interpolation must be one of "
+           f"{', '.join(INTERPOLATIONS)}, got {_short(cfg.data.interpolation)}")
     ld = cfg.loader
     _check(ld.workers >= 0, f"loader.workers must be >= 0, got {ld.workers}")
     _check(ld.pin_memory in (True, False, "auto"),
@@ -541,8 +551,8 @@ def _location_name(value: Any) -> bool:
 
 def _validate_teacher_kind(tc: TeacherConfig) -> None:
     """The fields that depend on whether the teacher is a timm ANN or a bkd SNN."""
-    _check(tc.interpolation in TEACHER_INTERPOLATIONS,
-           f"teacher.interpolation must be one of {', '.join(TEACHER_INTERPOLATIONS)}, got {_short(tc.interpolation)}")
+    _check(tc.interpolation in INTERPOLATIONS,
+           f"teacher.interpolation must be one of {', '.join(INTERPOLATIONS)}, got {_short(tc.interpolation)}")
     if tc.model.startswith(SNN_TEACHER_PREFIX):
         _check(tc.timesteps is not None,
                f"teacher.timesteps is required for an SNN teacher ({_short(tc.model)}): set its own T")

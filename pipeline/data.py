@@ -133,7 +133,7 @@ class ImageFolderSource(Source):
     images in it: an empty one is refused rather than left to torchvision's traceback.
     """
 
-    def __init__(self, root: Path, size: int):
+    def __init__(self, root: Path, size: int, interpolation: str = "bilinear"):
         from torchvision.datasets import ImageFolder
 
         _class_names(root)  # refuses a tree without class folders in one line
@@ -144,13 +144,15 @@ class ImageFolderSource(Source):
         if (counts == 0).any():
             raise DataError(f"{root / self.classes[int(np.argmin(counts))]}: no images (expected image files "
                             f"such as *.JPEG in every class folder)")
-        self.num_classes, self.size = len(self.classes), size
+        self.num_classes, self.size, self.interpolation = len(self.classes), size, interpolation
         self.shape = (3, size, size)
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         import torchvision.transforms.v2.functional as TF
         from PIL import Image
+        from torchvision.transforms import InterpolationMode
 
+        mode = InterpolationMode(self.interpolation)
         out = np.empty((len(rows), *self.shape), np.uint8)
         for k, row in enumerate(np.asarray(rows).tolist()):
             path = self.folder.samples[row][0]
@@ -159,7 +161,7 @@ class ImageFolderSource(Source):
             except (OSError, Image.DecompressionBombError) as exc:  # truncated or corrupt files
                 raise DataError(f"{path}: not a readable image ({exc})") from None
             image = TF.pil_to_tensor(pil)
-            image = TF.center_crop(TF.resize(image, [self.size], antialias=True), [self.size, self.size])
+            image = TF.center_crop(TF.resize(image, [self.size], mode, antialias=True), [self.size, self.size])
             out[k] = image.numpy()
         return out
 
@@ -279,7 +281,7 @@ def _imagenet(cfg: DataConfig, split: str) -> Source:
         if not needed.is_dir():
             raise DataError(f"{needed} not found: ImageNet goes in data.root as train/<class>/*.JPEG "
                             f"and val/<class>/*.JPEG")
-    source = ImageFolderSource(folder, cfg.load_size or cfg.image_size)
+    source = ImageFolderSource(folder, cfg.load_size or cfg.image_size, cfg.interpolation)
     if folder != train:
         expected, found = _class_names(train), source.classes
         if expected != found:
@@ -372,6 +374,7 @@ class ImageSplit(Dataset):
             "image_size": cfg.image_size if name == "imagenet" else None,
             # only where set: stores written before load_size existed keep their identity
             **({"load_size": cfg.load_size} if name == "imagenet" and cfg.load_size else {}),
+            **({"interpolation": cfg.interpolation} if name == "imagenet" else {}),
         }
         # Small in-memory datasets are normalized once; the rest per batch.
         self._normalized = self._normalize(source.read(self.ids)) if isinstance(source, ArraySource) else None
@@ -562,15 +565,48 @@ def _check_consistent(sources: list[Source]) -> None:
 
 
 def _split(cfg: DataConfig, split: str, source: Source) -> ImageSplit:
-    """The rows of `source` that form `split`: all of them, or its part of the seeded permutation."""
+    """The rows of `source` that form `split`, in a seeded random order: its part of the seeded
+    permutation of the pool, or the official split's rows permuted (data.split_seed). The store's
+    rows follow this order, so they never keep a file's class-by-class order."""
+    n = len(source)
     if not DATASETS[cfg.name].official_split:
-        n = len(source)
         if not 0 < cfg.test_size < n:
             raise ConfigError(f"data.test_size must be in (0, {n}) for {cfg.name}, got {cfg.test_size}")
         order = np.random.default_rng(cfg.split_seed).permutation(n)
         rows = order[cfg.test_size:] if split == "train" else order[:cfg.test_size]
-    else:
-        rows = np.arange(len(source))
-    if cfg.limit is not None:
-        rows = rows[:cfg.limit]
+    else:  # one stream per split, so the train order does not depend on the test split
+        rows = np.random.default_rng((cfg.split_seed, SPLIT_STREAMS[split])).permutation(n)
+    if cfg.limit is not None and cfg.limit < len(rows):
+        rows = rows[balanced_subset(source.labels[rows], cfg.limit,
+                                    np.random.default_rng((cfg.split_seed, SPLIT_STREAMS[split], LIMIT_STREAM)))]
     return ImageSplit(cfg.name, split, source, rows, cfg)
+
+
+SPLIT_STREAMS = {"train": 0, "test": 1}
+LIMIT_STREAM = 2
+
+
+def balanced_subset(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions (increasing) of `size` of `labels` that keep every class present, in proportion to its
+    count (largest remainders, at least one row a class): class c's share is q_c = size * n_c / n; each
+    class gets max(1, floor(q_c)), then the rows still owed go to the largest q_c - taken, or the rows
+    over go back from the classes of more than one row with the smallest (ties to the lower class).
+    Each class's rows are a random choice of `rng`."""
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    if size < len(classes):
+        raise ConfigError(f"data.limit is {size}, below the {len(classes)} classes of the split: a subset "
+                          f"must keep every class (set data.limit >= {len(classes)} or null)")
+    quota = size * counts / counts.sum()
+    take = np.maximum(1, np.floor(quota)).astype(np.int64)
+    while take.sum() != size:
+        owed = size - int(take.sum())
+        if owed > 0:
+            take[np.argsort(-(quota - take), kind="stable")[:owed]] += 1
+        else:
+            over = np.flatnonzero(take > 1)
+            take[over[np.argsort(quota[over] - take[over], kind="stable")[:-owed]]] -= 1
+    keep = np.zeros(len(labels), bool)
+    for c, k in zip(classes.tolist(), take.tolist()):
+        keep[rng.choice(np.flatnonzero(labels == c), size=k, replace=False)] = True
+    return np.flatnonzero(keep)
