@@ -92,5 +92,5 @@ def open_student_targets(cfg: Config, split: str, images, trust_store_teacher: b
     rows = np.arange(len(images))
     if not images.in_memory and len(rows) > PIXEL_CHECK_SAMPLES:
         rows = np.unique(np.linspace(0, len(rows) - 1, PIXEL_CHECK_SAMPLES).round().astype(np.int64))
-    targets.check_pixels(images.load_raw(rows), rows)
+    targets.check_pixels(images.load_raw(rows), rows, images.ids[rows])
     return targets

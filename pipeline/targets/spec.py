@@ -21,8 +21,9 @@ from typing import Any
 
 from pipeline.errors import short
 
-FORMAT = "bkd-teacher-targets/5"
+FORMAT = "bkd-teacher-targets/6"
 FORMAT_FAMILY = FORMAT.split("/")[0]
+ROWS_SHUFFLED_SINCE = 6  # format 6: rows in the split's seeded random order (data.split_seed), not the files'
 SPLITS = ("train", "test")
 TOPK_INDEX = "logits_index"  # with top-k logits: `logits` holds the k largest, this their classes
 # ... and, per view, what the losses need of the logits left out (see store.dense_logits):
@@ -40,6 +41,15 @@ ROW_ARRAYS = ("logits", "view_params", "labels", "index", "pixel_digest")  # bes
 # With extract.images: each sample's raw source pixels (N, *source_shape) uint8, one inner chunk per
 # row (a mix partner is read alone), so training reads arrays instead of decoding image files.
 IMAGES = "images"
+
+
+def older_format(found: Any) -> str:
+    """Why a store of the older format `found` cannot be read as it is: '' if nothing more than its number."""
+    version = str(found).rsplit("/", 1)[-1]
+    if version.isdigit() and int(version) < ROWS_SHUFFLED_SINCE:
+        return (" (its rows keep the dataset's file order, class by class for image folders, so training "
+                "batches would hold a few classes each)")
+    return ""
 
 
 def feature_array(location: str) -> str:

@@ -8,7 +8,8 @@ Layout::
       train/logits       (N, V, K)
       train/view_params  (N, V, P) int32  each view's augmentation parameters (view 0: clean input)
       train/labels       (N,)
-      train/index        (N,)           position of each row in the split (sample ids live in the fingerprint)
+      train/index        (N,)           position of each row in the split, whose rows are in a seeded random
+                                        order (data.split_seed; sample ids live in the fingerprint)
       train/pixel_digest (N,) uint64    blake2b-64 of each sample's raw input: the store belongs to these pixels
       train/logits_index (N, V, K) int32 with extract.logits_topk: `logits` holds the K largest, this their
                                         classes; and what the losses need of the rest (see `dense_logits`):
@@ -57,7 +58,7 @@ from pipeline.data import Source
 from pipeline.targets.spec import (CHUNK_DIGEST, FEATURES, FLAGS, FORMAT, FORMAT_FAMILY, IMAGES, SPLITS, STORE_IDENTITY,
                                    STUDENT_IDENTITY, TOPK_ARRAYS, TOPK_INDEX, TOPK_TAIL,
                                    TOPK_TARGET, TOPK_TARGET_CLASS, SplitLayout, TargetSpec, feature_array,
-                                   first_difference, is_row_array, short)
+                                   first_difference, is_row_array, older_format, short)
 
 MANIFEST_KEYS = ("teacher", "dataset", "splits", "transform", "augment", "features", "arrays", "chunking")
 # Every array is written whole shards at a time; all-fill chunks must still be written, so that a
@@ -230,7 +231,7 @@ class StoreWriter:
                     raise StoreError(f"{self.path}: damaged manifest, {damage}; pass --overwrite to replace the store")
                 if existing.get("format") != FORMAT:
                     raise StoreError(f"{self.path} holds a store of format {existing.get('format')}, this bkd writes "
-                                     f"{FORMAT}; pass --overwrite to replace it")
+                                     f"{FORMAT}{older_format(existing.get('format'))}; pass --overwrite to replace it")
                 difference = first_difference(existing, manifest, STORE_IDENTITY)
                 if difference:
                     raise StoreError(f"{self.path} holds targets of another run ({difference}); pass --overwrite "
@@ -395,8 +396,8 @@ def _open_group(path: str, mode: str = "r") -> zarr.Group:
     found = manifest.get("format") if isinstance(manifest, dict) else None
     if found != FORMAT:
         if isinstance(found, str) and found.startswith(FORMAT_FAMILY):
-            raise StoreError(f"{path}: store format {found}, this bkd reads {FORMAT}; re-run "
-                             f"`bkd extract-teacher --overwrite`")
+            raise StoreError(f"{path}: store format {found}, this bkd reads {FORMAT}{older_format(found)}; "
+                             f"rebuild it with `bkd extract-teacher --overwrite`")
         raise StoreError(f"{path}: not a bkd teacher-target store (no '{FORMAT}' manifest)")
     damage = _manifest_damage(manifest)
     if damage:
@@ -652,9 +653,12 @@ class TeacherTargets:
         if difference:
             raise StoreError(f"{self.path} was built for another run: {difference}")
 
-    def check_pixels(self, raw: np.ndarray, rows: np.ndarray) -> None:
-        """Refuse the store unless `raw` (the inputs of `rows`, as the source gives them) are the extracted ones."""
+    def check_pixels(self, raw: np.ndarray, rows: np.ndarray, sample_ids: np.ndarray | None = None) -> None:
+        """Refuse the store unless `raw` (the inputs of `rows`, as the source gives them) are the extracted ones.
+        `sample_ids`: the dataset's ids of those rows (the split's `ids`: rows of its files), named in the
+        refusal; the store's rows are in a seeded random order, so a store row means nothing to a reader."""
         rows = np.asarray(rows, dtype=np.int64)
+        ids = rows if sample_ids is None else np.asarray(sample_ids, dtype=np.int64)
         try:
             stored = self.group["pixel_digest"].get_orthogonal_selection((rows,))
         except Exception as exc:  # a damaged digest shard
@@ -662,7 +666,9 @@ class TeacherTargets:
                              "`bkd cache verify` names the bad shard") from None
         mismatch = np.flatnonzero(pixel_digests(raw) != stored)
         if len(mismatch):
-            raise StoreError(f"{self.path} was built from other inputs: {self.split} sample {int(rows[mismatch[0]])} "
+            at = mismatch[0]
+            where = "" if sample_ids is None else f" (store row {int(rows[at])})"
+            raise StoreError(f"{self.path} was built from other inputs: {self.split} sample {int(ids[at])}{where} "
                              f"(and {len(mismatch) - 1} more of {len(rows)} checked) differs from what the teacher saw; "
                              "re-run `bkd extract-teacher --overwrite` for these files")
 
@@ -738,8 +744,10 @@ class StoredImages(Source):
         new = np.flatnonzero(~self.verified[at])  # each row checked the first time this process reads it
         bad = np.flatnonzero(pixel_digests(out[new]) != self.digests[at[new]])
         if len(bad):
-            raise StoreError(f"{self.path}: the stored image of row {int(at[new][bad[0]])} does not match its "
-                             "pixel digest (rewritten or swapped); re-run `bkd extract-teacher --overwrite`")
+            first = new[bad[0]]
+            raise StoreError(f"{self.path}: the stored image of sample {int(rows[first])} (store row {int(at[first])}) "
+                             "does not match its pixel digest (rewritten or swapped); re-run "
+                             "`bkd extract-teacher --overwrite`")
         self.verified[at] = True
         return out
 
