@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from pipeline.augment import ViewAugmenter, partner_inputs, smoothed_one_hot, view_schedule
+from pipeline.config import Config
 from pipeline.data import ImageSplit
 from pipeline.errors import BkdError, StoreError
 from pipeline.targets import TeacherTargets, feature_array
@@ -90,6 +91,17 @@ class ChunkShuffleSampler(Sampler):
             yield from ((self.epoch, i) for i in order)
         else:
             yield from order
+
+
+def student_sampler(cfg: Config, num_samples: int, chunk_size: int, batch_size: int, rank: int = 0,
+                    world_size: int = 1) -> ChunkShuffleSampler:
+    """The sampler a student run draws its batches with: chunk-aligned windows of
+    student.shuffle_buffer_chunks chunks of the store, one rank's share under DDP, with loader.workers
+    lanes. Batches are i.i.d. draws because the store's rows are in a seeded random order (data._split);
+    the windows only keep the reads local."""
+    return ChunkShuffleSampler(num_samples, chunk_size, cfg.student.shuffle_buffer_chunks, seed=cfg.seed, rank=rank,
+                               world_size=world_size, lanes=max(1, cfg.loader.workers), batch_size=batch_size,
+                               with_epoch=True)
 
 
 def interleave_lanes(order: np.ndarray, batch_size: int, lanes: int) -> np.ndarray:

@@ -40,7 +40,7 @@ from pipeline.models.fast import FastStudent, student_math
 from pipeline.models.stages import check_locations, spiking_outputs
 from pipeline.rundir import RunFolder
 from pipeline.targets import StoredImages, open_student_targets
-from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler
+from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler, student_sampler
 
 StepFn = Callable[[tuple], tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]]
 
@@ -488,9 +488,7 @@ def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, devic
                                   view_augmenter(cfg.augment, train), scfg.augment, seed=cfg.seed,
                                   locations=criterion.teacher_locations, smoothing=scfg.label_smoothing)
     # With loader workers, whole shuffle windows go to each worker (lanes), so each decodes its chunks once.
-    sampler = ChunkShuffleSampler(len(dataset), targets.chunk_size, scfg.shuffle_buffer_chunks, seed=cfg.seed,
-                                  rank=ranks.rank, world_size=ranks.world_size, lanes=max(1, cfg.loader.workers),
-                                  batch_size=batch_size, with_epoch=True)
+    sampler = student_sampler(cfg, len(dataset), targets.chunk_size, batch_size, ranks.rank, ranks.world_size)
     loader = data_loader(dataset, batch_size, sampler, cfg.loader, device)
     forward = unwrapped = StudentForward(student, criterion, fast)
     if ranks.distributed:
