@@ -2,7 +2,7 @@
 
     python -m benchmarks [--quick | --smoke] [--device cpu|cuda] [--only SECTION ...] [--json benchmarks/results.json]
 
-Measures, on this machine, in this run (sections core, growth, paper):
+Measures, on this machine, in this run (sections core, growth, paper, batches):
 
 core (default config: MNIST-5k, ResNet-18 teacher with random weights, SEW-ResNet student, T = 4,
 batch 64, CPU):
@@ -27,6 +27,10 @@ paper (on --device, benchmarks.paper_scale):
                              the student's consumption; a real-JPEG class folder's loader with 2
                              workers (>= 1.8x one process) and from the decoded-image store (>= 3x the
                              files) (benchmarks.loading)
+batches (CPU, benchmarks.batches):
+  8. batch composition       distinct classes per batch of the student's sampler over class-sorted
+                             labels (an ImageNet-sized vector; ImageFolder, HDF5 and DVS HDF5 files),
+                             the files' order vs the store's vs i.i.d. (target: within 10 %)
 
 `--device cuda` runs the paper section only (the GPU check; `--only` chooses otherwise); on CPU
 that section runs at toy sizes and checks the script. It prints a table and writes every figure
@@ -48,10 +52,10 @@ import numpy as np
 from pipeline.config import load_config
 from pipeline.targets import store_info
 
-from benchmarks import amortization, extraction, growth, paper_scale, reader, step_time
+from benchmarks import amortization, batches, extraction, growth, paper_scale, reader, step_time
 from benchmarks.common import CONFIG, benchmark_device, machine, random_teacher_config
 
-SECTIONS = ("core", "growth", "paper")
+SECTIONS = ("core", "growth", "paper", "batches")
 
 TRAINED_STORE = "cache/mnist5k-resnet18.zarr"  # written by `dvc repro` with the trained teacher
 
@@ -104,6 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
         with tempfile.TemporaryDirectory(prefix="bkd-bench-growth-") as tmp:
             results["growth"] = growth.run(Path(tmp), size)
         growth.report(results["growth"])
+    if "batches" in sections:
+        print("\n== 8. batch composition (classes per batch, class-sorted files)")
+        results["batches"] = batches.main([])
     if "paper" in sections:
         print(f"\n== 7. paper scale on {device}")
         with tempfile.TemporaryDirectory(prefix="bkd-bench-paper-") as tmp:
@@ -206,6 +213,8 @@ def print_table(r: dict) -> None:
         rows += growth_rows(r["growth"])
     if "paper_scale" in r:
         rows += [(f"paper: {name}", *rest) for name, *rest in paper_scale.rows(r["paper_scale"])]
+    if "batches" in r:
+        rows += batches.rows(r["batches"])
     m = r["machine"]
     print(f"\nbkd benchmarks on {m['device']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads, "
           f"torch {m['torch_version']}; sections {', '.join(r['sections'])} ({r['size']} sizes)")
