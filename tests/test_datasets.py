@@ -76,8 +76,9 @@ def test_cifar10_reads_the_python_batches(tmp_path):
     assert len(train) == 40 and len(test) == 8 and train.image_shape == (3, 32, 32)
     raw = batches["data_batch_2"]["data"][3].reshape(3, 32, 32)
     expected = (torch.from_numpy(raw).float() / 255 - train.mean) / train.std
-    torch.testing.assert_close(train.load([11])[0], expected)  # row 11 = batch 2, image 3
-    assert train.labels[11].item() == batches["data_batch_2"]["labels"][3]
+    at = train.ids.tolist().index(11)  # file row 11 = batch 2, image 3, at a seeded place in the split
+    torch.testing.assert_close(train.load([at])[0], expected)
+    assert train.labels[at].item() == batches["data_batch_2"]["labels"][3]
 
 
 def test_cifar_refuses_pickles_that_run_code(tmp_path):
@@ -114,7 +115,8 @@ def test_imagefolder_resizes_and_crops(tmp_path):
     assert len(train) == 12 and train.num_classes == 2 and train.image_shape == (3, 24, 24)
     images = train.load([0, 7, 11])
     assert images.shape == (3, 3, 24, 24) and torch.isfinite(images).all()
-    assert train.labels.tolist() == [0] * 6 + [1] * 6
+    assert train.labels.tolist() == [0 if row < 6 else 1 for row in train.ids]  # the files' rows, shuffled
+    assert train.ids.tolist() != list(range(12)) and sorted(train.ids.tolist()) == list(range(12))
 
 
 def test_hdf5_is_read_lazily_in_any_order(tmp_path):
@@ -125,7 +127,7 @@ def test_hdf5_is_read_lazily_in_any_order(tmp_path):
     with h5py.File(tmp_path / "train.h5") as fh:
         raw = fh["images"][:]
     rows = [7, 2, 7, 19]
-    expected = (torch.from_numpy(raw[rows]).float() / 255 - 0.5) / 0.5
+    expected = (torch.from_numpy(raw[train.ids[rows]]).float() / 255 - 0.5) / 0.5
     torch.testing.assert_close(train.load(rows), expected)
 
 

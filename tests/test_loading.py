@@ -189,7 +189,7 @@ def imagenet_store(tmp_path_factory):
 def test_clean_input_is_the_centre_crop_of_the_load_size_image(imagenet_store):
     cfg, split, _ = imagenet_store
     assert split.source_shape == (3, 24, 24) and split.image_shape == (3, 16, 16)
-    path = split.source.folder.samples[5][0]
+    path = split.source.folder.samples[split.ids[5]][0]
     pixels = TF.pil_to_tensor(Image.open(path).convert("RGB"))
     expected = TF.center_crop(TF.center_crop(TF.resize(pixels, [24], antialias=True), [24, 24]), [16, 16])
     torch.testing.assert_close(split.load([5])[0], (expected.float() * split.scale - split.mean) / split.std,
@@ -236,7 +236,9 @@ def test_a_rewritten_stored_image_is_an_error_never_another_picture(imagenet_sto
     array[3] = array[4]  # another (real) picture in row 3
     targets = TeacherTargets(copy, "train")
     images = StoredImages(targets, split)
-    with pytest.raises(StoreError, match="row 3 does not match its pixel digest") as info:
+    sample = int(split.ids[3])  # the file's row of store row 3
+    refusal = rf"image of sample {sample} \(store row 3\) does not match its pixel digest"
+    with pytest.raises(StoreError, match=refusal) as info:
         images.read(split.ids[[1, 3]])
     assert "\n" not in str(info.value)
     assert any(problem and "images" in problem for _, _, problem in verify_store(copy))

@@ -418,3 +418,23 @@ def test_store_of_an_older_format_names_the_fix(tmp_path):
     root.attrs["manifest"] = manifest
     with pytest.raises(StoreError, match="--overwrite"):
         TeacherTargets(path, "train")
+
+
+def test_store_in_the_files_row_order_is_refused_with_how_to_rebuild(tmp_path):
+    """Format 5 and older kept the dataset's file order (class by class for image folders): never read
+    as if shuffled, by training or by a resuming extraction."""
+    import zarr
+
+    path = tmp_path / "old.zarr"
+    build_store(path)
+    root = zarr.open_group(str(path), mode="r+")
+    manifest = dict(root.attrs["manifest"])
+    manifest["format"] = "bkd-teacher-targets/5"
+    root.attrs["manifest"] = manifest
+    for refuse in (lambda: TeacherTargets(path, "train"), lambda: open_writer(path)):
+        with pytest.raises(StoreError) as info:
+            refuse()
+        message = str(info.value)
+        assert "bkd-teacher-targets/5" in message and "file order" in message and "--overwrite" in message
+        assert "\n" not in message
+    assert (path / "train").is_dir()  # nothing deleted

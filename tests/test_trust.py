@@ -198,7 +198,7 @@ def test_store_of_other_pixels_with_the_same_ids_is_refused(tmp_path: Path):
         images[13] = 255 - images[13]
         fh["images"][...] = images
     proc = run_bkd(["train-student", *args, "--run-dir", "runs/s"], tmp_path, check=False)
-    _one_line_refusal(proc, "built from other inputs: train sample 13")
+    _one_line_refusal(proc, "built from other inputs: train sample 13 (store row ")  # the file's row
 
 
 def test_check_pixels_compares_each_sample(tmp_path: Path):
