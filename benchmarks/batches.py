@@ -10,7 +10,9 @@ windows of 4 chunks, batch 256), and for class-sorted ImageFolder, HDF5 and DVS 
 classes written here (chunks of 16, windows of 4, batch 16), it prints the mean number of distinct
 classes per batch with the store's rows in the files' order (what stores of format 5 held), in the
 split's seeded random order (what extraction writes now), and the i.i.d. expectation, each for one
-process, per rank of two DDP ranks and under two loader workers.
+process, per rank of two DDP ranks and under two loader workers. Then what the shuffled order costs
+where the rows are read from HDF5 (`HDF5Source`): rows per second in the file's order and shuffled,
+for a file chunked by row and one of gzip-compressed 64-row chunks.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import dataclasses
 import json
 import math
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -145,12 +148,41 @@ def file_formats(epochs: int = 3) -> dict:
     return out
 
 
+def hdf5_reads(tmp: Path, n: int = 4096, shape=(3, 64, 64), batch: int = 256) -> dict:
+    """Rows per second `HDF5Source` reads in batches, in the file's order and in a shuffled split's order,
+    for a file chunked by row and one chunked by 64 rows with gzip (each row read once)."""
+    import h5py
+
+    from pipeline.data import HDF5Source
+
+    data = np.random.default_rng(0).integers(0, 256, (n, *shape), dtype=np.uint8)
+    out = {}
+    for name, layout in (("row chunks", {"chunks": (1, *shape)}),
+                         ("gzip 64-row", {"chunks": (64, *shape), "compression": "gzip"})):
+        path = tmp / f"{name.split()[0]}.h5"
+        with h5py.File(path, "w") as fh:
+            fh.create_dataset("images", data=data, **layout)
+            fh.create_dataset("labels", data=np.zeros(n, np.int64))
+        out[name] = {}
+        for order_name, order in (("file order", np.arange(n)), ("shuffled", np.random.default_rng(1).permutation(n))):
+            source = HDF5Source(path)
+            started = time.perf_counter()
+            for b in range(0, n, batch):
+                source.read(order[b:b + batch])
+            out[name][order_name] = n / (time.perf_counter() - started)
+    return out
+
+
 def rows(results: dict) -> list[tuple]:
     """(measure, value, target, met, detail) rows for the benchmark table."""
     big = results["imagenet_sized"]["1 process"]
     worst = max(((abs(r["store_order"] - r["iid"]) / r["iid"], data, setting)
-                 for data, settings in results.items() for setting, r in settings.items()))
-    return [
+                 for data, settings in results.items() if data != "hdf5_reads" for setting, r in settings.items()))
+    reads = [(f"batches: HDF5 {layout}: shuffled / file order",
+              f"{r['shuffled'] / r['file order']:.2f}", "", None,
+              f"{r['shuffled']:.0f} vs {r['file order']:.0f} rows/s (HDF5Source, batches of 256)")
+             for layout, r in results.get("hdf5_reads", {}).items()]
+    return reads + [
         ("batches: ImageNet-sized, classes per batch of 256", f"{big['store_order']:.1f}", "~ i.i.d.",
          abs(big["store_order"] - big["iid"]) <= 0.1 * big["iid"],
          f"i.i.d. {big['iid']:.1f}; the files' class-sorted order gave {big['file_order']:.1f}"),
@@ -164,11 +196,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     results = {"imagenet_sized": imagenet_sized(), **file_formats()}
+    with tempfile.TemporaryDirectory() as tmp:
+        reads = hdf5_reads(Path(tmp))
     print(f"{'data':<16} {'sampler':<18} {'batch':>5} {'file order':>11} {'store order':>12} {'i.i.d.':>8}")
     for data, rows in results.items():
         for setting, r in rows.items():
             print(f"{data:<16} {setting:<18} {r['batch']:>5} {r['file_order']:>11.1f} {r['store_order']:>12.1f} "
                   f"{r['iid']:>8.1f}")
+    for layout, r in reads.items():
+        print(f"HDF5 reads, {layout}: {r['file order']:.0f} rows/s in the file's order, {r['shuffled']:.0f} shuffled")
+    results["hdf5_reads"] = reads
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return results
