@@ -65,8 +65,8 @@ class ArraySource(Source):
         return self.images[rows]
 
 
-CHUNK_CACHE_BYTES = 64 * 2**20  # HDF5's chunk cache per open file (its default, 1 MiB, holds less than one
-CHUNK_CACHE_SLOTS = 10007  # 64-row chunk of 224 px images); a prime number of slots, as HDF5 advises
+CHUNK_CACHE_BYTES = 64 * 2**20  # HDF5's chunk cache per open dataset (its default, 1 MiB, holds less than
+CHUNK_CACHE_SLOTS = 10007  # one 64-row chunk of 224 px images); a prime number of slots, as HDF5 advises
 
 
 class HDF5Source(Source):
@@ -98,22 +98,23 @@ class HDF5Source(Source):
             raise DataError(f"{path}: not a readable HDF5 file ({exc})") from None
         self.classes_declared = declared is not None
         self.num_classes = int(declared) if self.classes_declared else int(self.labels.max()) + 1
-        self._file = None  # opened on first read, in the process that reads (DataLoader workers)
+        self._file = self._samples = None  # opened on first read, in the process that reads (DataLoader workers)
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         import h5py
 
-        if self._file is None:  # a chunk cache that holds a few compressed chunks of many rows each
+        if self._file is None:  # kept open: HDF5 drops a dataset's chunk cache with its last handle
             self._file = h5py.File(self.path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=CHUNK_CACHE_SLOTS)
+            self._samples = self._file[self.images_key]
+        samples = self._samples
         order = np.argsort(rows)  # h5py wants increasing indices
         sorted_rows = np.asarray(rows)[order]
         unique, inverse = np.unique(sorted_rows, return_inverse=True)
-        samples = self._file[self.images_key]
         if len(unique) and unique[-1] - unique[0] + 1 == len(unique):  # a run of rows: one slice
             data = samples[int(unique[0]):int(unique[-1]) + 1]
-        elif samples.chunks is None or len(unique) == 0:  # contiguous: one selection is the fastest read
-            data = samples[unique]
-        else:  # chunked: h5py's point selection costs about a millisecond a row, a row's own read ~50x less
+        elif len(unique) == 0:
+            data = np.empty((0, *self.shape), samples.dtype)
+        else:  # scattered rows (a shuffled split): h5py's point selection costs about a millisecond a row
             data = np.stack([samples[row] for row in unique.tolist()])
         if self.images_key == "frames":
             self._check_counts(data, unique)
@@ -131,8 +132,17 @@ class HDF5Source(Source):
             raise DataError(f"{self.path}: '{self.images_key}' rows {shown} hold negative or non-finite "
                             f"event counts (expected finite counts >= 0)")
 
+    @property
+    def rows_per_chunk(self) -> int:
+        """Rows in one HDF5 chunk of the samples (1 for a contiguous dataset: any row reads alone)."""
+        import h5py
+
+        with h5py.File(self.path, "r") as fh:
+            chunks = fh[self.images_key].chunks
+        return chunks[0] if chunks else 1
+
     def __getstate__(self):
-        return {**self.__dict__, "_file": None}
+        return {**self.__dict__, "_file": None, "_samples": None}
 
 
 class ImageFolderSource(Source):
@@ -530,6 +540,17 @@ def _as_raised(exc: BkdError) -> BkdError:
     return type(exc)(last.split(": ", 1)[1] if ": " in last else last)
 
 
+def scattered_read_warning(split: ImageSplit) -> str | None:
+    """A warning when reading `split`'s rows in a random order costs much more than in file order: an HDF5
+    file whose chunks hold many rows (each scattered row decompresses its whole chunk); None otherwise."""
+    source = split.source
+    if not isinstance(source, HDF5Source) or (rows := source.rows_per_chunk) <= 1:
+        return None
+    fix = "set extract.images: true so training reads the store, or " if split.encoding == "direct" else ""
+    return (f"warning: {source.path} holds {rows} rows a chunk, and training reads rows in a random order, "
+            f"so each read decompresses a whole chunk; {fix}rewrite the file with one row a chunk")
+
+
 def load_split(cfg: DataConfig, split: str) -> ImageSplit:
     """The fixed `split` ('train' or 'test') of the configured dataset."""
     return load_splits(cfg, [split])[split]
@@ -588,7 +609,8 @@ def _split(cfg: DataConfig, split: str, source: Source) -> ImageSplit:
         rows = np.random.default_rng((cfg.split_seed, SPLIT_STREAMS[split])).permutation(n)
     if cfg.limit is not None and cfg.limit < len(rows):
         rows = rows[balanced_subset(source.labels[rows], cfg.limit,
-                                    np.random.default_rng((cfg.split_seed, SPLIT_STREAMS[split], LIMIT_STREAM)))]
+                                    np.random.default_rng((cfg.split_seed, SPLIT_STREAMS[split], LIMIT_STREAM)),
+                                    f"the {split} split")]
     return ImageSplit(cfg.name, split, source, rows, cfg)
 
 
@@ -596,7 +618,7 @@ SPLIT_STREAMS = {"train": 0, "test": 1}
 LIMIT_STREAM = 2
 
 
-def balanced_subset(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+def balanced_subset(labels: np.ndarray, size: int, rng: np.random.Generator, what: str = "the split") -> np.ndarray:
     """Positions (increasing) of `size` of `labels` that keep every class present, in proportion to its
     count (largest remainders, at least one row a class): class c's share is q_c = size * n_c / n; each
     class gets max(1, floor(q_c)), then the rows still owed go to the largest q_c - taken, or the rows
@@ -605,7 +627,7 @@ def balanced_subset(labels: np.ndarray, size: int, rng: np.random.Generator) -> 
     labels = np.asarray(labels)
     classes, counts = np.unique(labels, return_counts=True)
     if size < len(classes):
-        raise ConfigError(f"data.limit is {size}, below the {len(classes)} classes of the split: a subset "
+        raise ConfigError(f"data.limit is {size}, below the {len(classes)} classes of {what}: a subset "
                           f"must keep every class (set data.limit >= {len(classes)} or null)")
     quota = size * counts / counts.sum()
     take = np.maximum(1, np.floor(quota)).astype(np.int64)

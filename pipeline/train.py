@@ -30,7 +30,7 @@ from pipeline import checkpoint
 from pipeline.checkpoint import write_json
 from pipeline.augment import view_augmenter
 from pipeline.config import Config, ScheduleConfig
-from pipeline.data import data_loader, load_split, load_splits, random_shift
+from pipeline.data import data_loader, load_split, load_splits, random_shift, scattered_read_warning
 from pipeline.distributed import Ranks, process_group, resolve_device, split_global_batch
 from pipeline.errors import BkdError, ConfigError
 from pipeline.evaluate import accuracy, count_correct
@@ -327,6 +327,8 @@ def train_teacher(cfg: Config, run_dir: str | Path, resume: bool = False) -> dic
     tcfg = cfg.teacher
     device = resolve_device(tcfg.device)
     train, test = load_splits(cfg.data, ("train", "test")).values()
+    if warning := scattered_read_warning(train):
+        tqdm.write(warning)
     torch.manual_seed(cfg.seed)
     model = create_teacher(tcfg, train.num_classes, train.image_shape).to(device)
     sampler = ChunkShuffleSampler(len(train), chunk_size=len(train), buffer_chunks=1, seed=cfg.seed)
@@ -472,6 +474,8 @@ def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, devic
     if targets.spec.image_shape is not None and not train.in_memory:
         # the decoded pixels, not the image files; a sampler window's blocks stay decoded, like its chunks
         train = train.reading_from(StoredImages(targets, train, 2 * scfg.shuffle_buffer_chunks * targets.chunk_size))
+    elif ranks.is_main and (warning := scattered_read_warning(train)):
+        tqdm.write(warning)
     torch.manual_seed(cfg.seed)
     student = create_student(scfg.model, train.num_classes, train.image_shape, scfg.timesteps,
                              **scfg.model_kwargs).to(device)

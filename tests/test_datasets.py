@@ -223,3 +223,24 @@ def test_config_family_end_to_end(tmp_path, config):
                  "--plots-dir", f"plots/{mode}"], tmp_path)
         metrics = json.loads((tmp_path / f"{mode}.json").read_text())
         assert 0.0 <= metrics["top1"] <= 1.0 and metrics["firing_rate"] >= 0
+
+
+@pytest.mark.parametrize("layout, key, warned", [
+    ({}, "images", None), ({"chunks": (1, 1, 8, 8)}, "images", None),
+    ({"chunks": (8, 1, 8, 8), "compression": "gzip"}, "images", "extract.images: true"),
+    ({"chunks": (8, 2, 2, 8, 8)}, "frames", "rewrite the file with one row a chunk")])
+def test_training_warns_when_shuffled_reads_decompress_whole_chunks(tmp_path, layout, key, warned):
+    from pipeline.data import scattered_read_warning
+
+    shape = (1, 8, 8) if key == "images" else (2, 2, 8, 8)
+    with h5py.File(tmp_path / "train.h5", "w") as fh:
+        fh.create_dataset(key, data=np.zeros((16, *shape), np.uint8 if key == "images" else np.float32), **layout)
+        fh.create_dataset("labels", data=np.arange(16) % 2)
+    split = load_split(load_config(None, [f"data.name={'hdf5' if key == 'images' else 'dvs_hdf5'}",
+                                          f"data.root={tmp_path}"]).data, "train")
+    warning = scattered_read_warning(split)
+    if warned is None:
+        assert warning is None
+    else:
+        assert warning.startswith("warning: ") and "8 rows a chunk" in warning and warned in warning
+        assert (key == "frames") == ("extract.images" not in warning)  # the store holds no event frames
