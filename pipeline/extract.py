@@ -16,8 +16,8 @@ from pipeline.errors import BkdError
 from pipeline.locks import PathLock
 from pipeline.models import load_teacher, teacher_outputs
 from pipeline.models.fast import prepare_teacher, resolve_extract
-from pipeline.targets import (IMAGES, StoreWriter, check_store_location, existing_store, expected_spec, feature_array,
-                              pixel_digests, teacher_sha, topk_arrays)
+from pipeline.targets import (IMAGES, StoreWriter, check_format, check_store_location, existing_store, expected_spec,
+                              feature_array, pixel_digests, teacher_sha, topk_arrays)
 
 
 class ShardExtractor:
@@ -28,6 +28,9 @@ class ShardExtractor:
         self.cfg, self.device = cfg, device
         self.splits = load_splits(cfg.data, ex.splits)
         first = next(iter(self.splits.values()))
+        if ex.images and first.encoding != "direct":
+            raise BkdError(f"extract.images stores uint8 image pixels, and {cfg.data.name} samples are float event "
+                           "frames; leave extract.images off for it")
         self.num_classes = first.num_classes
         sha = teacher_sha(cfg)
         self.model = load_teacher(cfg.teacher, first.num_classes, first.image_shape).to(device)
@@ -177,7 +180,9 @@ def extract_teacher(cfg: Config, device: torch.device, overwrite: bool = False, 
     # "auto" precision resolved once, from the device the shards run on: the manifest and every worker agree
     cfg = dataclasses.replace(cfg, extract=resolve_extract(cfg.extract, device))
     check_store_location(cfg.extract.store)  # before any heavy work: a path bkd must not write to,
-    existing_store(cfg.extract.store)  # or something there that bkd did not make
+    existing = existing_store(cfg.extract.store)  # or something there that bkd did not make,
+    if existing is not None and not overwrite:
+        check_format(cfg.extract.store, existing)  # or a store of another format
     # With dask, this process only plans and records shards: it keeps its teacher copy (needed for
     # the manifest's feature shape) off the GPUs the workers use.
     extractor = ShardExtractor(cfg if local else _planner_config(cfg), device if local else torch.device("cpu"))

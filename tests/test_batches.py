@@ -18,7 +18,7 @@ from benchmarks.common import write_random_teacher
 from pipeline.augment import view_augmenter
 from pipeline.config import load_config
 from pipeline.data import data_loader, load_split
-from pipeline.errors import ConfigError, StoreError
+from pipeline.errors import BkdError, ConfigError, StoreError
 from pipeline.extract import extract_teacher
 from pipeline.stream import CachedTargetDataset, student_sampler
 from pipeline.targets import TeacherTargets, open_student_targets
@@ -140,7 +140,7 @@ def test_limit_of_a_seeded_split_keeps_every_class_in_proportion():
 
 def test_limit_below_the_classes_is_one_line(tmp_path):
     write_class_sorted(tmp_path / "data", "hdf5")
-    with pytest.raises(ConfigError, match=f"data.limit is 10, below the {CLASSES} classes") as info:
+    with pytest.raises(ConfigError, match=f"data.limit is 10, below the {CLASSES} classes of the train split") as info:
         load_split(class_sorted_config(tmp_path / "data", "hdf5", "data.limit=10").data, "train")
     assert "\n" not in str(info.value)
 
@@ -177,3 +177,13 @@ def test_teacher_training_draws_iid_batches_from_class_sorted_files(tmp_path, fm
     whole = [len(batch.unique()) for batch in seen if len(batch) == BATCH]
     expected = iid_distinct(labels[:len(labels) // 2].numpy(), BATCH)
     assert abs(np.mean(whole) - expected) <= TOLERANCE * expected, (np.mean(whole), expected)
+
+
+def test_event_frames_cannot_be_stored_as_images(tmp_path):
+    """extract.images holds uint8 pixels: float event counts would be cut to bytes, so it is refused up front."""
+    write_class_sorted(tmp_path / "data", "dvs_hdf5")
+    cfg = class_sorted_config(tmp_path / "data", "dvs_hdf5", "extract.images=true",
+                              f"extract.store={tmp_path / 'targets.zarr'}")
+    with pytest.raises(BkdError, match="extract.images stores uint8 image pixels, and dvs_hdf5 samples are float"):
+        extract_teacher(cfg, CPU)
+    assert not (tmp_path / "targets.zarr").exists()

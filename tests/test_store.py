@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.errors import StoreError
 from pipeline.targets import SplitLayout, StoreWriter, TargetSpec, TeacherTargets, store_info, verify_store
@@ -435,6 +436,27 @@ def test_store_in_the_files_row_order_is_refused_with_how_to_rebuild(tmp_path):
         with pytest.raises(StoreError) as info:
             refuse()
         message = str(info.value)
-        assert "bkd-teacher-targets/5" in message and "file order" in message and "--overwrite" in message
+        assert "bkd-teacher-targets/5" in message and "files' order" in message and "--overwrite" in message
         assert "\n" not in message
     assert (path / "train").is_dir()  # nothing deleted
+
+
+def test_extraction_refuses_an_older_store_before_reading_any_data(tmp_path):
+    """The old-format refusal comes first: no dataset listing or teacher load (hours on ImageNet) before it."""
+    import zarr
+
+    from pipeline.config import load_config
+    from pipeline.extract import extract_teacher
+
+    path = tmp_path / "old.zarr"
+    build_store(path)
+    root = zarr.open_group(str(path), mode="r+")
+    manifest = {k: v for k, v in dict(root.attrs["manifest"]).items() if k != "features"}  # format 3 had none
+    manifest["format"] = "bkd-teacher-targets/3"
+    root.attrs["manifest"] = manifest
+    cfg = load_config(None, ["data.name=imagenet", f"data.root={tmp_path / 'no-such-folder'}",
+                             f"extract.store={path}", f"teacher.checkpoint={tmp_path / 'none.safetensors'}"])
+    with pytest.raises(StoreError, match="format bkd-teacher-targets/3.*files' order.*--overwrite"):
+        extract_teacher(cfg, torch.device("cpu"))
+    with pytest.raises(StoreError, match="format bkd-teacher-targets/3.*--overwrite"):  # not 'damaged manifest'
+        open_writer(path)

@@ -47,8 +47,9 @@ def older_format(found: Any) -> str:
     """Why a store of the older format `found` cannot be read as it is: '' if nothing more than its number."""
     version = str(found).rsplit("/", 1)[-1]
     if version.isdigit() and int(version) < ROWS_SHUFFLED_SINCE:
-        return (" (its rows keep the dataset's file order, class by class for image folders, so training "
-                "batches would hold a few classes each)")
+        return (" (stores of format 5 and older hold an official split's rows in its files' order, class by "
+                "class for image folders, which gives training batches of a few classes, and data.limit's "
+                "first rows)")
     return ""
 
 

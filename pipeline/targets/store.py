@@ -226,12 +226,10 @@ class StoreWriter:
         existing = existing_store(self.path)  # None: nothing (or an empty folder) is there
         if existing is not None:
             if not overwrite:
+                check_format(self.path, existing)  # an older format first: its manifest lacks newer sections
                 damage = _manifest_damage(existing)
                 if damage:
                     raise StoreError(f"{self.path}: damaged manifest, {damage}; pass --overwrite to replace the store")
-                if existing.get("format") != FORMAT:
-                    raise StoreError(f"{self.path} holds a store of format {existing.get('format')}, this bkd writes "
-                                     f"{FORMAT}{older_format(existing.get('format'))}; pass --overwrite to replace it")
                 difference = first_difference(existing, manifest, STORE_IDENTITY)
                 if difference:
                     raise StoreError(f"{self.path} holds targets of another run ({difference}); pass --overwrite "
@@ -324,6 +322,14 @@ def _is_store_object(parts: tuple[str, ...]) -> bool:
             and (parts[2:] == ("zarr.json",) or (parts[2] == "c" and len(parts) > 3 and all(p.isdigit() for p in parts[3:]))))
 
 
+def check_format(url: str, manifest: dict) -> None:
+    """Refuse a bkd store of another format, saying why an older one cannot be used and how to rebuild it."""
+    found = manifest.get("format")
+    if found != FORMAT:
+        raise StoreError(f"{url} holds a store of format {found}, this bkd reads and writes {FORMAT}"
+                         f"{older_format(found)}; rebuild it with `bkd extract-teacher --overwrite`")
+
+
 def existing_store(url: str) -> dict | None:
     """The manifest of the bkd store at `url`; None if nothing (or only empty folders) is there.
 
@@ -396,8 +402,7 @@ def _open_group(path: str, mode: str = "r") -> zarr.Group:
     found = manifest.get("format") if isinstance(manifest, dict) else None
     if found != FORMAT:
         if isinstance(found, str) and found.startswith(FORMAT_FAMILY):
-            raise StoreError(f"{path}: store format {found}, this bkd reads {FORMAT}{older_format(found)}; "
-                             f"rebuild it with `bkd extract-teacher --overwrite`")
+            check_format(path, manifest)
         raise StoreError(f"{path}: not a bkd teacher-target store (no '{FORMAT}' manifest)")
     damage = _manifest_damage(manifest)
     if damage:
