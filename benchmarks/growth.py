@@ -10,7 +10,7 @@ plus a fixed cost), and the streaming reader's memory flat in N (it holds at mos
 chunks, whatever the store's size). Measured on the default config (MNIST-5k, random ResNet-18
 teacher, `extract.features: [pre_logits]`, CPU):
 
-  extraction vs N   `extract_teacher` of the first N training digits (`data.limit`), K = 1, for
+  extraction vs N   `extract_teacher` of N training digits (`data.limit`: a class-balanced subset), K = 1, for
                     three or more N; CPU seconds of this process on one intra-op thread (the
                     fastest of `reps`; wall seconds beside them) and bytes on disk
   extraction vs K   the same at a fixed N for three or more K (`extract.views`)
