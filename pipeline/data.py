@@ -595,6 +595,10 @@ def _check_consistent(sources: list[Source]) -> None:
         source.num_classes = num_classes
 
 
+SPLIT_STREAMS = {"train": 0, "test": 1}  # the random streams of data.split_seed: each split's row order,
+LIMIT_STREAM = 2  # and (with the split's) which rows data.limit keeps
+
+
 def _split(cfg: DataConfig, split: str, source: Source) -> ImageSplit:
     """The rows of `source` that form `split`, in a seeded random order: its part of the seeded
     permutation of the pool, or the official split's rows permuted (data.split_seed). The store's
@@ -612,10 +616,6 @@ def _split(cfg: DataConfig, split: str, source: Source) -> ImageSplit:
                                     np.random.default_rng((cfg.split_seed, SPLIT_STREAMS[split], LIMIT_STREAM)),
                                     f"the {split} split")]
     return ImageSplit(cfg.name, split, source, rows, cfg)
-
-
-SPLIT_STREAMS = {"train": 0, "test": 1}
-LIMIT_STREAM = 2
 
 
 def balanced_subset(labels: np.ndarray, size: int, rng: np.random.Generator, what: str = "the split") -> np.ndarray:

@@ -7,9 +7,11 @@ from pipeline.targets.identity import PIXEL_CHECK_SAMPLES, expected_spec, open_s
 from pipeline.targets.spec import (FORMAT, IMAGES, TOPK_ARRAYS, TOPK_INDEX, TOPK_TAIL, TOPK_TARGET, TOPK_TARGET_CLASS,
                                    SplitLayout, TargetSpec, feature_array)
 from pipeline.targets.store import (StoredImages, StoreWriter, TeacherTargets, bytes_on_disk, check_format,
-                                    check_store_location, dense_logits, existing_store, filesystem, pixel_digests, store_info, topk_arrays, verify_store)
+                                    check_store_location, dense_logits, existing_store, filesystem, pixel_digests,
+                                    store_info, topk_arrays, verify_store)
 
 __all__ = ["FORMAT", "IMAGES", "StoredImages", "PIXEL_CHECK_SAMPLES", "TOPK_ARRAYS", "TOPK_INDEX", "TOPK_TAIL", "TOPK_TARGET",
            "TOPK_TARGET_CLASS", "SplitLayout", "StoreWriter", "TargetSpec", "TeacherTargets", "bytes_on_disk",
-           "check_format", "check_store_location", "dense_logits", "existing_store", "expected_spec", "feature_array", "filesystem",
-           "open_student_targets", "pixel_digests", "store_info", "teacher_sha", "topk_arrays", "verify_store"]
+           "check_format", "check_store_location", "dense_logits", "existing_store", "expected_spec", "feature_array",
+           "filesystem", "open_student_targets", "pixel_digests", "store_info", "teacher_sha", "topk_arrays",
+           "verify_store"]
