@@ -408,30 +408,28 @@ def test_dense_logits_are_exact_where_the_losses_need_them():
         assert (dense <= top[..., -1:] + 1e-4).all()  # nothing rebuilt above the top logit
 
 
-def test_store_of_an_older_format_names_the_fix(tmp_path):
+def build_older_store(path, version: int, drop: tuple[str, ...] = ()) -> None:
+    """A store as an older bkd left it: its manifest of format `version`, without the sections in `drop`."""
     import zarr
 
-    path = tmp_path / "old.zarr"
     build_store(path)
     root = zarr.open_group(str(path), mode="r+")
-    manifest = dict(root.attrs["manifest"])
-    manifest["format"] = "bkd-teacher-targets/1"
+    manifest = {key: value for key, value in dict(root.attrs["manifest"]).items() if key not in drop}
+    manifest["format"] = f"bkd-teacher-targets/{version}"
     root.attrs["manifest"] = manifest
+
+
+def test_store_of_an_older_format_names_the_fix(tmp_path):
+    build_older_store(tmp_path / "old.zarr", 1)
     with pytest.raises(StoreError, match="--overwrite"):
-        TeacherTargets(path, "train")
+        TeacherTargets(tmp_path / "old.zarr", "train")
 
 
 def test_store_in_the_files_row_order_is_refused_with_how_to_rebuild(tmp_path):
     """Format 5 and older kept the dataset's file order (class by class for image folders): never read
     as if shuffled, by training or by a resuming extraction."""
-    import zarr
-
     path = tmp_path / "old.zarr"
-    build_store(path)
-    root = zarr.open_group(str(path), mode="r+")
-    manifest = dict(root.attrs["manifest"])
-    manifest["format"] = "bkd-teacher-targets/5"
-    root.attrs["manifest"] = manifest
+    build_older_store(path, 5)
     for refuse in (lambda: TeacherTargets(path, "train"), lambda: open_writer(path)):
         with pytest.raises(StoreError) as info:
             refuse()
@@ -443,17 +441,11 @@ def test_store_in_the_files_row_order_is_refused_with_how_to_rebuild(tmp_path):
 
 def test_extraction_refuses_an_older_store_before_reading_any_data(tmp_path):
     """The old-format refusal comes first: no dataset listing or teacher load (hours on ImageNet) before it."""
-    import zarr
-
     from pipeline.config import load_config
     from pipeline.extract import extract_teacher
 
     path = tmp_path / "old.zarr"
-    build_store(path)
-    root = zarr.open_group(str(path), mode="r+")
-    manifest = {k: v for k, v in dict(root.attrs["manifest"]).items() if k != "features"}  # format 3 had none
-    manifest["format"] = "bkd-teacher-targets/3"
-    root.attrs["manifest"] = manifest
+    build_older_store(path, 3, drop=("features",))  # format 3 had no features section
     cfg = load_config(None, ["data.name=imagenet", f"data.root={tmp_path / 'no-such-folder'}",
                              f"extract.store={path}", f"teacher.checkpoint={tmp_path / 'none.safetensors'}"])
     with pytest.raises(StoreError, match="format bkd-teacher-targets/3.*files' order.*--overwrite"):
