@@ -17,11 +17,11 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data import load_split
-from pipeline.extract import extract_teacher
-from pipeline.models import load_teacher
+from pipeline.teacher.extract import extract_teacher
+from pipeline.teacher.models import load_teacher
 from pipeline.targets import open_student_targets
-from pipeline.models import teacher_outputs
-from pipeline.stream import CachedTargetDataset
+from pipeline.teacher.models import teacher_outputs
+from pipeline.student.stream import CachedTargetDataset
 
 from benchmarks.common import random_teacher_config
 from benchmarks.step_time import make_setting

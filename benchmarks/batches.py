@@ -30,7 +30,7 @@ from scipy.special import gammaln
 
 from pipeline.config import load_config
 from pipeline.data import Source, load_split, _split
-from pipeline.stream import student_sampler
+from pipeline.student.stream import student_sampler
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs/imagenet-sew-resnet18.yaml"

@@ -12,7 +12,7 @@ import torch
 from pipeline import checkpoint
 from pipeline.config import Config, load_config
 from pipeline.data import load_split
-from pipeline.models import create_teacher
+from pipeline.teacher.models import create_teacher
 
 CONFIG = "configs/mnist5k.yaml"
 
@@ -128,8 +128,8 @@ def load_with_hooks(path: str | Path, overrides: list[str], hooks: dict[str, obj
 
 def effective_precision(cfg: Config, section: str, device: torch.device) -> str:
     """The autocast precision `section` (extract | student) of the pipeline runs at under `cfg` on
-    `device` (pipeline.models.fast.resolve_precision: auto is bfloat16 on a CUDA device with native
+    `device` (pipeline.precision.resolve_precision: auto is bfloat16 on a CUDA device with native
     bfloat16, float32 elsewhere)."""
-    from pipeline.models.fast import resolve_precision
+    from pipeline.precision import resolve_precision
 
     return resolve_precision(device, getattr(cfg, section).precision, f"{section}.precision")

@@ -3,7 +3,7 @@
 Both start from the same config (by default the default one, its train split, with a random teacher
 written by `random_teacher_config`; the paper-scale section passes ImageNet- and CIFAR-sized ones),
 load the teacher from its checkpoint onto the same device, prepare it the same way
-(`pipeline.models.fast.prepare_teacher`: extract.precision, channels_last, compile), read the inputs
+(`pipeline.teacher.fast.prepare_teacher`: extract.precision, channels_last, compile), read the inputs
 through the same kind of loader (`pipeline.data.data_loader`, loader.workers) and push them through
 it at extract.batch_size. The bare loop only reads and computes (on CUDA, the clock stops after
 torch.cuda.synchronize); `extract_teacher` also builds the views, copies the outputs back, converts
@@ -21,9 +21,9 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data import data_loader, load_split
-from pipeline.extract import extract_teacher
-from pipeline.models import load_teacher
-from pipeline.models.fast import prepare_teacher
+from pipeline.teacher.extract import extract_teacher
+from pipeline.teacher.models import load_teacher
+from pipeline.teacher.fast import prepare_teacher
 from pipeline.targets import store_info
 
 from benchmarks.common import synchronize

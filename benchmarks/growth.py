@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.extract import extract_teacher
+from pipeline.teacher.extract import extract_teacher
 from pipeline.targets import bytes_on_disk
 
 from benchmarks import reader

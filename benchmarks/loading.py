@@ -25,9 +25,10 @@ from pipeline import checkpoint
 from pipeline.augment import view_augmenter
 from pipeline.config import Config, load_config
 from pipeline.data import data_loader, load_split
-from pipeline.extract import extract_teacher
-from pipeline.models import create_teacher
-from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler
+from pipeline.teacher.extract import extract_teacher
+from pipeline.teacher.models import create_teacher
+from pipeline.student.stream import CachedTargetDataset
+from pipeline.samplers import ChunkShuffleSampler
 from pipeline.targets import StoredImages, bytes_on_disk, open_student_targets
 
 from benchmarks.common import CONFIG

@@ -34,7 +34,7 @@ JPEG files or from the decoded images in the store (`extract.images`), in one pr
 `--loader-workers` worker processes: targets >= 1.8x for 2 workers over one process and >= 3x for
 the store over the files; the fastest against SEW-ResNet-18's consumption.
 
-Everything runs as the pipeline runs it (`pipeline.models.fast`, `pipeline.data.data_loader`):
+Everything runs as the pipeline runs it (`pipeline.precision`, `pipeline.teacher.fast`, `pipeline.student.fast`, `pipeline.data.data_loader`):
 `--precision` (auto = bfloat16 on a CUDA device with native bfloat16, float32 on CPU) is passed as
 extract.precision and student.precision, `--workers` as loader.workers; channels_last and compile
 stay at the configs' values (auto / off). The bare teacher loop and the step loop prepare the teacher
@@ -57,8 +57,9 @@ import torch
 
 from pipeline.config import LoaderConfig
 from pipeline.data import data_loader, load_split
-from pipeline.models.fast import resolve_precision
-from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler
+from pipeline.precision import resolve_precision
+from pipeline.student.stream import CachedTargetDataset
+from pipeline.samplers import ChunkShuffleSampler
 from pipeline.targets import TeacherTargets
 
 from benchmarks import extraction, loading, photos, step_time

@@ -43,13 +43,17 @@ from tqdm import tqdm
 from pipeline.augment import view_augmenter
 from pipeline.config import Config, load_config
 from pipeline.data import ImageSplit, data_loader, load_split
-from pipeline.extract import extract_teacher
-from pipeline.losses import DistillationLoss
-from pipeline.models import create_student, load_teacher
-from pipeline.models.fast import FastStudent, prepare_teacher, student_math
+from pipeline.teacher.extract import extract_teacher
+from pipeline.student.losses import DistillationLoss
+from pipeline.student.models import create_student
+from pipeline.teacher.models import load_teacher
+from pipeline.student.fast import FastStudent, student_math
+from pipeline.teacher.fast import prepare_teacher
 from pipeline.targets import StoredImages, open_student_targets
-from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler
-from pipeline.train import EpochSchedule, StudentForward, feature_pairs, optimizer_for, student_step, to_device
+from pipeline.student.stream import CachedTargetDataset
+from pipeline.samplers import ChunkShuffleSampler
+from pipeline.engine import EpochSchedule, optimizer_for, to_device
+from pipeline.student.train import StudentForward, feature_pairs, student_step
 
 from benchmarks.common import CONFIG, random_teacher_config, summarize, synchronize
 

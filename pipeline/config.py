@@ -31,7 +31,7 @@ MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; anything near this is not on
 MAX_ALIAS_VALUES = 10_000  # values that YAML aliases may add to a document (see _ConfigLoader)
 MAX_TEACHER_INPUT_SIZE = 4096
 OPTIMIZERS = ("adamw", "sgd")
-# Fast math (pipeline.models.fast): autocast dtypes, channels_last and spikingjelly 2.0's multi-step
+# Fast math (pipeline.precision): autocast dtypes, channels_last and spikingjelly 2.0's multi-step
 # neuron implementations. "auto" resolves from the device the stage actually runs on.
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 CHANNELS_LAST = ("auto", "on", "off")
@@ -299,7 +299,7 @@ class StudentConfig:
     # Which student location distils to which cached teacher location (extract.features): one pair
     # for bkd, mixed and kdsnn. Student locations: pre_logits (the pooled, time-averaged last map),
     # map (the time-averaged last map) or a module name (its output averaged over T). The pair's
-    # shapes choose the BKD form (pipeline.losses.BKDHead): map -> vector: generation on the map,
+    # shapes choose the BKD form (pipeline.student.losses.BKDHead): map -> vector: generation on the map,
     # then pooled (Spikingformer-CML); map -> map; vector -> vector.
     features: dict[str, str] = field(default_factory=lambda: {"pre_logits": "pre_logits"})
     # lasnn's layer-wise pairs (one or more, usually intermediate stages), in the same form.

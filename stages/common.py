@@ -27,12 +27,14 @@ def config_options(command):
     return wrapper
 
 
-def build_config(config_path: str, overrides: list[str], **options) -> Config:
-    """Load the config; options given on the command line (not None) override it."""
+def build_config(config_path: str, overrides: list[str], students=None, **options) -> Config:
+    """Load the config; options given on the command line (not None) override it. The names it uses are
+    checked against the registries; `students`: the student registry, passed by the student stages
+    (stage one imports no student code, see `pipeline.registry`)."""
     from pipeline.registry import check_names
 
     extra = [format_override(key, value) for key, value in options.items() if value is not None]
-    return check_names(load_config(config_path, list(overrides) + extra))
+    return check_names(load_config(config_path, list(overrides) + extra), students)
 
 
 def nonempty(value: str | None, option: str) -> str | None:

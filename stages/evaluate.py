@@ -29,9 +29,10 @@ def main(config_path, overrides, distill, run_dir, metrics, report, plots_dir, d
     The model, T and data come from the run folder's config.yaml; a config that contradicts it is refused.
     """
     from pipeline.checkpoint import check_replaceable_json, check_replaceable_png, write_json
-    from pipeline.evaluate import PLOT_FILES, evaluate_student
+    from pipeline.student.evaluate import PLOT_FILES, evaluate_student
+    from pipeline.student.models import STUDENTS
 
-    cfg = build_config(config_path, overrides, **{"student.distill": distill, "student.device": device})
+    cfg = build_config(config_path, overrides, STUDENTS, **{"student.distill": distill, "student.device": device})
     mode = cfg.student.distill
     run_dir = nonempty(run_dir, "--run-dir") or str(Path(cfg.student.out_dir) / mode)
     metrics = nonempty(metrics, "--metrics") or f"metrics/student-{mode}.json"

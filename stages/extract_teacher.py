@@ -23,7 +23,7 @@ def main(config_path, overrides, store, views, device, overwrite, workers, sched
 
     Re-running the same command after an interruption writes only the missing shards.
     """
-    from pipeline.extract import extract_teacher
+    from pipeline.teacher.extract import extract_teacher
     from pipeline.distributed import resolve_device
 
     cfg = build_config(config_path, overrides, **{"extract.store": store, "extract.views": views})

@@ -23,7 +23,7 @@ def main(student, inputs, device, as_json):
     are converted to the student's channels and resized to its input size.
     """
     from pipeline.distributed import resolve_device
-    from pipeline.predict import load_student, predict_raw, read_inputs
+    from pipeline.student.predict import load_student, predict_raw, read_inputs
 
     dev = resolve_device(device)
     model, meta = load_student(student, dev)

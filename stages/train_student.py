@@ -31,9 +31,10 @@ from stages.common import build_config, config_options, nonempty, one_line_error
 def main(config_path, overrides, distill, epochs, device, run_dir, resume, trust_store_teacher, nproc):
     """Train the spiking student with the configured distillation mode; the teacher never runs."""
     from pipeline.distributed import launched_ranks, split_global_batch  # torch: imported only when run
+    from pipeline.student.models import STUDENTS
 
-    cfg = build_config(config_path, overrides, **{"student.distill": distill, "student.epochs": epochs,
-                                                  "student.device": device})
+    cfg = build_config(config_path, overrides, STUDENTS, **{"student.distill": distill, "student.epochs": epochs,
+                                                            "student.device": device})
     run_dir = nonempty(run_dir, "--run-dir") or str(Path(cfg.student.out_dir) / cfg.student.distill)
     if nproc > 1:
         from pipeline.rundir import RunFolder
@@ -47,7 +48,7 @@ def main(config_path, overrides, distill, epochs, device, run_dir, resume, trust
         _torchrun(nproc, args)  # rank 0 reports the result
         return
 
-    from pipeline.train import train_student
+    from pipeline.student.train import train_student
 
     last = train_student(cfg, run_dir, resume, trust_store_teacher)
     if launched_ranks().is_main:

@@ -19,7 +19,7 @@ from stages.common import build_config, config_options, nonempty, one_line_error
 def main(config_path, overrides, epochs, own_weights, run_dir, metrics, resume):
     """Train the timm teacher on the configured dataset and save it as safetensors."""
     from pipeline.checkpoint import check_replaceable_json, write_json
-    from pipeline.train import adopt_teacher, train_teacher
+    from pipeline.teacher.train import adopt_teacher, train_teacher
 
     cfg = build_config(config_path, overrides, **{"teacher.epochs": epochs})
     run_dir, metrics = nonempty(run_dir, "--run-dir"), nonempty(metrics, "--metrics")

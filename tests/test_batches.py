@@ -19,8 +19,8 @@ from pipeline.augment import view_augmenter
 from pipeline.config import load_config
 from pipeline.data import data_loader, load_split
 from pipeline.errors import BkdError, ConfigError, StoreError
-from pipeline.extract import extract_teacher
-from pipeline.stream import CachedTargetDataset, student_sampler
+from pipeline.teacher.extract import extract_teacher
+from pipeline.student.stream import CachedTargetDataset, student_sampler
 from pipeline.targets import TeacherTargets, open_student_targets
 
 CPU = torch.device("cpu")
@@ -148,7 +148,7 @@ def test_limit_below_the_classes_is_one_line(tmp_path):
 @pytest.mark.parametrize("fmt", ["imagenet", "hdf5"])
 def test_teacher_training_draws_iid_batches_from_class_sorted_files(tmp_path, fmt, monkeypatch):
     """The teacher's own training (stage one) sees i.i.d. batches too: what its loader really serves."""
-    import pipeline.train as train_module
+    import pipeline.teacher.train as train_module
 
     write_class_sorted(tmp_path / "data", fmt)
     cfg = class_sorted_config(tmp_path / "data", fmt, "teacher.epochs=2", f"teacher.batch_size={BATCH}",

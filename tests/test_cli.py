@@ -132,7 +132,7 @@ def test_bad_input_is_one_line_exit_2(tiny_project: Path, args, message):
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tiny_project: Path, monkeypatch):
-    from pipeline import train
+    from pipeline.student import train
     from pipeline.checkpoint import load_weights
     from pipeline.config import load_config
 

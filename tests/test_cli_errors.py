@@ -162,7 +162,7 @@ def test_resolve_device_refuses_missing_gpu_index(monkeypatch):
     ("spikformer", {"embed_dims": 0}),
 ])
 def test_bad_model_kwargs_are_config_errors(name, kwargs):
-    from pipeline.models import create_student
+    from pipeline.student.models import create_student
 
     with pytest.raises(ConfigError, match="^student.model_kwargs: "):
         create_student(name, 10, (1, 28, 28), 2, **kwargs)

@@ -116,10 +116,11 @@ def test_unknown_distill_mode():
 ])
 def test_unknown_names_are_refused_by_the_registries(override, fragments):
     from pipeline.registry import check_names
+    from pipeline.student.models import STUDENTS
 
     cfg = load_config(MNIST5K, [override])  # types and ranges: fine
     with pytest.raises(ConfigError) as info:
-        check_names(cfg)
+        check_names(cfg, STUDENTS)
     assert all(f in str(info.value) for f in fragments)
 
 
@@ -128,7 +129,7 @@ def test_config_validation_imports_no_registry():
     import sys
 
     code = ("import sys; from pipeline.config import load_config; load_config(None); "
-            "print(sorted(m for m in ('pipeline.data', 'pipeline.models', 'pipeline.augment', 'timm', 'torch') "
+            "print(sorted(m for m in ('pipeline.data', 'pipeline.teacher.models', 'pipeline.student.models', 'pipeline.augment', 'timm', 'torch') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -1,5 +1,6 @@
 """dvc.yaml's code deps match the code: every module a stage's command imports (transitively,
-function-level imports included) is a dependency of that stage, so editing it re-runs the stage."""
+function-level imports included) is a dependency of that stage, so editing it re-runs the stage, and
+no other code is, so editing it does not. Stage one imports nothing of the student side."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import REPO
@@ -86,6 +88,9 @@ def test_every_stage_depends_on_the_code_it_imports():
         missing = sorted(str(f.relative_to(REPO)) for f in needed
                          if not any(f == REPO / d or REPO / d in f.parents for d in deps))
         assert not missing, f"dvc.yaml stage {name} misses deps it imports: {missing}"
+        code = [d for d in deps if d.split("/")[0] in PACKAGES]
+        extra = [d for d in code if not any(f == REPO / d or REPO / d in f.parents for f in needed)]
+        assert not extra, f"dvc.yaml stage {name} depends on code it never imports: {extra}"
         for dep in deps:
             assert (REPO / dep).exists() or dep == _lookup(params, "teacher.checkpoint") or \
                 dep == _lookup(params, "extract.store") or dep.startswith("runs/") or dep.startswith("metrics/"), \
@@ -107,5 +112,32 @@ def _lookup(params: dict, dotted: str) -> str:
 
 def test_the_import_walk_sees_function_level_imports():
     files = {f.relative_to(REPO).as_posix() for f in imported_files("stages.evaluate")}
-    assert "pipeline/evaluate.py" in files  # imported inside main()
+    assert "pipeline/student/evaluate.py" in files  # imported inside main()
     assert "pipeline/targets/store.py" in files  # through evaluate -> targets (function-level)
+
+
+@pytest.mark.parametrize("stage", ["stages.train_teacher", "stages.extract_teacher"])
+def test_stage_one_imports_nothing_of_the_student_side(stage):
+    files = {f.relative_to(REPO).as_posix() for f in imported_files(stage)}
+    student = sorted(f for f in files if f.startswith("pipeline/student/"))
+    assert not student, f"{stage} imports student code: {student}"
+    assert "pipeline/teacher/train.py" not in files or stage == "stages.train_teacher"
+    if stage == "stages.extract_teacher":  # extraction imports no teacher-training code
+        assert not {"pipeline/teacher/train.py", "pipeline/engine.py", "pipeline/rundir.py"} & files
+
+
+def test_the_one_teacher_route_to_student_code_is_the_snn_teacher():
+    """A `bkd:<student>` teacher is a student architecture: the teacher side reaches the student models
+    through `snn_models()` alone, by name, and only for such a teacher."""
+    from pipeline.teacher import models
+
+    def names_student_module(file: Path) -> bool:  # a string that is a student module's name (importlib)
+        return any(isinstance(node, ast.Constant) and isinstance(node.value, str)
+                   and re.fullmatch(r"pipeline\.student(\.\w+)*", node.value) for node in ast.walk(ast.parse(file.read_text())))
+
+    shared = [f for f in (REPO / "pipeline").rglob("*.py") if not f.is_relative_to(REPO / "pipeline/student")]
+    routes = {f.relative_to(REPO).as_posix() for f in shared if names_student_module(f)}
+    assert routes == {"pipeline/teacher/models.py"}, routes
+    assert models.SNN_MODELS == "pipeline.student.models"
+    assert models.snn_models().STUDENTS  # the registry it names exists
+

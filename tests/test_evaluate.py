@@ -7,8 +7,8 @@ import torch
 from spikingjelly.activation_based import functional, layer
 from torch import nn
 
-from pipeline.evaluate import E_AC_PJ, E_MAC_PJ, synaptic_operations
-from pipeline.neurons import lif
+from pipeline.student.evaluate import E_AC_PJ, E_MAC_PJ, synaptic_operations
+from pipeline.student.neurons import lif
 
 
 class TinySNN(nn.Module):
@@ -85,7 +85,7 @@ class TwoLayerSNN(nn.Module):
 
 
 def test_weighted_firing_rate_and_the_classifier_on_averaged_spikes():
-    from pipeline.evaluate import ActivityProbe, _probe_pass
+    from pipeline.student.evaluate import ActivityProbe, _probe_pass
 
     torch.manual_seed(1)
     model = TwoLayerSNN()

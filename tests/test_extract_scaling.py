@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.extract import store_lock
+from pipeline.teacher.extract import store_lock
 from tests.conftest import TINY, run_bkd
 
 pytestmark = pytest.mark.slow

@@ -27,13 +27,18 @@ from pipeline import checkpoint
 from pipeline.config import ExtractConfig, StudentConfig, load_config
 from pipeline.data import load_split
 from pipeline.errors import ConfigError
-from pipeline.losses import DistillationLoss
-from pipeline.models import create_student, create_teacher, load_teacher, teacher_outputs
-from pipeline.models import fast
-from pipeline.models.fast import (FastStudent, check_neuron_backend, prepare_student, prepare_teacher,
-                                  resolve_channels_last, resolve_precision)
-from pipeline.stream import ChunkShuffleSampler
-from pipeline.train import StudentForward, Trainer, make_optimizer
+from pipeline.student.losses import DistillationLoss
+from pipeline.student.models import create_student
+from pipeline.teacher.models import create_teacher, load_teacher, teacher_outputs
+from pipeline import precision
+from pipeline.student import fast
+from pipeline.teacher import fast as teacher_fast
+from pipeline.student.fast import FastStudent, check_neuron_backend, prepare_student
+from pipeline.teacher.fast import prepare_teacher
+from pipeline.precision import resolve_channels_last, resolve_precision
+from pipeline.samplers import ChunkShuffleSampler
+from pipeline.student.train import StudentForward
+from pipeline.engine import Trainer, make_optimizer
 from tests.conftest import REPO, run_bkd
 from tests.test_cli_errors import assert_one_line
 
@@ -245,8 +250,9 @@ def _trainer(run_dir, precision: str, fail_at: int | None = None, blow_up_at: in
             loss = loss * 1e35
         return {"loss": loss}, logits, y
 
-    trainer = Trainer({"student": student}, step, loader, sampler, optimizer, scheduler, epochs, run_dir,
-                      lambda: 0.5, CPU, "test", checkpoint_every=2, scaler=math.grad_scaler())
+    trainer = Trainer(modules={"student": student}, step=step, loader=loader, sampler=sampler, optimizer=optimizer,
+                      scheduler=scheduler, epochs=epochs, run_dir=run_dir, evaluate=lambda: 0.5, device=CPU,
+                      desc="test", checkpoint_every=2, scaler=math.grad_scaler())
     return trainer, student
 
 
@@ -357,7 +363,7 @@ def test_channels_last_teacher_gives_the_same_outputs(conv_teacher):
 
 @pytest.fixture
 def aot_eager(monkeypatch):
-    monkeypatch.setattr(fast, "COMPILE_OPTIONS", {"backend": "aot_eager"})
+    monkeypatch.setattr(precision, "COMPILE_OPTIONS", {"backend": "aot_eager"})
     yield
     torch._dynamo.reset()
 
@@ -404,7 +410,8 @@ def compile_spy(monkeypatch):
 
         return call
 
-    monkeypatch.setattr(fast, "compiled", spy)
+    monkeypatch.setattr(fast, "compiled", spy)  # the student's
+    monkeypatch.setattr(teacher_fast, "compiled", spy)
     return wrapped
 
 

@@ -22,9 +22,10 @@ from pipeline.augment import view_augmenter
 from pipeline.config import LoaderConfig, load_config
 from pipeline.data import data_loader, load_split, load_splits
 from pipeline.errors import ConfigError, StoreError
-from pipeline.extract import extract_teacher
-from pipeline.models import create_teacher
-from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler, interleave_lanes
+from pipeline.teacher.extract import extract_teacher
+from pipeline.teacher.models import create_teacher
+from pipeline.student.stream import CachedTargetDataset
+from pipeline.samplers import ChunkShuffleSampler, interleave_lanes
 from pipeline.targets import IMAGES, StoredImages, TeacherTargets, open_student_targets, verify_store
 from tests.conftest import run_bkd
 from tests.test_recipe import _extract_recording
@@ -302,7 +303,7 @@ def test_views_never_write_into_the_raw_values_they_are_cut_from():
 
 
 def test_evaluation_reads_files_in_loader_workers_with_the_same_result(imagenet_store):
-    from pipeline.evaluate import predict_logits
+    from pipeline.metrics import predict_logits
 
     cfg, _, _ = imagenet_store
     test = load_splits(cfg.data, ("train", "test"))["test"]
@@ -316,7 +317,7 @@ def test_evaluation_reads_files_in_loader_workers_with_the_same_result(imagenet_
 def test_mid_epoch_resume_under_loader_workers_is_exact(tiny_project, monkeypatch):
     """Two workers and their lanes: killed after step 2 of 5, resumed, the same weights (persistent workers
     across epochs: test_two_workers_serve_the_main_process_batches...)."""
-    from pipeline import train
+    from pipeline.student import train
     from pipeline.checkpoint import load_weights
     from tests.conftest import TINY
 

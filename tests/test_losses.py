@@ -12,7 +12,7 @@ from torch import nn
 
 from pipeline.config import BKDConfig, LogitsConfig, StudentConfig
 from pipeline.errors import BkdError
-from pipeline.losses import BKDHead, DistillationLoss, FeatureRegression, bkd_form, kd_loss, wsld_loss
+from pipeline.student.losses import BKDHead, DistillationLoss, FeatureRegression, bkd_form, kd_loss, wsld_loss
 
 # ---------------------------------------------------------------------------------------------
 # BKD head

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.losses import BKDHead, FeatureRegression, wsld_loss
+from pipeline.student.losses import BKDHead, FeatureRegression, wsld_loss
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -165,7 +165,7 @@ def test_kdsnn_matches_the_official_loss(widths, spatial):
 
 def test_lasnn_is_the_sum_of_per_layer_regressions():
     from pipeline.config import BKDConfig, StudentConfig
-    from pipeline.losses import DistillationLoss
+    from pipeline.student.losses import DistillationLoss
 
     torch.manual_seed(4)
     cfg = StudentConfig(distill="lasnn", bkd=BKDConfig(alpha=7e-5))

@@ -13,7 +13,8 @@ from torch import nn
 from pipeline import checkpoint
 from pipeline.config import ScheduleConfig, StudentConfig, load_config
 from pipeline.errors import BkdError, ConfigError
-from pipeline.train import EpochSchedule, StudentForward, make_optimizer, optimizer_for
+from pipeline.engine import EpochSchedule, make_optimizer, optimizer_for
+from pipeline.student.train import StudentForward
 
 MNIST5K = Path(__file__).resolve().parents[1] / "configs" / "mnist5k.yaml"
 # The CIFAR Spikingformer-CML recipe: AdamW 5e-4, 20 warmup epochs from 1e-5, cosine to 1e-5, 10 cooldown

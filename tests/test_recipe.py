@@ -17,9 +17,9 @@ from pipeline.augment import CUTMIX, MIXUP, ViewAugmenter, partner_inputs, view_
 from pipeline.config import AugmentConfig, load_config
 from pipeline.data import load_split
 from pipeline.errors import ConfigError, StoreError
-from pipeline.extract import extract_teacher
-from pipeline.models import create_teacher
-from pipeline.stream import CachedTargetDataset
+from pipeline.teacher.extract import extract_teacher
+from pipeline.teacher.models import create_teacher
+from pipeline.student.stream import CachedTargetDataset
 from pipeline.targets import open_student_targets
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def _cfg(tmp: Path, *extra: str):
 
 def _extract_recording(cfg) -> dict:
     """Extract `cfg`'s store with a random teacher; {(sample, view): the tensor the teacher was fed}."""
-    import pipeline.extract as extract_module
+    import pipeline.teacher.extract as extract_module
 
     split = load_split(cfg.data, "train")
     torch.manual_seed(0)
@@ -193,7 +193,7 @@ def test_schedule_switches_mixing_off_at_the_configured_epoch():
 
 def test_soft_targets_reach_ce_and_wsld_as_computed_independently():
     from pipeline.config import StudentConfig
-    from pipeline.losses import DistillationLoss
+    from pipeline.student.losses import DistillationLoss
 
     torch.manual_seed(0)
     z_s, z_t = torch.randn(6, 10, requires_grad=True), torch.randn(6, 10) * 3

@@ -442,7 +442,7 @@ def test_store_in_the_files_row_order_is_refused_with_how_to_rebuild(tmp_path):
 def test_extraction_refuses_an_older_store_before_reading_any_data(tmp_path):
     """The old-format refusal comes first: no dataset listing or teacher load (hours on ImageNet) before it."""
     from pipeline.config import load_config
-    from pipeline.extract import extract_teacher
+    from pipeline.teacher.extract import extract_teacher
 
     path = tmp_path / "old.zarr"
     build_older_store(path, 3, drop=("features",))  # format 3 had no features section

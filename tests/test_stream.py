@@ -11,7 +11,8 @@ from pipeline.config import DataConfig
 from pipeline.data import ArraySource, ImageSplit, collate_batch
 from pipeline.errors import BkdError, StoreError
 from pipeline.targets import TeacherTargets
-from pipeline.stream import CachedTargetDataset, ChunkShuffleSampler
+from pipeline.student.stream import CachedTargetDataset
+from pipeline.samplers import ChunkShuffleSampler
 from tests.test_store import CHUNK, build_store
 
 # ---------------------------------------------------------------------------------------------

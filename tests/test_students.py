@@ -8,9 +8,9 @@ from spikingjelly.activation_based import neuron, surrogate
 from torch import nn
 
 from pipeline.errors import ConfigError
-from pipeline.models import STUDENTS, create_student
-from pipeline.models.stages import capture
-from pipeline.neurons import spiking_layers
+from pipeline.student.models import STUDENTS, create_student
+from pipeline.locations import capture
+from pipeline.student.neurons import spiking_layers
 
 SMALL = {
     "sew_resnet_cifar": {"widths": [8, 16, 32, 64]},

@@ -13,7 +13,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from pipeline.checkpoint import save_weights
 from pipeline.config import load_config
 from pipeline.errors import BkdError, ConfigError
-from pipeline.models import check_teacher_locations, create_teacher, load_teacher, teacher_metadata, teacher_outputs
+from pipeline.teacher.models import (check_teacher_locations, create_teacher, load_teacher, teacher_metadata, teacher_outputs)
 from tests.conftest import REPO, run_bkd
 
 
@@ -154,7 +154,7 @@ class _Split:
 
 @pytest.fixture(scope="module")
 def snn_weights(tmp_path_factory):
-    from pipeline.models import create_student
+    from pipeline.student.models import create_student
 
     path = tmp_path_factory.mktemp("snn") / "snn.safetensors"
     cfg = load_config(None, SNN_SET + [f"teacher.checkpoint={path}"])
@@ -171,7 +171,7 @@ def _snn_cfg(path, *extra):
 def test_snn_teacher_loads_and_reads_time_averaged_locations(snn_weights):
     from spikingjelly.activation_based import functional
 
-    from pipeline.models.student import encode
+    from pipeline.student.models import encode
 
     teacher = load_teacher(_snn_cfg(snn_weights).teacher, 10, (1, 8, 8))
     assert teacher.num_features == 8 and not teacher.training

@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from pipeline import checkpoint
 from pipeline.config import ScheduleConfig
 from pipeline.errors import BkdError
-from pipeline.stream import ChunkShuffleSampler
-from pipeline.train import Trainer, make_optimizer
+from pipeline.samplers import ChunkShuffleSampler
+from pipeline.engine import Trainer, make_optimizer
 
 N, CHUNK, BATCH, EPOCHS = 96, 16, 8, 3  # 12 steps per epoch
 
@@ -46,8 +46,9 @@ def _trainer(run_dir, fail_at: int | None = None, nan_at: int | None = None, che
             loss = loss * float("nan")
         return {"loss": loss}, logits, y
 
-    trainer = Trainer({"model": model}, step, loader, sampler, optimizer, scheduler, epochs, run_dir,
-                      lambda: 0.5, torch.device("cpu"), "test", checkpoint_every=checkpoint_every)
+    trainer = Trainer(modules={"model": model}, step=step, loader=loader, sampler=sampler, optimizer=optimizer,
+                      scheduler=scheduler, epochs=epochs, run_dir=run_dir, evaluate=lambda: 0.5,
+                      device=torch.device("cpu"), desc="test", checkpoint_every=checkpoint_every)
     return trainer, model
 
 

@@ -14,11 +14,11 @@ from pipeline.augment import PARAM_NAMES, ViewAugmenter, view_augmenter, view_sc
 from pipeline.config import AugmentConfig, load_config
 from pipeline.data import load_split
 from pipeline.errors import ConfigError, StoreError
-from pipeline.extract import extract_teacher
+from pipeline.teacher.extract import extract_teacher
 from pipeline.targets import open_student_targets
-from pipeline.models import create_teacher
+from pipeline.teacher.models import create_teacher
 from pipeline.targets import TeacherTargets, bytes_on_disk
-from pipeline.stream import CachedTargetDataset
+from pipeline.student.stream import CachedTargetDataset
 from tests.conftest import REPO
 
 CONFIG = REPO / "configs" / "mnist5k.yaml"
@@ -130,7 +130,7 @@ def teacher_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def extracted(teacher_dir):
     """Stores with K = 1, 2, 4 views, and every input the teacher was fed for K = 4."""
-    import pipeline.extract as extract_module
+    import pipeline.teacher.extract as extract_module
 
     fed: list[torch.Tensor] = []
     real = extract_module.teacher_outputs

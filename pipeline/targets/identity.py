@@ -44,7 +44,7 @@ def expected_spec(cfg: Config, splits: dict, sha: str | None, feature_shapes: di
     """The spec of the store `cfg` builds from `splits` (ImageSplits), with the teacher's `sha` and the
     shape of its features at each of extract.features (`feature_shapes`, known once the teacher ran).
 
-    `precision` is the resolved autocast dtype of the teacher's forward (pipeline.models.fast), recorded as
+    `precision` is the resolved autocast dtype of the teacher's forward (pipeline.teacher.fast), recorded as
     teacher.precision: an extraction resumes only a store made at the same precision, while a student reads
     a store made at any (STUDENT_IDENTITY does not list it) and can see how its targets were made."""
     feature_shapes = feature_shapes or {loc: () for loc in cfg.extract.features}

@@ -19,7 +19,7 @@ equation and in the surrogate gradient, which follow the code each paper row com
                         `cext.neuron.MultiStepParametricLIFNode(init_tau=2.0, detach_reset=True)`.
 
 All of them are `neuron.BaseNode`s, which is what `spiking_layers` (and the activity probe in
-pipeline.evaluate) looks for.
+pipeline.student.evaluate) looks for.
 """
 
 from __future__ import annotations

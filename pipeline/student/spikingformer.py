@@ -4,7 +4,7 @@ multi-step layers and neurons.
 The architecture follows the official `Spikingformer-CML/{cifar10,cifar100,imagenet}/model.py`
 (facts only; the implementation is ours):
 
-* Every neuron is `pipeline.neurons.spikingformer_lif` (LIF, tau 2, detached hard reset, sigmoid
+* Every neuron is `pipeline.student.neurons.spikingformer_lif` (LIF, tau 2, detached hard reset, sigmoid
   surrogate); the attention LIF fires at 0.5.
 * Tokenizer (the CML stem): five 3x3 conv-BN stages of widths D/8, D/4, D/2, D, D. The first one
   reads the analog image; each later one is LIF -> conv -> BN. A downsampling stage ends in
@@ -30,7 +30,7 @@ Departures from the official code, none of which changes what the network comput
 * The ImageNet file computes q (k^T v), the CIFAR ones (q k^T) v; both are the same product.
 * q/k/v/proj are 1x1 Conv2d / BatchNorm2d on the [T, B, D, H, W] map where the official code uses
   Conv1d / BatchNorm1d on the flattened tokens: the same weights (shaped [D, D, 1, 1] instead of
-  [D, D, 1]) and the same batch statistics, and the activity probe of pipeline.evaluate, which
+  [D, D, 1]) and the same batch statistics, and the activity probe of pipeline.student.evaluate, which
   counts Conv2d and Linear operations, sees them. The token products q k^T v have no module, so the
   probe does not count them.
 """
@@ -44,8 +44,8 @@ from spikingjelly.activation_based import functional, layer
 from torch import nn
 
 from pipeline.errors import ConfigError, clip
-from pipeline.models.student import SpikingStudent, encode
-from pipeline.neurons import spikingformer_lif
+from pipeline.student.base import SpikingStudent, encode
+from pipeline.student.neurons import spikingformer_lif
 
 ATTENTION_SCALE = 0.125  # the official constant, independent of the head width
 ATTENTION_THRESHOLD = 0.5

@@ -2,7 +2,7 @@
 
 Registered: sew_resnet_mnist, sew_resnet_cifar (small-image SEW-ResNets), sew_resnet18/34/50
 (SEW-ResNet ImageNet rows, IF neurons), sew_resnet_dvs (the CIFAR10-DVS row), spikingformer_cml
-(the Spikingformer-CML rows, pipeline.models.spikingformer) and spikformer (spikingjelly's
+(the Spikingformer-CML rows, pipeline.student.spikingformer) and spikformer (spikingjelly's
 Spikformer, not a paper row). Each builder's docstring names its stage modules (`stage_names`).
 
 Inputs use direct encoding: the analog image is fed at every one of the T timesteps; event
@@ -19,80 +19,13 @@ from spikingjelly.activation_based.model.sew_resnet import BasicBlock, sew_funct
 from torch import nn
 
 from pipeline.errors import ConfigError, clip
-from pipeline.neurons import lif, neuron_factory
+from pipeline.student.base import STUDENTS, SpikingStudent, create_student, encode, register_student
+from pipeline.student.neurons import lif, neuron_factory
+from pipeline.student.spikingformer import SpikingformerCML
 
-STUDENTS: dict[str, Callable[..., nn.Module]] = {}
+__all__ = ["STUDENTS", "create_student", "register_student", "SpikingStudent", "encode"]
+
 SEW_CONNECTIONS = ("ADD", "AND", "IAND")  # spikingjelly's sew_function; others fail in forward
-
-
-def register_student(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    STUDENTS[fn.__name__] = fn
-    return fn
-
-
-def create_student(name: str, num_classes: int, input_shape: tuple[int, ...], timesteps: int,
-                   **kwargs) -> nn.Module:
-    """A registered student for inputs of `input_shape` ((C, H, W) images or (T, C, H, W) frames)."""
-    if name not in STUDENTS:
-        raise ConfigError(f"student.model: unknown student '{name}' (known: {', '.join(sorted(STUDENTS))})")
-    # Only construction is wrapped: whatever fails while building the model comes from
-    # student.model_kwargs (unknown names, wrong types, sizes torch refuses) and is bad input.
-    try:
-        model = STUDENTS[name](num_classes=num_classes, input_shape=tuple(input_shape), timesteps=timesteps,
-                               **kwargs)
-    except ConfigError:
-        raise
-    except Exception as exc:  # noqa: BLE001 -- reported as bad input, see above
-        raise ConfigError(f"student.model_kwargs: {_first_line(exc)}") from None
-    # torch builds zero-width layers without complaint (and fails only in the first forward)
-    if any(p.numel() == 0 for p in model.parameters()):
-        raise ConfigError(f"student.model_kwargs: {clip(repr(kwargs), 200)} builds a layer with no weights "
-                          "(a width or size of 0?)")
-    return model
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return clip(lines[0].strip() if lines else type(exc).__name__, 200)
-
-
-def encode(x: torch.Tensor, timesteps: int) -> torch.Tensor:
-    """The student's input as [T, B, C, H, W].
-
-    Images [B, C, H, W] use direct encoding (the same image at every timestep); event frames
-    [B, T, C, H, W] feed one frame per timestep, so T must match the frames.
-    """
-    if x.dim() == 4:
-        return x.unsqueeze(0).expand(timesteps, *x.shape)
-    if x.dim() == 5:
-        if x.shape[1] != timesteps:
-            raise ConfigError(f"the input has {x.shape[1]} event frames but student.timesteps is {timesteps}")
-        return x.transpose(0, 1)
-    raise ValueError(f"expected [B, C, H, W] images or [B, T, C, H, W] frames, got shape {tuple(x.shape)}")
-
-
-class SpikingStudent(nn.Module):
-    """timm's interface over `forward_feature_map` (the time-averaged last feature map):
-    forward_features pools it over space (averaging over time and space commute, so this is the
-    pooled, time-averaged feature BKD distills), forward_head is the linear classifier `fc`.
-
-    `stage_names`: the module names (for `pipeline.models.stages.capture`) of the student's stage
-    outputs, shallow to deep; each module outputs [T, B, C, H, W] and the last one is the map
-    forward_feature_map averages over T."""
-
-    stage_names: tuple[str, ...] = ()
-
-    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_feature_map(x).mean((2, 3))
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 class SEWResNet(SpikingStudent):
@@ -200,7 +133,7 @@ def _sew_map(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
 SEW_IMAGENET_DOC = """spikingjelly's SEW-ResNet-{depth} (ImageNet stem: 7x7/2 conv-BN, neuron, 3x3/2 max-pool).
 
     kwargs: `cnf` ("ADD", the published rows; "AND", "IAND"), `neuron` ("if", the default, as the
-    official ImageNet code: IF, detached reset, ATan surrogate, see pipeline.neurons; "lif": LIF
+    official ImageNet code: IF, detached reset, ATan surrogate, see pipeline.student.neurons; "lif": LIF
     tau 2 with the ATan surrogate; "plif").
     Stages: `backbone.layer1` .. `backbone.layer4`, each the output of its last SEW block,
     [T, B, C, H, W] with C = {widths} and H = input/4, /8, /16, /32 (224 -> 56, 28, 14, 7); the
@@ -359,7 +292,7 @@ def spikformer(num_classes: int, input_shape, timesteps: int, depths: int = 4, e
 @register_student
 def spikingformer_cml(num_classes: int, input_shape, timesteps: int, depths: int = 4, embed_dims: int = 384,
                       num_heads: int = 12, mlp_ratio: float = 4.0, patch_size: int | None = None):
-    """Spikingformer-CML as the official BKDSNN code builds it (pipeline.models.spikingformer).
+    """Spikingformer-CML as the official BKDSNN code builds it (pipeline.student.spikingformer).
 
     kwargs: `depths` (blocks), `embed_dims` (D), `num_heads` (official: 12 on CIFAR-10, 8 on
     CIFAR-100 and ImageNet), `mlp_ratio` (4), `patch_size` (the stem: 4 pools twice, CIFAR
@@ -369,7 +302,5 @@ def spikingformer_cml(num_classes: int, input_shape, timesteps: int, depths: int
     `blocks.{i}`, each the real-valued residual stream [T, B, D, H / patch, W / patch]; the last,
     `blocks.{depths-1}`, is the map BKD distills (forward_feature_map averages it over T).
     """
-    from pipeline.models.spikingformer import SpikingformerCML
-
     return SpikingformerCML(num_classes, input_shape[-3], tuple(input_shape[-2:]), timesteps, depths=depths,
                             embed_dims=embed_dims, num_heads=num_heads, mlp_ratio=mlp_ratio, patch_size=patch_size)

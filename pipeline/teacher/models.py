@@ -1,7 +1,7 @@
 """Teachers behind one interface: a timm ANN, or a trained bkd SNN (`teacher.model: bkd:<student>`).
 
 `teacher_outputs(model, images, locations)` returns the teacher's features at named locations
-(see `pipeline.models.stages`) and its logits from one forward pass:
+(see `pipeline.locations`) and its logits from one forward pass:
 
   pre_logits  timm's `forward_head(pre_logits=True)`; an SNN's `forward_features` (the last map
               averaged over T and space)
@@ -13,11 +13,18 @@ Every location reads as [B, C] or [B, C, H, W]; anything else (a ViT block's [B,
 is refused. An SNN teacher is built like a student (`create_student`) with its own
 `teacher.timesteps` and `teacher.model_kwargs`, and loads only a bkd student weights file whose
 metadata (model, model_kwargs, timesteps, classes) agrees with the config.
+
+Stage one imports nothing of the student side, so a student-side edit never invalidates the
+teacher or its cache. The one exception is an SNN teacher: it *is* a student architecture, so
+`snn_models()` imports the student models (`SNN_MODELS`) when, and only when, the config names one;
+a DVC pipeline with such a teacher lists those files among its teacher stages' deps.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -27,10 +34,10 @@ from torch import nn
 
 from pipeline.config import SNN_TEACHER_PREFIX, TeacherConfig
 from pipeline.errors import BkdError, ConfigError, clip, short
-from pipeline.models import stages
-from pipeline.models.student import SpikingStudent, create_student
+from pipeline import locations as feature_locations
 
-STUDENT_FORMAT = "bkd-student/1"  # the metadata format of bkd student weights files (train.student_metadata)
+SNN_MODELS = "pipeline.student.models"  # imported by name: see the module docstring
+STUDENT_FORMAT = "bkd-student/1"  # the metadata format of bkd student weights files (pipeline.student.train.student_metadata)
 
 
 def snn_teacher_student(model_name: str) -> str | None:
@@ -38,9 +45,16 @@ def snn_teacher_student(model_name: str) -> str | None:
     return model_name[len(SNN_TEACHER_PREFIX):] if model_name.startswith(SNN_TEACHER_PREFIX) else None
 
 
+def snn_models():
+    """The student model registry, for `bkd:<student>` teachers only (see the module docstring)."""
+    return importlib.import_module(SNN_MODELS)
+
+
 def is_snn_teacher(model: nn.Module) -> bool:
-    """Whether `model` is a spiking (bkd student-built) teacher rather than a timm ANN."""
-    return isinstance(model, SpikingStudent)
+    """Whether `model` is a spiking (bkd student-built) teacher rather than a timm ANN. No SNN exists
+    unless the student models were imported, so a timm teacher never imports them to answer."""
+    base = sys.modules.get("pipeline.student.base")
+    return base is not None and isinstance(model, base.SpikingStudent)
 
 
 def create_teacher(cfg: TeacherConfig, num_classes: int, input_shape: Sequence[int]) -> nn.Module:
@@ -85,7 +99,7 @@ def _create_snn_teacher(cfg: TeacherConfig, student: str, num_classes: int, inpu
         raise ConfigError(f"teacher.input_size is for ANN teachers; the SNN teacher '{clip(cfg.model)}' takes "
                           "the student's inputs as they are")
     try:
-        return create_student(student, num_classes, input_shape, cfg.timesteps, **cfg.model_kwargs)
+        return snn_models().create_student(student, num_classes, input_shape, cfg.timesteps, **cfg.model_kwargs)
     except ConfigError as exc:  # create_student speaks of student.*; here those are teacher.* settings
         message = str(exc)
         raise ConfigError("teacher." + message[len("student."):] if message.startswith("student.") else message) \
@@ -152,7 +166,7 @@ def _check_snn_weights(cfg: TeacherConfig, weights: str | Path, num_classes: int
 
 def teacher_metadata(cfg: TeacherConfig, split, epochs: int | None = None, **extra: str) -> dict[str, str]:
     """What a teacher's weights file says about itself. A timm teacher: its model and stem; an SNN
-    teacher: the student-style description (`train.student_metadata`: format, model, model_kwargs,
+    teacher: the student-style description (`pipeline.student.train.student_metadata`: format, model, model_kwargs,
     T, classes, input shape and transform), so `load_teacher` can check it and `bkd predict` run it."""
     student = snn_teacher_student(cfg.model)
     if student is None:
@@ -193,7 +207,7 @@ def check_teacher_locations(model: nn.Module, locations: Sequence[str], where: s
         raise TypeError("locations must be a sequence of names, not a string")
     if not locations:
         raise ConfigError(f"{where}: no location given (pre_logits, map or a module name)")
-    stages.check_locations(model, locations, where)
+    feature_locations.check_locations(model, locations, where)
 
 
 @torch.no_grad()
@@ -205,15 +219,15 @@ def teacher_outputs(model: nn.Module, images: torch.Tensor, locations: Sequence[
     [B, C] or [B, C, H, W], module outputs of an SNN teacher averaged over its T timesteps."""
     check_teacher_locations(model, locations)
     locations = list(dict.fromkeys(locations))
-    modules = [loc for loc in locations if loc not in stages.SPECIAL]
+    modules = [loc for loc in locations if loc not in feature_locations.SPECIAL]
     snn = is_snn_teacher(model)
     if snn and images.dim() == 5 and images.shape[1] != model.timesteps:
         raise ConfigError(_frames_message(images.shape[1], model.timesteps))
     if snn:
-        captured, logits = stages.spiking_outputs(model, images, modules)
+        captured, logits = feature_locations.spiking_outputs(model, images, modules)
         feature_map, pooled = captured["map"], captured["pre_logits"]
     else:
-        with stages.capture(model, modules) as captured:
+        with feature_locations.capture(model, modules) as captured:
             feature_map = model.forward_features(images)
             logits = model.forward_head(feature_map)
         if "pre_logits" in locations:  # outside the capture: head modules keep the logits pass's output

@@ -2,85 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from pipeline.checkpoint import save_png
-from pipeline.neurons import spiking_layers
+from pipeline.metrics import predict_logits, topk_accuracy
+from pipeline.student.neurons import spiking_layers
 
 
-class _Batches(Dataset):
-    """Item i: the clean inputs of the i-th span of rows of a split (loaded in a loader worker)."""
-
-    def __init__(self, split, spans: list[Sequence[int]]):
-        self.split, self.spans = split, spans
-
-    def __len__(self) -> int:
-        return len(self.spans)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.split.load(self.spans[i])
-
-
-def _input_batches(split, indices: Sequence[int], batch_size: int, device: torch.device, loader=None):
-    """The split's clean inputs for `indices`, `batch_size` at a time, in order: read in `loader.workers`
-    worker processes when given and the split is read from files (decoding overlaps the model)."""
-    spans = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
-    if loader is None or not loader.workers or split.in_memory or len(spans) < 2:
-        return (split.load(span) for span in spans)
-    from pipeline.data import data_loader
-
-    workers = min(loader.workers, len(spans))
-    return data_loader(_Batches(split, spans), None, None, dataclasses.replace(loader, persistent_workers=False),
-                       device, workers=workers)
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, split, device: torch.device, batch_size: int = 500,
-                   indices: Sequence[int] | None = None, loader=None) -> torch.Tensor:
-    """Logits for `indices` of the split (all of it by default), in eval mode; `loader` (a LoaderConfig):
-    read the inputs in its worker processes."""
-    indices = range(len(split)) if indices is None else indices
-    was_training = model.training
-    model.eval()
-    out = []
-    for images in _input_batches(split, indices, batch_size, device, loader):
-        out.append(model(images.to(device, non_blocking=True)).float().cpu())
-    model.train(was_training)
-    return torch.cat(out)
-
-
-def predict(model: nn.Module, split, device: torch.device, batch_size: int = 500,
-            indices: Sequence[int] | None = None, loader=None) -> torch.Tensor:
-    """Predicted classes for `indices` of the split (all of it by default)."""
-    return predict_logits(model, split, device, batch_size, indices, loader).argmax(1)
-
-
-def count_correct(model: nn.Module, split, device: torch.device,
-                  indices: Sequence[int] | None = None, loader=None) -> tuple[int, int]:
-    """(correct top-1 predictions, samples) over `indices` of the split (all of it by default)."""
-    indices = range(len(split)) if indices is None else indices
-    correct = (predict(model, split, device, indices=indices, loader=loader) == split.labels[list(indices)]).sum().item()
-    return correct, len(indices)
-
-
-def accuracy(model: nn.Module, split, device: torch.device, loader=None) -> float:
-    correct, total = count_correct(model, split, device, loader=loader)
-    return correct / total
-
-
-def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
-    """Fraction of samples whose label is among the k largest logits (k capped at the class count)."""
-    k = min(k, logits.shape[1])
-    return (logits.topk(k, dim=1).indices == labels.view(-1, 1)).any(1).float().mean().item()
-
-
-# The plots `evaluate_student` writes into its plots folder.
 PLOT_FILES = ("training_curves.png", "layers.png")
 
 # Energy per operation in 45 nm CMOS (Horowitz, ISSCC 2014), as SNN papers use them.
@@ -274,7 +205,7 @@ def evaluate_student(cfg, run_dir: str | Path, plots_dir: str | Path, trust_stor
     from pipeline.data import load_splits
     from pipeline.distributed import resolve_device
     from pipeline.errors import BkdError
-    from pipeline.models import create_student
+    from pipeline.student.models import create_student
     from pipeline.targets import open_student_targets
 
     run_dir, plots_dir = Path(run_dir), Path(plots_dir)

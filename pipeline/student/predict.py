@@ -1,7 +1,7 @@
 """Run a trained student on new inputs, from its weights file alone.
 
 `bkd train-student` writes `student.safetensors` with metadata naming the model, its
-arguments, T, the classes and the input transform (`pipeline.train.student_metadata`); this
+arguments, T, the classes and the input transform (`pipeline.student.train.student_metadata`); this
 module rebuilds the student from it and classifies images: a folder of image files, one image
 file, or a `.npy` array of raw images (N, C, H, W) or (N, H, W), uint8 as the dataset stores them.
 """
@@ -24,7 +24,7 @@ def load_student(weights: str | Path, device: torch.device):
     from safetensors import safe_open
 
     from pipeline.checkpoint import load_weights
-    from pipeline.models import create_student
+    from pipeline.student.models import create_student
 
     path = Path(weights)
     if path.is_dir():
