@@ -18,10 +18,8 @@ import torch
 from pipeline.config import Config
 from pipeline.data import load_split
 from pipeline.teacher.extract import extract_teacher
+from pipeline.teacher.fast import prepare_teacher
 from pipeline.teacher.models import load_teacher
-from pipeline.targets import open_student_targets
-from pipeline.teacher.models import teacher_outputs
-from pipeline.student.stream import CachedTargetDataset
 
 from benchmarks.common import random_teacher_config
 from benchmarks.step_time import make_setting
@@ -47,24 +45,18 @@ def run(tmp: Path, students: int = 4, epochs: int = 1, samples: int = 1024) -> d
     started = time.perf_counter()
     extract_teacher(cfg, torch.device("cpu"))
     extraction_s = time.perf_counter() - started
-    targets = open_student_targets(cfg, "train", train)
+    cpu = torch.device("cpu")
     cached_students_s = []
     for ratio in ratios:
         started = time.perf_counter()
-        dataset = CachedTargetDataset(train, targets, cfg.student.shuffle_buffer_chunks)
-        _train(make_setting("cached", _with_blur(cfg, ratio), train, targets.feature_shapes, dataset, lambda b: b), epochs)
+        _train(make_setting("cached", _with_blur(cfg, ratio)), epochs)
         cached_students_s.append(time.perf_counter() - started)
 
     online_students_s = []
     for ratio in ratios:
         started = time.perf_counter()
-        teacher = load_teacher(cfg.teacher, train.num_classes, train.image_shape)
-
-        def online(batch, teacher=teacher):
-            images, labels, _ = batch
-            return images, labels, *teacher_outputs(teacher, images, cfg.extract.features)
-
-        _train(make_setting("online", _with_blur(cfg, ratio), train, targets.feature_shapes, train, online), epochs)
+        teacher = prepare_teacher(load_teacher(cfg.teacher, train.num_classes, train.image_shape), cpu, cfg.extract)
+        _train(make_setting("online", _with_blur(cfg, ratio), teacher=teacher), epochs)
         online_students_s.append(time.perf_counter() - started)
 
     n, views = len(train), cfg.extract.views

@@ -21,10 +21,10 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data import data_loader, load_split
-from pipeline.teacher.extract import extract_teacher
-from pipeline.teacher.models import load_teacher
-from pipeline.teacher.fast import prepare_teacher
 from pipeline.targets import store_info
+from pipeline.teacher.extract import extract_teacher
+from pipeline.teacher.fast import prepare_teacher
+from pipeline.teacher.models import load_teacher
 
 from benchmarks.common import synchronize
 

@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.teacher.extract import extract_teacher
 from pipeline.targets import bytes_on_disk
+from pipeline.teacher.extract import extract_teacher
 
 from benchmarks import reader
 from benchmarks.common import random_teacher_config

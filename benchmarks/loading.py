@@ -15,6 +15,7 @@ only their cost differs.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -22,14 +23,13 @@ import numpy as np
 import torch
 
 from pipeline import checkpoint
-from pipeline.augment import view_augmenter
 from pipeline.config import Config, load_config
 from pipeline.data import data_loader, load_split
+from pipeline.student.stream import student_sampler
+from pipeline.student.train import student_dataset, training_images
+from pipeline.targets import bytes_on_disk, open_student_targets
 from pipeline.teacher.extract import extract_teacher
 from pipeline.teacher.models import create_teacher
-from pipeline.student.stream import CachedTargetDataset
-from pipeline.samplers import ChunkShuffleSampler
-from pipeline.targets import StoredImages, bytes_on_disk, open_student_targets
 
 from benchmarks.common import CONFIG
 from benchmarks.photos import make_jpeg_folder
@@ -51,14 +51,14 @@ def imagenet_config(tmp: Path, views: int = 2, *overrides: str) -> Config:
 def epoch_seconds(cfg: Config, stored: bool, workers: int, batch_size: int = 64,
                   buffer_chunks: int = 2) -> tuple[float, float]:
     """Seconds of (the first, the second) epoch of the student's batches (inputs, labels, targets)."""
+    cfg = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, shuffle_buffer_chunks=buffer_chunks,
+                                                               augment="views", label_smoothing=0.0))
     split = load_split(cfg.data, "train")
     targets = open_student_targets(cfg, "train", split)
-    if stored:
-        split = split.reading_from(StoredImages(targets, split, 2 * buffer_chunks * targets.chunk_size))
-    dataset = CachedTargetDataset(split, targets, buffer_chunks, view_augmenter(cfg.augment, split), "views",
-                                  seed=cfg.seed, locations=["pre_logits"])
-    sampler = ChunkShuffleSampler(len(dataset), targets.chunk_size, buffer_chunks, seed=cfg.seed,
-                                  lanes=max(1, workers), batch_size=batch_size, with_epoch=True)
+    if stored:  # as training reads a store that holds the decoded pixels; else the JPEG files
+        split = training_images(cfg, split, targets)
+    dataset = student_dataset(cfg, split, targets, ["pre_logits"])
+    sampler = student_sampler(cfg, len(dataset), targets.chunk_size, batch_size, lanes=max(1, workers))
     loader = data_loader(dataset, batch_size, sampler, type(cfg.loader)(workers=workers, persistent_workers=True), CPU)
     seconds = []
     for epoch in range(2):

@@ -55,12 +55,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import LoaderConfig
-from pipeline.data import data_loader, load_split
+from pipeline.data import load_split
 from pipeline.precision import resolve_precision
-from pipeline.student.stream import CachedTargetDataset
-from pipeline.samplers import ChunkShuffleSampler
-from pipeline.targets import TeacherTargets
+from pipeline.student.train import StudentRun, build_student_run
 
 from benchmarks import extraction, loading, photos, step_time
 from benchmarks.common import benchmark_device, load_with_hooks, machine, write_random_teacher
@@ -126,23 +123,18 @@ def workload_config(name: str, tmp: Path, data_root: Path, sizes: Sizes, device:
     return load_with_hooks(REPO / WORKLOADS[name], overrides, hooks)
 
 
-def loader_rate(dataset, batch_size: int, loader: LoaderConfig, chunk_size: int, buffer_chunks: int = 4) -> dict:
-    """Samples/s one epoch of `data_loader` delivers (shuffled in chunk windows, lanes for workers, as
-    training reads), after a first epoch that starts the workers and warms the page cache."""
-    lanes = max(1, loader.workers)
-    with_epoch = isinstance(dataset, CachedTargetDataset)
-    sampler = ChunkShuffleSampler(len(dataset), chunk_size, buffer_chunks, seed=0, lanes=lanes,
-                                  batch_size=batch_size, with_epoch=with_epoch)
-    feed = data_loader(dataset, batch_size, sampler, dataclasses.replace(loader, persistent_workers=True), CPU)
+def loader_rate(run: StudentRun) -> dict:
+    """Samples/s one epoch of a student run's own loader delivers (its sampler's chunk windows and lanes,
+    its views), after a first epoch that starts the workers and warms the page cache."""
     seconds = []
     for epoch in range(2):
-        sampler.set_epoch(epoch)
+        run.sampler.set_epoch(epoch)
+        run.dataset.set_epoch(epoch)
         started = time.perf_counter()
-        samples = sum(len(batch[1]) for batch in feed)
+        samples = sum(len(batch[1]) for batch in run.loader)
         seconds.append(time.perf_counter() - started)
-    del feed
-    return {"samples": samples, "workers": loader.workers, "batch_size": batch_size, "first_epoch_s": seconds[0],
-            "epoch_s": seconds[1], "samples_per_s": samples / seconds[1]}
+    return {"samples": samples, "workers": run.cfg.loader.workers, "batch_size": run.loader.batch_size,
+            "first_epoch_s": seconds[0], "epoch_s": seconds[1], "samples_per_s": samples / seconds[1]}
 
 
 def _rate(x: float) -> str:
@@ -165,11 +157,8 @@ def run_workload(name: str, tmp: Path, data_root: Path, sizes: Sizes, device: to
     step = step_time.measure(cfg, device, sizes.steps, sizes.warmup, desc=f"{name} step rounds")
     step_time.report(step)
     train = load_split(cfg.data, "train")
-    targets = TeacherTargets(cfg.extract.store, "train")
-    locations = list(dict.fromkeys(cfg.student.feature_pairs().values()))
-    reader_rate = loader_rate(CachedTargetDataset(train, targets, cfg.student.shuffle_buffer_chunks,
-                                                  locations=locations),
-                              cfg.student.batch_size, cfg.loader, targets.chunk_size, cfg.student.shuffle_buffer_chunks)
+    persistent = dataclasses.replace(cfg, loader=dataclasses.replace(cfg.loader, persistent_workers=True))
+    reader_rate = loader_rate(build_student_run(persistent, CPU))
     consumed = _consumption(step)
     return {"config": WORKLOADS[name], "hooks": hooks, "teacher_model": cfg.teacher.model,
             "student_model": cfg.student.model, "timesteps": cfg.student.timesteps,

@@ -45,8 +45,8 @@ def stream(store: str, batch_size: int, buffer_chunks: int) -> dict:
 
     from pipeline.config import DataConfig
     from pipeline.data import ArraySource, ImageSplit, load_split
-    from pipeline.student.stream import CachedTargetDataset
     from pipeline.samplers import ChunkShuffleSampler
+    from pipeline.student.stream import CachedTargetDataset
 
     targets = TeacherTargets(store, "train")
     mnist = load_split(DataConfig(), "train")

@@ -8,17 +8,19 @@ Three settings on one config (by default the MNIST-5k one: SEW-ResNet student, R
 `measure` takes any config whose store is extracted, on any device), each with its own
 identically seeded student, loss and optimizer:
 
-  none    student + cross-entropy, batches from the plain image split (no teacher anywhere);
-  cached  distill=mixed (CE + BKD + WSLD), batches from `CachedTargetDataset` over a real store,
-          built as `bkd train-student` builds it (views, label smoothing, the locations it distils);
-  online  distill=mixed, the teacher (eval mode, no_grad) runs on every batch, as in the public
-          BKDSNN code.
+  none    distill=none (cross-entropy), the run `bkd train-student` builds (`build_student_run`),
+          its batches from the store's views (no teacher anywhere);
+  cached  distill=mixed (CE + BKD + WSLD), the same build: batches from `CachedTargetDataset` over a
+          real store (views, label smoothing, the locations it distils);
+  online  distill=mixed, batches of plain images from the split, and the teacher (eval mode,
+          no_grad) runs on every batch, as in the public BKDSNN code.
 
 The store is built in a temporary directory from a randomly initialised teacher (accuracy does
 not matter for timing) with the project's own `extract_teacher`. A timed step runs from fetching
 the batch out of the DataLoader to the end of `optimizer.step()` (on CUDA, to the end of the
 device's work: the clock is read after torch.cuda.synchronize), so the cached reader's chunk
-decoding and the online teacher's forward both count. The settings run round-robin, one step
+decoding and the online teacher's forward both count; the step itself is the engine's
+(`Trainer.train_step`: forward, loss, backward, optimizer and scheduler step). The settings run round-robin, one step
 each per round with the order rotated every round, so machine noise hits all three alike.
 """
 
@@ -36,24 +38,17 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline.augment import view_augmenter
 from pipeline.config import Config, load_config
-from pipeline.data import ImageSplit, data_loader, load_split
-from pipeline.teacher.extract import extract_teacher
-from pipeline.student.losses import DistillationLoss
-from pipeline.student.models import create_student
-from pipeline.teacher.models import load_teacher
-from pipeline.student.fast import FastStudent, student_math
-from pipeline.teacher.fast import prepare_teacher
-from pipeline.targets import StoredImages, open_student_targets
-from pipeline.student.stream import CachedTargetDataset
+from pipeline.data import data_loader, load_split
+from pipeline.engine import to_device
 from pipeline.samplers import ChunkShuffleSampler
-from pipeline.engine import EpochSchedule, optimizer_for, to_device
-from pipeline.student.train import StudentForward, feature_pairs, student_step
+from pipeline.student.train import StudentRun, build_student_run
+from pipeline.teacher.extract import extract_teacher
+from pipeline.teacher.fast import FastTeacher, prepare_teacher
+from pipeline.teacher.models import load_teacher
 
 from benchmarks.common import CONFIG, random_teacher_config, summarize, synchronize
 
@@ -68,27 +63,22 @@ CPU = torch.device("cpu")
 
 @dataclass
 class Setting:
-    """One student, its loss and optimizer, and an endless stream of batches."""
+    """One student run, built as `bkd train-student` builds it, and the batches it is timed on."""
 
     name: str
-    student: nn.Module
-    criterion: DistillationLoss
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler | EpochSchedule
-    loader: DataLoader
+    run: StudentRun
+    loader: DataLoader  # the run's own, or (online) the plain image split's
     sampler: ChunkShuffleSampler
-    targets: Callable[[tuple], tuple]  # batch -> (images, labels, teacher_features, teacher_logits[, targets])
-    fast: FastStudent  # the student's math as training resolves it: autocast, compile, neuron backend
-    device: torch.device = CPU
+    targets: Callable[[tuple], tuple]  # loader batch -> the run step's batch (the online teacher runs here)
     epoch: int = 0
     step_s: list[float] = field(default_factory=list)
     load_s: list[float] = field(default_factory=list)
     _it: object = None
 
     def __post_init__(self):
-        # built once, as in training: the forward under the student's autocast, the loss in float32
-        self.forward = student_step(StudentForward(self.student, self.criterion, self.fast))
-        self.scaler = self.fast.grad_scaler()  # float16 only, as Trainer.fit
+        self.device, self.fast = self.run.device, self.run.fast
+        self.trainer = self.run.trainer(Path(tempfile.gettempdir()) / "bkd-step-time-unused",
+                                        step=lambda batch: self.run.step(self.targets(batch)))
         self.batch_size = self.loader.batch_size
 
     def next_batch(self) -> tuple:
@@ -106,26 +96,14 @@ class Setting:
         return batch if len(batch[1]) == self.batch_size else self.next_batch()  # every timed step: a full batch
 
     def step(self, record: bool) -> None:
-        """One timed training step: fetch, (teacher), forward, loss, backward, optimizer step."""
+        """One timed training step: fetch, (teacher), the engine's step (forward, loss, backward, optimizer)."""
         synchronize(self.device)
         start = time.perf_counter()
         batch = to_device(self.next_batch(), self.device)
         loaded = time.perf_counter()
-        terms, _, _ = self.forward(self.targets(batch))
-        loss = terms["loss"]  # then as in Trainer.fit
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
+        terms, _, _ = self.trainer.train_step(batch, where=f"in the {self.name} setting")
         synchronize(self.device)
         end = time.perf_counter()
-        self.scheduler.step()
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"{self.name}: loss became {loss.item()}")
         if record:
             self.step_s.append(end - start)
             self.load_s.append(loaded - start)
@@ -138,28 +116,32 @@ def build_store(tmp: Path, batch_size: int) -> Config:
     return cfg
 
 
-def make_setting(name: str, cfg: Config, train: ImageSplit, teacher_shapes: dict, dataset, targets,
-                 device: torch.device = CPU, workers: int | None = None) -> Setting:
-    """Setting `name` (none, cached, online) on `device`, built as `bkd train-student` builds its run:
-    the student's math from student.precision / compile / neuron_backend (`student_math`), batches
-    through `data_loader` with `workers` processes (default loader.workers), the cached dataset's
-    sampler dealing lanes of whole batches to them."""
-    scfg = cfg.student
-    mode_cfg = dataclasses.replace(scfg, distill="none" if name == "none" else "mixed")
-    fast = student_math(mode_cfg, device)
-    torch.manual_seed(cfg.seed)  # the three students start from the same weights
-    student = create_student(scfg.model, train.num_classes, train.image_shape, scfg.timesteps,
-                             **scfg.model_kwargs).to(device).train()
-    fast.prepare(student)
-    pairs = feature_pairs(mode_cfg, student, teacher_shapes, train.load([0]).to(device))
-    criterion = DistillationLoss(mode_cfg, pairs).to(device).train()
+def make_setting(name: str, cfg: Config, device: torch.device = CPU, workers: int | None = None,
+                 teacher: FastTeacher | None = None) -> Setting:
+    """Setting `name` (none, cached, online) on `device`: the run `build_student_run` builds for distill
+    none (none) or mixed (cached, online), with `workers` loader processes (default loader.workers).
+    none and cached draw the run's own batches from the store; online draws plain images from the
+    split and runs `teacher` on each batch for the targets, as the public BKDSNN code does."""
+    mode = "none" if name == "none" else "mixed"
+    mode_cfg = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, distill=mode))
+    run = build_student_run(mode_cfg, device, workers=workers)  # seeded: the three students start alike
+    if name != "online":
+        return Setting(name, run, run.loader, run.sampler, lambda batch: batch)
+    if teacher is None:
+        raise ValueError("the online setting needs the teacher")
     workers = cfg.loader.workers if workers is None else workers
-    cached = isinstance(dataset, CachedTargetDataset)
-    sampler = ChunkShuffleSampler(len(dataset), cfg.extract.chunk_size, scfg.shuffle_buffer_chunks, seed=cfg.seed,
-                                  lanes=max(1, workers), batch_size=scfg.batch_size, with_epoch=cached)
-    loader = data_loader(dataset, scfg.batch_size, sampler, cfg.loader, device, workers=workers)
-    optimizer, scheduler = optimizer_for(scfg, StudentForward(student, criterion, fast), len(loader))
-    return Setting(name, student, criterion, optimizer, scheduler, loader, sampler, targets, fast, device)
+    scfg = cfg.student
+    sampler = ChunkShuffleSampler(len(run.train), cfg.extract.chunk_size, scfg.shuffle_buffer_chunks, seed=cfg.seed,
+                                  lanes=max(1, workers), batch_size=scfg.batch_size)
+    loader = data_loader(run.train, scfg.batch_size, sampler, cfg.loader, device, workers=workers)
+    locations = run.criterion.teacher_locations
+
+    def online(batch):
+        images, labels, _ = batch
+        teacher_features, teacher_logits = teacher.outputs(images, locations)  # in the autocast dtype
+        return images, labels, {loc: f.float() for loc, f in teacher_features.items()}, teacher_logits.float()
+
+    return Setting(name, run, loader, sampler, online)
 
 
 def measure(cfg: Config, device: torch.device = CPU, steps: int = 60, warmup: int = 3, workers: int | None = None,
@@ -170,37 +152,13 @@ def measure(cfg: Config, device: torch.device = CPU, steps: int = 60, warmup: in
     (extract.precision, channels_last, compile); `workers` loader processes (default loader.workers)."""
     scfg = cfg.student
     train = load_split(cfg.data, "train")
-    targets = open_student_targets(cfg, "train", train)
     if len(train) < scfg.batch_size:
         raise ValueError(f"{len(train)} training samples are fewer than one batch of {scfg.batch_size}")
-    locations = list(dict.fromkeys(dataclasses.replace(scfg, distill="mixed").feature_pairs().values()))
-    images = train  # as training: a store holding the decoded pixels serves them instead of the files
-    if targets.spec.image_shape is not None and not train.in_memory:
-        images = train.reading_from(StoredImages(targets, train))
-    cached = CachedTargetDataset(images, targets, scfg.shuffle_buffer_chunks, view_augmenter(cfg.augment, images),
-                                 scfg.augment, seed=cfg.seed, locations=locations, smoothing=scfg.label_smoothing)
     # eval mode; teacher_outputs runs it under no_grad
     teacher = prepare_teacher(load_teacher(cfg.teacher, train.num_classes, train.image_shape).to(device), device,
                               cfg.extract)
-
-    def plain(batch):
-        images, labels, _ = batch
-        return images, labels, {}, None
-
-    def from_cache(batch):
-        return batch
-
-    def online(batch):
-        images, labels, _ = batch
-        teacher_features, teacher_logits = teacher.outputs(images, locations)  # in the autocast dtype
-        return images, labels, {loc: f.float() for loc, f in teacher_features.items()}, teacher_logits.float()
-
-    common = dict(device=device, workers=workers)
-    settings = {
-        "none": make_setting("none", cfg, train, targets.feature_shapes, train, plain, **common),
-        "cached": make_setting("cached", cfg, train, targets.feature_shapes, cached, from_cache, **common),
-        "online": make_setting("online", cfg, train, targets.feature_shapes, train, online, **common),
-    }
+    settings = {name: make_setting(name, cfg, device, workers, teacher) for name in SETTINGS}
+    cached = settings["cached"].run.dataset
     load_before = os.getloadavg()
     order = list(SETTINGS)
     for r in tqdm(range(warmup + steps), desc=desc, unit="round", dynamic_ncols=True):

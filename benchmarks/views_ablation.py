@@ -39,9 +39,9 @@ from pathlib import Path
 
 from pipeline.config import load_config
 from pipeline.distributed import resolve_device
-from pipeline.teacher.extract import extract_teacher
-from pipeline.targets import store_info
 from pipeline.student.train import train_student
+from pipeline.targets import store_info
+from pipeline.teacher.extract import extract_teacher
 
 COMMON = ["extract.features=[pre_logits]"]  # what these students read (the layer maps are lasnn's)
 RECIPE = ["augment.randaugment=rand-m9-n1-mstd0.4-inc1", "augment.erasing=0.25", "augment.mixup=0.5"]

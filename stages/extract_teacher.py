@@ -23,8 +23,8 @@ def main(config_path, overrides, store, views, device, overwrite, workers, sched
 
     Re-running the same command after an interruption writes only the missing shards.
     """
-    from pipeline.teacher.extract import extract_teacher
     from pipeline.distributed import resolve_device
+    from pipeline.teacher.extract import extract_teacher
 
     cfg = build_config(config_path, overrides, **{"extract.store": store, "extract.views": views})
     result = extract_teacher(cfg, resolve_device(device), overwrite=overwrite, workers=workers, scheduler=scheduler)

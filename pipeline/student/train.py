@@ -25,10 +25,10 @@ from pipeline.errors import BkdError, ConfigError
 from pipeline.locations import check_locations, spiking_outputs
 from pipeline.metrics import count_correct
 from pipeline.rundir import RunFolder
+from pipeline.samplers import ChunkShuffleSampler
 from pipeline.student.fast import FastStudent, student_math
 from pipeline.student.losses import DistillationLoss
 from pipeline.student.models import create_student
-from pipeline.samplers import ChunkShuffleSampler
 from pipeline.student.stream import CachedTargetDataset, student_sampler
 from pipeline.targets import StoredImages, open_student_targets
 

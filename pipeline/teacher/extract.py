@@ -14,8 +14,8 @@ from pipeline.config import Config
 from pipeline.data import data_loader, load_splits
 from pipeline.errors import BkdError
 from pipeline.locks import PathLock
-from pipeline.teacher.models import load_teacher, teacher_outputs
 from pipeline.teacher.fast import prepare_teacher, resolve_extract
+from pipeline.teacher.models import load_teacher, teacher_outputs
 from pipeline.targets import (IMAGES, StoreWriter, check_format, check_store_location, existing_store, expected_spec,
                               feature_array, pixel_digests, teacher_sha, topk_arrays)
 

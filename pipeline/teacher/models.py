@@ -32,9 +32,9 @@ import timm
 import torch
 from torch import nn
 
+from pipeline import locations as feature_locations
 from pipeline.config import SNN_TEACHER_PREFIX, TeacherConfig
 from pipeline.errors import BkdError, ConfigError, clip, short
-from pipeline import locations as feature_locations
 
 SNN_MODELS = "pipeline.student.models"  # imported by name: see the module docstring
 STUDENT_FORMAT = "bkd-student/1"  # the metadata format of bkd student weights files (pipeline.student.train.student_metadata)
