@@ -4,15 +4,14 @@ A *view* of sample i is the input after an augmentation whose parameters are a p
 of (augment.seed, i, view index v). View 0 is always the clean input. Extraction draws the
 parameters, stores them beside the teacher's targets, and feeds the teacher
 `apply(images, params, partners)`; training reads the stored parameters and rebuilds the very
-same tensor for the student. Parameters are small integer vectors. A view is built in the
-order of timm's training transform:
+same tensor for the student. Parameters are small int32 vectors whose fields `ParamLayout` names.
 
 Views are cut from the split's source pixels, which for ImageNet with `data.load_size` are larger
-than the input (`source_shape`): a RandomResizedCrop box lies in the source image and is resized to
+than the input (`Geometry`): a RandomResizedCrop box lies in the source image and is resized to
 the input size, every other base works on the input-sized centre crop, and the clean input (the
-identity) is that centre crop.
+identity) is that centre crop. A view is built in the order of timm's training transform:
 
-1. the geometric base, one layout per `augment.kind`:
+1. the geometric base, one `Kind` per `augment.kind` (`KINDS`), with its own fields:
      pad_crop_flip       (top, left, flip)             crop of the image zero-padded by `pad` (raw 0)
      resized_crop_flip   (top, left, height, width, flip)   RandomResizedCrop box, resized back
      event_flip_roll     (dy, dx, flip)                circular shift of event frames, then flip
@@ -22,12 +21,11 @@ identity) is that centre crop.
    with Python's, NumPy's and torch's generators seeded from the view's recipe seed (and restored
    afterwards), so their op choices, magnitudes with noise, signs, boxes and fills are a pure
    function of the stored seed -- the ops are timm's, not a copy of them;
-3. the mix (`mix_views` of the K views, the last ones): mixup or cutmix with a partner sample,
-   (mix, partner, lam_bits, box_top, box_left, box_height, box_width) followed by the partner's
-   own unmixed parameters (p_*): the partner's view is rebuilt from its pixels exactly as the
-   sample's, and the mixed view is lam * own + (1 - lam) * partner (mixup) or the partner's
-   pixels inside the box (cutmix, lam = 1 - box area / image area, timm's corrected lam).
-   `lam_bits` holds the float32 lam bit for bit.
+3. the mix (`mix_views` of the K views, the last ones): mixup or cutmix with a partner sample, the
+   `Mix` fields followed by the partner's own fields (p_*): the partner's view is rebuilt from its
+   pixels exactly as the sample's, and the mixed view is lam * own + (1 - lam) * partner (mixup) or
+   the partner's pixels inside the box (cutmix, lam = 1 - box area / image area, timm's corrected
+   lam). `lam_bits` holds the float32 lam bit for bit.
 
 Parameters are drawn from `numpy.random.default_rng([seed, stream, index, view])`: stream 0
 holds the cached views; `bkd train-student` with `student.augment: online` draws fresh ones
@@ -39,6 +37,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import random
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -49,16 +49,231 @@ from pipeline.config import AugmentConfig
 from pipeline.data import centre_crop, centre_offsets
 from pipeline.errors import ConfigError, clip
 
-PARAM_NAMES = {
-    "none": ("identity",),
-    "pad_crop_flip": ("top", "left", "flip"),
-    "resized_crop_flip": ("top", "left", "height", "width", "flip"),
-    "event_flip_roll": ("dy", "dx", "flip"),
-}
 RECIPE = ("recipe_seed",)
 MAX_MAGNITUDE = 9.99  # RandAugment's magnitude cap (timm's is 10; see recipe_transforms)
-MIX = ("mix", "partner", "lam_bits", "box_top", "box_left", "box_height", "box_width")
-MIXUP, CUTMIX = 1, 2  # values of the `mix` parameter (0: not mixed)
+MIXUP, CUTMIX = 1, 2  # values of the `mix` field (0: not mixed)
+
+
+class Mix(NamedTuple):
+    """The mix fields of one view, or (`of`) columns of them for a batch of parameter vectors."""
+
+    mix: int  # 0: not mixed, MIXUP or CUTMIX
+    partner: int  # the partner sample, -1 when not mixed
+    lam_bits: int  # the float32 weight of the sample's own pixels, bit for bit
+    box_top: int  # the cutmix box, all 0 for mixup
+    box_left: int
+    box_height: int
+    box_width: int
+
+
+MIX = Mix._fields
+UNMIXED = Mix(0, -1, 0, 0, 0, 0, 0)
+
+
+# -- geometric bases --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The views' height and width, and those of the source pixels they are cut from."""
+
+    height: int
+    width: int
+    source_height: int
+    source_width: int
+
+    @property
+    def crops(self) -> bool:
+        return (self.source_height, self.source_width) != (self.height, self.width)
+
+    @property
+    def centre(self) -> tuple[int, int]:
+        return centre_offsets(self.source_height, self.source_width, self.height, self.width)
+
+    def centre_crop(self, images: torch.Tensor) -> torch.Tensor:
+        """The input-sized centre crop of source pixels (..., H, W): the clean input."""
+        return centre_crop(images, self.height, self.width) if self.crops else images
+
+
+class Kind:
+    """One geometric base: its fields, their clean-input values, drawing them, and applying them to one
+    raw source image (..., H, W). Every kind draws its flip first, used or not."""
+
+    fields: tuple[str, ...] = ()
+
+    def __init__(self, cfg: AugmentConfig, geometry: Geometry):
+        self.cfg, self.geometry = cfg, geometry
+
+    def identity(self) -> list[int]:
+        raise NotImplementedError
+
+    def draw(self, rng: np.random.Generator) -> list[int]:
+        raise NotImplementedError
+
+    def apply(self, image: torch.Tensor, p: list[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def flip(self, rng: np.random.Generator) -> int:
+        return int(self.cfg.flip and rng.random() < 0.5)
+
+
+class NoAugment(Kind):
+    """Every view is the clean input."""
+
+    fields = ("identity",)
+
+    def identity(self) -> list[int]:
+        return [0]
+
+    def draw(self, rng: np.random.Generator) -> list[int]:
+        self.flip(rng)  # drawn all the same: the recipe seed is drawn after it
+        return [0]
+
+    def apply(self, image: torch.Tensor, p: list[int]) -> torch.Tensor:
+        return self.geometry.centre_crop(image)
+
+
+class PadCropFlip(Kind):
+    """A crop of the input size from the image zero-padded by `pad` (raw 0: black, as torchvision pads)."""
+
+    fields = ("top", "left", "flip")
+
+    def __init__(self, cfg: AugmentConfig, geometry: Geometry):
+        super().__init__(cfg, geometry)
+        # A pad beyond the image's larger side only adds zeros (and pad 200000 would allocate a 640 GB canvas).
+        side = max(geometry.height, geometry.width)
+        if cfg.pad > side:
+            raise ConfigError(f"augment.pad must be <= {side} (the images' larger side), got {cfg.pad}")
+
+    def identity(self) -> list[int]:
+        return [self.cfg.pad, self.cfg.pad, 0]
+
+    def draw(self, rng: np.random.Generator) -> list[int]:
+        flip = self.flip(rng)
+        top, left = rng.integers(0, 2 * self.cfg.pad + 1, size=2)
+        return [int(top), int(left), flip]
+
+    def apply(self, image: torch.Tensor, p: list[int]) -> torch.Tensor:
+        image = self.geometry.centre_crop(image)
+        if p == self.identity():
+            return image  # the clean input, bit for bit
+        top, left, flip = p
+        h, w, pad = self.geometry.height, self.geometry.width, self.cfg.pad
+        canvas = image.new_zeros(*image.shape[:-2], h + 2 * pad, w + 2 * pad)
+        canvas[..., pad:pad + h, pad:pad + w] = image
+        out = canvas[..., top:top + h, left:left + w]
+        return out.flip(-1) if flip else out
+
+
+class ResizedCropFlip(Kind):
+    """torchvision's RandomResizedCrop box in the source image, resized to the input size."""
+
+    fields = ("top", "left", "height", "width", "flip")
+
+    def identity(self) -> list[int]:
+        return [*self.geometry.centre, self.geometry.height, self.geometry.width, 0]
+
+    def draw(self, rng: np.random.Generator) -> list[int]:
+        flip = self.flip(rng)
+        g = self.geometry  # torchvision's own sampling, on a torch RNG seeded from this view
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(rng.integers(0, 2**62)))
+            top, left, height, width = T.RandomResizedCrop.get_params(
+                torch.empty(1, g.source_height, g.source_width), list(self.cfg.scale), list(self.cfg.ratio))
+        return [top, left, height, width, flip]
+
+    def apply(self, image: torch.Tensor, p: list[int]) -> torch.Tensor:
+        top, left, height, width, flip = p
+        h, w = self.geometry.height, self.geometry.width
+        if (height, width) == (h, w):  # no resize: the crop itself, bit for bit (the identity among them)
+            out = image[..., top:top + h, left:left + w]
+        else:
+            out = TF.resized_crop(image, top, left, height, width, [h, w], antialias=True)
+        return out.flip(-1) if flip else out
+
+
+class EventFlipRoll(Kind):
+    """A circular shift of event frames by (dy, dx) in [-max_roll, max_roll], then the flip."""
+
+    fields = ("dy", "dx", "flip")
+
+    def __init__(self, cfg: AugmentConfig, geometry: Geometry):
+        super().__init__(cfg, geometry)
+        side = min(geometry.height, geometry.width)  # a roll by a whole side or more repeats smaller rolls
+        if cfg.max_roll >= side:
+            raise ConfigError(f"augment.max_roll must be < {side} (the images' side), got {cfg.max_roll}")
+
+    def identity(self) -> list[int]:
+        return [0, 0, 0]
+
+    def draw(self, rng: np.random.Generator) -> list[int]:
+        flip = self.flip(rng)
+        dy, dx = rng.integers(-self.cfg.max_roll, self.cfg.max_roll + 1, size=2)
+        return [int(dy), int(dx), flip]
+
+    def apply(self, image: torch.Tensor, p: list[int]) -> torch.Tensor:
+        image = self.geometry.centre_crop(image)
+        if p == self.identity():
+            return image
+        dy, dx, flip = p
+        out = torch.roll(image, shifts=(dy, dx), dims=(-2, -1))
+        return out.flip(-1) if flip else out
+
+
+KINDS: dict[str, type[Kind]] = {"none": NoAugment, "pad_crop_flip": PadCropFlip,
+                                "resized_crop_flip": ResizedCropFlip, "event_flip_roll": EventFlipRoll}
+PARAM_NAMES = {name: kind.fields for name, kind in KINDS.items()}
+
+
+# -- the parameter vector ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class ParamLayout:
+    """Named slices of a view's parameter vector, in its order: `base` (the kind's fields), `recipe` (the
+    recipe seed), `mix` (the `Mix` fields) and `partner` (the partner's base and recipe fields), each empty
+    where the config has no such part. `own` (base and recipe) indexes a view's own fields and, as
+    `base` and `recipe` do, the partner's fields taken out by `partner`."""
+
+    names: tuple[str, ...]
+    sections: dict[str, slice]
+
+    @classmethod
+    def of(cls, cfg: AugmentConfig) -> ParamLayout:
+        if cfg.kind not in KINDS:  # also checked by config validation; here for direct use
+            raise ConfigError(f"augment.kind: unknown '{cfg.kind}' (known: {', '.join(KINDS)})")
+        recipe = RECIPE if has_recipe(cfg) else ()
+        own = KINDS[cfg.kind].fields + recipe
+        parts = {"base": KINDS[cfg.kind].fields, "recipe": recipe, "mix": MIX if mixes(cfg) else (),
+                 "partner": tuple(f"p_{name}" for name in own) if mixes(cfg) else ()}
+        sections, start = {}, 0
+        for name, fields in parts.items():
+            sections[name] = slice(start, start + len(fields))
+            start += len(fields)
+        return cls(tuple(name for fields in parts.values() for name in fields), sections)
+
+    def __getitem__(self, name: str) -> slice:
+        if name == "own":
+            return slice(self.sections["base"].start, self.sections["recipe"].stop)
+        return self.sections[name]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def to_manifest(self) -> dict[str, list[int]]:
+        """{section: [start, stop]}: how a store records the layout of its view_params."""
+        return {name: [s.start, s.stop] for name, s in self.sections.items()}
+
+
+def has_recipe(cfg: AugmentConfig) -> bool:
+    return bool(cfg.randaugment) or cfg.erasing > 0
+
+
+def mixes(cfg: AugmentConfig) -> bool:
+    return cfg.mixup > 0 or cfg.cutmix > 0
+
+
+# -- timm's recipe ----------------------------------------------------------------------------------
 
 
 def recipe_transforms(cfg: AugmentConfig, image_shape, mean, scale: float):
@@ -102,6 +317,9 @@ def seeded(seed: int):
             np.random.set_state(np_state)
 
 
+# -- views ------------------------------------------------------------------------------------------
+
+
 class ViewAugmenter:
     """Draws and applies the views of one dataset's inputs (shape (C, H, W) or (T, C, H, W)).
 
@@ -114,26 +332,14 @@ class ViewAugmenter:
 
     def __init__(self, cfg: AugmentConfig, image_shape: tuple[int, ...], mean: torch.Tensor | None = None,
                  std: torch.Tensor | None = None, scale: float = 1.0, source_shape: tuple[int, ...] | None = None):
-        if cfg.kind not in PARAM_NAMES:  # also checked by config validation; here for direct use
-            raise ConfigError(f"augment.kind: unknown '{cfg.kind}' (known: {', '.join(PARAM_NAMES)})")
-        self.cfg, self.height, self.width = cfg, image_shape[-2], image_shape[-1]
+        self.cfg, self.layout = cfg, ParamLayout.of(cfg)
         source_shape = tuple(image_shape if source_shape is None else source_shape)
-        self.source_height, self.source_width = source_shape[-2], source_shape[-1]
-        if self.source_height < self.height or self.source_width < self.width:
+        self.geometry = Geometry(image_shape[-2], image_shape[-1], source_shape[-2], source_shape[-1])
+        self.height, self.width = self.geometry.height, self.geometry.width
+        if source_shape[-2] < self.height or source_shape[-1] < self.width:
             raise ValueError(f"source pixels {source_shape} are smaller than the views {tuple(image_shape)}")
-        self.crops = (self.source_height, self.source_width) != (self.height, self.width)
-        self.centre = centre_offsets(self.source_height, self.source_width, self.height, self.width)
-        self.frames = len(image_shape) == 4
-        # Bounds that need the image size, for the kind that uses each. A pad beyond the image's
-        # larger side only adds zeros (and pad 200000 would allocate a 640 GB canvas); a circular
-        # roll by a whole side or more repeats smaller rolls.
-        if cfg.kind == "pad_crop_flip" and cfg.pad > max(self.height, self.width):
-            raise ConfigError(f"augment.pad must be <= {max(self.height, self.width)} (the images' larger side), "
-                              f"got {cfg.pad}")
-        if cfg.kind == "event_flip_roll" and cfg.max_roll >= min(self.height, self.width):
-            raise ConfigError(f"augment.max_roll must be < {min(self.height, self.width)} (the images' side), "
-                              f"got {cfg.max_roll}")
-        if self.frames and (cfg.randaugment or cfg.erasing > 0):
+        self.kind = KINDS[cfg.kind](cfg, self.geometry)
+        if len(image_shape) == 4 and has_recipe(cfg):
             raise ConfigError("augment.randaugment and augment.erasing work on images, not event frames "
                               "(timm's RandAugment and RandomErasing); turn them off for this dataset")
         if cfg.randaugment and image_shape[-3] not in (1, 3):
@@ -144,16 +350,12 @@ class ViewAugmenter:
         self.mean, self.std = self.mean.reshape(-1, 1, 1), self.std.reshape(-1, 1, 1)
         self.scale = scale
         self.randaugment, self.erasing = recipe_transforms(cfg, image_shape, self.mean.flatten().tolist(), scale)
-        self.has_recipe = bool(cfg.randaugment) or cfg.erasing > 0
-        self.base_size = len(PARAM_NAMES[cfg.kind])
-        self.own_size = self.base_size + (len(RECIPE) if self.has_recipe else 0)
-        self.mixes = cfg.mixup > 0 or cfg.cutmix > 0
+        self.has_recipe, self.mixes = has_recipe(cfg), mixes(cfg)
         self._identity = self.identity().tolist()
 
     @property
     def param_names(self) -> tuple[str, ...]:
-        own = PARAM_NAMES[self.cfg.kind] + (RECIPE if self.has_recipe else ())
-        return own + ((*MIX, *(f"p_{name}" for name in own)) if self.mixes else ())
+        return self.layout.names
 
     def spec(self) -> dict:
         """What identifies these views in a store manifest (mix_off_epoch is training-side only)."""
@@ -163,14 +365,17 @@ class ViewAugmenter:
             from importlib.metadata import version
 
             spec["timm"] = version("timm")
-        return {**spec, "param_names": list(self.param_names)}
+        return {**spec, "param_names": list(self.param_names), "view_layout": self.layout.to_manifest()}
 
     def identity(self) -> np.ndarray:
-        kind, h, w = self.cfg.kind, self.height, self.width
-        base = {"none": [0], "pad_crop_flip": [self.cfg.pad, self.cfg.pad, 0],
-                "resized_crop_flip": [*self.centre, h, w, 0], "event_flip_roll": [0, 0, 0]}[kind]
-        own = base + ([-1] if self.has_recipe else [])  # recipe seed -1: no RandAugment, no erasing
-        return np.asarray(own + ([0, -1, 0, 0, 0, 0, 0] + own if self.mixes else []), np.int32)
+        own = self.kind.identity() + ([-1] if self.has_recipe else [])  # recipe seed -1: no RandAugment, no erasing
+        return np.asarray(own + ([*UNMIXED, *own] if self.mixes else []), np.int32)
+
+    def centre_crop(self, images: torch.Tensor) -> torch.Tensor:
+        """The input-sized centre crop of source pixels (..., H, W): the clean input."""
+        return self.geometry.centre_crop(images)
+
+    # -- drawing --------------------------------------------------------------------------------
 
     def mixed_views(self, views: int) -> range:
         """The cached views that are mixed: the last `augment.mix_views` of the K (never view 0)."""
@@ -179,7 +384,7 @@ class ViewAugmenter:
     def draw(self, indices: np.ndarray, views: int, num_samples: int | None = None) -> np.ndarray:
         """The cached views' parameters, (len(indices), views, P) int32; view 0 is the identity.
         `num_samples` (the split's size) bounds the mix partners."""
-        out = np.empty((len(indices), views, len(self.param_names)), np.int32)
+        out = np.empty((len(indices), views, len(self.layout)), np.int32)
         out[:, 0] = self.identity()
         mixed = self.mixed_views(views)
         for row, index in enumerate(np.asarray(indices, dtype=np.int64)):
@@ -200,7 +405,13 @@ class ViewAugmenter:
         if not self.mixes:
             return own
         if not mix:
-            return own + [0, -1, 0, 0, 0, 0, 0] + self._identity[:self.own_size]
+            return own + [*UNMIXED] + self._identity[self.layout["own"]]
+        return own + [*self._draw_mix(rng, index, num_samples)] + self._draw_own(rng)
+
+    def _draw_own(self, rng: np.random.Generator) -> list[int]:
+        return self.kind.draw(rng) + ([int(rng.integers(0, 2**31 - 1))] if self.has_recipe else [])
+
+    def _draw_mix(self, rng: np.random.Generator, index: int, num_samples: int | None) -> Mix:
         if num_samples is None or num_samples < 2:
             raise ConfigError("augment.mixup/cutmix need a split of at least 2 samples to draw partners from")
         partner = int(rng.integers(0, num_samples - 1))
@@ -218,47 +429,27 @@ class ViewAugmenter:
             box = [int(top), int(left), int(bottom - top), int(right - left)]
             lam = 1.0 - box[2] * box[3] / (h * w)  # timm's corrected lam: the area actually kept
         lam_bits = int(np.float32(lam).view(np.int32))
-        return own + [CUTMIX if use_cutmix else MIXUP, partner, lam_bits, *box] + self._draw_own(rng)
-
-    def _draw_own(self, rng: np.random.Generator) -> list[int]:
-        return self._draw_base(rng) + ([int(rng.integers(0, 2**31 - 1))] if self.has_recipe else [])
-
-    def _draw_base(self, rng: np.random.Generator) -> list[int]:
-        cfg = self.cfg
-        flip = int(cfg.flip and rng.random() < 0.5)
-        if cfg.kind == "pad_crop_flip":
-            top, left = rng.integers(0, 2 * cfg.pad + 1, size=2)
-            return [int(top), int(left), flip]
-        if cfg.kind == "event_flip_roll":
-            dy, dx = rng.integers(-cfg.max_roll, cfg.max_roll + 1, size=2)
-            return [int(dy), int(dx), flip]
-        if cfg.kind == "resized_crop_flip":
-            # torchvision's own RandomResizedCrop sampling, on a torch RNG seeded from this view, in the source image.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(rng.integers(0, 2**62)))
-                top, left, height, width = T.RandomResizedCrop.get_params(
-                    torch.empty(1, self.source_height, self.source_width), list(cfg.scale), list(cfg.ratio))
-            return [top, left, height, width, flip]
-        return [0]
+        return Mix(CUTMIX if use_cutmix else MIXUP, partner, lam_bits, *box)
 
     # -- applying -------------------------------------------------------------------------------
 
-    def partners(self, params: np.ndarray | torch.Tensor) -> np.ndarray:
-        """The partner sample of each view in `params` (B, P); -1 where the view is not mixed."""
+    def mix_fields(self, params: np.ndarray | torch.Tensor) -> Mix:
+        """The mix fields of `params` (B, P), one column each; UNMIXED's values without mixing."""
         params = np.asarray(params)
         if not self.mixes:
-            return np.full(len(params), -1, np.int64)
-        mode, partner = params[:, self.own_size], params[:, self.own_size + 1]
-        return np.where(mode > 0, partner, -1).astype(np.int64)
+            return Mix(*(np.full(len(params), value, np.int32) for value in UNMIXED))
+        return Mix(*params[:, self.layout["mix"]].T)
+
+    def partners(self, params: np.ndarray | torch.Tensor) -> np.ndarray:
+        """The partner sample of each view in `params` (B, P); -1 where the view is not mixed."""
+        m = self.mix_fields(params)
+        return np.where(m.mix > 0, m.partner, -1).astype(np.int64)
 
     def lam(self, params: np.ndarray | torch.Tensor) -> np.ndarray:
         """(B,) float32: the weight of the sample's own pixels in each view (1 where not mixed)."""
-        params = np.asarray(params)
-        if not self.mixes:
-            return np.ones(len(params), np.float32)
-        mode = params[:, self.own_size]
-        lam = np.ascontiguousarray(params[:, self.own_size + 2], dtype=np.int32).view(np.float32)
-        return np.where(mode > 0, lam, np.float32(1.0)).astype(np.float32)
+        m = self.mix_fields(params)
+        lam = np.ascontiguousarray(m.lam_bits, dtype=np.int32).view(np.float32)
+        return np.where(m.mix > 0, lam, np.float32(1.0)).astype(np.float32)
 
     def normalize(self, raw: torch.Tensor) -> torch.Tensor:
         """(raw * scale - mean) / std as float32, as `ImageSplit` normalizes (the same operations, in place)."""
@@ -272,47 +463,55 @@ class ViewAugmenter:
 
         The raw views are built per sample, then normalized as one batch (elementwise, so bit for bit
         what per-sample normalization gives), then erased and mixed per sample."""
-        if self.cfg.kind == "none" and not self.has_recipe and not self.mixes:
+        if isinstance(self.kind, NoAugment) and not self.has_recipe and not self.mixes:
             return self.normalize(self.centre_crop(images))
         params = torch.as_tensor(params).tolist()
-        out = self._views(images, [p[:self.own_size] for p in params])
-        mixed = [b for b, p in enumerate(params) if self.mixes and p[self.own_size] > 0]
+        out = self._views(images, [p[self.layout["own"]] for p in params])
+        mix = [Mix(*p[self.layout["mix"]]) if self.mixes else UNMIXED for p in params]
+        mixed = [b for b, m in enumerate(mix) if m.mix > 0]
         if mixed:
             if partners is None:
                 raise ValueError("a mixed view needs its partner's pixels (partners=...)")
-            others = self._views(partners[mixed], [params[b][self.own_size + len(MIX):] for b in mixed])
+            others = self._views(partners[mixed], [params[b][self.layout["partner"]] for b in mixed])
             for other, b in zip(others, mixed):
-                out[b] = self._mix(out[b], other, params[b][self.own_size:self.own_size + len(MIX)])
+                out[b] = self._mix(out[b], other, mix[b])
         return out
 
     def _views(self, images: torch.Tensor, own: list[list[int]]) -> torch.Tensor:
-        """Unmixed normalized views (B, *image_shape): the base and RandAugment on each raw image, the
-        normalization of the batch, then each view's erasing."""
+        """Unmixed normalized views (B, *image_shape) from each row's own fields: the base and RandAugment
+        on each raw image, the normalization of the batch, then each view's erasing."""
         raws = []
         for image, p in zip(images, own):
-            raw = self._apply_base(image, p[:self.base_size])
-            if self.has_recipe and p[self.base_size] >= 0 and self.randaugment is not None:
-                raw = self._randaugment(raw, p[self.base_size])
+            raw = self.kind.apply(image, p[self.layout["base"]])
+            seed = self._recipe_seed(p)
+            if seed >= 0 and self.randaugment is not None:
+                raw = self._randaugment(raw, seed)
             raws.append(raw)
         out = self.normalize(torch.stack(raws))
         if self.erasing is not None:
             for b, p in enumerate(own):
-                if p[self.base_size] >= 0:
-                    with seeded(p[self.base_size] + 1):
+                seed = self._recipe_seed(p)
+                if seed >= 0:
+                    with seeded(seed + 1):
                         self.erasing(out[b])  # in place
         return out
 
-    def _mix(self, own: torch.Tensor, other: torch.Tensor, m: list[int]) -> torch.Tensor:
-        mode, _, lam_bits, top, left, height, width = m
-        if mode == CUTMIX:
+    def _recipe_seed(self, own: list[int]) -> int:
+        """The recipe seed of a view's own fields; -1 (no recipe) without one."""
+        (seed,) = own[self.layout["recipe"]] or [-1]
+        return seed
+
+    def _mix(self, own: torch.Tensor, other: torch.Tensor, m: Mix) -> torch.Tensor:
+        if m.mix == CUTMIX:
+            top, left, height, width = m.box_top, m.box_left, m.box_height, m.box_width
             mixed = own.clone()
             mixed[..., top:top + height, left:left + width] = other[..., top:top + height, left:left + width]
             return mixed
-        lam = torch.tensor(np.int32(lam_bits).view(np.float32).item(), dtype=own.dtype)
+        lam = torch.tensor(np.int32(m.lam_bits).view(np.float32).item(), dtype=own.dtype)
         return own * lam + other * (1 - lam)
 
     def _apply_own(self, image: torch.Tensor, p: list[int]) -> torch.Tensor:
-        """One unmixed view of one raw image, normalized."""
+        """One unmixed view of one raw image from its own fields, normalized."""
         return self._views(image[None], [p])[0]
 
     def _randaugment(self, raw: torch.Tensor, seed: int) -> torch.Tensor:
@@ -326,33 +525,6 @@ class ViewAugmenter:
         with seeded(seed):
             pil = self.randaugment(pil)
         return torch.from_numpy(np.array(pil, dtype=np.uint8)).reshape(*array.shape).permute(2, 0, 1)
-
-    def centre_crop(self, images: torch.Tensor) -> torch.Tensor:
-        """The input-sized centre crop of source pixels (..., H, W): the clean input."""
-        return centre_crop(images, self.height, self.width) if self.crops else images
-
-    def _apply_base(self, image: torch.Tensor, p: list[int]) -> torch.Tensor:
-        kind, h, w = self.cfg.kind, self.height, self.width
-        if kind == "resized_crop_flip":  # a box of the source image, resized to the input size
-            top, left, height, width, flip = p
-            if (height, width) == (h, w):  # no resize: the crop itself, bit for bit (the identity among them)
-                out = image[..., top:top + h, left:left + w]
-            else:
-                out = TF.resized_crop(image, top, left, height, width, [h, w], antialias=True)
-            return out.flip(-1) if flip else out
-        image = self.centre_crop(image)
-        if kind == "none" or p == self._identity[:self.base_size]:
-            return image  # the clean input, bit for bit
-        if kind == "pad_crop_flip":
-            top, left, flip = p
-            pad = self.cfg.pad  # zero padding of the raw image: black, as torchvision pads
-            canvas = image.new_zeros(*image.shape[:-2], h + 2 * pad, w + 2 * pad)
-            canvas[..., pad:pad + h, pad:pad + w] = image
-            out = canvas[..., top:top + h, left:left + w]
-        else:  # event_flip_roll
-            dy, dx, flip = p
-            out = torch.roll(image, shifts=(dy, dx), dims=(-2, -1))
-        return out.flip(-1) if flip else out
 
     # -- targets --------------------------------------------------------------------------------
 

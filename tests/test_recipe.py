@@ -110,16 +110,18 @@ def test_every_view_is_rebuilt_bit_for_bit_with_its_partner(recipe_store):
             image, label, _, _, target = dataset[i]
             assert torch.equal(image, teacher_saw[(i, v)]), (i, v)
             p = params[i, v]
-            mode, partner = p[aug.own_size], p[aug.own_size + 1]
-            kinds.add(int(mode))
+            m = aug.mix_fields(p[None])
+            mode, partner = int(m.mix[0]), int(m.partner[0])
+            kinds.add(mode)
             if mode:  # the right partner: the mix of the two samples' own views, rebuilt independently
-                own = aug._apply_own(split.read([i])[0], p[:aug.own_size].tolist())
-                other = aug._apply_own(split.read([partner])[0], p[aug.own_size + 7:].tolist())
+                own = aug._apply_own(split.read([i])[0], p[aug.layout["own"]].tolist())
+                other = aug._apply_own(split.read([partner])[0], p[aug.layout["partner"]].tolist())
                 lam = float(aug.lam(p[None])[0])
                 if mode == MIXUP:
                     torch.testing.assert_close(image, own * lam + other * (1 - lam), rtol=0, atol=1e-6)
                 else:
-                    top, left, h, w = p[aug.own_size + 3:aug.own_size + 7]
+                    top, left, h, w = (int(m.box_top[0]), int(m.box_left[0]), int(m.box_height[0]),
+                                       int(m.box_width[0]))
                     assert torch.equal(image[..., top:top + h, left:left + w], other[..., top:top + h, left:left + w])
                     assert abs(lam - (1 - h * w / 28**2)) < 1e-6
                 want = lam * _smoothed(label, 10, 0.1) + (1 - lam) * _smoothed(split.labels[partner], 10, 0.1)

@@ -439,6 +439,16 @@ def test_store_in_the_files_row_order_is_refused_with_how_to_rebuild(tmp_path):
     assert (path / "train").is_dir()  # nothing deleted
 
 
+def test_store_without_a_view_layout_is_refused_with_how_to_rebuild(tmp_path):
+    """Format 6 does not record augment.view_layout: its view parameters cannot be checked against the
+    layout views are rebuilt from."""
+    path = tmp_path / "old.zarr"
+    build_older_store(path, 6)
+    for refuse in (lambda: TeacherTargets(path, "train"), lambda: open_writer(path)):
+        with pytest.raises(StoreError, match=r"bkd-teacher-targets/6.*augment\.view_layout.*--overwrite"):
+            refuse()
+
+
 def test_extraction_refuses_an_older_store_before_reading_any_data(tmp_path):
     """The old-format refusal comes first: no dataset listing or teacher load (hours on ImageNet) before it."""
     from pipeline.config import load_config

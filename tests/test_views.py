@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline import checkpoint
-from pipeline.augment import PARAM_NAMES, ViewAugmenter, view_augmenter, view_schedule
+from pipeline.augment import KINDS, MIX, PARAM_NAMES, ParamLayout, ViewAugmenter, view_augmenter, view_schedule
 from pipeline.config import AugmentConfig, load_config
 from pipeline.data import load_split
 from pipeline.errors import ConfigError, StoreError
@@ -89,6 +89,21 @@ def test_resized_crop_matches_torchvision_and_event_roll():
     frames = torch.rand(1, 4, 2, 8, 8)
     out = events.apply(frames, np.array([[1, -2, 0]]))
     assert torch.equal(out, torch.roll(frames, shifts=(1, -2), dims=(-2, -1)))
+
+
+def test_param_layout_names_each_part_of_the_vector():
+    cfg = AugmentConfig(kind="resized_crop_flip", randaugment="rand-m9-n1-mstd0.4-inc1", mixup=0.5, mix_views=1)
+    layout = ParamLayout.of(cfg)
+    own = ("top", "left", "height", "width", "flip", "recipe_seed")
+    assert layout.names == (*own, *MIX, *(f"p_{name}" for name in own))
+    assert layout.names[layout["own"]] == own and layout.names[layout["mix"]] == MIX
+    assert layout.names[layout["partner"]] == tuple(f"p_{name}" for name in own)
+    assert layout.to_manifest() == {"base": [0, 5], "recipe": [5, 6], "mix": [6, 13], "partner": [13, 19]}
+    plain = ParamLayout.of(AugmentConfig(kind="pad_crop_flip"))  # no recipe, no mix: empty parts
+    assert plain.names == ("top", "left", "flip") and plain.to_manifest()["recipe"] == [3, 3]
+    aug = ViewAugmenter(cfg, (3, 16, 16))
+    assert aug.param_names == layout.names and aug.spec()["view_layout"] == layout.to_manifest()
+    assert set(KINDS) == set(PARAM_NAMES) and all(KINDS[k].fields == PARAM_NAMES[k] for k in KINDS)
 
 
 def test_view_schedule_covers_every_view_and_is_reproducible():
@@ -237,6 +252,25 @@ def test_store_of_another_augmentation_is_refused(extracted, override, field):
     train = load_split(cfg.data, "train")
     with pytest.raises(StoreError, match=field.replace(".", r"\.")):
         open_student_targets(cfg, "train", train)
+
+
+def test_store_of_another_view_layout_is_refused(extracted, tmp_path):
+    """The store records the layout of its view parameters; a reader whose layout differs refuses it."""
+    import shutil
+
+    import zarr
+
+    cfg, _ = extracted[4]
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(cfg.extract.store, copy)
+    root = zarr.open_group(str(copy), mode="r+")
+    manifest = dict(root.attrs["manifest"])
+    manifest["augment"] = {**manifest["augment"], "view_layout": {"recipe": [0, 0], "base": [0, 3]}}
+    root.attrs["manifest"] = manifest
+    cfg = load_config(CONFIG, [f"{k}={v}" for k, v in _flatten(cfg.to_dict())] + [f"extract.store={copy}"])
+    with pytest.raises(StoreError, match=r"augment\.view_layout") as info:
+        open_student_targets(cfg, "train", load_split(cfg.data, "train"))
+    assert "\n" not in str(info.value)
 
 
 def test_student_takes_the_views_from_the_store(extracted):

@@ -21,9 +21,10 @@ from typing import Any
 
 from pipeline.errors import short
 
-FORMAT = "bkd-teacher-targets/6"
+FORMAT = "bkd-teacher-targets/7"
 FORMAT_FAMILY = FORMAT.split("/")[0]
 ROWS_SHUFFLED_SINCE = 6  # format 6: rows in the split's seeded random order (data.split_seed), not the files'
+VIEW_LAYOUT_SINCE = 7  # format 7: augment.view_layout names the slices of each view's parameter vector
 SPLITS = ("train", "test")
 TOPK_INDEX = "logits_index"  # with top-k logits: `logits` holds the k largest, this their classes
 # ... and, per view, what the losses need of the logits left out (see store.dense_logits):
@@ -50,6 +51,9 @@ def older_format(found: Any) -> str:
         return (" (stores of format 5 and older hold an official split's rows in its files' order, class by "
                 "class for image folders, which gives training batches of a few classes, and data.limit's "
                 "first rows)")
+    if version.isdigit() and int(version) < VIEW_LAYOUT_SINCE:
+        return (" (stores of format 6 do not record augment.view_layout, the layout of their view parameters, "
+                "so a reader cannot check it is the layout it rebuilds views from)")
     return ""
 
 
