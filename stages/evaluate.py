@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import DISTILL_MODES
+from pipeline.modes import DISTILL_MODES
 from stages.common import build_config, config_options, nonempty, one_line_errors, run_standalone
 
 

@@ -213,3 +213,49 @@ def test_unknown_huge_key_is_clipped(tmp_path):
     # an explicit key (`? KEY`): YAML limits implicit keys to 1024 characters
     message = _refuse(_write(tmp_path, f"student:\n  ? {'k' * 100_000}\n  : 1\n"), (), "unknown config key")
     assert len(message) < 400
+
+
+def test_validate_returns_a_checked_copy_and_leaves_its_argument():
+    from pipeline.config import ExtractConfig, StudentConfig, validate
+
+    cfg = Config(extract=ExtractConfig(channels_last="on"))
+    before = dataclasses.asdict(cfg)
+    checked = validate(cfg)
+    assert checked == cfg and checked is not cfg and checked.student is not cfg.student
+    assert dataclasses.asdict(cfg) == before
+    checked.student.features["map"] = "map"
+    assert cfg.student.features == {"pre_logits": "pre_logits"}
+    with pytest.raises(ConfigError, match="student.distill must be one of .*mixed.*got 'magic'"):
+        validate(Config(student=StudentConfig(distill="magic")))  # choices are checked on a built config too
+
+
+@pytest.mark.parametrize("override, fragments", [
+    ("student.optimizer=adam", ("student.optimizer must be one of adamw, sgd", "'adam'")),
+    ("student.schedule.per=batch", ("student.schedule.per must be one of step, epoch",)),
+    ("data.interpolation=nearest", ("data.interpolation", "bilinear, bicubic")),
+    ("teacher.interpolation=3", ("teacher.interpolation", "bilinear, bicubic", "got 3")),
+    ("extract.splits=[train, val]", ("extract.splits[1]", "train, test", "'val'")),
+    ("extract.feature_dtype=float64", ("extract.feature_dtype", "float16, float32")),
+    ("extract.channels_last=sometimes", ("extract.channels_last must be one of auto, on, off",)),
+    ("student.neuron_backend=cupy", ("student.neuron_backend", "cupy", "spikingjelly 2.0")),
+])
+def test_choices_are_refused_naming_the_field_and_the_choices(override, fragments):
+    message = _refuse(MNIST5K, [override], *fragments)
+    assert "\n" not in message
+
+
+def test_yaml_on_off_booleans_are_channels_last_names(tmp_path):
+    assert load_config(_write(tmp_path, "extract:\n  channels_last: on\n")).extract.channels_last == "on"
+    assert load_config(None, ["extract.channels_last=false"]).extract.channels_last == "off"
+
+
+def test_the_mode_table_drives_the_feature_pairs():
+    from pipeline.config import StudentConfig
+    from pipeline.modes import MODES
+
+    for name, mode in MODES.items():
+        pairs = StudentConfig(distill=name).feature_pairs()
+        assert pairs == (getattr(StudentConfig(), mode.pairs) if mode.pairs else {}), name
+        assert (mode.features == "none") == (not mode.pairs), name
+    _refuse(MNIST5K, ["student.distill=lasnn", "student.lasnn_features={}"], "at least one pair",
+            "student.lasnn_features")

@@ -141,3 +141,18 @@ def test_the_one_teacher_route_to_student_code_is_the_snn_teacher():
     assert models.SNN_MODELS == "pipeline.student.models"
     assert models.snn_models().STUDENTS  # the registry it names exists
 
+
+
+def test_the_student_stages_are_the_distillation_modes():
+    """train_student has one stage per mode of pipeline.modes, its `uses` the parameters the mode's loss
+    reads (padded with seed); evaluate one per mode too."""
+    from pipeline.modes import MODES
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    foreach = stages["train_student"]["foreach"]
+    slots = sum(str(p).startswith("${item.uses[") for p in stages["train_student"]["do"]["params"])
+    assert list(foreach) == list(MODES)
+    for mode, item in foreach.items():
+        assert [u for u in item["uses"] if u != "seed"] == list(MODES[mode].params), mode
+        assert len(item["uses"]) == slots, mode
+    assert stages["evaluate"]["foreach"] == list(MODES)

@@ -518,3 +518,13 @@ if __name__ == "__main__":  # the table in README's "Top-k logits": PYTHONPATH=.
             e = topk_loss_errors(k, case)
             cells = [f"{e[f'{n} before'][i]:6.2%} -> {e[f'{n} after'][i]:6.2%}" for n in ("kd", "wsld") for i in (0, 1)]
             print(f"{case:26} {k:3d}  " + "  ".join(f"{c:>15}" for c in cells))
+
+
+def test_every_mode_of_the_table_has_its_terms():
+    from pipeline.modes import MODES
+
+    assert set(EXPECTED_KEYS) == set(MODES)
+    for name, mode in MODES.items():
+        crit = DistillationLoss(_student_cfg(name), [("map", "layer2", (4, 3, 3), (6, 3, 3))])
+        kind = {"none": None, "bkd": "BKD map", "regression": "regression"}[mode.features]
+        assert crit.describe() == (name if kind is None else f"{name}: map -> layer2 ({kind})")

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import FEATURE_MODES, StudentConfig
+from pipeline.config import StudentConfig
 from pipeline.errors import BkdError
+from pipeline.modes import MODES
 
 
 def _align(student_dim: int, teacher_dim: int, spatial: bool) -> nn.Module:
@@ -174,25 +175,24 @@ def wsld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
 class DistillationLoss(nn.Module):
     """The student objective for one distillation mode, as named terms (summed under "loss").
 
-    none:  L_ce
-    kd:    L_ce + w * L_kd
-    wsld:  L_ce + w * L_wsld
-    bkd:   L_ce + L_bkd                 one feature pair
-    mixed: L_ce + L_bkd + w * L_wsld    (the paper's best)
-    kdsnn: L_ce + L_feat                one feature pair, plain regression (the official KDSNN baseline)
-    lasnn: L_ce + sum_pairs L_feat      one regression per pair, layer-wise (the official LaSNN baseline)
+    L = L_ce + sum_pairs L_feat + w * L_logits, the terms the mode's row of pipeline.modes.MODES names:
+
+    feature term  bkd: BKDHead per pair, named "bkd"; regression: FeatureRegression per pair, named after
+                  the mode (kdsnn, lasnn); none: no term
+    logits term   kd: w * kd_loss, named "kd"; wsld: w * wsld_loss, named "wsld"; none: no term
+
     with w = student.logits.weight. `pairs` lists (student location, teacher location, student shape,
-    teacher shape) per sample, in student.features order; the shapes choose the BKD form.
+    teacher shape) per sample, in the order of the mode's pairs field; the shapes choose the BKD form.
     """
 
     def __init__(self, cfg: StudentConfig, pairs: list[tuple[str, str, tuple, tuple]]):
         super().__init__()
-        self.mode = cfg.distill
+        self.mode, self.terms = cfg.distill, MODES[cfg.distill]
         self.temperature, self.logits_weight = cfg.logits.temperature, cfg.logits.weight
-        self.pairs = [(s, t) for s, t, _, _ in pairs] if self.mode in FEATURE_MODES else []
+        self.pairs = [(s, t) for s, t, _, _ in pairs] if self.terms.features != "none" else []
         self.feature_terms = nn.ModuleList()
         for _, _, s_shape, t_shape in (pairs if self.pairs else []):
-            if self.mode in ("bkd", "mixed"):
+            if self.terms.features == "bkd":
                 form = bkd_form(tuple(s_shape), tuple(t_shape))
                 term = BKDHead(s_shape[0], t_shape[0], cfg.bkd.blur_ratio, cfg.bkd.alpha, cfg.bkd.rescale, form)
             else:
@@ -215,7 +215,7 @@ class DistillationLoss(nn.Module):
         """One line: the mode and, per feature pair, the locations and the form."""
         parts = []
         for (s, t), term in zip(self.pairs, self.feature_terms):
-            kind = f"BKD {term.form}" if isinstance(term, BKDHead) else "regression"
+            kind = f"BKD {term.form}" if self.terms.features == "bkd" else self.terms.features
             parts.append(f"{s} -> {t} ({kind})")
         return f"{self.mode}" + (f": {', '.join(parts)}" if parts else "")
 
@@ -225,11 +225,10 @@ class DistillationLoss(nn.Module):
         if self.feature_terms:
             losses = [term(student_features[s], teacher_features[t])
                       for (s, t), term in zip(self.pairs, self.feature_terms)]
-            name = {"bkd": "bkd", "mixed": "bkd"}.get(self.mode, self.mode)
-            terms[name] = sum(losses)
-        if self.mode == "kd":
+            terms["bkd" if self.terms.features == "bkd" else self.mode] = sum(losses)
+        if self.terms.logits == "kd":
             terms["kd"] = self.logits_weight * kd_loss(student_logits, teacher_logits, self.temperature)
-        elif self.mode in ("wsld", "mixed"):
+        elif self.terms.logits == "wsld":
             terms["wsld"] = self.logits_weight * wsld_loss(student_logits, teacher_logits, labels, self.temperature)
         terms["loss"] = sum(terms.values())
         return terms
