@@ -68,7 +68,7 @@ def write_class_sorted(root: Path, fmt: str, counts=None) -> None:
 
 def class_sorted_config(root: Path, fmt: str, *extra: str):
     """The default config on those files, with a student sampler of the ImageNet configs' proportions."""
-    return load_config(REPO / "configs/mnist5k.yaml", [
+    return load_config(REPO / "params.yaml", [
         f"data.name={fmt}", f"data.root={root}", "data.image_size=8", "extract.chunk_size=16",
         "extract.chunks_per_shard=4", "extract.views=1", "extract.features=[pre_logits]", "extract.splits=[train]",
         "student.shuffle_buffer_chunks=4", f"student.batch_size={BATCH}", "loader.workers=0", *extra])

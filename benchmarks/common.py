@@ -14,7 +14,7 @@ from pipeline.config import Config, load_config
 from pipeline.data import load_split
 from pipeline.teacher.models import create_teacher
 
-CONFIG = "configs/mnist5k.yaml"
+CONFIG = "params.yaml"
 
 
 def random_teacher_config(tmp: Path, *overrides: str) -> Config:

@@ -69,7 +69,7 @@ def suites(views: int, epochs: int) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.views_ablation", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/mnist5k.yaml")
+    parser.add_argument("--config", default="params.yaml")
     parser.add_argument("--suite", choices=("views", "recipe"), default="views")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--views", type=int, default=8, help="K of the multi-view stores (default: 8)")

@@ -10,7 +10,7 @@ import click
 from pipeline.config import Config, format_override, load_config
 from pipeline.errors import BkdError
 
-DEFAULT_CONFIG = "configs/mnist5k.yaml"
+DEFAULT_CONFIG = "params.yaml"
 
 
 def config_options(command):

@@ -58,6 +58,7 @@ def project_with_store(tmp_path_factory, name: str, args: list[str], teacher_epo
     """A new working directory with the configs, a teacher trained with `args`, and its store."""
     root = tmp_path_factory.mktemp(name)
     shutil.copytree(REPO / "configs", root / "configs")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
     run_bkd(["train-teacher", *args, "--epochs", str(teacher_epochs)], root)
     run_bkd(["extract-teacher", *args], root)
     return root

@@ -137,7 +137,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_project: Path,
     from pipeline.config import load_config
 
     monkeypatch.chdir(tiny_project)
-    cfg = load_config("configs/mnist5k.yaml", [a for a in TINY if a != "--set"] + ["student.epochs=2"])
+    cfg = load_config("params.yaml", [a for a in TINY if a != "--set"] + ["student.epochs=2"])
     train.train_student(cfg, "runs/straight")
 
     real_save = train.Trainer._save

@@ -20,7 +20,7 @@ from pipeline.config import AugmentConfig
 from pipeline.errors import BkdError, ConfigError
 from tests.conftest import REPO, run_bkd, run_bkd_process
 
-MNIST5K = str(REPO / "configs" / "mnist5k.yaml")
+MNIST5K = str(REPO / "params.yaml")
 
 
 def assert_one_line(returncode: int, stderr: str, *fragments: str) -> str:

@@ -142,7 +142,6 @@ def test_the_one_teacher_route_to_student_code_is_the_snn_teacher():
     assert models.snn_models().STUDENTS  # the registry it names exists
 
 
-
 def test_the_student_stages_are_the_distillation_modes():
     """train_student has one stage per mode of pipeline.modes, its `uses` the parameters the mode's loss
     reads (padded with seed); evaluate one per mode too."""

@@ -53,7 +53,7 @@ ARGS = ["--set", "data.name=digits", "--set", "data.limit=64", "--set", "extract
 
 
 def _cfg(*overrides: str):
-    return load_config(REPO / "configs" / "mnist5k.yaml", [a for a in ARGS if a != "--set"] + list(overrides))
+    return load_config(REPO / "params.yaml", [a for a in ARGS if a != "--set"] + list(overrides))
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,7 @@ def project(tmp_path_factory) -> Path:
     """A working folder with a (random, untrained) teacher's weights and its default store."""
     root = tmp_path_factory.mktemp("fast")
     shutil.copytree(REPO / "configs", root / "configs")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
     cfg = _cfg()
     torch.manual_seed(0)
     teacher = create_teacher(cfg.teacher, 10, (1, 8, 8))
@@ -297,7 +298,7 @@ def test_resuming_a_run_without_scaler_state_as_float16_is_refused(tmp_path):
     ("student.neuron_backend=cupy", ("student.neuron_backend", "cupy", "spikingjelly 2.0")),
 ])
 def test_bad_values_are_one_line_refusals(tmp_path, override, fragments):
-    proc = run_bkd(["evaluate", "--config", str(REPO / "configs" / "mnist5k.yaml"), "--set", override,
+    proc = run_bkd(["evaluate", "--config", str(REPO / "params.yaml"), "--set", override,
                     "--run-dir", str(tmp_path / "none")], tmp_path, check=False)
     assert_one_line(proc.returncode, proc.stderr, *fragments)
 

@@ -131,7 +131,7 @@ def test_two_workers_serve_the_main_process_batches_and_decode_each_chunk_about_
 
 def test_extraction_with_loader_workers_writes_the_same_store(tmp_path):
     def cfg(name: str, workers: int):
-        return load_config(REPO / "configs/mnist5k.yaml", [
+        return load_config(REPO / "params.yaml", [
             "data.limit=48", "extract.chunk_size=8", "extract.chunks_per_shard=2", "extract.batch_size=12",
             "extract.splits=[train]", "extract.features=[pre_logits]", "extract.views=3",
             "augment.mixup=0.5", "augment.mix_views=1", "augment.randaugment=rand-m9-n1-mstd0.4-inc1",
@@ -168,7 +168,7 @@ def _write_photos(root: Path, per_class: int = 6) -> None:
 
 
 def _imagenet_cfg(tmp: Path, *extra: str):
-    return load_config(REPO / "configs/mnist5k.yaml", [
+    return load_config(REPO / "params.yaml", [
         "data.name=imagenet", f"data.root={tmp / 'photos'}", "data.image_size=16", "data.load_size=24",
         "augment.kind=resized_crop_flip", "augment.flip=true", "extract.views=3", "extract.images=true",
         "extract.chunk_size=4", "extract.chunks_per_shard=2", "extract.batch_size=8", "extract.features=[pre_logits]",
@@ -257,7 +257,7 @@ def test_student_trains_from_the_stored_images(imagenet_store, monkeypatch):
             "student.model_kwargs.widths=[8,16,32]", "student.batch_size=4", "student.epochs=1",
             f"teacher.checkpoint={cfg.teacher.checkpoint}", f"extract.store={cfg.extract.store}"]
     sets = [x for a in args for x in ("--set", a)]
-    run_bkd(["train-student", "--config", str(REPO / "configs/mnist5k.yaml"), *sets, "--set", "loader.workers=0",
+    run_bkd(["train-student", "--config", str(REPO / "params.yaml"), *sets, "--set", "loader.workers=0",
              "--run-dir", str(root / "run0")], root)
     assert read  # the training process read the store's images, not the files
     assert (root / "run0" / "student.safetensors").is_file()
@@ -322,7 +322,7 @@ def test_mid_epoch_resume_under_loader_workers_is_exact(tiny_project, monkeypatc
     from tests.conftest import TINY
 
     monkeypatch.chdir(tiny_project)
-    cfg = load_config("configs/mnist5k.yaml", [a for a in TINY if a != "--set"] +
+    cfg = load_config("params.yaml", [a for a in TINY if a != "--set"] +
                       ["loader.workers=2", "student.checkpoint_every=2", "student.epochs=1"])
     train.train_student(cfg, "runs/lanes-straight")
     real_save = train.Trainer._save
@@ -356,7 +356,7 @@ def test_a_corrupt_image_read_in_a_loader_worker_is_one_plain_line(tmp_path):
                         "extract.chunk_size=2", "extract.chunks_per_shard=1", "extract.batch_size=2",
                         "loader.workers=2", f"teacher.checkpoint={cfg.teacher.checkpoint}",
                         f"extract.store={tmp_path / 'bad.zarr'}"] for x in ("--set", a)]
-    proc = run_bkd(["extract-teacher", "--config", str(REPO / "configs/mnist5k.yaml"), *sets], tmp_path, check=False)
+    proc = run_bkd(["extract-teacher", "--config", str(REPO / "params.yaml"), *sets], tmp_path, check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("bkd: error: ") and f"{bad}: not a readable image" in lines[-1]

@@ -16,7 +16,7 @@ from pipeline.errors import BkdError, ConfigError
 from pipeline.engine import EpochSchedule, make_optimizer, optimizer_for
 from pipeline.student.train import StudentForward
 
-MNIST5K = Path(__file__).resolve().parents[1] / "configs" / "mnist5k.yaml"
+MNIST5K = Path(__file__).resolve().parents[1] / "params.yaml"
 # The CIFAR Spikingformer-CML recipe: AdamW 5e-4, 20 warmup epochs from 1e-5, cosine to 1e-5, 10 cooldown
 # epochs; 400 cosine epochs scaled down to 60, 3 steps each.
 RECIPE = ScheduleConfig(per="epoch", warmup_epochs=20, warmup_lr=1e-5, min_lr=1e-5, cooldown_epochs=10)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_predict_matches_evaluation_from_weights_alone(tiny_project: Path, tmp_path: Path):
-    cfg = load_config(tiny_project / "configs/mnist5k.yaml", [a for a in TINY if a != "--set"])
+    cfg = load_config(tiny_project / "params.yaml", [a for a in TINY if a != "--set"])
     test = load_split(cfg.data, "test")
     raw = test.load_raw(range(len(test)))
     np.save(tmp_path / "test.npy", raw[:, 0])  # (N, H, W) uint8: the channel is added for a 1-channel student

@@ -23,7 +23,7 @@ from pipeline.student.stream import CachedTargetDataset
 from pipeline.targets import open_student_targets
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "mnist5k.yaml"
+CONFIG = REPO / "params.yaml"
 RECIPE = ["augment.randaugment=rand-m9-n1-mstd0.4-inc1", "augment.erasing=0.25", "augment.mixup=0.5",
           "augment.cutmix=1.0", "augment.mix_views=2", "extract.views=4"]
 

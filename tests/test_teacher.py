@@ -248,7 +248,7 @@ def test_registry_accepts_known_bkd_students_only():
 
 def test_train_teacher_trains_an_snn_teacher_that_load_teacher_accepts(tmp_path):
     ckpt = tmp_path / "models" / "snn_teacher.safetensors"
-    args = ["--config", str(REPO / "configs" / "mnist5k.yaml"), "--set", "data.name=digits",
+    args = ["--config", str(REPO / "params.yaml"), "--set", "data.name=digits",
             "--set", "data.limit=64", "--set", "data.test_size=100", "--set", "teacher.batch_size=32",
             "--set", "teacher.device=cpu", "--set", f"teacher.checkpoint={ckpt}"]
     for item in SNN_SET:

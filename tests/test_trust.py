@@ -50,6 +50,7 @@ def test_overwrite_refuses_a_folder_bkd_did_not_make(tiny_project: Path, tmp_pat
 def test_overwrite_never_deletes_the_working_folder(tiny_project: Path, tmp_path: Path, store: str):
     work = tmp_path / "repo"
     shutil.copytree(tiny_project / "configs", work / "configs")
+    shutil.copy(tiny_project / "params.yaml", work / "params.yaml")
     (work / ".git").mkdir()
     (work / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
     shutil.copytree(tiny_project / "models", work / "models")
@@ -188,6 +189,7 @@ def test_store_of_other_pixels_with_the_same_ids_is_refused(tmp_path: Path):
     data = tmp_path / "data"
     write_hdf5(data, "images", (1, 8, 8), {"train": 24, "test": 12})
     shutil.copytree(Path(__file__).resolve().parents[1] / "configs", tmp_path / "configs")
+    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", tmp_path / "params.yaml")
     args = [*TINY, "--set", "data.name=hdf5", "--set", f"data.root={data}", "--set", "extract.chunk_size=8",
             "--set", "teacher.epochs=1", "--set", "student.epochs=1",
             "--set", "extract.store=cache/h5.zarr"]
@@ -315,7 +317,7 @@ def test_an_interrupted_rerun_leaves_nothing_stale_to_evaluate(tiny_project: Pat
 
     run = tmp_path / "run"
     shutil.copytree(tiny_project / finished_run, run)
-    cfg = load_config(tiny_project / "configs/mnist5k.yaml",
+    cfg = load_config(tiny_project / "params.yaml",
                       [a for a in TINY if a != "--set"] + ["student.epochs=1", "student.distill=kd"])
     with RunFolder(run, cfg, "student", resume=False):
         pass  # a re-run that was killed right after it claimed the folder

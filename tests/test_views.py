@@ -21,7 +21,7 @@ from pipeline.targets import TeacherTargets, bytes_on_disk
 from pipeline.student.stream import CachedTargetDataset
 from tests.conftest import REPO
 
-CONFIG = REPO / "configs" / "mnist5k.yaml"
+CONFIG = REPO / "params.yaml"
 
 
 # ---------------------------------------------------------------------------------------------
