@@ -11,7 +11,7 @@ import torch
 import pytest
 import zarr
 
-from tests.conftest import TINY, run_bkd, run_bkd_process
+from tests.helpers import TINY, run_bkd, run_bkd_process
 
 STORE = "cache/mnist5k-resnet18.zarr"
 

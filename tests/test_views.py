@@ -19,7 +19,7 @@ from pipeline.targets import open_student_targets
 from pipeline.teacher.models import create_teacher
 from pipeline.targets import TeacherTargets, bytes_on_disk
 from pipeline.student.stream import CachedTargetDataset
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 CONFIG = REPO / "params.yaml"
 
