@@ -25,9 +25,9 @@ import torch
 from pipeline import checkpoint
 from pipeline.config import Config, load_config
 from pipeline.data import data_loader, load_split
-from pipeline.student.stream import student_sampler
+from pipeline.student.stream import open_student_targets, student_sampler
 from pipeline.student.train import student_dataset, training_images
-from pipeline.targets import bytes_on_disk, open_student_targets
+from pipeline.targets import bytes_on_disk
 from pipeline.teacher.extract import extract_teacher
 from pipeline.teacher.models import create_teacher
 

@@ -24,7 +24,7 @@ class PathLock:
     """`with PathLock(url, busy):` -- refuse a second writer while this one runs; `busy` says what is taken."""
 
     def __init__(self, url: str, busy: str):
-        from pipeline.targets.store import filesystem
+        from pipeline.targets.fsutil import filesystem
 
         self.url, self.busy = url, busy
         self.fs, self.path = filesystem(url)

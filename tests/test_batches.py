@@ -20,8 +20,8 @@ from pipeline.config import load_config
 from pipeline.data import data_loader, load_split
 from pipeline.errors import BkdError, ConfigError, StoreError
 from pipeline.teacher.extract import extract_teacher
-from pipeline.student.stream import CachedTargetDataset, student_sampler
-from pipeline.targets import TeacherTargets, open_student_targets
+from pipeline.student.stream import CachedTargetDataset, open_student_targets, student_sampler
+from pipeline.targets import TeacherTargets
 
 CPU = torch.device("cpu")
 FORMATS = ("imagenet", "hdf5", "dvs_hdf5")
@@ -145,7 +145,6 @@ def test_limit_below_the_classes_is_one_line(tmp_path):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["imagenet", "hdf5"])
 def test_teacher_training_draws_iid_batches_from_class_sorted_files(tmp_path, fmt, monkeypatch):
     """The teacher's own training (stage one) sees i.i.d. batches too: what its loader really serves."""

@@ -15,11 +15,10 @@ from pipeline.config import AugmentConfig, load_config
 from pipeline.data import load_split
 from pipeline.errors import ConfigError, StoreError
 from pipeline.teacher.extract import extract_teacher
-from pipeline.targets import open_student_targets
 from pipeline.teacher.models import create_teacher
 from pipeline.targets import TeacherTargets, bytes_on_disk
-from pipeline.student.stream import CachedTargetDataset
-from tests.helpers import REPO
+from pipeline.student.stream import CachedTargetDataset, open_student_targets
+from tests.conftest import REPO
 
 CONFIG = REPO / "params.yaml"
 

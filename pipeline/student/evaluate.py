@@ -206,7 +206,7 @@ def evaluate_student(cfg, run_dir: str | Path, plots_dir: str | Path, trust_stor
     from pipeline.distributed import resolve_device
     from pipeline.errors import BkdError
     from pipeline.student.models import create_student
-    from pipeline.targets import open_student_targets
+    from pipeline.student.stream import open_student_targets
 
     run_dir, plots_dir = Path(run_dir), Path(plots_dir)
     weights = run_dir / "student.safetensors"

@@ -21,7 +21,18 @@ from pipeline.config import Config
 from pipeline.data import ImageSplit
 from pipeline.errors import StoreError
 from pipeline.samplers import ChunkShuffleSampler
-from pipeline.targets import TeacherTargets, feature_array
+from pipeline.targets import TeacherTargets, check_student_targets, feature_array, student_teacher_sha
+
+
+def open_student_targets(cfg: Config, split: str, images: ImageSplit,
+                         trust_store_teacher: bool = False) -> TeacherTargets:
+    """Open the store for `split` and refuse it unless it was built for this config's run from `images`:
+    teacher weights (waived by `trust_store_teacher` when the checkpoint is missing), dataset, split,
+    transform, the views of cfg.augment and, sample by sample, the pixels (`check_student_targets`)."""
+    targets = TeacherTargets(cfg.extract.store, split)
+    sha = student_teacher_sha(cfg, targets, trust_store_teacher)
+    check_student_targets(targets, cfg, images, sha, ViewAugmenter(cfg.augment, tuple(images.image_shape)).spec())
+    return targets
 
 
 def student_sampler(cfg: Config, num_samples: int, chunk_size: int, batch_size: int, rank: int = 0,

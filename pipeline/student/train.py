@@ -29,8 +29,8 @@ from pipeline.samplers import ChunkShuffleSampler
 from pipeline.student.fast import FastStudent, student_math
 from pipeline.student.losses import DistillationLoss
 from pipeline.student.models import create_student
-from pipeline.student.stream import CachedTargetDataset, student_sampler
-from pipeline.targets import StoredImages, open_student_targets
+from pipeline.student.stream import CachedTargetDataset, open_student_targets, student_sampler
+from pipeline.targets import StoredImages
 
 
 def student_features(student: nn.Module, images: torch.Tensor, locations) -> tuple[dict, torch.Tensor]:

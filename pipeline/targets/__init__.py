@@ -1,17 +1,29 @@
-"""The teacher-target contract, in one place: the spec of a store (`spec`), the sharded Zarr
-store that holds it (`store`: writer, reader, verify, info) and what a config expects of it
-(`identity`). Stage one writes through it, stage two reads through it; neither imports the other.
+"""The teacher-target contract, in one place: the spec of a store (`spec`), what a config expects of it
+(`identity`), and the sharded Zarr store that holds it -- one codec per stored field (`fields`, with the
+top-k maths in `topk`), the writer (`writer`), the reader (`reader`), the stored images (`images`),
+opening and digests (`manifest`), paths and owned deletion (`fsutil`), info and verify (`verify`).
+Stage one writes through it, stage two reads through it; neither imports the other, and it imports no
+data-loading or augmentation code.
 """
 
-from pipeline.targets.identity import PIXEL_CHECK_SAMPLES, expected_spec, open_student_targets, teacher_sha
+from pipeline.targets.fields import (Features, Field, FieldError, Images, Index, Labels, Logits, TopKLogits,
+                                     pixel_digests, store_fields)
+from pipeline.targets.fsutil import (bytes_on_disk, check_store_location, existing_store, filesystem,
+                                     remove_store)
+from pipeline.targets.identity import (PIXEL_CHECK_SAMPLES, check_student_targets, expected_spec,
+                                       student_teacher_sha, teacher_sha)
+from pipeline.targets.images import StoredImages
+from pipeline.targets.manifest import check_format
+from pipeline.targets.reader import TeacherTargets
 from pipeline.targets.spec import (FORMAT, IMAGES, TOPK_ARRAYS, TOPK_INDEX, TOPK_TAIL, TOPK_TARGET, TOPK_TARGET_CLASS,
                                    SplitLayout, TargetSpec, feature_array)
-from pipeline.targets.store import (StoredImages, StoreWriter, TeacherTargets, bytes_on_disk, check_format,
-                                    check_store_location, dense_logits, existing_store, filesystem, pixel_digests,
-                                    store_info, topk_arrays, verify_store)
+from pipeline.targets.topk import dense_logits, topk_arrays
+from pipeline.targets.verify import store_info, verify_store
+from pipeline.targets.writer import StoreWriter
 
-__all__ = ["FORMAT", "IMAGES", "StoredImages", "PIXEL_CHECK_SAMPLES", "TOPK_ARRAYS", "TOPK_INDEX", "TOPK_TAIL", "TOPK_TARGET",
-           "TOPK_TARGET_CLASS", "SplitLayout", "StoreWriter", "TargetSpec", "TeacherTargets", "bytes_on_disk",
-           "check_format", "check_store_location", "dense_logits", "existing_store", "expected_spec", "feature_array",
-           "filesystem", "open_student_targets", "pixel_digests", "store_info", "teacher_sha", "topk_arrays",
-           "verify_store"]
+__all__ = ["FORMAT", "IMAGES", "PIXEL_CHECK_SAMPLES", "TOPK_ARRAYS", "TOPK_INDEX", "TOPK_TAIL", "TOPK_TARGET",
+           "TOPK_TARGET_CLASS", "Features", "Field", "FieldError", "Images", "Index", "Labels", "Logits",
+           "SplitLayout", "StoreWriter", "StoredImages", "TargetSpec", "TeacherTargets", "TopKLogits",
+           "bytes_on_disk", "check_format", "check_store_location", "check_student_targets", "dense_logits",
+           "existing_store", "expected_spec", "feature_array", "filesystem", "pixel_digests", "remove_store",
+           "store_fields", "store_info", "student_teacher_sha", "teacher_sha", "topk_arrays", "verify_store"]

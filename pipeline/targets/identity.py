@@ -1,9 +1,12 @@
-"""What a store built from a config is (`expected_spec`), and the student side's open (`open_student_targets`).
+"""What a store built from a config is (`expected_spec`), and what a student run checks of the store it opens.
 
 The student takes what was cached -- K views, the feature locations and shapes, top-k logits -- from
 the store it opens; its config repeats none of it. It must agree with the store on the rest:
 teacher weights, dataset, split (ids and labels), transform, the view-making augmentation and,
 sample by sample, the pixels.
+
+The view-making augmentation comes in as its spec (a dict, `ViewAugmenter.spec()`) and a split as any
+object with an `ImageSplit`'s attributes, so this contract imports no data-loading or augmentation code.
 """
 
 from __future__ import annotations
@@ -14,11 +17,10 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import checkpoint
-from pipeline.augment import ViewAugmenter
 from pipeline.config import Config
 from pipeline.errors import BkdError, StoreError
+from pipeline.targets.reader import TeacherTargets
 from pipeline.targets.spec import TargetSpec
-from pipeline.targets.store import TeacherTargets
 
 # Samples of a lazily read split (image folders, HDF5) whose pixels a training run checks against the store.
 PIXEL_CHECK_SAMPLES = 256
@@ -39,10 +41,11 @@ def teacher_sha(cfg: Config, required: bool = True) -> str | None:
     return None
 
 
-def expected_spec(cfg: Config, splits: dict, sha: str | None, feature_shapes: dict | None = None,
+def expected_spec(cfg: Config, splits: dict, sha: str | None, view_spec: dict, feature_shapes: dict | None = None,
                   num_features: int | None = None, precision: str | None = None) -> TargetSpec:
-    """The spec of the store `cfg` builds from `splits` (ImageSplits), with the teacher's `sha` and the
-    shape of its features at each of extract.features (`feature_shapes`, known once the teacher ran).
+    """The spec of the store `cfg` builds from `splits` (ImageSplits), with the teacher's `sha`, the spec of
+    the views it makes (`view_spec`: `ViewAugmenter.spec()` of cfg.augment) and the shape of its features at
+    each of extract.features (`feature_shapes`, known once the teacher ran).
 
     `precision` is the resolved autocast dtype of the teacher's forward (pipeline.teacher.fast), recorded as
     teacher.precision: an extraction resumes only a store made at the same precision, while a student reads
@@ -60,7 +63,7 @@ def expected_spec(cfg: Config, splits: dict, sha: str | None, feature_shapes: di
                 for name, s in splits.items()},
         transform={**any_split.transform, "teacher_input_size": cfg.teacher.input_size,
                    "teacher_interpolation": cfg.teacher.interpolation},
-        augment=ViewAugmenter(cfg.augment, tuple(any_split.image_shape)).spec(),
+        augment=view_spec,
         features={"locations": {loc: list(shape) for loc, shape in feature_shapes.items()},
                   "logits_topk": ex.logits_topk,
                   # only where on: stores without images keep the identity they had
@@ -71,15 +74,10 @@ def expected_spec(cfg: Config, splits: dict, sha: str | None, feature_shapes: di
     )
 
 
-def open_student_targets(cfg: Config, split: str, images, trust_store_teacher: bool = False) -> TeacherTargets:
-    """Open the store for `split` and refuse it unless it was built for this config's run.
-
-    Identity comes from the manifest; the inputs themselves are compared by their per-sample
-    digests: every sample of an in-memory split, an even spread of PIXEL_CHECK_SAMPLES of a
-    lazily read one. Without the teacher checkpoint the store's teacher cannot be checked,
-    which is refused unless `trust_store_teacher` waives it (a store copied from another machine).
-    """
-    targets = TeacherTargets(cfg.extract.store, split)
+def student_teacher_sha(cfg: Config, targets: TeacherTargets, trust_store_teacher: bool = False) -> str:
+    """The teacher sha256 a student run expects of `targets`: its checkpoint's. Without the checkpoint the
+    store's teacher cannot be checked, which is refused unless `trust_store_teacher` waives it (a store
+    copied from another machine): then the store's own."""
     sha = teacher_sha(cfg, required=False)
     if sha is None:
         if not trust_store_teacher:
@@ -87,10 +85,20 @@ def open_student_targets(cfg: Config, split: str, images, trust_store_teacher: b
                              "be checked; fix teacher.checkpoint, or pass --trust-store-teacher to use the store as is")
         tqdm.write(f"warning: {cfg.teacher.checkpoint} not found; trusting the store's teacher (--trust-store-teacher)")
         sha = targets.spec.teacher["checkpoint_sha256"]
-    expected = expected_spec(cfg, {split: images}, sha)
+    return sha
+
+
+def check_student_targets(targets: TeacherTargets, cfg: Config, images, sha: str, view_spec: dict) -> None:
+    """Refuse `targets` unless its split was built for this config's run: from `images` (the split, an
+    ImageSplit), by the teacher of `sha`, with views of `view_spec` (`ViewAugmenter.spec()` of cfg.augment).
+
+    Identity comes from the manifest; the inputs themselves are compared by their per-sample
+    digests: every sample of an in-memory split, an even spread of PIXEL_CHECK_SAMPLES of a
+    lazily read one.
+    """
+    expected = expected_spec(cfg, {targets.split: images}, sha, view_spec)
     targets.check_matches(expected.to_manifest())
     rows = np.arange(len(images))
     if not images.in_memory and len(rows) > PIXEL_CHECK_SAMPLES:
         rows = np.unique(np.linspace(0, len(rows) - 1, PIXEL_CHECK_SAMPLES).round().astype(np.int64))
     targets.check_pixels(images.load_raw(rows), rows, images.ids[rows])
-    return targets

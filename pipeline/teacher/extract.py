@@ -16,8 +16,8 @@ from pipeline.errors import BkdError
 from pipeline.locks import PathLock
 from pipeline.teacher.fast import prepare_teacher, resolve_extract
 from pipeline.teacher.models import load_teacher, teacher_outputs
-from pipeline.targets import (IMAGES, StoreWriter, check_format, check_store_location, existing_store, expected_spec,
-                              feature_array, pixel_digests, teacher_sha, topk_arrays)
+from pipeline.targets import (IMAGES, TOPK_TARGET_CLASS, StoreWriter, check_format, check_store_location,
+                              existing_store, expected_spec, feature_array, pixel_digests, teacher_sha)
 
 
 class ShardExtractor:
@@ -43,7 +43,8 @@ class ShardExtractor:
             probe = first.load([0]).to(device)
             self.feature_shapes = {loc: tuple(f.shape[1:])
                                    for loc, f in self.teacher.outputs(probe, ex.features)[0].items()}
-        self.spec = expected_spec(cfg, self.splits, sha, self.feature_shapes, self.model.num_features,
+        view_spec = next(iter(self.augmenters.values())).spec()
+        self.spec = expected_spec(cfg, self.splits, sha, view_spec, self.feature_shapes, self.model.num_features,
                                   self.teacher.precision)
         self.layouts = {name: self.spec.layout(name) for name in self.splits}
         self.images = ex.images
@@ -100,16 +101,14 @@ class ShardExtractor:
                     raise BkdError(f"the teacher produced non-finite {what} on {split.split} shard {shard} "
                                    f"(rows {start}:{stop}); nothing of that shard was written")
             labels = split.labels[start:stop].numpy()
-            if ex.logits_topk is not None:  # the k largest, and what the losses need of the rest
-                classes = augmenter.target_classes(labels, params, split.labels.numpy())
-                arrays = topk_arrays(logits, ex.logits_topk, classes)
-                logits = arrays.pop("logits")
+            if ex.logits_topk is not None:  # the store keeps the k largest and what the losses need of the rest
+                arrays[TOPK_TARGET_CLASS] = augmenter.target_classes(labels, params, split.labels.numpy())
             if images is not None:
                 arrays[IMAGES] = images
             yield shard, {
                 **arrays,
                 **{feature_array(loc): f.astype(ex.feature_dtype) for loc, f in features.items()},
-                "logits": logits.astype(ex.logits_dtype),
+                "logits": logits,  # full, float32: the store's logits codec casts it or keeps its top k
                 "view_params": params,
                 "labels": labels,
                 "index": np.arange(start, stop, dtype=np.int64),

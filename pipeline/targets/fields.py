@@ -1,0 +1,158 @@
+"""The stored fields of a split, one codec each: the arrays a field holds and its `encode` (a shard's
+values -> its stored arrays, used by the writer), `decode` (stored arrays -> what a reader gets) and
+`check` (what `bkd cache verify` and a validating read refuse), side by side.
+
+A new stored field is one codec here, its arrays in `TargetSpec.array_schema`, and its consumer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+
+from pipeline.targets.spec import (IMAGES, TOPK_ARRAYS, TOPK_INDEX, TOPK_TAIL, TOPK_TARGET, TOPK_TARGET_CLASS,
+                                   TargetSpec, feature_array)
+from pipeline.targets.topk import dense_logits, topk_arrays, topk_problem
+
+
+class FieldError(Exception):
+    """A field's stored arrays cannot be decoded; the message says why."""
+
+
+class Field:
+    """One stored field: `name` is the key its decoded values go under, `arrays` the arrays it is stored in."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.arrays: tuple[str, ...] = (name,)
+
+    def encode(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Its stored arrays, from a shard's `values` (keyed as `StoreWriter.write_shard` takes them)."""
+        return {self.name: values[self.name]}
+
+    def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What a reader gets from its stored arrays (`stored`: rows of every array read); raises
+        FieldError when they cannot be decoded."""
+        return {self.name: stored[self.name]}
+
+    def check(self, rows: dict[str, np.ndarray], start: int, stop: int) -> str | None:
+        """What is wrong with its decoded `rows` (rows [start, stop) of the split), or None."""
+        return None
+
+
+class Features(Field):
+    """The teacher's features at one location: (N, V, C) vectors or (N, V, C, H, W) maps."""
+
+    def __init__(self, location: str):
+        super().__init__(feature_array(location))
+        self.location = location
+
+    def check(self, rows, start, stop):
+        if not np.isfinite(rows[self.name]).all():
+            return f"non-finite teacher features ({self.name})"
+        return None
+
+
+class Logits(Field):
+    """The teacher's full logits (N, V, C)."""
+
+    def __init__(self):
+        super().__init__("logits")
+
+    def check(self, rows, start, stop):
+        return None if np.isfinite(rows["logits"]).all() else "non-finite logits"
+
+
+class TopKLogits(Logits):
+    """The teacher's logits kept as the k largest (`logits`) with their classes, each view's target classes,
+    the logits there and the tail's statistics (`TOPK_ARRAYS`); read back as full logits (N, V, C)."""
+
+    def __init__(self, k: int, num_classes: int):
+        super().__init__()
+        self.k, self.num_classes = k, num_classes
+        self.arrays = ("logits",) + TOPK_ARRAYS
+
+    def encode(self, values):
+        """From full logits and the views' target classes (`TOPK_TARGET_CLASS`, (N, V, 2)); values already
+        in top-k form (`TOPK_INDEX` given) are stored as they are."""
+        if TOPK_INDEX in values:
+            return {name: values[name] for name in self.arrays}
+        return topk_arrays(values["logits"], self.k, values[TOPK_TARGET_CLASS])
+
+    def decode(self, stored):
+        problem = topk_problem(stored, self.num_classes)
+        if problem:
+            raise FieldError(problem)
+        return {"logits": dense_logits(stored["logits"], stored[TOPK_INDEX], self.num_classes,
+                                       stored[TOPK_TARGET_CLASS], stored[TOPK_TARGET], stored[TOPK_TAIL])}
+
+
+class Labels(Field):
+    """Each sample's class (N,)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__("labels")
+        self.num_classes = num_classes
+
+    def check(self, rows, start, stop):
+        labels = rows["labels"]
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+            return f"labels outside [0, {self.num_classes})"
+        return None
+
+
+class Index(Field):
+    """Each row's position in the split (N,): rows [start, stop) hold start, ..., stop - 1."""
+
+    def __init__(self):
+        super().__init__("index")
+
+    def check(self, rows, start, stop):
+        return None if np.array_equal(rows["index"], np.arange(start, stop)) else "sample index out of order"
+
+
+def pixel_digests(raw: np.ndarray) -> np.ndarray:
+    """(N,) uint64: blake2b-64 of each sample's raw input (its bytes, dtype and shape).
+
+    Extraction hashes the inputs it already loads; training hashes the inputs it is about to
+    use and compares, so a store is refused for other pixels even under the same sample ids.
+    """
+    raw = np.ascontiguousarray(raw)
+    tag = f"{raw.dtype.str}{raw.shape[1:]}".encode()
+    out = np.empty(len(raw), np.uint64)
+    for i, sample in enumerate(raw):
+        digest = hashlib.blake2b(tag, digest_size=8)
+        digest.update(sample.tobytes())
+        out[i] = int.from_bytes(digest.digest(), "little")
+    return out
+
+
+IMAGE_BLOCK = 16  # rows per stored chunk of the images array, at most
+
+
+class Images(Field):
+    """Each sample's raw source pixels (N, *source_shape) uint8, tied to the samples by `pixel_digest`."""
+
+    def __init__(self):
+        super().__init__(IMAGES)
+
+    @staticmethod
+    def mismatches(raw: np.ndarray, digests: np.ndarray) -> np.ndarray:
+        """The positions of the samples of `raw` whose pixels are not those of `digests` (the stored pixel_digest)."""
+        return np.flatnonzero(pixel_digests(raw) != digests)
+
+
+    @staticmethod
+    def block_rows(chunk_size: int) -> int:
+        """Rows per stored chunk of the images array: a few (a mix partner decodes its block), dividing the
+        chunk size (so shards hold whole blocks)."""
+        return math.gcd(IMAGE_BLOCK, chunk_size)
+
+
+def store_fields(spec: TargetSpec) -> tuple[Field, ...]:
+    """The codecs of every stored field of a store, in the order readers get them."""
+    logits = TopKLogits(spec.logits_topk, spec.num_classes) if spec.logits_topk else Logits()
+    return (*(Features(loc) for loc in spec.feature_shapes), logits, Field("view_params"), Labels(spec.num_classes),
+            Index(), Field("pixel_digest"), *((Images(),) if spec.image_shape else ()))

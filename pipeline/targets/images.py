@@ -1,0 +1,95 @@
+"""The raw source pixels a store holds (`extract.images`), read back as a source of the split it was built from."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from pipeline.errors import StoreError
+from pipeline.targets.fields import Images
+from pipeline.targets.reader import TeacherTargets
+from pipeline.targets.spec import IMAGES
+
+
+class StoredImages:
+    """The raw source pixels a store holds (`extract.images`), as a source (`read`, `labels`, `shape`,
+    `num_classes`, `origin`) of the split it was built from: `read` takes that source's rows (the split's
+    `ids`) and returns the very values the teacher's inputs were made from, without decoding an image file.
+
+    `split`: the split the store was built from -- its `ids`, `num_classes` and `source.labels` (the
+    labels by source row) are used, nothing else.
+
+    The images are stored in blocks of `Images.block_rows` rows (one zstd chunk each): zarr costs about
+    a millisecond per chunk read whatever its size, several times the decoding of one 256 px image.
+    Decoded blocks are kept (least recently used first out, at most `cache_rows` rows' worth), so the
+    sampler's windows -- whose rows the batches of a window revisit -- decode each block about once
+    per epoch; a mix partner elsewhere in the split costs one block.
+
+    Each row is checked against the store's pixel digests (themselves checked against their chunk
+    digests at open) the first time a process reads it, so a rewritten, swapped or corrupt image is
+    an error, never another picture; later reads of the row in that process (the next epochs of a
+    persistent loader worker) rely on zstd's checksum of every chunk.
+    """
+
+    classes_declared = True
+
+    def __init__(self, targets: TeacherTargets, split, cache_rows: int = 0):
+        if targets.spec.image_shape is None:
+            raise StoreError(f"{targets.path} holds no images (extract.images was off when it was built)")
+        if len(split) != len(targets):
+            raise StoreError(f"{targets.path}: {targets.split} split has {len(targets)} samples, the dataset has "
+                             f"{len(split)}")
+        self.path, self.origin = targets.path, f"{targets.path} ({targets.split} images)"
+        self.array = targets.arrays[IMAGES]
+        self.shape, self.num_classes = targets.spec.image_shape, split.num_classes
+        self.labels = split.source.labels
+        self.position = np.full(int(split.ids.max()) + 1, -1, np.int64)  # source row -> store row
+        self.position[split.ids] = np.arange(len(split))
+        self.digests = targets.stored_pixel_digests()
+        self.verified = np.zeros(len(self.digests), bool)
+        self.block = int(self.array.chunks[0])  # rows per stored chunk
+        self.capacity = max(1, -(-cache_rows // self.block))  # blocks kept
+        self._blocks: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.blocks_decoded = 0  # for tests and benchmarks
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _load_block(self, block: int, needed: set[int]) -> np.ndarray:
+        if block in self._blocks:
+            self._blocks.move_to_end(block)
+            return self._blocks[block]
+        start = block * self.block
+        try:
+            data = self.array[start:min(start + self.block, len(self.digests))]
+        except Exception as exc:  # a codec or checksum error
+            raise StoreError(f"{self.path}: cannot read the images of rows {start}:{start + self.block}: "
+                             f"{type(exc).__name__}: {exc}") from None
+        self.blocks_decoded += 1
+        self._blocks[block] = data
+        for old in [b for b in self._blocks if b not in needed][:max(0, len(self._blocks) - self.capacity)]:
+            del self._blocks[old]
+        return data
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """The stored pixels (len(rows), *shape) uint8 of source rows `rows`, each checked against its digest."""
+        rows = np.asarray(rows, dtype=np.int64)
+        at = self.position[np.clip(rows, 0, len(self.position) - 1)]
+        if (at < 0).any() or (rows >= len(self.position)).any():
+            raise StoreError(f"{self.path}: source rows outside the stored split were asked for")
+        out = np.empty((len(at), *self.shape), np.uint8)
+        blocks = at // self.block
+        needed = set(np.unique(blocks).tolist())
+        for block in needed:
+            mine = np.flatnonzero(blocks == block)
+            out[mine] = self._load_block(block, needed)[at[mine] - block * self.block]
+        new = np.flatnonzero(~self.verified[at])  # each row checked the first time this process reads it
+        bad = Images.mismatches(out[new], self.digests[at[new]])
+        if len(bad):
+            first = new[bad[0]]
+            raise StoreError(f"{self.path}: the stored image of sample {int(rows[first])} (store row {int(at[first])}) "
+                             "does not match its pixel digest (rewritten or swapped); re-run "
+                             "`bkd extract-teacher --overwrite`")
+        self.verified[at] = True
+        return out

@@ -1,0 +1,77 @@
+"""What a store holds (`store_info`) and whether every shard of it reads back whole (`verify_store`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from pipeline.errors import StoreError
+from pipeline.targets.fsutil import absent_objects, bytes_on_disk, listing, shard_keys
+from pipeline.targets.manifest import open_group, read_flags, split_group
+from pipeline.targets.reader import TeacherTargets
+from pipeline.targets.spec import FEATURES, FLAGS, SplitLayout
+
+
+def store_info(path: str | Path) -> dict[str, Any]:
+    """The store's splits, shards written, feature shapes, dtypes, codec, size on disk and manifest."""
+    root = open_group(str(path))
+    manifest = root.attrs["manifest"]
+    chunking = manifest["chunking"]
+    splits = {}
+    for split, meta in manifest["splits"].items():
+        layout = SplitLayout(meta["num_samples"], chunking["chunk_size"], chunking["chunks_per_shard"],
+                             meta["views"])
+        splits[split] = {
+            "samples": layout.num_samples,
+            "views": layout.views,
+            "shards_complete": int(read_flags(split_group(root, split, str(path), (FLAGS,)), str(path)).sum()),
+            "shards_total": layout.num_shards,
+        }
+    size = bytes_on_disk(path)
+    samples = sum(s["samples"] for s in splits.values())
+    sample_views = sum(s["samples"] * s["views"] for s in splits.values())
+    first_group = root[next(iter(splits))]
+    features = {name[len(FEATURES):]: array for name, array in first_group.arrays() if name.startswith(FEATURES)}
+    any_features = next(iter(features.values()))
+    return {
+        "path": str(path),
+        "complete": bool(root.attrs.get("complete", False)),
+        "views": {split: s["views"] for split, s in splits.items()},
+        "splits": splits,
+        "feature_shapes": {loc: list(array.shape[2:]) for loc, array in features.items()},
+        "num_classes": manifest["teacher"]["num_classes"],
+        "dtypes": {"features": any_features.dtype.name, "logits": manifest["arrays"]["logits"]},
+        "codec": ", ".join(f"{type(c).__name__}({getattr(c, 'level', '')})".replace("()", "")
+                           for c in any_features.compressors),
+        "bytes_on_disk": size,
+        "bytes_per_sample": size / samples if samples else 0.0,
+        "bytes_per_sample_view": size / sample_views if sample_views else 0.0,
+        "manifest": manifest,
+    }
+
+
+def verify_store(path: str | Path) -> Iterator[tuple[str, int, str | None]]:
+    """Read every chunk; yield (split, shard, problem or None) for each shard, each field checked by its codec."""
+    root = open_group(str(path))
+    manifest = root.attrs["manifest"]
+    for split in manifest["splits"]:
+        targets = TeacherTargets(path, split, require_complete=False)
+        done = set(np.flatnonzero(read_flags(targets.group, str(path))).tolist())
+        sizes = listing(str(path), split)
+        for shard in range(targets.layout.num_shards):
+            if shard not in done:
+                yield split, shard, "not written (extraction incomplete)"
+                continue
+            start, stop = targets.layout.shard_rows(shard)
+            bad = absent_objects(str(path), shard_keys(targets.group, shard), sizes)
+            if bad:
+                yield split, shard, f"{bad[0]} is missing or empty"
+                continue
+            try:
+                rows = targets.read_rows(start, stop, validate=False, images=True)
+            except StoreError as exc:
+                yield split, shard, str(exc).split(": ", 1)[-1]
+                continue
+            yield split, shard, targets.check_rows(rows, start, stop)
