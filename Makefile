@@ -1,5 +1,8 @@
 # `make run`: create the environment if missing, then run the whole pipeline with DVC.
-# `make test`: create the environment if missing, then run the test suite.
+# `make test`: create the environment if missing, then run the whole test suite.
+# `make test-fast`: the same without the end-to-end runs (tests marked slow): the inner loop.
+# Both spread the tests over one worker per core, a module per worker (its module-scoped fixtures
+# are built once), and list the 15 slowest tests.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
@@ -7,7 +10,7 @@ BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install run test bench clean
+.PHONY: install run test test-fast bench clean
 
 install: $(VENV)/.installed
 
@@ -21,8 +24,13 @@ run: install
 	$(BIN)/dvc repro
 	$(BIN)/dvc metrics show
 
+PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15
+
 test: install
-	$(BIN)/python -m pytest -q -n auto
+	$(PYTEST)
+
+test-fast: install
+	$(PYTEST) -m "not slow"
 
 bench: install
 	$(BIN)/python -m benchmarks

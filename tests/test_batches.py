@@ -145,6 +145,7 @@ def test_limit_below_the_classes_is_one_line(tmp_path):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["imagenet", "hdf5"])
 def test_teacher_training_draws_iid_batches_from_class_sorted_files(tmp_path, fmt, monkeypatch):
     """The teacher's own training (stage one) sees i.i.d. batches too: what its loader really serves."""

@@ -8,7 +8,7 @@ from benchmarks.__main__ import _store_size
 from benchmarks.common import peak_rss_mb, reset_peak_rss
 from benchmarks.reader import stream, tile_store
 from pipeline.targets import TeacherTargets, store_info
-from tests.test_store import build_store
+from tests.helpers import build_store
 
 
 def test_tiled_store_repeats_the_source_rows(tmp_path):

@@ -167,3 +167,34 @@ def test_refuses_corrupt_safetensors_with_one_line_error(tmp_path):
     with pytest.raises(BkdError, match="teacher.safetensors") as info:
         load_weights(path)
     assert "\n" not in str(info.value)
+
+
+def test_a_full_disk_while_saving_weights_is_a_bkd_error_and_leaves_nothing(tmp_path: Path, monkeypatch):
+    import torch
+
+    from pipeline import checkpoint
+
+    class SafetensorError(Exception):  # what safetensors raises for "No space left on device"
+        pass
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(BkdError, match="No space left"):
+        checkpoint.save_weights({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_a_bkd_error_and_leaves_nothing(tmp_path: Path, monkeypatch):
+    import torch
+
+    from pipeline import checkpoint
+
+    def full(*args, **kwargs):  # what torch.save raises when the disk fills mid-write
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 65216 vs 65112")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(BkdError, match="cannot write"):
+        checkpoint.save_state({"step": 1}, tmp_path / "last.pt")
+    assert list(tmp_path.iterdir()) == []

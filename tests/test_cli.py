@@ -11,7 +11,7 @@ import torch
 import pytest
 import zarr
 
-from tests.conftest import TINY, run_bkd, run_bkd_process
+from tests.helpers import TINY, run_bkd, run_bkd_process
 
 STORE = "cache/mnist5k-resnet18.zarr"
 
@@ -129,6 +129,25 @@ def test_bad_input_is_one_line_exit_2(tiny_project: Path, args, message):
     assert proc.returncode == 2
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tiny_project / "runs/refused").exists()
+
+
+def test_the_public_builder_trains_what_train_student_trains(tiny_project: Path, monkeypatch):
+    """`build_student_run` is the run `bkd train-student` trains: its engine gives the same weights."""
+    from pipeline.checkpoint import load_weights
+    from pipeline.config import load_config
+    from pipeline.student.train import build_student_run, train_student
+
+    monkeypatch.chdir(tiny_project)
+    cfg = load_config("params.yaml", [a for a in TINY if a != "--set"] + ["student.epochs=1"])
+    train_student(cfg, "runs/by-recipe")
+    run = build_student_run(cfg)
+    assert run.criterion.describe() and len(run.loader) == len(run.sampler) // cfg.student.batch_size + \
+        bool(len(run.sampler) % cfg.student.batch_size)
+    history = run.trainer("runs/by-builder").fit()
+    assert history[-1]["epoch"] == 1
+    recipe = load_weights(tiny_project / "runs/by-recipe/student.safetensors")
+    for name, value in run.student.state_dict().items():
+        assert torch.equal(value, recipe[name]), name
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tiny_project: Path, monkeypatch):

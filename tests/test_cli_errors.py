@@ -18,18 +18,9 @@ import pytest
 
 from pipeline.config import AugmentConfig
 from pipeline.errors import BkdError, ConfigError
-from tests.conftest import REPO, run_bkd, run_bkd_process
+from tests.helpers import REPO, TINY, assert_one_line, assert_refused, run_bkd, run_bkd_process
 
 MNIST5K = str(REPO / "params.yaml")
-
-
-def assert_one_line(returncode: int, stderr: str, *fragments: str) -> str:
-    assert returncode == 2, stderr[-2000:]
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("bkd: error:"), stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def refused(args: list[str], cwd: Path, *fragments: str) -> str:
@@ -236,3 +227,12 @@ def test_a_real_bug_keeps_its_traceback(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline.targets, "store_info", fail)
     with pytest.raises(ZeroDivisionError):
         run_bkd(["cache", "info", "store.zarr"], tmp_path, check=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, fragment", [
+    (["--run-dir", ""], "--run-dir is empty"),
+    (["--set", "seed=99999999999999999999999"], "seed must be in"),
+])
+def test_an_empty_run_dir_or_an_out_of_range_seed_is_one_line(tiny_project: Path, args, fragment):
+    assert_refused(run_bkd(["train-student", *TINY, "--epochs", "1", *args], tiny_project, check=False), fragment)

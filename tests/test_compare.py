@@ -9,7 +9,7 @@ import statistics
 import pytest
 
 from pipeline.compare import format_table, group_over_seeds, mode_groups, plot_groups, read_mode_metrics
-from tests.conftest import run_bkd
+from tests.helpers import run_bkd
 
 
 def _row(name, seed, blur, none, mixed):

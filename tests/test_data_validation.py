@@ -15,8 +15,7 @@ from PIL import Image
 from pipeline.config import load_config
 from pipeline.data import load_split, load_splits
 from pipeline.errors import ConfigError, DataError
-from tests.conftest import REPO, run_bkd
-from tests.test_datasets import write_cifar10, write_hdf5, write_imagefolder
+from tests.helpers import REPO, run_bkd, write_cifar10, write_hdf5, write_imagefolder
 
 RNG = np.random.default_rng(1)
 

@@ -1,4 +1,4 @@
-"""Datasets read from their real on-disk formats (tiny files written here), and each config
+"""Datasets read from their real on-disk formats (tiny files the tests write), and each config
 family end to end through the CLI: train-teacher -> extract-teacher -> train-student -> evaluate."""
 
 from __future__ import annotations
@@ -6,62 +6,18 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.data import load_split
 from pipeline.errors import DataError
-from tests.conftest import REPO, run_bkd
+from tests.helpers import REPO, run_bkd, write_cifar10, write_cifar100, write_hdf5, write_imagefolder
 
 RNG = np.random.default_rng(0)
-
-
-def _cifar_batch(path: Path, n: int, classes: int, label_key: str) -> dict:
-    batch = {"data": RNG.integers(0, 256, (n, 3072), dtype=np.uint8),
-             label_key: RNG.integers(0, classes, n).tolist(), "batch_label": "tiny"}
-    path.write_bytes(pickle.dumps(batch, protocol=2))
-    return batch
-
-
-def write_cifar10(root: Path, per_batch: int = 8) -> dict:
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    batches = {name: _cifar_batch(folder / name, per_batch, 10, "labels")
-               for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]}
-    return batches
-
-
-def write_cifar100(root: Path) -> None:
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    _cifar_batch(folder / "train", 24, 100, "fine_labels")
-    _cifar_batch(folder / "test", 12, 100, "fine_labels")
-
-
-def write_imagefolder(root: Path, per_class: int = 6) -> None:
-    for split in ("train", "val"):
-        for cls in ("n01440764", "n01443537"):
-            folder = root / split / cls
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                pixels = RNG.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)  # sizes differ, like real photos
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-
-
-def write_hdf5(root: Path, key: str, shape: tuple, n: dict, dtype=np.uint8) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    for split, count in n.items():
-        with h5py.File(root / f"{split}.h5", "w") as fh:
-            data = RNG.integers(0, 4 if dtype != np.uint8 else 256, (count, *shape)).astype(dtype)
-            fh.create_dataset(key, data=data, chunks=(1, *shape))
-            fh.create_dataset("labels", data=RNG.integers(0, 10, count))
-            fh.attrs["num_classes"] = 10
 
 
 # ---------------------------------------------------------------------------------------------

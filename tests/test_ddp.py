@@ -14,7 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from pipeline.checkpoint import load_state
-from tests.conftest import project_with_store, run_bkd, run_bkd_process
+from tests.helpers import project_with_store, run_bkd, run_bkd_process
 
 pytestmark = pytest.mark.slow
 

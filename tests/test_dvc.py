@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -165,3 +165,31 @@ def test_student_param_experiment_reruns_only_student_stages(dvc_copy):
     ran = _stages_run(output)
     assert "train_teacher" not in ran and "extract_teacher" not in ran
     assert {f"train_student@{mode}" for mode in MODES} <= ran
+
+
+def _changed_stages(root: Path) -> set[str]:
+    """The stages `dvc status` reports as changed (their deps, params or outs differ from dvc.lock)."""
+    return set(json.loads(_run(["dvc", "status", "--json"], root).splitlines()[-1] or "{}"))
+
+
+@pytest.mark.parametrize("edited, expected", [
+    ("pipeline/student/losses.py", {"train_student"}),
+    ("pipeline/student/models.py", {"train_student", "evaluate"}),
+    ("pipeline/teacher/models.py", {"train_teacher", "extract_teacher", "train_student", "evaluate", "compare"}),
+])
+def test_a_code_change_reruns_only_the_stages_that_import_it(dvc_copy, edited, expected):
+    """The research loop over code: a one-line change to a loss or a student model leaves the teacher and
+    its store valid (only student-side stages are out of date); a teacher-side change re-runs stage one."""
+    if not (dvc_copy / "dvc.lock").is_file() or _changed_stages(dvc_copy):
+        _run(["dvc", "repro"], dvc_copy)
+    assert _changed_stages(dvc_copy) == set()
+    path = dvc_copy / edited
+    original = path.read_text()
+    path.write_text(original + "# a one-line change\n")
+    try:
+        changed = _changed_stages(dvc_copy)
+    finally:
+        path.write_text(original)
+    assert {stage.split("@")[0] for stage in changed} == expected, changed
+    per_mode = {"train_student", "evaluate"} & expected
+    assert {f"{stage}@{mode}" for stage in per_mode for mode in MODES} <= changed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,8 +15,9 @@ import numpy as np
 import pytest
 import zarr
 
+from pipeline.targets import verify_store
 from pipeline.teacher.extract import store_lock
-from tests.conftest import TINY, run_bkd
+from tests.helpers import TINY, run_bkd
 
 pytestmark = pytest.mark.slow
 
@@ -104,3 +106,44 @@ def test_store_at_an_fsspec_url_equals_the_local_store(tiny_project, reference):
     run_bkd(["train-student", *SMALL_SHARDS, "--set", f"extract.store={url}", "--epochs", "1",
              "--run-dir", "runs/from-memory"], tiny_project)
     assert (tiny_project / "runs/from-memory/student.safetensors").is_file()
+
+
+# Killed at random moments, or missing a shard, a re-run converges to the same arrays.
+
+STORE = "cache/mnist5k-resnet18.zarr"
+SHARDED = [*TINY, "--set", "extract.chunk_size=16", "--set", "extract.chunks_per_shard=1", "--set",
+           "extract.views=2", "--set", "extract.splits=[train]"]
+
+
+def test_extraction_killed_at_random_points_converges_to_the_same_store(tiny_project: Path, tmp_path: Path):
+    reference, store = tmp_path / "reference.zarr", tmp_path / "killed.zarr"
+    run_bkd(["extract-teacher", *SHARDED, "--store", str(reference)], tiny_project)
+    bkd = str(Path(sys.executable).with_name("bkd"))
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    delays = []
+    for _ in range(3):
+        proc = subprocess.Popen([bkd, "extract-teacher", *SHARDED, "--store", str(store)], cwd=tiny_project,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        delays.append(float(rng.uniform(1.0, 8.0)))  # start-up, skeleton and shards all fall in this range
+        try:
+            proc.wait(timeout=delays[-1])
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    run_bkd(["extract-teacher", *SHARDED, "--store", str(store)], tiny_project)
+    ours = zarr.open_group(str(store), mode="r")["train"]
+    theirs = zarr.open_group(str(reference), mode="r")["train"]
+    for name in ("features.pre_logits", "logits", "view_params", "labels", "index", "pixel_digest"):
+        np.testing.assert_array_equal(ours[name][:], theirs[name][:], err_msg=f"{name} (kill delays {delays})")
+    assert all(problem is None for _, _, problem in verify_store(store))
+
+
+def test_extraction_rerun_rewrites_a_deleted_shard(tiny_project: Path, tmp_path: Path):
+    store = tmp_path / "store.zarr"
+    shutil.copytree(tiny_project / STORE, store)
+    before = zarr.open_group(str(store), mode="r")["train/features.pre_logits"][:]
+    (store / "train/features.pre_logits/c/1/0/0").unlink()
+    out = run_bkd(["extract-teacher", *TINY, "--store", str(store)], tiny_project)
+    assert "(1 shards written)" in out.stdout
+    assert all(problem is None for _, _, problem in verify_store(store))
+    np.testing.assert_array_equal(zarr.open_group(str(store), mode="r")["train/features.pre_logits"][:], before)

@@ -39,8 +39,7 @@ from pipeline.precision import resolve_channels_last, resolve_precision
 from pipeline.samplers import ChunkShuffleSampler
 from pipeline.student.train import StudentForward
 from pipeline.engine import Trainer, make_optimizer
-from tests.conftest import REPO, run_bkd
-from tests.test_cli_errors import assert_one_line
+from tests.helpers import REPO, assert_one_line, run_bkd
 
 CPU = torch.device("cpu")
 STORE = "cache/mnist5k-resnet18.zarr"

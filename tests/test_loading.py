@@ -27,10 +27,7 @@ from pipeline.teacher.models import create_teacher
 from pipeline.student.stream import CachedTargetDataset, open_student_targets
 from pipeline.samplers import ChunkShuffleSampler, interleave_lanes
 from pipeline.targets import IMAGES, StoredImages, TeacherTargets, verify_store
-from tests.conftest import run_bkd
-from tests.test_recipe import _extract_recording
-from tests.test_store import CHUNK, build_store
-from tests.test_stream import _image_split
+from tests.helpers import CHUNK, build_store, extract_recording, image_split, run_bkd
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -82,7 +79,7 @@ def _logged_dataset(tmp_path: Path, n: int, buffer_chunks: int, log: Path):
         return original(chunk, locations)
 
     targets.read_chunk = logged
-    return CachedTargetDataset(_image_split(data["labels"]), targets, buffer_chunks)
+    return CachedTargetDataset(image_split(data["labels"]), targets, buffer_chunks)
 
 
 def _reads(log: Path) -> list[tuple[int, int]]:
@@ -182,7 +179,7 @@ def imagenet_store(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("imagenet")
     _write_photos(tmp / "photos")
     cfg = _imagenet_cfg(tmp)
-    saw = _extract_recording(cfg)  # one batch per shard, as it needs
+    saw = extract_recording(cfg)  # one batch per shard, as it needs
     split = load_split(cfg.data, "train")
     return cfg, split, saw
 
@@ -314,15 +311,16 @@ def test_evaluation_reads_files_in_loader_workers_with_the_same_result(imagenet_
     assert len(alone) == len(test) and torch.equal(alone, workers)
 
 
+@pytest.mark.slow
 def test_mid_epoch_resume_under_loader_workers_is_exact(tiny_project, monkeypatch):
     """Two workers and their lanes: killed after step 2 of 5, resumed, the same weights (persistent workers
     across epochs: test_two_workers_serve_the_main_process_batches...)."""
     from pipeline.student import train
     from pipeline.checkpoint import load_weights
-    from tests.conftest import TINY
+    from tests.helpers import TINY
 
     monkeypatch.chdir(tiny_project)
-    cfg = load_config("params.yaml", [a for a in TINY if a != "--set"] +
+    cfg = load_config(REPO / "params.yaml", [a for a in TINY if a != "--set"] +
                       ["loader.workers=2", "student.checkpoint_every=2", "student.epochs=1"])
     train.train_student(cfg, "runs/lanes-straight")
     real_save = train.Trainer._save

@@ -11,7 +11,7 @@ from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.data import load_split
-from tests.conftest import TINY, run_bkd
+from tests.helpers import TINY, run_bkd
 
 pytestmark = pytest.mark.slow
 

@@ -12,14 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import checkpoint
 from pipeline.augment import CUTMIX, MIXUP, ViewAugmenter, partner_inputs, view_augmenter, view_schedule
 from pipeline.config import AugmentConfig, load_config
 from pipeline.data import load_split
 from pipeline.errors import ConfigError, StoreError
-from pipeline.teacher.extract import extract_teacher
-from pipeline.teacher.models import create_teacher
 from pipeline.student.stream import CachedTargetDataset, open_student_targets
+from tests.helpers import extract_recording
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "params.yaml"
@@ -36,41 +34,11 @@ def _cfg(tmp: Path, *extra: str):
     ])
 
 
-def _extract_recording(cfg) -> dict:
-    """Extract `cfg`'s store with a random teacher; {(sample, view): the tensor the teacher was fed}."""
-    import pipeline.teacher.extract as extract_module
-
-    split = load_split(cfg.data, "train")
-    torch.manual_seed(0)
-    checkpoint.save_weights(create_teacher(cfg.teacher, split.num_classes, split.image_shape).state_dict(),
-                            cfg.teacher.checkpoint)
-    fed: list[torch.Tensor] = []
-    real = extract_module.teacher_outputs
-
-    def recording(model, images, *args):
-        fed.append(images.clone())
-        return real(model, images, *args)
-
-    extract_module.teacher_outputs = recording
-    try:
-        extract_teacher(cfg, torch.device("cpu"))
-    finally:
-        extract_module.teacher_outputs = real
-    teacher_saw, views = {}, cfg.extract.views
-    shard_rows = cfg.extract.chunk_size * cfg.extract.chunks_per_shard
-    assert cfg.extract.batch_size >= shard_rows  # one batch per shard: views 0..K-1 in turn
-    for shard, start in enumerate(range(0, len(split), shard_rows)):
-        for v in range(views):
-            for r, image in enumerate(fed[1 + shard * views + v]):  # fed[0] probes the feature shape
-                teacher_saw[(start + r, v)] = image
-    return teacher_saw
-
-
 @pytest.fixture(scope="module")
 def recipe_store(tmp_path_factory):
     """A K = 4 store with the full recipe (views 2 and 3 mixed), and every input the teacher was fed."""
     cfg = _cfg(tmp_path_factory.mktemp("recipe"))
-    return cfg, load_split(cfg.data, "train"), _extract_recording(cfg)
+    return cfg, load_split(cfg.data, "train"), extract_recording(cfg)
 
 
 @pytest.mark.parametrize("ops", [
@@ -82,7 +50,7 @@ def recipe_store(tmp_path_factory):
 def test_each_op_alone_round_trips_bit_for_bit(tmp_path, ops):
     cfg = _cfg(tmp_path, "data.limit=32", "extract.views=3", "augment.kind=none", *ops,
                *(["augment.mix_views=1"] if "augment.mix_views=0" not in ops else []))
-    teacher_saw = _extract_recording(cfg)
+    teacher_saw = extract_recording(cfg)
     split = load_split(cfg.data, "train")
     targets = open_student_targets(cfg, "train", split)
     dataset = CachedTargetDataset(split, targets, 2, view_augmenter(cfg.augment, split), "views", seed=cfg.seed)

@@ -12,41 +12,9 @@ import pytest
 import torch
 
 from pipeline.errors import StoreError
-from pipeline.targets import SplitLayout, StoreWriter, TargetSpec, TeacherTargets, store_info, verify_store
-
-N_TRAIN, N_TEST = 300, 150  # 3 shards (last partial), 2 shards
-CHUNK, PER_SHARD = 64, 2
-DIM, CLASSES = 12, 10
-VIEWS = {"train": 3, "test": 1}
-PARAMS = 3  # view parameters per view
-
-
-def make_arrays(n: int, seed: int, views: int = 1) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "features.pre_logits": (rng.standard_normal((n, views, DIM)) * 4).astype(np.float32),  # float16 in the store
-        "logits": (rng.standard_normal((n, views, CLASSES)) * 8).astype(np.float32),
-        "view_params": rng.integers(0, 5, (n, views, PARAMS)).astype(np.int32),
-        "labels": rng.integers(0, CLASSES, n).astype(np.int64),
-        "index": np.arange(n, dtype=np.int64),
-        "pixel_digest": rng.integers(0, 2**63, n).astype(np.uint64),
-    }
-
-
-def make_test_spec(sha: str = "a" * 64, fingerprints: dict | None = None,
-                   n_train: int = N_TRAIN, n_test: int = N_TEST, logits_topk: int | None = None) -> TargetSpec:
-    fingerprints = fingerprints or {"train": "f-train", "test": "f-test"}
-    return TargetSpec(
-        teacher={"model": "resnet18", "checkpoint_sha256": sha, "small_input_stem": True,
-                 "num_classes": CLASSES, "num_features": DIM},
-        dataset={"name": "digits", "split_seed": 0, "test_size": 100, "limit": None},
-        splits={"train": {"num_samples": n_train, "fingerprint": fingerprints["train"], "views": VIEWS["train"]},
-                "test": {"num_samples": n_test, "fingerprint": fingerprints["test"], "views": VIEWS["test"]}},
-        transform={"scale": 1 / 255, "mean": [0.3], "std": [0.4], "input_shape": [1, 8, 8], "encoding": "direct"},
-        augment={"kind": "pad_crop_flip", "seed": 0, "pad": 2, "param_names": ["top", "left", "flip"]},
-        features={"locations": {"pre_logits": [DIM]}, "logits_topk": logits_topk},
-        chunking={"chunk_size": CHUNK, "chunks_per_shard": PER_SHARD},
-    )
+from pipeline.targets import SplitLayout, TeacherTargets, store_info, verify_store
+from tests.helpers import (CHUNK, CLASSES, DIM, N_TEST, N_TRAIN, PER_SHARD, TOPK, VIEWS, build_store,
+                           build_topk_store, make_arrays, make_test_spec, open_writer, write_split)
 
 
 def make_test_manifest(**kwargs) -> dict:
@@ -56,27 +24,6 @@ def make_test_manifest(**kwargs) -> dict:
 def layouts(n_train: int = N_TRAIN, n_test: int = N_TEST) -> dict[str, SplitLayout]:
     return {split: SplitLayout(n, CHUNK, PER_SHARD, VIEWS[split])
             for split, n in (("train", n_train), ("test", n_test))}
-
-
-def open_writer(path, spec=None, overwrite=False, n_train=N_TRAIN, n_test=N_TEST) -> StoreWriter:
-    return StoreWriter(path, spec or make_test_spec(n_train=n_train, n_test=n_test), overwrite=overwrite)
-
-
-def write_split(writer: StoreWriter, split: str, data: dict[str, np.ndarray], shards=None) -> None:
-    layout = writer.layouts[split]
-    for shard in range(layout.num_shards) if shards is None else shards:
-        start, stop = layout.shard_rows(shard)
-        writer.write_shard(split, shard, {k: v[start:stop] for k, v in data.items()})
-
-
-def build_store(path, n_train: int = N_TRAIN, n_test: int = N_TEST, seed: int = 0) -> dict[str, dict]:
-    """A complete two-split store at `path`; returns the arrays written."""
-    writer = open_writer(path, n_train=n_train, n_test=n_test)
-    data = {"train": make_arrays(n_train, seed, VIEWS["train"]), "test": make_arrays(n_test, seed + 1)}
-    for split in ("train", "test"):
-        write_split(writer, split, data[split])
-    writer.finish()
-    return data
 
 
 def test_layout_last_shard_is_partial():
@@ -324,25 +271,6 @@ def test_write_shard_rejects_wrong_row_count(tmp_path):
     assert writer.missing_shards("train") == [0, 1, 2]
 
 
-TOPK = 3
-
-
-def build_topk_store(path) -> dict[str, dict]:
-    """A complete top-k store (k = TOPK) at `path`; returns the full arrays it was made from."""
-    from pipeline.targets import topk_arrays
-
-    writer = StoreWriter(path, make_test_spec(logits_topk=TOPK))
-    full = {split: make_arrays(n, i, VIEWS[split]) for i, (split, n) in enumerate((("train", N_TRAIN), ("test", N_TEST)))}
-    for split, data in full.items():
-        targets = np.repeat(data["labels"][:, None, None], VIEWS[split], 1).repeat(2, 2)
-        targets[::4, :, 1] = (data["labels"][::4, None] + 1) % CLASSES  # a mixed view's two classes
-        data["targets"] = targets
-        write_split(writer, split, {**{k: v for k, v in data.items() if k != "targets"},
-                                    **topk_arrays(data["logits"], TOPK, targets)})
-    writer.finish()
-    return full
-
-
 def test_topk_store_round_trip_holds_what_the_losses_need(tmp_path):
     from pipeline.targets import TOPK_ARRAYS, TOPK_INDEX, TOPK_TAIL, TOPK_TARGET, TOPK_TARGET_CLASS
 
@@ -462,7 +390,6 @@ def test_extraction_refuses_an_older_store_before_reading_any_data(tmp_path):
         extract_teacher(cfg, torch.device("cpu"))
     with pytest.raises(StoreError, match="format bkd-teacher-targets/3.*--overwrite"):  # not 'damaged manifest'
         open_writer(path)
-
 
 
 def test_the_contract_imports_no_data_loading_or_augmentation():

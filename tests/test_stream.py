@@ -7,13 +7,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.config import DataConfig
-from pipeline.data import ArraySource, ImageSplit, collate_batch
+from pipeline.data import collate_batch
 from pipeline.errors import BkdError, StoreError
 from pipeline.targets import TeacherTargets
 from pipeline.student.stream import CachedTargetDataset
 from pipeline.samplers import ChunkShuffleSampler
-from tests.test_store import CHUNK, build_store
+from tests.helpers import CHUNK, build_store, image_split
 
 # ---------------------------------------------------------------------------------------------
 # ChunkShuffleSampler
@@ -142,12 +141,6 @@ def test_sampler_never_needs_more_than_buffer_chunks(n, chunk, buf, seed):
 # ---------------------------------------------------------------------------------------------
 
 
-def _image_split(labels: np.ndarray, seed: int = 0) -> ImageSplit:
-    n = len(labels)
-    images = np.random.default_rng(seed).integers(0, 256, (n, 1, 8, 8), dtype=np.uint8)
-    return ImageSplit("digits", "train", ArraySource(images, labels, 10), np.arange(n), DataConfig(name="digits"))
-
-
 @pytest.fixture()
 def make_dataset(tmp_path):
     def make(n_train: int, buffer_chunks: int):
@@ -162,7 +155,7 @@ def make_dataset(tmp_path):
             return original(chunk, locations)
 
         targets.read_chunk = counting_read
-        split = _image_split(data["labels"])
+        split = image_split(data["labels"])
         return CachedTargetDataset(split, targets, buffer_chunks), split, data, reads
 
     return make
@@ -240,4 +233,4 @@ def test_mismatched_lengths_raise(tmp_path):
     data = build_store(path, n_train=300)["train"]
     targets = TeacherTargets(path, "train")
     with pytest.raises(StoreError, match="300"):
-        CachedTargetDataset(_image_split(data["labels"][:299]), targets, 2)
+        CachedTargetDataset(image_split(data["labels"][:299]), targets, 2)

@@ -4,6 +4,7 @@ are read at named locations; a trained bkd SNN serves as teacher."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from pipeline.checkpoint import save_weights
 from pipeline.config import load_config
 from pipeline.errors import BkdError, ConfigError
 from pipeline.teacher.models import (check_teacher_locations, create_teacher, load_teacher, teacher_metadata, teacher_outputs)
-from tests.conftest import REPO, run_bkd
+from tests.helpers import REPO, TINY, assert_refused, run_bkd
 
 
 def test_torchvision_resnet_weights_load_into_the_timm_teacher(tmp_path):
@@ -265,3 +266,26 @@ def test_train_teacher_trains_an_snn_teacher_that_load_teacher_accepts(tmp_path)
     features, logits = teacher_outputs(teacher, torch.randn(2, 1, 8, 8), ["pre_logits", "stages.1"])
     assert features["pre_logits"].shape == (2, 8) and features["stages.1"].shape == (2, 8, 4, 4)
     assert json.loads((tmp_path / "teacher.json").read_text())["model"] == "bkd:sew_resnet_mnist"
+
+
+@pytest.mark.slow
+def test_nan_teacher_weights_are_refused_before_writing(tiny_project: Path, tmp_path: Path):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tiny_project / "models/teacher.safetensors"))
+    state[next(k for k, v in state.items() if v.is_floating_point())].fill_(float("nan"))
+    bad = tmp_path / "nan.safetensors"
+    save_file(state, str(bad))
+    store = tmp_path / "nan.zarr"
+    proc = run_bkd(["extract-teacher", *TINY, "--set", f"teacher.checkpoint={bad}", "--store", str(store)],
+                   tiny_project, check=False)
+    assert_refused(proc, "NaN or infinite")
+    assert not store.exists()
+
+
+@pytest.mark.slow
+def test_missing_teacher_checkpoint_is_an_error_unless_waived(tiny_project: Path):
+    args = ["train-student", *TINY, "--epochs", "1", "--distill", "none", "--set", "teacher.checkpoint=models/typo.st"]
+    proc = run_bkd([*args, "--run-dir", "runs/refused"], tiny_project, check=False)
+    assert_refused(proc, "--trust-store-teacher")
+    run_bkd([*args, "--run-dir", "runs/waived", "--trust-store-teacher"], tiny_project)

@@ -102,3 +102,8 @@ def test_checkpoint_every_zero_saves_only_at_epoch_ends(tmp_path):
         trainer.fit()
     state = checkpoint.load_state(tmp_path / "last.pt")
     assert (state["epoch"], state["step"]) == (1, 0)
+
+
+def test_the_engine_takes_keyword_arguments_only():
+    with pytest.raises(TypeError):
+        Trainer({}, None, None, None, None, None, 1, "run", lambda: 0.0, torch.device("cpu"), "test")

@@ -18,7 +18,7 @@ from pipeline.teacher.extract import extract_teacher
 from pipeline.teacher.models import create_teacher
 from pipeline.targets import TeacherTargets, bytes_on_disk
 from pipeline.student.stream import CachedTargetDataset, open_student_targets
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 CONFIG = REPO / "params.yaml"
 

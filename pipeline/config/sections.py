@@ -1,134 +1,22 @@
-"""One typed experiment config shared by every stage.
+"""The config's sections: one dataclass each, its fields with their meaning, and its own range checks.
 
-A config is a YAML file whose sections map onto the dataclasses below. Loading checks
-every key and type and every value range before any heavy work starts; command-line
-overrides (``section.key=value``) go through the same checks.
+`Config` is the whole config, one field per section. A section's `check` sees only its own fields; the
+rules across sections are in pipeline.config.rules.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import re
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-import yaml
-
-from pipeline.errors import ConfigError
-from pipeline.errors import clip as _clip
+from pipeline.config.checks import _check, _check_path, _check_seed, _check_training, _location_name
+from pipeline.config.choices import (MAX_TEACHER_INPUT_SIZE, SNN_TEACHER_PREFIX, ChannelsLast, DistillMode,
+                                     ErasingMode, FloatDtype, Interpolation, NeuronBackend, Optimizer, Precision,
+                                     SchedulePer, Split, StudentAugment)
 from pipeline.errors import short as _short
-from pipeline.modes import DISTILL_MODES, MODES
-
-
-class Former(dict):
-    """`Annotated` metadata of a choices field: names it no longer takes, each with why (added to the refusal)."""
-
-
-# The fields that take one of a few names. Loading refuses any other name, naming the field and the
-# choices (`_coerce`); the tuples are the same choices for code that checks values of its own.
-DistillMode = Literal[DISTILL_MODES]  # pipeline.modes.MODES
-FloatDtype = Literal["float16", "float32"]
-Interpolation = Literal["bilinear", "bicubic"]
-Optimizer = Literal["adamw", "sgd"]  # sgd: classical momentum, no Nesterov
-SchedulePer = Literal["step", "epoch"]
-ErasingMode = Literal["const", "rand", "pixel"]  # timm's remode
-StudentAugment = Literal["views", "online"]
-Split = Literal["train", "test"]
-# Fast math (pipeline.precision): autocast dtypes, channels_last and spikingjelly 2.0's multi-step
-# neuron implementations. "auto" resolves from the device the stage actually runs on.
-Precision = Literal["auto", "float32", "bfloat16", "float16"]
-ChannelsLast = Literal["auto", "on", "off"]
-NeuronBackend = Annotated[Literal["auto", "torch", "cuda", "triton"], Former(
-    cupy="cupy was spikingjelly 0.0.0.0.x's backend; spikingjelly 2.0 has cuda and triton")]
-
-FLOAT_DTYPES = typing.get_args(FloatDtype)
-INTERPOLATIONS = typing.get_args(Interpolation)
-OPTIMIZERS = typing.get_args(Optimizer)
-SCHEDULE_PER = typing.get_args(SchedulePer)
-PRECISIONS = typing.get_args(Precision)
-CHANNELS_LAST = typing.get_args(ChannelsLast)
-NEURON_BACKENDS = typing.get_args(typing.get_args(NeuronBackend)[0])
-MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; anything near this is not one
-MAX_ALIAS_VALUES = 10_000  # values that YAML aliases may add to a document (see _ConfigLoader)
-MAX_TEACHER_INPUT_SIZE = 4096
-SNN_TEACHER_PREFIX = "bkd:"  # teacher.model "bkd:<student>": a trained bkd SNN as teacher
-
-
-class YAMLRefused(yaml.YAMLError):
-    """Well-formed YAML that a config may not contain; the message is one line, shown as is."""
-
-
-class _ConfigLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys and alias bombs.
-
-    Duplicate keys: YAML says a mapping's keys are unique, PyYAML keeps the last silently, so a
-    second `lr:` in a section would override the first unnoticed. Checked on the node's own
-    pairs, before `<<` merge keys are flattened (a key that overrides a merged one is fine).
-
-    Aliases: a document of nested aliases ("billion laughs") is tiny as text and as composed
-    nodes (an alias is the same node again), but everything that walks the loaded value --
-    type checks, error messages -- sees its full expansion. Refusing aliases altogether would be
-    simplest, but anchors are a legitimate way to share a block between sections, so instead
-    every alias is charged the expanded size of the node it repeats (memoized per node, so the
-    counting is linear in the document) and the document is refused once the aliases add more
-    than MAX_ALIAS_VALUES values. An alias to a node still being composed (a recursive
-    document) never expands to a finite config and is refused too.
-    """
-
-    def __init__(self, stream):
-        super().__init__(stream)
-        self._alias_values = 0
-        self._sizes: dict[int, int] = {}
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            node = self.anchors.get(event.anchor)
-            if node is not None:  # an undefined alias is reported by the composer itself
-                line = event.start_mark.line + 1
-                if node.end_mark is None:
-                    raise YAMLRefused(f"recursive alias *{_clip(event.anchor)} at line {line}")
-                self._alias_values += self._size(node)
-                if self._alias_values > MAX_ALIAS_VALUES:
-                    raise YAMLRefused(f"aliases expand to more than {MAX_ALIAS_VALUES} values "
-                                      f"(at *{_clip(event.anchor)}, line {line})")
-        return super().compose_node(parent, index)
-
-    def _size(self, node: yaml.Node) -> int:
-        """How many values `node` stands for once every alias in it is expanded."""
-        size = self._sizes.get(id(node))
-        if size is None:
-            if isinstance(node, yaml.SequenceNode):
-                size = 1 + sum(self._size(child) for child in node.value)
-            elif isinstance(node, yaml.MappingNode):
-                size = 1 + sum(self._size(k) + self._size(v) for k, v in node.value)
-            else:
-                size = 1
-            self._sizes[id(node)] = size
-        return size
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            first_line: dict[Any, int] = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
-                    continue
-                key = self.construct_object(key_node)
-                line = key_node.start_mark.line + 1
-                if key in first_line:
-                    raise YAMLRefused(f"duplicate key {_short(key)} at line {line} "
-                                      f"(first at line {first_line[key]})")
-                first_line[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_ConfigLoader)
+from pipeline.modes import MODES
 
 
 @dataclass
@@ -215,7 +103,6 @@ class AugmentConfig:
         return self.kind != "none" or bool(self.randaugment) or self.erasing > 0 or self.mixup > 0 or self.cutmix > 0
 
 
-
 @dataclass
 class TeacherConfig:
     # Any timm model name, or "bkd:<registered student>" (e.g. bkd:sew_resnet18) for a trained
@@ -253,8 +140,9 @@ class TeacherConfig:
             _check(self.timesteps is not None,
                    f"teacher.timesteps is required for an SNN teacher ({_short(self.model)}): set its own T")
             _check(self.timesteps >= 1, f"teacher.timesteps must be >= 1, got {self.timesteps}")
-            _check(self.input_size is None, "teacher.input_size resizes inputs for ANN teachers; an SNN teacher "
-                                            f"({_short(self.model)}) takes the student's inputs as they are (set it to null)")
+            _check(self.input_size is None,
+                   "teacher.input_size resizes inputs for ANN teachers; an SNN teacher "
+                   f"({_short(self.model)}) takes the student's inputs as they are (set it to null)")
         else:
             _check(self.timesteps is None, f"teacher.timesteps is for bkd:<student> SNN teachers only; "
                                            f"{_short(self.model)} is an ANN (set it to null)")
@@ -489,249 +377,3 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(arg) for arg in typing.get_args(tp))
-    if origin is Literal:
-        return "str"
-    if origin is Annotated:
-        return _type_name(typing.get_args(tp)[0])
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-class _NotAChoice(ConfigError):
-    """A string of a choices field that is none of its choices: refused as is, also inside a union."""
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check `value` against the annotation `tp`; build nested dataclasses."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return _build(tp, value, where)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except _NotAChoice:
-                raise
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {_short(value)}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value in choices and isinstance(value, str):
-            return value
-        error = _NotAChoice if isinstance(value, str) else ConfigError
-        raise error(f"{where} must be one of {', '.join(choices)}, got {_short(value)}")
-    if origin is Annotated:
-        base, *metadata = typing.get_args(tp)
-        try:
-            return _coerce(value, base, where)
-        except _NotAChoice as exc:
-            why = next((m[value] for m in metadata if isinstance(m, Former) and value in m), None)
-            if why is None:
-                raise
-            raise _NotAChoice(f"{exc} ({why})") from None
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {_short(value)}")
-        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {_short(value)}")
-        return dict(value)
-    if tp is float:
-        # YAML reads `1e-3` as a string (YAML 1.1); accept ints and numeric strings.
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {_short(value)}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {_short(value)}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected an integer, got {_short(value)}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true or false, got {_short(value)}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}: expected a string, got {_short(value)}")
-    if tp is Any:
-        return value
-    raise TypeError(f"unsupported config annotation {tp!r} at {where}")
-
-
-def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
-    hints = typing.get_type_hints(cls, include_extras=True)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names, key=str)  # YAML keys may be numbers, null, ...
-    if unknown:
-        prefix = f"{where}." if where else ""
-        key = unknown[0] if isinstance(unknown[0], str) else repr(unknown[0])
-        # the key clipped shorter than other values: the student section's list of known keys is long
-        raise ConfigError(f"unknown config key '{prefix}{_clip(key, 60)}' (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for key, value in raw.items():
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
-    return cls(**kwargs)
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-def _check_seed(key: str, seed: int) -> None:
-    # numpy refuses negative seeds and torch ones of 64 bits or more (with tracebacks, deep inside
-    # data loading, augmentation or training)
-    _check(0 <= seed < 2**63, f"{key} must be in [0, 2**63), got {_short(seed)}")
-
-
-def _check_path(key: str, value: str) -> None:
-    # An empty path is "." to pathlib: a store there once made --overwrite delete the working
-    # directory. Empty or blank usually means an unset shell variable in `--set extract.store=$X`.
-    _check(value.strip() != "", f"{key} must be a non-empty path, got {_short(value)}")
-
-
-def _check_training(section: TeacherConfig | StudentConfig, name: str) -> None:
-    """The optimisation fields the teacher and the student sections share."""
-    _check(section.epochs >= 1, f"{name}.epochs must be >= 1, got {section.epochs}")
-    _check(section.batch_size >= 1, f"{name}.batch_size must be >= 1, got {section.batch_size}")
-    _check(0 < section.lr < math.inf, f"{name}.lr must be finite and > 0, got {section.lr}")
-    _check(section.weight_decay >= 0, f"{name}.weight_decay must be >= 0")
-    _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", section.device) is not None,
-           f"{name}.device must be auto, cpu or cuda[:N], got {_short(section.device)}")
-
-
-def _location_name(value: Any) -> bool:
-    """A feature location: a module name as `named_modules` spells it (dotted identifiers and indices)."""
-    return isinstance(value, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", value) is not None
-
-
-def validate(cfg: Config) -> Config:
-    """A checked copy of `cfg`, which is left as it is.
-
-    The copy is built from `cfg`'s values as a loaded file is (types and choices, `_coerce`), then
-    each section checks its ranges (`check`), then the rules across sections below. Names of
-    datasets, models and augmentations are checked by pipeline.registry.
-    """
-    return _checked(_build(Config, cfg.to_dict(), ""))
-
-
-def _checked(cfg: Config) -> Config:
-    """`cfg` once its sections' ranges and the rules across sections hold."""
-    _check_seed("seed", cfg.seed)
-    for section in (cfg.data, cfg.loader, cfg.teacher, cfg.augment, cfg.extract, cfg.student):
-        section.check()
-    aug, views, online = cfg.augment, cfg.extract.views, cfg.student.augment == "online"
-    _check(views == 1 or aug.augments(), "extract.views > 1 needs an augmentation (augment.kind is none, and no recipe)")
-    _check(0 <= aug.mix_views < views,
-           f"augment.mix_views must be in [0, extract.views - 1] (view 0 is the clean input), got {aug.mix_views} "
-           f"with extract.views {views}")
-    _check(not (aug.mixup > 0 or aug.cutmix > 0) or aug.mix_views >= 1 or online,
-           "augment.mixup/cutmix need augment.mix_views >= 1: the mixed views are cached with their teacher targets")
-    return cfg
-
-
-def _parse_scalar(text: str, assignment: str) -> Any:
-    if text == "":
-        return ""
-    try:
-        return _yaml_load(text)
-    except YAMLRefused as exc:
-        raise ConfigError(f"override '{_clip(assignment)}': {exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{_clip(assignment)}': the value is not valid YAML "
-                          f"({_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    """A YAML error in one line: its problem and where, else the first line of its text."""
-    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
-        where = f" at line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}" if exc.problem_mark else ""
-        return _clip(f"{exc.problem}{where}", 200)
-    lines = str(exc).strip().splitlines()
-    return _clip(lines[0].strip() if lines else type(exc).__name__, 200)
-
-
-def format_override(dotted: str, value: Any) -> str:
-    """`dotted=value` for `apply_override` that reads back exactly `value` (JSON is YAML: 'yes' stays a string)."""
-    return f"{dotted}={json.dumps(value)}"
-
-
-def apply_override(raw: dict[str, Any], assignment: str) -> None:
-    """Apply one ``dotted.key=value`` override to a raw config mapping (value parsed as YAML)."""
-    if "=" not in assignment:
-        raise ConfigError(f"override '{_clip(assignment)}' must look like section.key=value")
-    dotted, text = assignment.split("=", 1)
-    keys = [key.strip() for key in dotted.split(".")]
-    if not all(keys):
-        raise ConfigError(f"override '{_clip(assignment)}': empty key in '{_clip(dotted)}' "
-                          "(expected section.key=value)")
-    node = raw
-    for depth, key in enumerate(keys[:-1]):
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override '{_clip(assignment)}': '{'.'.join(keys[:depth + 1])}' is not a section")
-    node[keys[-1]] = _parse_scalar(text, assignment)
-
-
-def load_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -> Config:
-    """Read a YAML config (or the built-in defaults when `path` is None), apply overrides, validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        raw = _read_yaml(path) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
-    for assignment in overrides:
-        apply_override(raw, assignment)
-    return _checked(_build(Config, raw, ""))
-
-
-def _read_yaml(path: Path) -> Any:
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config ({exc.strerror or exc})") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB, too large for a config file")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
-    try:
-        return _yaml_load(text)
-    except YAMLRefused as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({_first_line(exc)})") from None
-
-
-def dump_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config atomically: a full disk leaves the old file or none, never half of one."""
-    from pipeline.checkpoint import atomic_write_text
-
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

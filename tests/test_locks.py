@@ -1,0 +1,28 @@
+"""Path locks: an empty lock file (its owner never written, as a full disk leaves it) is taken over once
+it is old, and respected while it is fresh."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import BkdError
+
+
+def test_an_empty_lock_left_by_a_full_disk_is_taken_over(tmp_path: Path):
+    from pipeline import locks
+
+    lock = tmp_path / "RUN.lock"
+    lock.write_bytes(b"")  # created, then the disk was full before its owner was written
+    old = time.time() - 2 * locks.UNREADABLE_LOCK_SECONDS
+    os.utime(lock, (old, old))
+    with locks.PathLock(str(lock), "busy"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    lock.write_bytes(b"")  # a fresh one may be a writer between creating and filling it: respected
+    with pytest.raises(BkdError, match="busy"):
+        with locks.PathLock(str(lock), "busy"):
+            pass
