@@ -113,7 +113,7 @@ def _lookup(params: dict, dotted: str) -> str:
 def test_the_import_walk_sees_function_level_imports():
     files = {f.relative_to(REPO).as_posix() for f in imported_files("stages.evaluate")}
     assert "pipeline/student/evaluate.py" in files  # imported inside main()
-    assert "pipeline/targets/store.py" in files  # through evaluate -> targets (function-level)
+    assert "pipeline/targets/reader.py" in files  # through evaluate -> targets (function-level)
 
 
 @pytest.mark.parametrize("stage", ["stages.train_teacher", "stages.extract_teacher"])

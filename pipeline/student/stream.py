@@ -39,12 +39,11 @@ def student_sampler(cfg: Config, num_samples: int, chunk_size: int, batch_size: 
                     world_size: int = 1, lanes: int | None = None) -> ChunkShuffleSampler:
     """The sampler a student run draws its batches with: chunk-aligned windows of
     student.shuffle_buffer_chunks chunks of the store, one rank's share under DDP, with `lanes`
-    (default: loader.workers) lanes. Batches are i.i.d. draws because the store's rows are in a seeded random order (data._split);
-    the windows only keep the reads local."""
+    (default: loader.workers) lanes. Batches are i.i.d. draws because the store's rows are in a seeded
+    random order (data._split); the windows only keep the reads local."""
     return ChunkShuffleSampler(num_samples, chunk_size, cfg.student.shuffle_buffer_chunks, seed=cfg.seed, rank=rank,
                                world_size=world_size, lanes=max(1, cfg.loader.workers if lanes is None else lanes),
-                               batch_size=batch_size,
-                               with_epoch=True)
+                               batch_size=batch_size, with_epoch=True)
 
 
 class CachedTargetDataset(Dataset):
