@@ -39,8 +39,12 @@ def reference(tiny_project) -> Path:
 
 
 def test_two_worker_local_cluster_equals_single_process(tiny_project, reference):
+    environ = dict(os.environ)
     out = run_bkd(["extract-teacher", *SMALL_SHARDS, "--store", "cache/dask.zarr", "--workers", "2"], tiny_project)
     assert "10 shards written" in out.stdout
+    # distributed's nanny sets OMP_NUM_THREADS=1 and more in the launching process; left there, every later
+    # subprocess of the caller would train on one thread (and to other numbers than the caller itself)
+    assert dict(os.environ) == environ
     ours, theirs = _arrays(tiny_project / "cache/dask.zarr"), _arrays(reference)
     for name in ours:
         np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 
 import numpy as np
 import torch
@@ -209,27 +211,41 @@ def _planner_config(cfg: Config) -> Config:
     return dataclasses.replace(cfg, extract=dataclasses.replace(cfg.extract, compile=False, channels_last="off"))
 
 
+@contextlib.contextmanager
+def _environ_kept():
+    """Restore this process's environment on exit. distributed's Nanny writes its pre-spawn variables
+    (OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, ...) into the *launching* process's os.environ and leaves them;
+    every process started from here afterwards (a DDP rank, a `bkd` subprocess) would then run on one
+    intra-op thread, with other numbers than the same run started elsewhere."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in [k for k in os.environ if k not in before]:
+            del os.environ[key]
+        os.environ.update({k: v for k, v in before.items() if os.environ.get(k) != v})
+
+
 def _run_on_dask(cfg: Config, device: str, shards: list, workers: int, scheduler: str | None, bar) -> None:
     from distributed import Client, LocalCluster, as_completed
 
-    import os
-
-    threads = None
-    if scheduler is not None:
-        client = Client(scheduler)
-    else:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
-        client = Client(cluster)
-        threads = max(1, (os.cpu_count() or 1) // workers)
-    try:
-        futures = [client.submit(_extract_shard_task, cfg, device, name, shard, threads, pure=False)
-                   for name, shard in shards]
-        for future in as_completed(futures):
-            bar.update(future.result())  # re-raises a worker's error here
-    finally:
-        client.close()
-        if scheduler is None:
-            cluster.close()
+    with _environ_kept():
+        threads = None
+        if scheduler is not None:
+            client = Client(scheduler)
+        else:
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+            client = Client(cluster)
+            threads = max(1, (os.cpu_count() or 1) // workers)
+        try:
+            futures = [client.submit(_extract_shard_task, cfg, device, name, shard, threads, pure=False)
+                       for name, shard in shards]
+            for future in as_completed(futures):
+                bar.update(future.result())  # re-raises a worker's error here
+        finally:
+            client.close()
+            if scheduler is None:
+                cluster.close()
 
 
 def store_lock(store: str) -> PathLock:
