@@ -13,6 +13,8 @@ import os
 import posixpath
 import socket
 
+import fsspec
+
 from pipeline.errors import BkdError
 
 # An empty or unreadable lock older than this was left by a writer that died (or ran out of disk)
@@ -24,10 +26,8 @@ class PathLock:
     """`with PathLock(url, busy):` -- refuse a second writer while this one runs; `busy` says what is taken."""
 
     def __init__(self, url: str, busy: str):
-        from pipeline.targets.fsutil import filesystem
-
         self.url, self.busy = url, busy
-        self.fs, self.path = filesystem(url)
+        self.fs, self.path = fsspec.core.url_to_fs(str(url))
 
     def __enter__(self):
         if posixpath.dirname(self.path):

@@ -175,11 +175,13 @@ def _changed_stages(root: Path) -> set[str]:
 @pytest.mark.parametrize("edited, expected", [
     ("pipeline/student/losses.py", {"train_student"}),
     ("pipeline/student/models.py", {"train_student", "evaluate"}),
+    ("pipeline/targets/fields.py", {"extract_teacher", "train_student", "evaluate"}),
     ("pipeline/teacher/models.py", {"train_teacher", "extract_teacher", "train_student", "evaluate", "compare"}),
 ])
 def test_a_code_change_reruns_only_the_stages_that_import_it(dvc_copy, edited, expected):
     """The research loop over code: a one-line change to a loss or a student model leaves the teacher and
-    its store valid (only student-side stages are out of date); a teacher-side change re-runs stage one."""
+    its store valid (only student-side stages are out of date); a store codec change re-extracts but keeps
+    the trained teacher; a teacher-side change re-runs stage one."""
     if not (dvc_copy / "dvc.lock").is_file() or _changed_stages(dvc_copy):
         _run(["dvc", "repro"], dvc_copy)
     assert _changed_stages(dvc_copy) == set()
