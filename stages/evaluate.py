@@ -24,7 +24,8 @@ from stages.common import build_config, config_options, nonempty, one_line_error
 @one_line_errors
 def main(config_path, overrides, distill, run_dir, metrics, report, plots_dir, device, trust_store_teacher):
     """Headline metrics of a trained student (top-1/5, firing rate, SOPs, energy; the teacher's
-    top-1 from its cached logits) and a per-layer report with plots.
+    top-1 from its cached logits, or from its forward for a student.targets=online run) and a per-layer
+    report with plots.
 
     The model, T and data come from the run folder's config.yaml; a config that contradicts it is refused.
     """

@@ -14,7 +14,7 @@ from pipeline.config.choices import (CHANNELS_LAST, FLOAT_DTYPES, INTERPOLATIONS
                                      MAX_TEACHER_INPUT_SIZE, NEURON_BACKENDS, OPTIMIZERS, PRECISIONS, SCHEDULE_PER,
                                      SNN_TEACHER_PREFIX, ChannelsLast, DistillMode, ErasingMode, FloatDtype, Former,
                                      Interpolation, NeuronBackend, Optimizer, Precision, SchedulePer, Split,
-                                     StudentAugment)
+                                     StudentAugment, StudentTargets)
 from pipeline.config.load import apply_override, format_override, load_config
 from pipeline.config.rules import validate
 from pipeline.config.sections import (AugmentConfig, BKDConfig, Config, DataConfig, ExtractConfig, LoaderConfig,
@@ -27,5 +27,5 @@ __all__ = ["CHANNELS_LAST", "DISTILL_MODES", "FLOAT_DTYPES", "INTERPOLATIONS", "
            "SNN_TEACHER_PREFIX", "AugmentConfig", "BKDConfig", "ChannelsLast", "Config", "DataConfig", "DistillMode",
            "ErasingMode", "ExtractConfig", "FloatDtype", "Former", "Interpolation", "LoaderConfig", "LogitsConfig",
            "NeuronBackend", "Optimizer", "Precision", "ScheduleConfig", "SchedulePer", "Split", "StudentAugment",
-           "StudentConfig", "TeacherConfig", "YAMLRefused", "apply_override", "dump_config", "format_override",
+           "StudentConfig", "StudentTargets", "TeacherConfig", "YAMLRefused", "apply_override", "dump_config", "format_override",
            "load_config", "validate"]

@@ -23,6 +23,7 @@ Optimizer = Literal["adamw", "sgd"]  # sgd: classical momentum, no Nesterov
 SchedulePer = Literal["step", "epoch"]
 ErasingMode = Literal["const", "rand", "pixel"]  # timm's remode
 StudentAugment = Literal["views", "online"]
+StudentTargets = Literal["cache", "online"]
 Split = Literal["train", "test"]
 # Fast math (pipeline.precision): autocast dtypes, channels_last and spikingjelly 2.0's multi-step
 # neuron implementations. "auto" resolves from the device the stage actually runs on.

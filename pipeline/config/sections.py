@@ -14,7 +14,7 @@ from typing import Any
 from pipeline.config.checks import _check, _check_path, _check_seed, _check_training, _location_name
 from pipeline.config.choices import (MAX_TEACHER_INPUT_SIZE, SNN_TEACHER_PREFIX, ChannelsLast, DistillMode,
                                      ErasingMode, FloatDtype, Interpolation, NeuronBackend, Optimizer, Precision,
-                                     SchedulePer, Split, StudentAugment)
+                                     SchedulePer, Split, StudentAugment, StudentTargets)
 from pipeline.errors import short as _short
 from pipeline.modes import MODES
 
@@ -315,6 +315,13 @@ class StudentConfig:
     # online: fresh random augmentation every step against view 0's (clean-input) targets --
     #         the inconsistent baseline, kept for ablations.
     augment: StudentAugment = "views"
+    # Where the teacher targets come from.
+    # cache:  the store extract-teacher wrote (the teacher never runs).
+    # online: the reference, as the official code trains: the teacher (teacher.checkpoint, with the
+    #         forms and fast math of extract: features, precision, channels_last, compile) runs every
+    #         step on a fresh view of the recipe -- exactly the input the student trains on. No store
+    #         is read. For measuring what training from K cached views costs against it.
+    targets: StudentTargets = "cache"
     out_dir: str = "runs/students"
     device: str = "auto"
     # Autocast dtype of the student's forward in the training step (and of the per-epoch test accuracy):
@@ -357,6 +364,9 @@ class StudentConfig:
                    f"student.distill={self.distill} needs at least one pair in student.{mode.pairs}")
             _check(mode.layerwise or count == 1,
                    f"student.distill={self.distill} distils one feature pair; student.{mode.pairs} has {count}")
+        _check(self.targets == "cache" or self.augment == "views",
+               "student.targets=online gives every fresh view its own teacher targets, and student.augment=online "
+               "pairs fresh views with the clean input's cached ones: they contradict; leave student.augment at views")
         _check(self.shuffle_buffer_chunks >= 1, "student.shuffle_buffer_chunks must be >= 1")
         _check(0 <= self.momentum < 1, f"student.momentum must be in [0, 1), got {self.momentum}")
         self.schedule.check(self.lr, self.epochs)

@@ -235,7 +235,15 @@ def evaluate_student(cfg, run_dir: str | Path, plots_dir: str | Path, trust_stor
     student.to(device).eval()
     probe, logits = _probe_pass(student, test, device, scfg.timesteps, loader=cfg.loader)
     rates, operations = probe.firing_rates(), probe.operations(len(test))
-    teacher = teacher_accuracy(open_student_targets(cfg, "test", test, trust_store_teacher), test.labels)
+    if scfg.targets == "online":  # trained without a store: the teacher's own test accuracy
+        from pipeline.metrics import count_correct
+        from pipeline.teacher.models import load_teacher
+
+        model = load_teacher(cfg.teacher, test.num_classes, test.image_shape).to(device).eval()
+        correct, total = count_correct(model, test, device, loader=cfg.loader)
+        teacher = correct / total
+    else:
+        teacher = teacher_accuracy(open_student_targets(cfg, "test", test, trust_store_teacher), test.labels)
     curves, layers = (plots_dir / name for name in PLOT_FILES)
     plot_training_curves(history, f"student [{scfg.distill}], T={scfg.timesteps}", curves)
     plot_layers(rates, operations["layers"], f"per layer [{scfg.distill}], T={scfg.timesteps}", layers)
@@ -254,6 +262,7 @@ def evaluate_student(cfg, run_dir: str | Path, plots_dir: str | Path, trust_stor
         "epochs": len(history),
         "train_seconds": float(sum(row["seconds"] for row in history)),
     }
-    report = {"distill": scfg.distill, "firing_rates": rates, "operations": operations["layers"],
+    report = {"distill": scfg.distill, "targets": scfg.targets, "firing_rates": rates,
+              "operations": operations["layers"],
               "energy_pj": {"mac": E_MAC_PJ, "ac": E_AC_PJ}}
     return headline, report

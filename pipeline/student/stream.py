@@ -46,6 +46,33 @@ def student_sampler(cfg: Config, num_samples: int, chunk_size: int, batch_size: 
                                batch_size=batch_size, with_epoch=True)
 
 
+def epoch_and_indices(indices: list, epoch: int) -> tuple[int, list[int]]:
+    """(epoch, sample indices) of a batch: a with_epoch sampler yields (epoch, index) pairs."""
+    if indices and isinstance(indices[0], tuple):
+        return indices[0][0], [i for _, i in indices]
+    return epoch, list(indices)
+
+
+def fresh_params(augmenter: ViewAugmenter, indices: torch.Tensor, epoch: int, num_samples: int) -> torch.Tensor:
+    """Parameters of a fresh view of each sample for `epoch`, mixed while the recipe mixes (as timm's
+    Mixup/CutMix, every batch until augment.mix_off_epoch)."""
+    off = augmenter.cfg.mix_off_epoch
+    mix = augmenter.mixes and (off == 0 or epoch < off)
+    return torch.from_numpy(augmenter.draw_online(indices.numpy(), epoch, num_samples, mix=mix))
+
+
+def view_inputs(images: ImageSplit, augmenter: ViewAugmenter, indices: list[int], params: torch.Tensor,
+                smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs, labels, training targets) of the views `params` (B, P) of samples `indices`: the label
+    is the sample's class, the target the label, or the soft one of a mixed view or label smoothing."""
+    labels = images.labels[torch.as_tensor(indices)]
+    pixels = images.read(indices)
+    inputs = augmenter.apply(pixels, params, partner_inputs(images, augmenter, params, pixels))
+    if augmenter.mixes or smoothing > 0:
+        return inputs, labels, augmenter.targets(labels, params, images.labels, images.num_classes, smoothing)
+    return inputs, labels, labels
+
+
 class CachedTargetDataset(Dataset):
     """(image, label, teacher features, teacher logits, training target) for each sample of a
     split; the teacher features are a dict {location: tensor} over `locations` (default: every
@@ -112,11 +139,9 @@ class CachedTargetDataset(Dataset):
         self.max_resident_chunks = max(self.max_resident_chunks, len(self._chunks))
 
     def __getitems__(self, indices: list):
-        if indices and isinstance(indices[0], tuple):  # (epoch, index) pairs from a with_epoch sampler
-            epoch = indices[0][0]
-            if epoch != self.epoch:
-                self.set_epoch(epoch)
-            indices = [i for _, i in indices]
+        epoch, indices = epoch_and_indices(indices, self.epoch)
+        if epoch != self.epoch:
+            self.set_epoch(epoch)
         idx = torch.as_tensor(indices)
         chunk_ids = idx // self.targets.chunk_size
         views = self.schedule[idx]
@@ -136,22 +161,15 @@ class CachedTargetDataset(Dataset):
             logits[rows] = data["logits"][local, views[rows]]
             if stored_views:
                 params[rows] = data["view_params"][local, views[rows]]
-        labels = self.images.labels[idx]
-        targets = labels
         if self.augmenter is None:
+            labels = targets = self.images.labels[idx]
             images = self.images.load(indices)
             if self.smoothing > 0:
                 targets = smoothed_one_hot(labels, self.images.num_classes, self.smoothing)
         else:
-            aug = self.augmenter
             if not stored_views:  # online: a fresh augmentation, against the clean input's targets
-                off = aug.cfg.mix_off_epoch
-                params = aug.draw_online(idx.numpy(), self.epoch, len(self),
-                                         mix=aug.mixes and (off == 0 or self.epoch < off))
-            pixels = self.images.read(indices)
-            images = aug.apply(pixels, params, partner_inputs(self.images, aug, params, pixels))
-            if aug.mixes or self.smoothing > 0:
-                targets = aug.targets(labels, params, self.images.labels, self.images.num_classes, self.smoothing)
+                params = fresh_params(self.augmenter, idx, self.epoch, len(self))
+            images, labels, targets = view_inputs(self.images, self.augmenter, indices, params, self.smoothing)
         return images, labels, features, logits, targets
 
     def __getitem__(self, i: int):

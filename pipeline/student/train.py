@@ -1,5 +1,6 @@
-"""The student recipe: train the SNN student from cached teacher targets on the engine (the teacher is
-never loaded). `build_student_run` returns everything a run needs; `train_student` runs it."""
+"""The student recipe: train the SNN student on the engine from cached teacher targets (the teacher is
+never loaded), or, with student.targets=online, from the teacher run every step (the reference,
+`pipeline.student.online`). `build_student_run` returns everything a run needs; `train_student` runs it."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from pipeline.samplers import ChunkShuffleSampler
 from pipeline.student.fast import FastStudent, student_math
 from pipeline.student.losses import DistillationLoss
 from pipeline.student.models import create_student
+from pipeline.student.online import FreshViews, OnlineTeacher
 from pipeline.student.stream import CachedTargetDataset, open_student_targets, student_sampler
 from pipeline.targets import StoredImages
 
@@ -88,10 +90,15 @@ class StudentForward(nn.Module):
         return self.criterion(features, logits, targets, teacher_features, teacher_logits), logits
 
 
-def student_step(forward: nn.Module) -> StepFn:
-    """A Trainer step from a `StudentForward` (or its DDP wrapper)."""
+def student_step(forward: nn.Module, teacher: OnlineTeacher | None = None, locations=()) -> StepFn:
+    """A Trainer step from a `StudentForward` (or its DDP wrapper). With an online `teacher` a batch is
+    (inputs, labels, training targets) and the teacher's features at `locations` and logits are computed
+    from the very inputs the student trains on; otherwise the batch carries the cached ones."""
 
     def step(batch):
+        if teacher is not None:
+            images, labels, targets = batch
+            batch = (images, labels, *teacher(images, locations), targets)
         terms, logits = forward(*batch)
         return terms, logits, batch[1]
 
@@ -105,7 +112,7 @@ def student_metadata(cfg: Config, split, epochs: int) -> dict[str, str]:
     return {"format": "bkd-student/1", "model": scfg.model, "model_kwargs": json.dumps(scfg.model_kwargs),
             "timesteps": str(scfg.timesteps), "num_classes": str(split.num_classes),
             "input_shape": json.dumps(list(split.image_shape)), "transform": json.dumps(split.transform),
-            "dataset": cfg.data.name, "distill": scfg.distill, "epochs": str(epochs)}
+            "dataset": cfg.data.name, "distill": scfg.distill, "targets": scfg.targets, "epochs": str(epochs)}
 
 
 def feature_pairs(scfg, student: nn.Module, teacher_shapes: dict, sample: torch.Tensor
@@ -121,7 +128,8 @@ def feature_pairs(scfg, student: nn.Module, teacher_shapes: dict, sample: torch.
 
 
 def train_student(cfg: Config, run_dir: str | Path, resume: bool = False, trust_store_teacher: bool = False) -> dict:
-    """Train the SNN student from cached teacher targets (the teacher is never loaded).
+    """Train the SNN student from cached teacher targets (the teacher is never loaded), or from the
+    online teacher with student.targets=online.
 
     Launched by torchrun, this process is one DDP rank: it reads its own chunks of the store,
     takes student.batch_size / world_size samples per step (the global batch is the configured
@@ -152,7 +160,8 @@ def student_dataset(cfg: Config, train, targets, locations) -> CachedTargetDatas
 
 @dataclass
 class StudentRun:
-    """Everything a student run needs, built as `bkd train-student` builds it (`build_student_run`)."""
+    """Everything a student run needs, built as `bkd train-student` builds it (`build_student_run`).
+    From the cache `targets` is the store's TeacherTargets and `teacher` None; online the reverse."""
 
     cfg: Config
     device: torch.device
@@ -162,17 +171,22 @@ class StudentRun:
     fast: FastStudent  # precision, compile, neuron backend
     train: object  # the ImageSplit read (from the store's images when it holds them)
     test: object
-    targets: object  # the TeacherTargets of the train split
-    dataset: CachedTargetDataset
+    targets: object | None  # the TeacherTargets of the train split
+    dataset: CachedTargetDataset | FreshViews
     sampler: ChunkShuffleSampler
     loader: DataLoader
     forward: nn.Module  # StudentForward, or its DDP wrapper
     optimizer: torch.optim.Optimizer
     scheduler: object
+    teacher: OnlineTeacher | None = None
     step: StepFn = field(init=False)
 
     def __post_init__(self):
-        self.step = student_step(self.forward)
+        self.step = student_step(self.forward, self.teacher, self.criterion.teacher_locations)
+
+    def source_identity(self) -> str:
+        """What the run's targets come from: the store's identity digest, or the online teacher's weights."""
+        return self.targets.identity_digest() if self.teacher is None else f"online teacher sha256:{self.teacher.sha}"
 
     def evaluate(self) -> float:
         """Test accuracy of rank 0's model, each rank predicting every world_size-th sample."""
@@ -196,34 +210,48 @@ class StudentRun:
 
 def build_student_run(cfg: Config, device: torch.device | str = "cpu", *, ranks: Ranks = Ranks(),
                       trust_store_teacher: bool = False, workers: int | None = None, log: bool = False) -> StudentRun:
-    """Build a student run: check the store against the config and data, build the student (seeded
-    with cfg.seed), the criterion of student.distill, the dataset, sampler and loader (`workers`
-    processes, default loader.workers), optimizer and scheduler. Refusals come before heavy work.
-    `log`: print what the run distils and its math (rank 0)."""
+    """Build a student run: check the store against the config and data (or, with student.targets=online,
+    load the teacher instead), build the student (seeded with cfg.seed), the criterion of student.distill,
+    the dataset, sampler and loader (`workers` processes, default loader.workers), optimizer and
+    scheduler. Refusals come before heavy work. `log`: print what the run distils and its math (rank 0)."""
     device = torch.device(device)
     scfg = cfg.student
+    if scfg.targets == "online" and trust_store_teacher:
+        raise BkdError("--trust-store-teacher waives the check of a store's teacher, and student.targets=online "
+                       "reads no store: the online teacher needs teacher.checkpoint itself")
     batch_size = split_global_batch(scfg.batch_size, ranks.world_size)
     fast = student_math(scfg, device)  # precision, compile, neuron backend: refused here if they cannot run
     train, test = load_splits(cfg.data, ("train", "test")).values()
-    # checked even for `none`: same data, same split
-    targets = open_student_targets(cfg, "train", train, trust_store_teacher)
-    train = training_images(cfg, train, targets, log=log and ranks.is_main)
+    if scfg.targets == "online":
+        targets, teacher = None, OnlineTeacher(cfg, train, device)
+        source, chunk_size = teacher, cfg.extract.chunk_size  # the sample order of a cached run
+        if log and ranks.is_main and (warning := scattered_read_warning(train)):
+            tqdm.write(warning)
+    else:  # checked even for `none`: same data, same split
+        teacher, targets = None, open_student_targets(cfg, "train", train, trust_store_teacher)
+        source, chunk_size = targets, targets.chunk_size
+        train = training_images(cfg, train, targets, log=log and ranks.is_main)
     torch.manual_seed(cfg.seed)
     student = create_student(scfg.model, train.num_classes, train.image_shape, scfg.timesteps,
                              **scfg.model_kwargs).to(device)
     fast.prepare(student)
-    targets.check_locations(scfg.feature_pairs().values())
-    pairs = feature_pairs(scfg, student, targets.feature_shapes, train.load([0]).to(device))
+    source.check_locations(scfg.feature_pairs().values())
+    pairs = feature_pairs(scfg, student, source.feature_shapes, train.load([0]).to(device))
     criterion = DistillationLoss(scfg, pairs).to(device)
     if log and ranks.is_main:
         tqdm.write(f"student[{scfg.distill}] distils {criterion.describe()}")
         tqdm.write(f"student[{scfg.distill}] {fast.describe()}")
+        if teacher is not None:
+            tqdm.write(f"student[{scfg.distill}] targets from the {teacher.describe()}, not the store")
     if ranks.rank > 0:  # its own blur masks; rank 0 continues the one-process stream
         torch.manual_seed(ranks.seed(cfg.seed))
-    dataset = student_dataset(cfg, train, targets, criterion.teacher_locations)
+    if teacher is None:
+        dataset = student_dataset(cfg, train, targets, criterion.teacher_locations)
+    else:
+        dataset = FreshViews(train, view_augmenter(cfg.augment, train), scfg.label_smoothing)
     # With loader workers, whole shuffle windows go to each worker (lanes), so each decodes its chunks once.
     workers = cfg.loader.workers if workers is None else workers
-    sampler = student_sampler(cfg, len(dataset), targets.chunk_size, batch_size, ranks.rank, ranks.world_size,
+    sampler = student_sampler(cfg, len(dataset), chunk_size, batch_size, ranks.rank, ranks.world_size,
                               lanes=max(1, workers))
     loader = data_loader(dataset, batch_size, sampler, cfg.loader, device, workers=workers)
     forward = unwrapped = StudentForward(student, criterion, fast)
@@ -231,7 +259,7 @@ def build_student_run(cfg: Config, device: torch.device | str = "cpu", *, ranks:
         forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer, scheduler = optimizer_for(scfg, unwrapped, len(loader))
     return StudentRun(cfg, device, ranks, student, criterion, fast, train, test, targets, dataset, sampler, loader,
-                      forward, optimizer, scheduler)
+                      forward, optimizer, scheduler, teacher)
 
 
 def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, device: torch.device,
@@ -241,7 +269,7 @@ def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, devic
         folder.check()  # refused before any data or store is touched; claimed once training starts
     run = build_student_run(cfg, device, ranks=ranks, trust_store_teacher=trust_store_teacher, log=True)
     if ranks.is_main:
-        folder.store_identity = run.targets.identity_digest()
+        folder.store_identity = run.source_identity()
     with folder:
         history = run.trainer(run_dir).fit(resume)
         if ranks.is_main:
