@@ -10,7 +10,7 @@ import numpy as np
 from benchmarks.__main__ import _store_size
 from benchmarks.reader import stream, tile_store
 from pipeline.targets import TeacherTargets, store_info
-from tests.helpers import REPO, build_store
+from tests.helpers import REPO, TINY, build_store
 
 
 def test_tiled_store_repeats_the_source_rows(tmp_path):
@@ -67,7 +67,7 @@ def test_store_size_ratio_against_raw_float32(tmp_path):
     assert "float16 features" in size["codec"] and "Zstd" in size["codec"]
 
 
-# --- issue 15: photos, cost growth, paper-scale check ---------------------------------------------------------
+# --- photos, cost growth, paper-scale check ------------------------------------------------------------------
 
 import json  # noqa: E402
 
@@ -192,3 +192,28 @@ def test_cuda_request_without_cuda_is_one_line(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error: --device cuda: CUDA is not available" in err
+
+
+@pytest.mark.slow
+def test_k_study_reports_every_k_against_the_online_teacher(tiny_project, tmp_path, monkeypatch, capsys):
+    from benchmarks import k_study
+
+    monkeypatch.chdir(tiny_project)
+    settings = [a for a in TINY if a != "--set"]
+    argv = ["--ks", "2", "1", "--seeds", "0", "1", "--epochs", "1", *[x for s in settings for x in ("--set", s)],
+            "--store-dir", str(tmp_path / "stores"), "--json", str(tmp_path / "k.json"), "--plot", str(tmp_path / "k.png")]
+    results = k_study.main(argv)
+    assert json.loads((tmp_path / "k.json").read_text()) == results
+    one, two = results["cached"]
+    assert (one["views"], two["views"]) == (1, 2)
+    samples = one["teacher_forwards"]
+    assert samples > 0 and two["teacher_forwards"] == 2 * samples
+    assert results["online"]["teacher_forwards"] == samples  # one epoch: one forward per sample
+    assert two["store_bytes"] > one["store_bytes"] > 0 and results["online"]["store_bytes"] == 0
+    for row in (one, two, results["online"]):
+        assert len(row["test_accuracy"]) == 2 and 0 < row["mean"] <= 1 and row["train_seconds"] > 0
+    floor = results["online"]["mean"] - results["online"]["stdev"]
+    assert results["smallest_k_within_one_sd_of_online"] == min(
+        [r["views"] for r in (one, two) if r["mean"] >= floor], default=None)
+    assert (tmp_path / "k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "smallest K within one sd of online" in capsys.readouterr().out
