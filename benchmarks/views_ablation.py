@@ -15,7 +15,7 @@ Suite `views` (the `mixed` student with three kinds of targets):
   consistent     K = --views: each epoch one cached view per sample, input rebuilt from its stored
                  parameters, that view's targets
 
-Suite `recipe` (the published recipe replayed from the cache, issue 14):
+Suite `recipe` (the published recipe replayed from the cache):
   crop/none, crop/mixed        K = --views crop-only views (pad-2 crops)
   recipe/none, recipe/mixed    K = --views views with timm's RandAugment rand-m9-n1-mstd0.4-inc1, random
                                erasing 0.25 and mixup 0.5 on the last K/2 views (off after half the
