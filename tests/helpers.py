@@ -94,6 +94,37 @@ def assert_refused(proc: Result, fragment: str) -> None:
     assert_one_line(proc.returncode, proc.stderr, fragment)
 
 
+def resumed_equals_straight(monkeypatch, cfg, root: Path, name: str, mid_epoch: bool = False) -> None:
+    """Train `cfg` into runs/NAME-straight; into runs/NAME-resumed stop it right after its first checkpoint
+    (the first mid-epoch one with `mid_epoch`), as a kill would, and `--resume` it: the weights must be
+    identical. `root` is the working directory."""
+    import pytest
+
+    from pipeline.checkpoint import load_weights
+    from pipeline.student import train
+
+    straight, resumed = root / f"runs/{name}-straight", root / f"runs/{name}-resumed"
+    train.train_student(cfg, straight)
+    real_save = train.Trainer._save
+
+    def save_then_die(self, epoch, step, tally):
+        real_save(self, epoch, step, tally)
+        if step or not mid_epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.Trainer, "_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_student(cfg, resumed)
+    monkeypatch.setattr(train.Trainer, "_save", real_save)
+    assert not (resumed / "student.safetensors").exists()
+    train.train_student(cfg, resumed, resume=True)
+    expected = load_weights(straight / "student.safetensors")
+    got = load_weights(resumed / "student.safetensors")
+    assert expected.keys() == got.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(tensor, got[key]), key
+
+
 # ---------------------------------------------------------------------------------------------
 # Teacher-target stores written with pipeline.targets directly
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 import pytest
 import zarr
 
-from tests.helpers import TINY, run_bkd, run_bkd_process
+from tests.helpers import TINY, resumed_equals_straight, run_bkd, run_bkd_process
 
 STORE = "cache/mnist5k-resnet18.zarr"
 
@@ -151,34 +151,14 @@ def test_the_public_builder_trains_what_train_student_trains(tiny_project: Path,
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tiny_project: Path, monkeypatch):
-    from pipeline.student import train
-    from pipeline.checkpoint import load_weights
+    """Weights, optimizer, scheduler and RNG (blur masks) all restored: the same final weights."""
     from pipeline.config import load_config
 
     monkeypatch.chdir(tiny_project)
     cfg = load_config("params.yaml", [a for a in TINY if a != "--set"] + ["student.epochs=2"])
-    train.train_student(cfg, "runs/straight")
-
-    real_save = train.Trainer._save
-
-    def save_then_die(self, *args):
-        real_save(self, *args)
-        raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
-
-    monkeypatch.setattr(train.Trainer, "_save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.train_student(cfg, "runs/resumed")
-    monkeypatch.setattr(train.Trainer, "_save", real_save)
-    assert not (tiny_project / "runs/resumed/student.safetensors").exists()
-    train.train_student(cfg, "runs/resumed", resume=True)
-
-    history = json.loads((tiny_project / "runs/resumed/history.json").read_text())
+    resumed_equals_straight(monkeypatch, cfg, tiny_project, "interrupted")  # killed after epoch 1's checkpoint
+    history = json.loads((tiny_project / "runs/interrupted-resumed/history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2]
-    # Weights, optimizer, scheduler and RNG (blur masks) all restored: the same final weights.
-    straight = load_weights(tiny_project / "runs/straight/student.safetensors")
-    resumed = load_weights(tiny_project / "runs/resumed/student.safetensors")
-    for name, tensor in straight.items():
-        assert torch.equal(tensor, resumed[name]), name
 
 
 def test_adopt_own_teacher_weights(tiny_project: Path, tmp_path: Path):

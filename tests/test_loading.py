@@ -27,7 +27,7 @@ from pipeline.teacher.models import create_teacher
 from pipeline.student.stream import CachedTargetDataset, open_student_targets
 from pipeline.samplers import ChunkShuffleSampler, interleave_lanes
 from pipeline.targets import IMAGES, StoredImages, TeacherTargets, verify_store
-from tests.helpers import CHUNK, build_store, extract_recording, image_split, run_bkd
+from tests.helpers import CHUNK, TINY, build_store, extract_recording, image_split, resumed_equals_straight, run_bkd
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -315,30 +315,10 @@ def test_evaluation_reads_files_in_loader_workers_with_the_same_result(imagenet_
 def test_mid_epoch_resume_under_loader_workers_is_exact(tiny_project, monkeypatch):
     """Two workers and their lanes: killed after step 2 of 5, resumed, the same weights (persistent workers
     across epochs: test_two_workers_serve_the_main_process_batches...)."""
-    from pipeline.student import train
-    from pipeline.checkpoint import load_weights
-    from tests.helpers import TINY
-
     monkeypatch.chdir(tiny_project)
     cfg = load_config(REPO / "params.yaml", [a for a in TINY if a != "--set"] +
                       ["loader.workers=2", "student.checkpoint_every=2", "student.epochs=1"])
-    train.train_student(cfg, "runs/lanes-straight")
-    real_save = train.Trainer._save
-
-    def save_then_die(self, epoch, step, tally):
-        real_save(self, epoch, step, tally)
-        if step:  # the first mid-epoch checkpoint
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train.Trainer, "_save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.train_student(cfg, "runs/lanes-resumed")
-    monkeypatch.setattr(train.Trainer, "_save", real_save)
-    train.train_student(cfg, "runs/lanes-resumed", resume=True)
-    straight = load_weights(tiny_project / "runs/lanes-straight/student.safetensors")
-    resumed = load_weights(tiny_project / "runs/lanes-resumed/student.safetensors")
-    for name, tensor in straight.items():
-        assert torch.equal(tensor, resumed[name]), name
+    resumed_equals_straight(monkeypatch, cfg, tiny_project, "lanes", mid_epoch=True)
 
 
 def test_a_corrupt_image_read_in_a_loader_worker_is_one_plain_line(tmp_path):

@@ -12,7 +12,6 @@ import torch
 from safetensors import safe_open
 
 from pipeline.augment import view_augmenter
-from pipeline.checkpoint import load_weights
 from pipeline.config import load_config
 from pipeline.data import load_splits
 from pipeline.engine import to_device
@@ -20,7 +19,7 @@ from pipeline.student import train
 from pipeline.student.online import FreshViews, OnlineTeacher
 from pipeline.student.stream import CachedTargetDataset
 from pipeline.targets import TeacherTargets
-from tests.helpers import TINY, assert_refused, run_bkd
+from tests.helpers import TINY, assert_refused, resumed_equals_straight, run_bkd
 
 ONLINE = [*TINY, "--set", "student.targets=online"]
 SETTINGS = [a for a in TINY if a != "--set"]
@@ -93,22 +92,7 @@ def test_the_teacher_sees_exactly_what_the_student_trains_on(tiny_project, monke
 def test_online_run_resumes_exactly_and_is_recorded(tiny_project, monkeypatch):
     monkeypatch.chdir(tiny_project)
     cfg = _config("student.targets=online", "student.epochs=2", "extract.store=cache/never-written.zarr")
-    train.train_student(cfg, "runs/online-straight")  # no store: none is read
-    real_save = train.Trainer._save
-
-    def save_then_die(self, *args):
-        real_save(self, *args)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train.Trainer, "_save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.train_student(cfg, "runs/online-resumed")
-    monkeypatch.setattr(train.Trainer, "_save", real_save)
-    train.train_student(cfg, "runs/online-resumed", resume=True)
-    straight = load_weights(tiny_project / "runs/online-straight/student.safetensors")
-    resumed = load_weights(tiny_project / "runs/online-resumed/student.safetensors")
-    for name, tensor in straight.items():
-        assert torch.equal(tensor, resumed[name]), name
+    resumed_equals_straight(monkeypatch, cfg, tiny_project, "online")  # no store: none is read
     assert not (tiny_project / "cache/never-written.zarr").exists()
 
     run_dir = tiny_project / "runs/online-straight"
