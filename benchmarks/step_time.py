@@ -12,8 +12,9 @@ identically seeded student, loss and optimizer:
           its batches from the store's views (no teacher anywhere);
   cached  distill=mixed (CE + BKD + WSLD), the same build: batches from `CachedTargetDataset` over a
           real store (views, label smoothing, the locations it distils);
-  online  distill=mixed, batches of plain images from the split, and the teacher (eval mode,
-          no_grad) runs on every batch, as in the public BKDSNN code.
+  online  distill=mixed with student.targets=online, the same build: batches of fresh views from the
+          split, and the teacher (eval mode, no_grad, prepared as extraction prepares it) runs on
+          every batch, as in the public BKDSNN code.
 
 The store is built in a temporary directory from a randomly initialised teacher (accuracy does
 not matter for timing) with the project's own `extract_teacher`. A timed step runs from fetching
@@ -35,20 +36,15 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline.config import Config, load_config
-from pipeline.data import data_loader, load_split
+from pipeline.data import load_split
 from pipeline.engine import to_device
-from pipeline.samplers import ChunkShuffleSampler
 from pipeline.student.train import StudentRun, build_student_run
 from pipeline.teacher.extract import extract_teacher
-from pipeline.teacher.fast import FastTeacher, prepare_teacher
-from pipeline.teacher.models import load_teacher
 
 from benchmarks.common import CONFIG, random_teacher_config, summarize, synchronize
 
@@ -67,9 +63,6 @@ class Setting:
 
     name: str
     run: StudentRun
-    loader: DataLoader  # the run's own, or (online) the plain image split's
-    sampler: ChunkShuffleSampler
-    targets: Callable[[tuple], tuple]  # loader batch -> the run step's batch (the online teacher runs here)
     epoch: int = 0
     step_s: list[float] = field(default_factory=list)
     load_s: list[float] = field(default_factory=list)
@@ -77,8 +70,8 @@ class Setting:
 
     def __post_init__(self):
         self.device, self.fast = self.run.device, self.run.fast
-        self.trainer = self.run.trainer(Path(tempfile.gettempdir()) / "bkd-step-time-unused",
-                                        step=lambda batch: self.run.step(self.targets(batch)))
+        self.loader, self.sampler = self.run.loader, self.run.sampler
+        self.trainer = self.run.trainer(Path(tempfile.gettempdir()) / "bkd-step-time-unused")
         self.batch_size = self.loader.batch_size
 
     def next_batch(self) -> tuple:
@@ -116,32 +109,16 @@ def build_store(tmp: Path, batch_size: int) -> Config:
     return cfg
 
 
-def make_setting(name: str, cfg: Config, device: torch.device = CPU, workers: int | None = None,
-                 teacher: FastTeacher | None = None) -> Setting:
+def make_setting(name: str, cfg: Config, device: torch.device = CPU, workers: int | None = None) -> Setting:
     """Setting `name` (none, cached, online) on `device`: the run `build_student_run` builds for distill
-    none (none) or mixed (cached, online), with `workers` loader processes (default loader.workers).
-    none and cached draw the run's own batches from the store; online draws plain images from the
-    split and runs `teacher` on each batch for the targets, as the public BKDSNN code does."""
-    mode = "none" if name == "none" else "mixed"
-    mode_cfg = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, distill=mode))
-    run = build_student_run(mode_cfg, device, workers=workers)  # seeded: the three students start alike
-    if name != "online":
-        return Setting(name, run, run.loader, run.sampler, lambda batch: batch)
-    if teacher is None:
-        raise ValueError("the online setting needs the teacher")
-    workers = cfg.loader.workers if workers is None else workers
-    scfg = cfg.student
-    sampler = ChunkShuffleSampler(len(run.train), cfg.extract.chunk_size, scfg.shuffle_buffer_chunks, seed=cfg.seed,
-                                  lanes=max(1, workers), batch_size=scfg.batch_size)
-    loader = data_loader(run.train, scfg.batch_size, sampler, cfg.loader, device, workers=workers)
-    locations = run.criterion.teacher_locations
-
-    def online(batch):
-        images, labels, _ = batch
-        teacher_features, teacher_logits = teacher.outputs(images, locations)  # in the autocast dtype
-        return images, labels, {loc: f.float() for loc, f in teacher_features.items()}, teacher_logits.float()
-
-    return Setting(name, run, loader, sampler, online)
+    none (none) or mixed (cached, online; online with student.targets=online), with `workers` loader
+    processes (default loader.workers). Each student is seeded alike."""
+    student = {"distill": "none" if name == "none" else "mixed"}
+    if name == "online":
+        student["targets"] = "online"
+    run = build_student_run(dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, **student)), device,
+                            workers=workers)
+    return Setting(name, run)
 
 
 def measure(cfg: Config, device: torch.device = CPU, steps: int = 60, warmup: int = 3, workers: int | None = None,
@@ -154,10 +131,8 @@ def measure(cfg: Config, device: torch.device = CPU, steps: int = 60, warmup: in
     train = load_split(cfg.data, "train")
     if len(train) < scfg.batch_size:
         raise ValueError(f"{len(train)} training samples are fewer than one batch of {scfg.batch_size}")
-    # eval mode; teacher_outputs runs it under no_grad
-    teacher = prepare_teacher(load_teacher(cfg.teacher, train.num_classes, train.image_shape).to(device), device,
-                              cfg.extract)
-    settings = {name: make_setting(name, cfg, device, workers, teacher) for name in SETTINGS}
+    settings = {name: make_setting(name, cfg, device, workers) for name in SETTINGS}
+    teacher = settings["online"].run.teacher.fast
     cached = settings["cached"].run.dataset
     load_before = os.getloadavg()
     order = list(SETTINGS)
