@@ -140,14 +140,13 @@ def test_global_batch_must_divide_by_the_process_count(project):
 def test_online_teacher_under_two_processes_and_loader_workers(project):
     """The online reference trains under DDP with loader workers: each rank runs the teacher on its own
     batches, and the run says where its targets came from. Unaugmented, so it learns as fast as a cached
-    run (measured, one process: 0.63 online, 0.65 cached after 2 epochs; pad-2 crops of 8x8 digits
-    learn far slower, 0.27)."""
+    run (measured, one process, one epoch: 0.450 online, 0.453 cached; chance is 0.1)."""
     run_dir = project / "runs/ddp-online"
-    out = run_bkd_process(["train-student", *ARGS, "--epochs", "2", "--set", "student.targets=online",
+    out = run_bkd_process(["train-student", *ARGS, "--epochs", "1", "--set", "student.targets=online",
                            "--set", "augment.kind=none", "--set", "loader.workers=1", "--run-dir", str(run_dir),
                            "--nproc", "2"], project)
     assert out.returncode == 0, out.stderr[-3000:]
     history = _history(run_dir)
-    assert len(history) == 2 and history[-1]["test_accuracy"] > 0.5
+    assert len(history) == 1 and history[-1]["test_accuracy"] > 0.3
     assert json.loads((run_dir / "run.json").read_text())["store"].startswith("online teacher sha256:")
     assert load_state(run_dir / "last.pt")["world_size"] == 2
