@@ -75,7 +75,8 @@ def plot(results: dict, path: Path) -> None:
                 marker="o", capsize=3, label="cached, K views")
     online = results["online"]
     ax.axhline(100 * online["mean"], color="C1", label="online teacher")
-    ax.axhspan(100 * (online["mean"] - online["stdev"]), 100 * (online["mean"] + online["stdev"]), color="C1", alpha=0.2)
+    low, high = online["mean"] - online["stdev"], online["mean"] + online["stdev"]
+    ax.axhspan(100 * low, 100 * high, color="C1", alpha=0.2)
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("K cached views per training sample")

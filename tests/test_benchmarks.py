@@ -201,7 +201,8 @@ def test_k_study_reports_every_k_against_the_online_teacher(tiny_project, tmp_pa
     monkeypatch.chdir(tiny_project)
     settings = [a for a in TINY if a != "--set"]
     argv = ["--ks", "2", "1", "--seeds", "0", "1", "--epochs", "1", *[x for s in settings for x in ("--set", s)],
-            "--store-dir", str(tmp_path / "stores"), "--json", str(tmp_path / "k.json"), "--plot", str(tmp_path / "k.png")]
+            "--store-dir", str(tmp_path / "stores"), "--json", str(tmp_path / "k.json"),
+            "--plot", str(tmp_path / "k.png")]
     results = k_study.main(argv)
     assert json.loads((tmp_path / "k.json").read_text()) == results
     one, two = results["cached"]

@@ -27,5 +27,5 @@ __all__ = ["CHANNELS_LAST", "DISTILL_MODES", "FLOAT_DTYPES", "INTERPOLATIONS", "
            "SNN_TEACHER_PREFIX", "AugmentConfig", "BKDConfig", "ChannelsLast", "Config", "DataConfig", "DistillMode",
            "ErasingMode", "ExtractConfig", "FloatDtype", "Former", "Interpolation", "LoaderConfig", "LogitsConfig",
            "NeuronBackend", "Optimizer", "Precision", "ScheduleConfig", "SchedulePer", "Split", "StudentAugment",
-           "StudentConfig", "StudentTargets", "TeacherConfig", "YAMLRefused", "apply_override", "dump_config", "format_override",
-           "load_config", "validate"]
+           "StudentConfig", "StudentTargets", "TeacherConfig", "YAMLRefused", "apply_override", "dump_config",
+           "format_override", "load_config", "validate"]
