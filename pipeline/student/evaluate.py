@@ -236,12 +236,11 @@ def evaluate_student(cfg, run_dir: str | Path, plots_dir: str | Path, trust_stor
     probe, logits = _probe_pass(student, test, device, scfg.timesteps, loader=cfg.loader)
     rates, operations = probe.firing_rates(), probe.operations(len(test))
     if scfg.targets == "online":  # trained without a store: the teacher's own test accuracy
-        from pipeline.metrics import count_correct
+        from pipeline.metrics import accuracy
         from pipeline.teacher.models import load_teacher
 
         model = load_teacher(cfg.teacher, test.num_classes, test.image_shape).to(device).eval()
-        correct, total = count_correct(model, test, device, loader=cfg.loader)
-        teacher = correct / total
+        teacher = accuracy(model, test, device, loader=cfg.loader)
     else:
         teacher = teacher_accuracy(open_student_targets(cfg, "test", test, trust_store_teacher), test.labels)
     curves, layers = (plots_dir / name for name in PLOT_FILES)
