@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.config import load_config
+from pipeline.config import DISTILL_MODES, load_config
 from pipeline.distributed import resolve_device
 from pipeline.student.train import train_student
 from pipeline.targets import store_info
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", default="params.yaml")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--distill", default="mixed")
+    parser.add_argument("--distill", default="mixed", choices=DISTILL_MODES)
     parser.add_argument("--epochs", type=int, default=None, help="student epochs (default: the config's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every run (e.g. the recipe)")
