@@ -200,6 +200,7 @@ def test_k_study_reports_every_k_against_the_online_teacher(tiny_project, tmp_pa
 
     monkeypatch.chdir(tiny_project)
     settings = [a for a in TINY if a != "--set"]
+    settings.append("data.limit=64")  # two steps an epoch: the smoke size
     argv = ["--ks", "2", "1", "--seeds", "0", "1", "--epochs", "1", *[x for s in settings for x in ("--set", s)],
             "--store-dir", str(tmp_path / "stores"), "--json", str(tmp_path / "k.json"),
             "--plot", str(tmp_path / "k.png")]

@@ -91,7 +91,8 @@ def test_the_teacher_sees_exactly_what_the_student_trains_on(tiny_project, monke
 
 def test_online_run_resumes_exactly_and_is_recorded(tiny_project, monkeypatch):
     monkeypatch.chdir(tiny_project)
-    cfg = _config("student.targets=online", "student.epochs=2", "extract.store=cache/never-written.zarr")
+    cfg = _config("student.targets=online", "student.epochs=2", "extract.store=cache/never-written.zarr",
+                  "data.limit=96")  # three steps an epoch
     resumed_equals_straight(monkeypatch, cfg, tiny_project, "online")  # no store: none is read
     assert not (tiny_project / "cache/never-written.zarr").exists()
 
@@ -102,10 +103,11 @@ def test_online_run_resumes_exactly_and_is_recorded(tiny_project, monkeypatch):
         assert fh.metadata()["targets"] == "online"
     # never taken for a cached run: resuming it from the cache is refused, naming the field
     refused = run_bkd(["train-student", *TINY, "--epochs", "2", "--set", "extract.store=cache/never-written.zarr",
-                       "--run-dir", str(run_dir), "--resume"], tiny_project, check=False)
+                       "--set", "data.limit=96", "--run-dir", str(run_dir), "--resume"], tiny_project, check=False)
     assert_refused(refused, "student.targets")
     # evaluated without a store too; the report says where its targets came from
     run_bkd(["evaluate", *ONLINE, "--set", "student.epochs=2", "--set", "extract.store=cache/never-written.zarr",
+             "--set", "data.limit=96",
              "--run-dir", str(run_dir), "--metrics", "online.json", "--report", "online-report.json",
              "--plots-dir", "plots/online"], tiny_project)
     assert json.loads((tiny_project / "online-report.json").read_text())["targets"] == "online"
