@@ -34,10 +34,6 @@ from pipeline.teacher.extract import extract_teacher
 COMMON = ["extract.features=[pre_logits]", "extract.splits=[train]"]  # what bkd/mixed read; train only
 
 
-def _settle(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def _train(config: str, overrides: list[str], seeds: list[int], run_root: Path, name: str) -> dict:
     accuracy, seconds = [], []
     for seed in seeds:
@@ -48,8 +44,8 @@ def _train(config: str, overrides: list[str], seeds: list[int], run_root: Path, 
         accuracy.append(row["test_accuracy"])
         seconds.append(sum(r["seconds"] for r in history))
         print(f"{name} seed {seed}: test accuracy {row['test_accuracy']:.4f} ({seconds[-1]:.0f} s)", flush=True)
-    mean, sd = _settle(accuracy)
-    return {"seeds": seeds, "test_accuracy": accuracy, "mean": mean, "stdev": sd,
+    return {"seeds": seeds, "test_accuracy": accuracy, "mean": statistics.mean(accuracy),
+            "stdev": statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0,
             "train_seconds": statistics.mean(seconds)}
 
 
@@ -107,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(args.config, base)
     epochs = args.epochs or cfg.student.epochs
     base.append(f"student.epochs={epochs}")
+    train_epochs = load_config(args.config, base).student.train_epochs()  # with the schedule's cooldown
     results: dict = {"distill": args.distill, "epochs": epochs, "overrides": args.overrides, "cached": []}
 
     with tempfile.TemporaryDirectory(prefix="bkd-k-") as scratch:
@@ -123,9 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
             results["cached"].append({"views": k, "teacher_forwards": samples * k, "extract_seconds": extract_seconds,
                                       "store_bytes": info["bytes_on_disk"], **row})
         online = _train(args.config, [*base, "student.targets=online"], args.seeds, Path(scratch), "online")
-        train_samples = results["cached"][0]["teacher_forwards"] // results["cached"][0]["views"]
-        train_epochs = load_config(args.config, base).student.train_epochs()
-        results["online"] = {"teacher_forwards": train_samples * train_epochs, "extract_seconds": 0.0,
+        results["online"] = {"teacher_forwards": samples * train_epochs, "extract_seconds": 0.0,
                              "store_bytes": 0, **online}
     results["smallest_k_within_one_sd_of_online"] = smallest_matching_k(results)
 
