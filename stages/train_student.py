@@ -41,6 +41,10 @@ def main(config_path, overrides, distill, epochs, device, run_dir, resume, trust
 
         split_global_batch(cfg.student.batch_size, nproc)  # refused here, before any process starts
         RunFolder(run_dir, cfg, "student", resume).check()
+        if cfg.student.targets == "online":  # every rank loads the teacher: refuse a missing one once
+            from pipeline.targets import teacher_sha
+
+            teacher_sha(cfg)
         args = ["--config", config_path, *[a for o in overrides for a in ("--set", o)], "--run-dir", run_dir]
         args += [a for name, value in (("--distill", distill), ("--epochs", epochs), ("--device", device))
                  if value is not None for a in (name, str(value))]

@@ -118,6 +118,7 @@ def test_online_run_resumes_exactly_and_is_recorded(tiny_project, monkeypatch):
     (["--set", "student.augment=online"], "student.augment"),
     (["--trust-store-teacher"], "--trust-store-teacher"),
     (["--set", "teacher.checkpoint=models/absent.safetensors"], "teacher checkpoint not found"),
+    (["--set", "teacher.checkpoint=models/absent.safetensors", "--nproc", "2"], "teacher checkpoint not found"),
     (["--distill", "lasnn"], "not in extract.features"),
 ])
 def test_contradicting_settings_are_refused_in_one_line(tiny_project, args, fragment):
