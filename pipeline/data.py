@@ -566,7 +566,8 @@ def load_splits(cfg: DataConfig, names) -> dict[str, ImageSplit]:
     """
     if cfg.name not in DATASETS:
         raise ConfigError(f"data.name: unknown dataset '{cfg.name}' (known: {', '.join(DATASETS)})")
-    sources = {split: DATASETS[cfg.name].load(cfg, split) for split in names}
+    # with data.holdout, the test split is the held-out part of the training split
+    sources = {split: DATASETS[cfg.name].load(cfg, "train" if cfg.holdout else split) for split in names}
     _check_consistent(list(sources.values()))
     return {split: _split(cfg, split, source) for split, source in sources.items()}
 
@@ -608,9 +609,15 @@ def _split(cfg: DataConfig, split: str, source: Source) -> ImageSplit:
         if not 0 < cfg.test_size < n:
             raise ConfigError(f"data.test_size must be in (0, {n}) for {cfg.name}, got {cfg.test_size}")
         order = np.random.default_rng(cfg.split_seed).permutation(n)
-        rows = order[cfg.test_size:] if split == "train" else order[:cfg.test_size]
+        rows = order[cfg.test_size:] if split == "train" or cfg.holdout else order[:cfg.test_size]
     else:  # one stream per split, so the train order does not depend on the test split
-        rows = np.random.default_rng((cfg.split_seed, SPLIT_STREAMS[split])).permutation(n)
+        stream = SPLIT_STREAMS["train" if cfg.holdout else split]
+        rows = np.random.default_rng((cfg.split_seed, stream)).permutation(n)
+    if cfg.holdout:  # a validation split: the first rows of the train order, the rest train
+        if not 0 < cfg.holdout < len(rows):
+            raise ConfigError(f"data.holdout must be in (0, {len(rows)}) for {cfg.name}'s train split, "
+                              f"got {cfg.holdout}")
+        rows = rows[cfg.holdout:] if split == "train" else rows[:cfg.holdout]
     if cfg.limit is not None and cfg.limit < len(rows):
         rows = rows[balanced_subset(source.labels[rows], cfg.limit,
                                     np.random.default_rng((cfg.split_seed, SPLIT_STREAMS[split], LIMIT_STREAM)),

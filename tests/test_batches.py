@@ -17,7 +17,7 @@ from benchmarks.batches import (BATCH, CLASSES, PER_CLASS, TEST_PER_CLASS, class
 from benchmarks.common import write_random_teacher
 from pipeline.augment import view_augmenter
 from pipeline.config import load_config
-from pipeline.data import data_loader, load_split
+from pipeline.data import data_loader, load_split, load_splits
 from pipeline.errors import BkdError, ConfigError, StoreError
 from pipeline.teacher.extract import extract_teacher
 from pipeline.student.stream import CachedTargetDataset, open_student_targets, student_sampler
@@ -136,6 +136,40 @@ def test_limit_of_a_seeded_split_keeps_every_class_in_proportion():
     position = {row: k for k, row in enumerate(full.ids.tolist())}
     kept = [position[row] for row in split.ids.tolist()]
     assert kept == sorted(kept)  # the subset keeps the split's (random) order
+
+
+# -- data.holdout: a validation split carved from the training split ------------------------------
+
+
+def test_holdout_carves_validation_from_train_and_never_reads_the_test_split():
+    def splits(*overrides):
+        cfg = load_config(None, ["data.name=digits", "data.test_size=297", *overrides]).data
+        return load_splits(cfg, ["train", "test"])
+
+    plain, held = splits(), splits("data.holdout=300")
+    train, test, val = set(plain["train"].ids), set(plain["test"].ids), set(held["test"].ids)
+    assert len(held["test"]) == 300 and len(held["train"]) == len(train) - 300
+    assert val <= train and not val & test  # validation rows come from train, never from test
+    assert set(held["train"].ids) == train - val
+    assert held["test"].ids.tolist() == plain["train"].ids[:300].tolist()  # the first rows of the train order
+    limited = splits("data.holdout=300", "data.limit=100")  # limit then applies to each side
+    assert len(limited["train"]) == len(limited["test"]) == 100
+    assert set(limited["test"].ids) <= val and set(limited["train"].ids) <= train - val
+
+
+def test_holdout_of_an_official_split_reads_only_the_train_file(tmp_path):
+    write_class_sorted(tmp_path / "data", "hdf5")
+    splits = load_splits(class_sorted_config(tmp_path / "data", "hdf5", "data.holdout=40").data, ["train", "test"])
+    train = load_split(class_sorted_config(tmp_path / "data", "hdf5").data, "train")
+    assert splits["test"].source.origin == splits["train"].source.origin == train.source.origin
+    assert len(splits["test"]) == 40 and len(splits["train"]) == len(train) - 40
+    assert not set(splits["test"].ids) & set(splits["train"].ids)
+
+
+@pytest.mark.parametrize("holdout, fragment", [(-1, "must be >= 0"), (4000, r"must be in \(0, 4000\)")])
+def test_holdout_that_leaves_no_training_rows_is_refused(holdout, fragment):
+    with pytest.raises(ConfigError, match=f"data.holdout {fragment}"):
+        load_splits(load_config(None, [f"data.holdout={holdout}"]).data, ["train", "test"])
 
 
 def test_limit_below_the_classes_is_one_line(tmp_path):

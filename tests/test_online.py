@@ -110,7 +110,8 @@ def test_online_run_resumes_exactly_and_is_recorded(tiny_project, monkeypatch):
              "--set", "data.limit=96",
              "--run-dir", str(run_dir), "--metrics", "online.json", "--report", "online-report.json",
              "--plots-dir", "plots/online"], tiny_project)
-    assert json.loads((tiny_project / "online-report.json").read_text())["targets"] == "online"
+    report = json.loads((tiny_project / "online-report.json").read_text())
+    assert report["targets"] == "online" and report["scored_on"] == "test"
     assert 0 < json.loads((tiny_project / "online.json").read_text())["teacher_top1"] <= 1
 
 

@@ -35,6 +35,11 @@ class DataConfig:
     # Use only `limit` samples of each split (tiny runs, tests): a seeded subset that keeps every
     # class in proportion to its share of the split (largest remainders); null = all.
     limit: int | None = None
+    # Hold out this many samples of the training split and evaluate on them in place of the test
+    # split: a validation split, for choosing settings without looking at the test split. The first
+    # `holdout` rows of the train split's seeded order (before data.limit, which then applies to
+    # each side); every report of such a run says it was scored on validation. 0 = off.
+    holdout: int = 0
     # imagenet: the input size. Files are decoded, their shorter side resized to `load_size` and
     # centre-cropped square: the pixels views are cut from (a RandomResizedCrop box of the
     # load_size image, resized to image_size). The clean input (view 0, evaluation) is the
@@ -49,6 +54,7 @@ class DataConfig:
         _check_seed("data.split_seed", self.split_seed)
         _check(self.test_size > 0, "data.test_size must be > 0")
         _check(self.limit is None or self.limit > 0, "data.limit must be > 0 or null")
+        _check(self.holdout >= 0, f"data.holdout must be >= 0, got {self.holdout}")
         _check(self.image_size >= 1, f"data.image_size must be >= 1, got {self.image_size}")
         load = self.load_size
         _check(load is None or self.image_size <= load <= MAX_TEACHER_INPUT_SIZE,

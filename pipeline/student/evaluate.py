@@ -261,7 +261,9 @@ def evaluate_student(cfg, run_dir: str | Path, plots_dir: str | Path, trust_stor
         "epochs": len(history),
         "train_seconds": float(sum(row["seconds"] for row in history)),
     }
-    report = {"distill": scfg.distill, "targets": scfg.targets, "firing_rates": rates,
+    holdout = cfg.data.holdout
+    scored_on = f"validation: {holdout} held-out rows of the train split (data.holdout)" if holdout else "test"
+    report = {"distill": scfg.distill, "targets": scfg.targets, "scored_on": scored_on, "firing_rates": rates,
               "operations": operations["layers"],
               "energy_pj": {"mac": E_MAC_PJ, "ac": E_AC_PJ}}
     return headline, report

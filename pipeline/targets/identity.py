@@ -58,7 +58,7 @@ def expected_spec(cfg: Config, splits: dict, sha: str | None, view_spec: dict, f
                  "timesteps": cfg.teacher.timesteps, "model_kwargs": cfg.teacher.model_kwargs,
                  "num_classes": any_split.num_classes, "num_features": num_features, "precision": precision},
         dataset={"name": cfg.data.name, "split_seed": cfg.data.split_seed, "test_size": cfg.data.test_size,
-                 "limit": cfg.data.limit},
+                 "limit": cfg.data.limit, "holdout": cfg.data.holdout},
         splits={name: {"num_samples": len(s), "fingerprint": s.fingerprint(), "views": split_views(cfg, name)}
                 for name, s in splits.items()},
         transform={**any_split.transform, "teacher_input_size": cfg.teacher.input_size,

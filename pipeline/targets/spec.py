@@ -71,7 +71,7 @@ def is_row_array(name: str) -> bool:
 # the store), as dotted manifest paths; `splits.<split>.fingerprint` is compared per split.
 STUDENT_IDENTITY = ("teacher.model", "teacher.checkpoint_sha256", "teacher.small_input_stem", "teacher.timesteps",
                     "teacher.model_kwargs", "dataset.name",
-                    "dataset.split_seed", "dataset.test_size", "dataset.limit", "transform", "augment")
+                    "dataset.split_seed", "dataset.test_size", "dataset.limit", "dataset.holdout", "transform", "augment")
 # What an extraction must agree with to resume a store: all of it but the provenance.
 STORE_IDENTITY = ("teacher", "dataset", "splits", "transform", "augment", "arrays", "chunking", "features")
 
@@ -105,7 +105,7 @@ class SplitLayout:
 @dataclass(frozen=True)
 class TargetSpec:
     teacher: dict[str, Any]  # model, checkpoint_sha256, small_input_stem, num_classes, num_features, precision
-    dataset: dict[str, Any]  # name, split_seed, test_size, limit
+    dataset: dict[str, Any]  # name, split_seed, test_size, limit, holdout
     splits: dict[str, dict[str, Any]]  # split -> num_samples, fingerprint, views
     transform: dict[str, Any]
     augment: dict[str, Any]  # the view-making spec, with its param_names
