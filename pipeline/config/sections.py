@@ -128,6 +128,9 @@ class TeacherConfig:
     timesteps: int | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     random_shift: int = 2  # training-time translation, in pixels (the teacher sees clean inputs at extraction)
+    # The teacher's own training seed (init, sample order). The top-level `seed` is the student's, so a
+    # sweep over student seeds reuses one teacher and one store.
+    seed: int = 0
     epochs: int = 10
     batch_size: int = 128
     lr: float = 2e-3
@@ -138,6 +141,7 @@ class TeacherConfig:
         _check_training(self, "teacher")
         _check_path("teacher.checkpoint", self.checkpoint)
         _check(self.random_shift >= 0, "teacher.random_shift must be >= 0")
+        _check_seed("teacher.seed", self.seed)
         size = self.input_size
         _check(size is None or 1 <= size <= MAX_TEACHER_INPUT_SIZE,
                f"teacher.input_size must be in [1, {MAX_TEACHER_INPUT_SIZE}] or null, got {size}")

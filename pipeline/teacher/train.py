@@ -42,9 +42,9 @@ def train_teacher(cfg: Config, run_dir: str | Path, resume: bool = False) -> dic
     train, test = load_splits(cfg.data, ("train", "test")).values()
     if warning := scattered_read_warning(train):
         tqdm.write(warning)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(tcfg.seed)
     model = create_teacher(tcfg, train.num_classes, train.image_shape).to(device)
-    sampler = ChunkShuffleSampler(len(train), chunk_size=len(train), buffer_chunks=1, seed=cfg.seed)
+    sampler = ChunkShuffleSampler(len(train), chunk_size=len(train), buffer_chunks=1, seed=tcfg.seed)
     loader = data_loader(train, tcfg.batch_size, sampler, cfg.loader, device)
     optimizer, scheduler = optimizer_for(tcfg, model, len(loader))
 
