@@ -32,8 +32,10 @@ class Mode:
 
     @property
     def params(self) -> tuple[str, ...]:
-        """The config sections its loss reads (dvc.yaml's `uses`), in that order."""
-        return ((("student.bkd",) if self.features != "none" else ())
+        """The config sections (or fields) its loss reads (dvc.yaml's `uses`), in that order: a blur-ratio
+        sweep re-runs only the modes with the BKD term."""
+        return ((("student.bkd",) if self.features == "bkd" else ())  # lambda, alpha, rescale
+                + (("student.bkd.alpha",) if self.features == "regression" else ())  # the weight alone
                 + (("student.logits",) if self.logits != "none" else ())
                 + ((f"student.{self.pairs}",) if self.pairs else ()))
 
