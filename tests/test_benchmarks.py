@@ -219,3 +219,27 @@ def test_k_study_reports_every_k_against_the_online_teacher(tiny_project, tmp_pa
         [r["views"] for r in (one, two) if r["mean"] >= floor], default=None)
     assert (tmp_path / "k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "smallest K within one sd of online" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_default_choice_scores_candidates_on_held_out_training_rows(tiny_project, tmp_path, monkeypatch, capsys):
+    from benchmarks import default_choice
+    from pipeline.targets import store_info
+
+    monkeypatch.chdir(tiny_project)
+    settings = [a for a in TINY if a != "--set"] + ["data.limit=64", "teacher.epochs=1", "student.epochs=1"]
+    monkeypatch.setattr(default_choice, "CANDIDATES", {"t4": [], "t2": ["student.timesteps=2"]})
+    argv = ["--holdout", "200", "--seeds", "0", "1", "--modes", "none", "mixed", "--work-dir", str(tmp_path / "w"),
+            "--json", str(tmp_path / "choice.json"), *[x for s in settings for x in ("--set", s)]]
+    results = default_choice.main(argv)
+    assert json.loads((tmp_path / "choice.json").read_text()) == results
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["base", "students"]  # one teacher for both
+    assert store_info(str(tmp_path / "w/base/store.zarr"))["manifest"]["dataset"]["holdout"] == 200  # scored on validation
+    for row in results["candidates"].values():
+        assert 0 < row["teacher_val_top1"] <= 1
+        none, mixed = row["modes"]["none"], row["modes"]["mixed"]
+        assert len(none["values"]) == len(mixed["values"]) == 2
+        assert row["gain_in_sds"]["mixed"] == pytest.approx(default_choice.gain_in_sds(mixed, none))
+    assert "validation top-1" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        default_choice.main(["--holdout", "0"])  # never scored on the test split

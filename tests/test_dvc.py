@@ -106,34 +106,54 @@ def _commit(root: Path, message: str) -> None:
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], root)
 
 
-def test_queued_blur_ratio_sweep_reruns_only_the_students_that_use_it(dvc_copy):
+def test_sensitivity_sweep_queues_from_one_store_and_reruns_only_what_reads_the_parameter(dvc_copy):
+    """benchmarks.sensitivity: queued experiments over a blur ratio and two seeds. The seed-1 baseline
+    retrains the students alone (teacher.seed is the teacher's); a blur-ratio experiment retrains only
+    the student whose loss reads it, the others of its seed coming back from DVC's run cache."""
     if not (dvc_copy / "dvc.lock").is_file():
         _run(["dvc", "repro"], dvc_copy)
     _commit(dvc_copy, "baseline")  # dvc.lock, metrics and plots: what experiments compare against
-    for value in ("0.3", "0.5"):
-        _run(["dvc", "exp", "run", "--queue", "-S", f"student.bkd.blur_ratio={value}"], dvc_copy)
-    _run(["dvc", "exp", "run", "--run-all"], dvc_copy)
+    output = _run([sys.executable, "-m", "benchmarks.sensitivity", "--seeds", "0", "1", "--blur-ratio", "0.15", "0.3",
+                   "--alpha", "--temperature", "--set", "data.holdout=0", "--json", "sweep.json",
+                   "--plot-dir", "sweep-plots"], dvc_copy)
+    assert "queued 4 experiments" in output
 
     records = _exp_show_json(dvc_copy)
-    experiments = [r for r in records if r["blur"] in (0.3, 0.5)]
-    assert sorted(r["blur"] for r in experiments) == [0.3, 0.5]
-    for record in experiments + [r for r in records if r["name"] == "baseline"]:
+    experiments = [r for r in records if r["name"] != "baseline"]
+    assert sorted((r["blur"], r["seed"]) for r in experiments) == [(0.15, 0), (0.15, 1), (0.3, 0), (0.3, 1)]
+    for record in records:
         for mode in MODES:
             assert 0.0 <= record["top1"][mode] <= 1.0, record  # every experiment has every accuracy
-    # What each experiment ran, from its queue log: the bkd-using student and its evaluation only.
+    # What each experiment ran, from its queue log.
+    student_stages = {f"{stage}@{mode}" for stage in ("train_student", "evaluate") for mode in MODES}
     for record in experiments:
-        log = _run(["dvc", "queue", "logs", record["name"]], dvc_copy)
-        ran = _stages_run(log)
-        assert ran == {"train_student@mixed", "evaluate@mixed", "compare"}, (record["name"], ran)
+        ran = _stages_run(_run(["dvc", "queue", "logs", record["name"]], dvc_copy))
+        assert "train_teacher" not in ran and "extract_teacher" not in ran, (record, ran)
+        if record["blur"] == 0.3:  # none of the same seed comes from the run cache
+            assert ran == {"train_student@mixed", "evaluate@mixed", "compare"}, (record, ran)
+        elif record["seed"] == 1:
+            assert student_stages <= ran, (record, ran)
+        else:
+            assert not ran & student_stages, (record, ran)  # the committed baseline itself
+    result = json.loads((dvc_copy / "sweep.json").read_text())
+    rows = result["sweeps"]["student.bkd.blur_ratio"]
+    assert [row["value"] for row in rows] == [0.15, 0.3] and all(row["seeds"] == [0, 1] for row in rows)
+    assert all(row["modes"]["mixed"]["n"] == 2 and row["modes"]["none"]["n"] == 2 for row in rows)
+    by_value = {r["blur"]: [] for r in experiments}
+    for record in experiments:
+        by_value[record["blur"]].append(record["top1"]["mixed"])
+    for row in rows:  # the table is the experiments' own metrics
+        assert row["modes"]["mixed"]["mean"] == pytest.approx(sum(by_value[row["value"]]) / 2)
+    assert (dvc_copy / "sweep-plots/sensitivity-blur_ratio.png").read_bytes()[:4] == b"\x89PNG"
     # Metrics of the baseline and an experiment side by side (--all: unchanged ones too).
     shown = _run(["dvc", "metrics", "diff", "--all", "HEAD", experiments[0]["name"]], dvc_copy)
     assert "metrics/student-mixed.json" in shown and "top1" in shown
     table = run_compare(dvc_copy)
-    assert "blur_ratio=0.3" in table and "blur_ratio=0.5" in table
+    assert "blur_ratio=0.3" in table and "blur_ratio=0.15" in table
 
 
 def _exp_show_json(root: Path) -> list[dict]:
-    """(name, blur ratio, top1 per mode) of every row of `dvc exp show --json`."""
+    """(name, blur ratio, seed, top1 per mode) of every row of `dvc exp show --json`."""
     import dvc.api
 
     env_cwd = os.getcwd()
@@ -148,6 +168,7 @@ def _exp_show_json(root: Path) -> list[dict]:
             continue
         rows.append({"name": r.get("Experiment") or "baseline",
                      "blur": r.get("params.yaml:student.bkd.blur_ratio", r.get("student.bkd.blur_ratio")),
+                     "seed": r.get("params.yaml:seed", r.get("seed")),
                      "top1": {m: r.get(f"metrics/student-{m}.json:top1") for m in MODES}})
     return rows
 

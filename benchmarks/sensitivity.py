@@ -1,0 +1,220 @@
+"""How sensitive is BKD to λ, α and τ? One-at-a-time sweeps, as DVC queued experiments from one store.
+
+Run from the root of a bkd DVC workspace whose baseline is committed (`dvc repro`, then
+`git add -A && git commit`)::
+
+    python -m benchmarks.sensitivity [--seeds 0 1 2] [--blur-ratio 0 0.05 0.15 0.3 0.5]
+                                     [--alpha 2e-4 6e-4 2e-3 6e-3 2e-2] [--temperature 1 2 4]
+                                     [--set data.holdout=1000 ...] [--no-run]
+                                     [--json OUT] [--plot-dir DIR]
+
+It queues one experiment per seed at the workspace's parameters, and one per seed and swept value
+with that one parameter changed (`dvc exp run --queue -S ... -S seed=...`), runs the queue
+(`dvc exp run --run-all`) and reads every finished experiment back (`dvc exp show`). Each stage
+lists the parameters it reads, so an experiment re-runs only the students whose loss reads the
+swept parameter; the teacher and the store are made once (by the first experiment, if `--set`
+changes the data) and restored from DVC's cache afterwards, and so are the students of a seed that
+an earlier experiment already trained (DVC's run cache).
+
+By default every experiment holds out 1,000 training rows and scores on them (data.holdout): the
+guidance it prints chooses settings, so it never reads the test split. Per parameter it prints a
+table (top-1 mean ± sd over the seeds, per mode that reads it, with `none` for reference) and
+draws a plot; --no-run reports on the experiments already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.compare import experiment_rows, group_over_seeds
+from pipeline.config import load_config
+
+# parameter -> (short name, the modes whose loss reads it, log-scale axis)
+SWEEPS = {
+    "student.bkd.blur_ratio": ("λ (blur ratio)", ("bkd", "mixed"), False),
+    "student.bkd.alpha": ("α (feature weight)", ("bkd", "mixed", "kdsnn", "lasnn"), True),
+    "student.logits.temperature": ("τ (temperature)", ("kd", "wsld", "mixed"), False),
+}
+
+
+def _dvc(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"dvc {' '.join(args)} failed:\n{done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def queue(grid: dict[str, list[float]], seeds: list[int], base: list[str]) -> int:
+    """Queue the seed baselines first (their students fill the run cache), then each swept value."""
+    count = 0
+    for seed in seeds:
+        _dvc("exp", "run", "--queue", *(a for s in base for a in ("-S", s)), "-S", f"seed={seed}")
+        count += 1
+    current = load_config("params.yaml", base)
+    for param, values in grid.items():
+        here = _get(current, param)
+        for value in values:
+            if _same(value, here):
+                continue  # the seed baselines
+            for seed in seeds:
+                _dvc("exp", "run", "--queue", *(a for s in base for a in ("-S", s)), "-S", f"{param}={value}",
+                     "-S", f"seed={seed}")
+                count += 1
+    return count
+
+
+def _get(cfg, dotted: str):
+    value = cfg
+    for key in dotted.split("."):
+        value = getattr(value, key)
+    return value
+
+
+def tables(grid: dict[str, list[float]], seeds: list[int], base: list[str]) -> dict:
+    """{param: [{value, modes: {mode: {n, mean, sd}}}]} from the finished experiments: the groups
+    that differ from the swept config in that parameter alone, over the requested seeds."""
+    current = load_config("params.yaml", base)
+    rows = [r for r in experiment_rows() if r["params"].get("seed") in seeds]
+    groups = group_over_seeds(rows)
+    out = {}
+    for param, values in grid.items():
+        short, modes, _ = SWEEPS[param]
+        found = []
+        for value in values:
+            for group in groups:
+                params = group["params"]
+                if param not in params or not _same(params[param], value):
+                    continue
+                others = [k for k in params if k != param and k in _flat_keys(current)]
+                if all(_same(params[k], _get(current, k)) for k in others):
+                    found.append({"value": value, "seeds": sorted(s for s in group["seeds"] if s is not None),
+                                  "modes": {m: group["stats"][m] for m in ("none", *modes) if m in group["stats"]}})
+                    break
+        out[param] = found
+    return out
+
+
+def _flat_keys(cfg) -> set[str]:
+    from dataclasses import fields, is_dataclass
+
+    keys: set[str] = set()
+
+    def walk(obj, prefix: str) -> None:
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                keys.add(f"{prefix}{f.name}")
+
+    walk(cfg, "")
+    return keys - {"seed"}
+
+
+def guidance(param: str, rows: list[dict]) -> list[str]:
+    """Per mode: the best value, and the values whose mean lies within one sd of the best."""
+    lines = []
+    for mode in SWEEPS[param][1]:
+        points = [(r["value"], r["modes"][mode]) for r in rows if mode in r["modes"]]
+        if not points:
+            continue
+        best_value, best = max(points, key=lambda p: p[1]["mean"])
+        sd = 0.0 if math.isnan(best["sd"]) else best["sd"]
+        close = [v for v, s in points if s["mean"] >= best["mean"] - sd]
+        lines.append(f"{mode}: best {SWEEPS[param][0].split()[0]} = {best_value:g} "
+                     f"({100 * best['mean']:.2f} ± {100 * sd:.2f}); within one sd: {', '.join(f'{v:g}' for v in close)}")
+    return lines
+
+
+def plot(param: str, rows: list[dict], path: Path, scored_on: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.checkpoint import save_png
+
+    short, modes, log = SWEEPS[param]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for i, mode in enumerate(modes):
+        points = [(r["value"], r["modes"][mode]) for r in rows if mode in r["modes"]]
+        if points:
+            ax.errorbar([v for v, _ in points], [100 * s["mean"] for _, s in points],
+                        [0 if math.isnan(s["sd"]) else 100 * s["sd"] for _, s in points],
+                        marker="o", capsize=3, label=mode, color=f"C{i}")
+    nones = [r["modes"]["none"] for r in rows if "none" in r["modes"]]
+    if nones:
+        none = nones[0]
+        ax.axhline(100 * none["mean"], color="grey", linestyle="--", label="none (no distillation)")
+        if not math.isnan(none["sd"]):
+            ax.axhspan(100 * (none["mean"] - none["sd"]), 100 * (none["mean"] + none["sd"]), color="grey", alpha=0.15)
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel(short)
+    ax.set_ylabel(f"{scored_on} top-1 (%)")
+    seeds = rows[0]["seeds"] if rows else []
+    ax.set_title(f"sensitivity to {short.split()[0]}, {len(seeds)} seeds (mean ± sd)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_png(fig, path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.sensitivity", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--blur-ratio", type=float, nargs="*", default=[0.0, 0.05, 0.15, 0.3, 0.5])
+    parser.add_argument("--alpha", type=float, nargs="*", default=[2e-4, 6e-4, 2e-3, 6e-3, 2e-2])
+    parser.add_argument("--temperature", type=float, nargs="*", default=[1.0, 2.0, 4.0])
+    parser.add_argument("--set", dest="base", action="append", default=None, metavar="KEY=VALUE",
+                        help="parameters of every experiment (default: data.holdout=1000, scored on validation)")
+    parser.add_argument("--no-run", action="store_true", help="only report the experiments already run")
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT")
+    parser.add_argument("--plot-dir", type=Path, default=None, metavar="DIR")
+    args = parser.parse_args(argv)
+    base = ["data.holdout=1000"] if args.base is None else args.base
+    grid = {"student.bkd.blur_ratio": args.blur_ratio, "student.bkd.alpha": args.alpha,
+            "student.logits.temperature": args.temperature}
+    grid = {k: v for k, v in grid.items() if v}
+    if not Path("dvc.yaml").is_file():
+        parser.error("run it from the root of a bkd DVC workspace (no dvc.yaml here)")
+    current = load_config("params.yaml", base)  # refuses a bad --set before anything is queued
+    scored_on = "validation" if current.data.holdout else "test"
+    if not args.no_run:
+        print(f"queued {queue(grid, args.seeds, base)} experiments", flush=True)
+        subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "--run-all"], check=True)
+    results = {"seeds": args.seeds, "base": base, "scored_on": scored_on, "sweeps": tables(grid, args.seeds, base)}
+    for param, rows in results["sweeps"].items():
+        short, modes, _ = SWEEPS[param]
+        shown = ["none", *modes]
+        print(f"\n{short}: {scored_on} top-1 (%), mean ± sd over seeds {args.seeds}")
+        print(f"{'value':>10}" + "".join(f"{m:>18}" for m in shown))
+        for row in rows:
+            cells = "".join(f"{100 * row['modes'][m]['mean']:>10.2f} ± {100 * row['modes'][m]['sd']:<5.2f}"
+                            if m in row["modes"] else f"{'-':>18}" for m in shown)
+            print(f"{row['value']:>10g}{cells}")
+        results.setdefault("guidance", {})[param] = guidance(param, rows)
+        for line in results["guidance"][param]:
+            print(f"  {line}")
+        if args.plot_dir:
+            args.plot_dir.mkdir(parents=True, exist_ok=True)
+            plot(param, rows, args.plot_dir / f"sensitivity-{param.split('.')[-1]}.png", scored_on)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
