@@ -85,7 +85,7 @@ class SEWResNet(SpikingStudent):
 
 @register_student
 def sew_resnet_mnist(num_classes: int, input_shape, timesteps: int, **kwargs) -> SEWResNet:
-    """The default student for 28x28 digits: widths 32/64/128, one SEW block per stage."""
+    """A student for 28x28 digits: one SEW block per stage, widths from model_kwargs (params.yaml: 8/16/32)."""
     return SEWResNet(num_classes, input_shape[-3], timesteps, **kwargs)
 
 
