@@ -4,7 +4,7 @@ Run from the root of a bkd DVC workspace whose baseline is committed (`dvc repro
 `git add -A && git commit`)::
 
     python -m benchmarks.sensitivity [--seeds 0 1 2] [--blur-ratio 0 0.05 0.15 0.3 0.5]
-                                     [--alpha 2e-4 6e-4 2e-3 6e-3 2e-2] [--temperature 1 2 4]
+                                     [--alpha 2e-5 2e-4 2e-3 2e-2] [--temperature 1 2 4]
                                      [--set data.holdout=1000 ...] [--no-run]
                                      [--json OUT] [--plot-dir DIR]
 
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sensitivity", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--blur-ratio", type=float, nargs="*", default=[0.0, 0.05, 0.15, 0.3, 0.5])
-    parser.add_argument("--alpha", type=float, nargs="*", default=[2e-4, 6e-4, 2e-3, 6e-3, 2e-2])
+    parser.add_argument("--alpha", type=float, nargs="*", default=[2e-5, 2e-4, 2e-3, 2e-2])
     parser.add_argument("--temperature", type=float, nargs="*", default=[1.0, 2.0, 4.0])
     parser.add_argument("--set", dest="base", action="append", default=None, metavar="KEY=VALUE",
                         help="parameters of every experiment (default: data.holdout=1000, scored on validation)")
