@@ -44,13 +44,16 @@ def experiment_rows(repo: str | None = None, metric: str = "top1") -> list[dict[
     except Exception as exc:  # not a DVC repository, no commits, ...
         raise BkdError(f"cannot read DVC experiments: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
             from None
+    names = _param_names(Path(repo or ".") / "params.yaml")
     rows = []
     for record in records:
         if record.get("State") in ("Failed", "Queued", "Running") or record.get("rev") == "workspace":
             continue  # the workspace repeats the commit it sits on (or holds unfinished work)
         name = record.get("Experiment") or record.get("rev") or "workspace"
+        # exp_show flattens params and metrics alike, prefixing a name with its file only where two files
+        # share it: a key is a parameter where it names one of params.yaml's (top-level `seed` included)
         params = {key.split(":", 1)[-1]: value for key, value in record.items()
-                  if key.startswith("params.yaml:") or (":" not in key and "." in key and not key.startswith("metrics"))}
+                  if (key.startswith("params.yaml:") or ":" not in key) and key.split(":", 1)[-1] in names}
         values = {}
         for mode in MODES:
             key = f"{METRIC_FILE.format(mode=mode)}:{metric}"
@@ -60,6 +63,26 @@ def experiment_rows(repo: str | None = None, metric: str = "top1") -> list[dict[
         if values:
             rows.append({"name": str(name), "rev": record.get("rev"), "params": params, "values": values})
     return rows
+
+
+def _param_names(path: Path) -> set[str]:
+    """Every dotted name in the params file, leaves and the sections above them."""
+    import yaml
+
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise BkdError(f"cannot read the DVC parameters {path}: {str(exc).splitlines()[0]}") from None
+    names: set[str] = set()
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            names.add(prefix + str(key))
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+
+    walk(tree, "")
+    return names
 
 
 def group_over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ import statistics
 
 import pytest
 
+from pipeline import compare
 from pipeline.compare import format_table, group_over_seeds, mode_groups, plot_groups, read_mode_metrics
 from tests.helpers import run_bkd
 
@@ -30,6 +31,27 @@ def test_seeds_are_grouped_into_mean_and_sd(tmp_path):
     assert "blur_ratio=0.15 (3)" in table and "0.9300 ± 0.0200 (3)" in table
     plot_groups(list(groups.values()), "top1", tmp_path / "p.png", "t")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_experiment_rows_keep_top_level_params_and_leave_out_metrics(tmp_path, monkeypatch):
+    """exp_show flattens params and metrics alike and prefixes a name with its file only where two files
+    share it: `seed` arrives bare, and so do metric names such as the teacher's `test_accuracy`."""
+    import dvc.api
+
+    (tmp_path / "params.yaml").write_text("seed: 0\nstudent:\n  bkd: {blur_ratio: 0.15}\n")
+    records = [
+        {"Experiment": None, "rev": "workspace", "seed": 0},
+        {"Experiment": None, "rev": "abc123", "seed": 0.0, "student.bkd.blur_ratio": 0.15, "test_accuracy": 0.97,
+         "model": "resnet18", "metrics/student-mixed.json:top1": 0.9},
+        {"Experiment": "exp-1", "rev": "def456", "params.yaml:seed": 1, "student.bkd.blur_ratio": 0.15,
+         "test_accuracy": 0.97, "metrics/student-mixed.json:top1": 0.92},
+    ]
+    monkeypatch.setattr(dvc.api, "exp_show", lambda repo=None: records)
+    rows = compare.experiment_rows(str(tmp_path))
+    assert [r["params"] for r in rows] == [{"seed": 0.0, "student.bkd.blur_ratio": 0.15},
+                                           {"seed": 1, "student.bkd.blur_ratio": 0.15}]
+    (group,) = group_over_seeds(rows)
+    assert group["seeds"] == [0, 1] and group["stats"]["mixed"]["mean"] == pytest.approx(0.91)
 
 
 def test_compare_reads_the_workspace_metrics(tmp_path):
