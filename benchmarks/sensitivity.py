@@ -14,7 +14,8 @@ with that one parameter changed (`dvc exp run --queue -S ... -S seed=...`), runs
 lists the parameters it reads, so an experiment re-runs only the students whose loss reads the
 swept parameter; the teacher and the store are made once (by the first experiment, if `--set`
 changes the data) and restored from DVC's cache afterwards, and so are the students of a seed that
-an earlier experiment already trained (DVC's run cache).
+an earlier experiment already trained (DVC's run cache; their evaluations, whose metrics live in
+git rather than in DVC's cache, may re-run: seconds each).
 
 By default every experiment holds out 1,000 training rows and scores on them (data.holdout): the
 guidance it prints chooses settings, so it never reads the test split. Per parameter it prints a
@@ -25,6 +26,7 @@ draws a plot; --no-run reports on the experiments already there.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import subprocess
@@ -49,10 +51,28 @@ def _dvc(*args: str) -> str:
     return done.stdout
 
 
+def _literal(value):
+    """dvc.api.exp_show hands back non-numbers as their Python repr ('False', '[0.08, 1.0]', 'None')."""
+    if isinstance(value, str):
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value
+    return value
+
+
 def _same(a, b) -> bool:
+    """Equal as parameters: numbers compared as floats (exp show gives seed 1 as 1.0), reprs parsed."""
+    a, b = _literal(a), _literal(b)
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
-    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
 
 
 def queue(grid: dict[str, list[float]], seeds: list[int], base: list[str]) -> int:
@@ -85,7 +105,12 @@ def tables(grid: dict[str, list[float]], seeds: list[int], base: list[str]) -> d
     """{param: [{value, modes: {mode: {n, mean, sd}}}]} from the finished experiments: the groups
     that differ from the swept config in that parameter alone, over the requested seeds."""
     current = load_config("params.yaml", base)
-    rows = [r for r in experiment_rows() if r["params"].get("seed") in seeds]
+    rows, seen = [], set()
+    for row in experiment_rows():  # one row per parameter set: an experiment that repeats the committed
+        key = json.dumps({k: _literal(v) for k, v in row["params"].items()}, sort_keys=True, default=str)
+        if row["params"].get("seed") in seeds and key not in seen:  # baseline is the same run, not another seed
+            seen.add(key)
+            rows.append(row)
     groups = group_over_seeds(rows)
     out = {}
     for param, values in grid.items():

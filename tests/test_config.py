@@ -40,7 +40,7 @@ def test_mnist5k_loads_with_file_values(mnist_cfg):
     assert mnist_cfg.student.bkd.alpha == pytest.approx(2e-3)
     assert mnist_cfg.student.logits.temperature == 2.0
     assert mnist_cfg.extract.splits == ["train", "test"]
-    assert mnist_cfg.data.limit is None
+    assert mnist_cfg.data.limit == 1000
     assert isinstance(mnist_cfg.teacher.lr, float)
 
 
@@ -162,8 +162,11 @@ def test_params_yaml_is_the_default_config():
     params = REPO / "params.yaml"
     cfg = load_config(params)
     _assert_matches(cfg, yaml.safe_load(params.read_text()))
-    # model_kwargs are the one thing the file spells out beyond the defaults
-    assert dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, model_kwargs={})) == Config()
+    # what the file spells out beyond the defaults: the student's model_kwargs, and the embedded data's
+    # 1,000-digit subset (a config for another dataset must not inherit a subset unawares)
+    assert cfg.data.limit == 1000
+    assert dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, model_kwargs={}),
+                               data=dataclasses.replace(cfg.data, limit=None)) == Config()
 
 
 @pytest.mark.parametrize("override,field", [

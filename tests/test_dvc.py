@@ -129,8 +129,10 @@ def test_sensitivity_sweep_queues_from_one_store_and_reruns_only_what_reads_the_
     for record in experiments:
         ran = _stages_run(_run(["dvc", "queue", "logs", record["name"]], dvc_copy))
         assert "train_teacher" not in ran and "extract_teacher" not in ran, (record, ran)
-        if record["blur"] == 0.3:  # none of the same seed comes from the run cache
-            assert ran == {"train_student@mixed", "evaluate@mixed", "compare"}, (record, ran)
+        if record["blur"] == 0.3:  # the none student of the same seed comes from the run cache
+            assert "train_student@mixed" in ran and "train_student@none" not in ran, (record, ran)
+            # (evaluations write metrics kept in git, not in DVC's cache, so one may re-run: seconds)
+            assert ran <= {"train_student@mixed", "evaluate@mixed", "evaluate@none", "compare"}, (record, ran)
         elif record["seed"] == 1:
             assert student_stages <= ran, (record, ran)
         else:

@@ -199,7 +199,7 @@ def test_resume_with_another_schedule_shape_is_refused():
     ("student.momentum=-0.1", "student.momentum"),
     ("student.schedule.per=batch", "student.schedule.per"),
     ("student.schedule.warmup_epochs=-1", "student.schedule.warmup_epochs"),
-    ("student.schedule.warmup_epochs=8", "student.schedule.warmup_epochs"),  # all of student.epochs (8)
+    ("student.schedule.warmup_epochs=30", "student.schedule.warmup_epochs"),  # all of student.epochs (30)
     ("student.schedule.min_lr=0.1", "student.schedule.min_lr"),  # > student.lr
     ("student.schedule.min_lr=-1e-5", "student.schedule.min_lr"),
     ("student.schedule.min_lr=.nan", "student.schedule.min_lr"),
@@ -222,4 +222,4 @@ def test_the_recipes_load():
                                 "student.schedule={per: epoch, warmup_epochs: 2, min_lr: 1.0e-5, cooldown_epochs: 1}",
                                 "student.no_decay_bias_norm=true"])
     assert cfg.student.schedule == ScheduleConfig(per="epoch", warmup_epochs=2, min_lr=1e-5, cooldown_epochs=1)
-    assert cfg.student.train_epochs() == 9
+    assert cfg.student.train_epochs() == cfg.student.epochs + 1 == 31

@@ -24,7 +24,7 @@ def finished_run(tiny_project: Path) -> str:
 @pytest.mark.parametrize("change, field", [
     (["--set", "student.lr=0.01"], "student.lr"),
     (["--set", "student.bkd.blur_ratio=0.3"], "student.bkd.blur_ratio"),
-    (["--set", "student.timesteps=2"], "student.timesteps"),
+    (["--set", "student.timesteps=3"], "student.timesteps"),
     (["--set", "student.batch_size=16"], "student.batch_size"),
     (["--epochs", "2"], "student.epochs"),
     (["--distill", "mixed"], "student.distill"),
@@ -114,7 +114,7 @@ def test_evaluate_takes_the_run_and_refuses_contradictions(tiny_project: Path, f
     assert_refused(proc, "student.model_kwargs.widths")
     run_bkd([*base, "--set", "student.epochs=1", "--metrics", str(tmp_path / "m.json")], tiny_project)
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert metrics["timesteps"] == 4 and metrics["epochs"] == 1
+    assert metrics["timesteps"] == 2 and metrics["epochs"] == 1
 
 
 def test_an_interrupted_rerun_leaves_nothing_stale_to_evaluate(tiny_project: Path, finished_run: str, tmp_path: Path):

@@ -296,9 +296,9 @@ class ScheduleConfig:
 class StudentConfig:
     model: str = "sew_resnet_mnist"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    timesteps: int = 4
+    timesteps: int = 2
     distill: DistillMode = "mixed"
-    epochs: int = 8
+    epochs: int = 30
     batch_size: int = 64
     lr: float = 5e-3
     weight_decay: float = 1e-4
