@@ -75,13 +75,12 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def queue(grid: dict[str, list[float]], seeds: list[int], base: list[str]) -> int:
+def queue(grid: dict[str, list[float]], seeds: list[int], base: list[str], current) -> int:
     """Queue the seed baselines first (their students fill the run cache), then each swept value."""
     count = 0
     for seed in seeds:
         _dvc("exp", "run", "--queue", *(a for s in base for a in ("-S", s)), "-S", f"seed={seed}")
         count += 1
-    current = load_config("params.yaml", base)
     for param, values in grid.items():
         here = _get(current, param)
         for value in values:
@@ -101,10 +100,10 @@ def _get(cfg, dotted: str):
     return value
 
 
-def tables(grid: dict[str, list[float]], seeds: list[int], base: list[str]) -> dict:
+def tables(grid: dict[str, list[float]], seeds: list[int], current) -> dict:
     """{param: [{value, modes: {mode: {n, mean, sd}}}]} from the finished experiments: the groups
     that differ from the swept config in that parameter alone, over the requested seeds."""
-    current = load_config("params.yaml", base)
+    keys = _flat_keys(current)
     rows, seen = [], set()
     for row in experiment_rows():  # one row per parameter set: an experiment that repeats the committed
         key = json.dumps({k: _literal(v) for k, v in row["params"].items()}, sort_keys=True, default=str)
@@ -121,7 +120,7 @@ def tables(grid: dict[str, list[float]], seeds: list[int], base: list[str]) -> d
                 params = group["params"]
                 if param not in params or not _same(params[param], value):
                     continue
-                others = [k for k in params if k != param and k in _flat_keys(current)]
+                others = [k for k in params if k != param and k in keys]
                 if all(_same(params[k], _get(current, k)) for k in others):
                     found.append({"value": value, "seeds": sorted(s for s in group["seeds"] if s is not None),
                                   "modes": {m: group["stats"][m] for m in ("none", *modes) if m in group["stats"]}})
@@ -217,9 +216,9 @@ def main(argv: list[str] | None = None) -> dict:
     current = load_config("params.yaml", base)  # refuses a bad --set before anything is queued
     scored_on = "validation" if current.data.holdout else "test"
     if not args.no_run:
-        print(f"queued {queue(grid, args.seeds, base)} experiments", flush=True)
+        print(f"queued {queue(grid, args.seeds, base, current)} experiments", flush=True)
         subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "--run-all"], check=True)
-    results = {"seeds": args.seeds, "base": base, "scored_on": scored_on, "sweeps": tables(grid, args.seeds, base)}
+    results = {"seeds": args.seeds, "base": base, "scored_on": scored_on, "sweeps": tables(grid, args.seeds, current)}
     for param, rows in results["sweeps"].items():
         short, modes, _ = SWEEPS[param]
         shown = ["none", *modes]
