@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
 import math
 import subprocess
@@ -35,6 +36,7 @@ from pathlib import Path
 
 from pipeline.compare import experiment_rows, group_over_seeds
 from pipeline.config import load_config
+from pipeline.rundir import flatten
 
 # parameter -> (short name, the modes whose loss reads it, log-scale axis)
 SWEEPS = {
@@ -82,7 +84,7 @@ def queue(grid: dict[str, list[float]], seeds: list[int], base: list[str], curre
         _dvc("exp", "run", "--queue", *(a for s in base for a in ("-S", s)), "-S", f"seed={seed}")
         count += 1
     for param, values in grid.items():
-        here = _get(current, param)
+        here = _flat(current)[param]
         for value in values:
             if _same(value, here):
                 continue  # the seed baselines
@@ -93,17 +95,15 @@ def queue(grid: dict[str, list[float]], seeds: list[int], base: list[str], curre
     return count
 
 
-def _get(cfg, dotted: str):
-    value = cfg
-    for key in dotted.split("."):
-        value = getattr(value, key)
-    return value
+def _flat(cfg) -> dict:
+    """{dotted name: value} of a config, named as params.yaml and `dvc exp show` name them."""
+    return flatten(dataclasses.asdict(cfg))
 
 
 def tables(grid: dict[str, list[float]], seeds: list[int], current) -> dict:
     """{param: [{value, modes: {mode: {n, mean, sd}}}]} from the finished experiments: the groups
     that differ from the swept config in that parameter alone, over the requested seeds."""
-    keys = _flat_keys(current)
+    flat = _flat(current)
     rows, seen = [], set()
     for row in experiment_rows():  # one row per parameter set: an experiment that repeats the committed
         key = json.dumps({k: _literal(v) for k, v in row["params"].items()}, sort_keys=True, default=str)
@@ -120,30 +120,12 @@ def tables(grid: dict[str, list[float]], seeds: list[int], current) -> dict:
                 params = group["params"]
                 if param not in params or not _same(params[param], value):
                     continue
-                others = [k for k in params if k != param and k in keys]
-                if all(_same(params[k], _get(current, k)) for k in others):
+                if all(_same(v, flat[k]) for k, v in params.items() if k not in (param, "seed") and k in flat):
                     found.append({"value": value, "seeds": sorted(s for s in group["seeds"] if s is not None),
                                   "modes": {m: group["stats"][m] for m in ("none", *modes) if m in group["stats"]}})
                     break
         out[param] = found
     return out
-
-
-def _flat_keys(cfg) -> set[str]:
-    from dataclasses import fields, is_dataclass
-
-    keys: set[str] = set()
-
-    def walk(obj, prefix: str) -> None:
-        for f in fields(obj):
-            value = getattr(obj, f.name)
-            if is_dataclass(value):
-                walk(value, f"{prefix}{f.name}.")
-            else:
-                keys.add(f"{prefix}{f.name}")
-
-    walk(cfg, "")
-    return keys - {"seed"}
 
 
 def guidance(param: str, rows: list[dict]) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Any
 
 from pipeline.config import DISTILL_MODES as MODES
 from pipeline.errors import BkdError
+from pipeline.rundir import flatten
 
 METRIC_FILE = "metrics/student-{mode}.json"
 
@@ -73,16 +74,8 @@ def _param_names(path: Path) -> set[str]:
         tree = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise BkdError(f"cannot read the DVC parameters {path}: {str(exc).splitlines()[0]}") from None
-    names: set[str] = set()
-
-    def walk(node: dict, prefix: str) -> None:
-        for key, value in node.items():
-            names.add(prefix + str(key))
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-
-    walk(tree, "")
-    return names
+    parts = [leaf.split(".") for leaf in flatten(tree)]
+    return {".".join(p[:i]) for p in parts for i in range(1, len(p) + 1)}
 
 
 def group_over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline import compare
 from pipeline.compare import format_table, group_over_seeds, mode_groups, plot_groups, read_mode_metrics
-from tests.helpers import run_bkd
+from tests.helpers import REPO, run_bkd
 
 
 def _row(name, seed, blur, none, mixed):
@@ -52,6 +52,33 @@ def test_experiment_rows_keep_top_level_params_and_leave_out_metrics(tmp_path, m
                                            {"seed": 1, "student.bkd.blur_ratio": 0.15}]
     (group,) = group_over_seeds(rows)
     assert group["seeds"] == [0, 1] and group["stats"]["mixed"]["mean"] == pytest.approx(0.91)
+
+
+def test_sensitivity_tables_take_the_groups_that_differ_in_the_swept_parameter_alone(monkeypatch):
+    """A swept value's row is the group equal to the config everywhere else, compared the way exp_show
+    spells values (seed 1 as 1.0, lists as their repr); a group that also differs elsewhere, even
+    inside a dict-valued field such as model_kwargs, is left out."""
+    from benchmarks import sensitivity
+    from pipeline.config import load_config
+
+    current = load_config(REPO / "params.yaml", ["data.holdout=1000"])
+    same = {"data.holdout": 1000, "student.model_kwargs.widths": "[8, 16, 32]", "augment.scale": "[0.08, 1.0]"}
+
+    def row(seed, blur, top1, **changed):
+        params = {**same, "seed": float(seed), "student.bkd.blur_ratio": blur, **changed}
+        return {"name": f"e{seed}{blur}{len(changed)}", "rev": None, "params": params,
+                "values": {"none": 0.9, "mixed": top1}}
+
+    wider = {"student.model_kwargs.widths": "[16, 32, 64]"}
+    rows = [row(0, 0.3, 0.1, **wider), row(1, 0.3, 0.1, **wider),  # another student: not this sweep
+            row(0, 0.15, 0.91), row(1, 0.15, 0.93), row(0, 0.3, 0.80), row(1, 0.3, 0.82),
+            row(2, 0.3, 0.5)]  # a seed not asked for
+    monkeypatch.setattr(sensitivity, "experiment_rows", lambda: rows)
+    table = sensitivity.tables({"student.bkd.blur_ratio": [0.15, 0.3, 0.5]}, [0, 1], current)
+    found = table["student.bkd.blur_ratio"]
+    assert [r["value"] for r in found] == [0.15, 0.3] and all(r["seeds"] == [0, 1] for r in found)
+    assert found[1]["modes"]["mixed"]["mean"] == pytest.approx(0.81) and found[1]["modes"]["mixed"]["n"] == 2
+    assert set(found[0]["modes"]) == {"none", "mixed"}
 
 
 def test_compare_reads_the_workspace_metrics(tmp_path):
