@@ -1,21 +1,22 @@
 """How sensitive is BKD to λ, α and τ? One-at-a-time sweeps, as DVC queued experiments from one store.
 
-Run from the root of a bkd DVC workspace whose baseline is committed (`dvc repro`, then
-`git add -A && git commit`)::
+Run from the root of a bkd DVC workspace with nothing uncommitted (a fresh clone after `make install`;
+experiments start from the commit)::
 
-    python -m benchmarks.sensitivity [--seeds 0 1 2] [--blur-ratio 0 0.05 0.15 0.3 0.5]
-                                     [--alpha 2e-5 2e-4 2e-3 2e-2] [--temperature 1 2 4]
+    python -m benchmarks.sensitivity [--seeds 0 1 2] [--blur-ratio 0 0.15 0.3 0.5]
+                                     [--alpha 2e-4 2e-3 2e-2] [--temperature 1 2 4]
                                      [--set data.holdout=1000 ...] [--no-run]
                                      [--json OUT] [--plot-dir DIR]
 
 It queues one experiment per seed at the workspace's parameters, and one per seed and swept value
-with that one parameter changed (`dvc exp run --queue -S ... -S seed=...`), runs the queue
+with that one parameter changed (`dvc exp run --queue -S ... -S seed=...`), leaving out those
+already finished with the same parameters (so an interrupted or extended sweep resumes), runs the queue
 (`dvc exp run --run-all`) and reads every finished experiment back (`dvc exp show`). Each stage
 lists the parameters it reads, so an experiment re-runs only the students whose loss reads the
 swept parameter; the teacher and the store are made once (by the first experiment, if `--set`
 changes the data) and restored from DVC's cache afterwards, and so are the students of a seed that
 an earlier experiment already trained (DVC's run cache; their evaluations, whose metrics live in
-git rather than in DVC's cache, may re-run: seconds each).
+git rather than in DVC's cache, may re-run: about ten seconds each).
 
 By default every experiment holds out 1,000 training rows and scores on them (data.holdout): the
 guidance it prints chooses settings, so it never reads the test split. Per parameter it prints a
@@ -77,22 +78,28 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def queue(grid: dict[str, list[float]], seeds: list[int], base: list[str], current) -> int:
-    """Queue the seed baselines first (their students fill the run cache), then each swept value."""
-    count = 0
-    for seed in seeds:
-        _dvc("exp", "run", "--queue", *(a for s in base for a in ("-S", s)), "-S", f"seed={seed}")
-        count += 1
+def _finished(params: dict, want: dict) -> bool:
+    """Whether an experiment's parameters (as `dvc exp show` lists them) are exactly `want`."""
+    return "seed" in params and all(_same(value, want[key]) for key, value in params.items() if key in want)
+
+
+def queue(grid: dict[str, list[float]], seeds: list[int], base: list[str], current, done: list[dict]) -> tuple[int, int]:
+    """Queue the seed baselines first (their students fill the run cache), then each swept value.
+    An experiment already finished with the same parameters (`done`: an interrupted or narrower
+    sweep, or the committed baseline itself) is not queued again. Returns (queued, skipped)."""
+    flat = _flat(current)
+    planned = [(None, None, seed) for seed in seeds]
     for param, values in grid.items():
-        here = _flat(current)[param]
-        for value in values:
-            if _same(value, here):
-                continue  # the seed baselines
-            for seed in seeds:
-                _dvc("exp", "run", "--queue", *(a for s in base for a in ("-S", s)), "-S", f"{param}={value}",
-                     "-S", f"seed={seed}")
-                count += 1
-    return count
+        planned += [(param, value, seed) for value in values if not _same(value, flat[param]) for seed in seeds]
+    queued = skipped = 0
+    for param, value, seed in planned:
+        if any(_finished(params, {**flat, "seed": seed, **({param: value} if param else {})}) for params in done):
+            skipped += 1
+            continue
+        settings = [*base, f"seed={seed}", *([f"{param}={value}"] if param else [])]
+        _dvc("exp", "run", "--queue", *(a for s in settings for a in ("-S", s)))
+        queued += 1
+    return queued, skipped
 
 
 def _flat(cfg) -> dict:
@@ -180,8 +187,8 @@ def plot(param: str, rows: list[dict], path: Path, scored_on: str) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sensitivity", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--blur-ratio", type=float, nargs="*", default=[0.0, 0.05, 0.15, 0.3, 0.5])
-    parser.add_argument("--alpha", type=float, nargs="*", default=[2e-5, 2e-4, 2e-3, 2e-2])
+    parser.add_argument("--blur-ratio", type=float, nargs="*", default=[0.0, 0.15, 0.3, 0.5])
+    parser.add_argument("--alpha", type=float, nargs="*", default=[2e-4, 2e-3, 2e-2])
     parser.add_argument("--temperature", type=float, nargs="*", default=[1.0, 2.0, 4.0])
     parser.add_argument("--set", dest="base", action="append", default=None, metavar="KEY=VALUE",
                         help="parameters of every experiment (default: data.holdout=1000, scored on validation)")
@@ -198,8 +205,10 @@ def main(argv: list[str] | None = None) -> dict:
     current = load_config("params.yaml", base)  # refuses a bad --set before anything is queued
     scored_on = "validation" if current.data.holdout else "test"
     if not args.no_run:
-        print(f"queued {queue(grid, args.seeds, base, current)} experiments", flush=True)
-        subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "--run-all"], check=True)
+        queued, skipped = queue(grid, args.seeds, base, current, [row["params"] for row in experiment_rows()])
+        print(f"queued {queued} experiments ({skipped} already finished)", flush=True)
+        if queued:
+            subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "--run-all"], check=True)
     results = {"seeds": args.seeds, "base": base, "scored_on": scored_on, "sweeps": tables(grid, args.seeds, current)}
     for param, rows in results["sweeps"].items():
         short, modes, _ = SWEEPS[param]

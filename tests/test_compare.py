@@ -81,6 +81,25 @@ def test_sensitivity_tables_take_the_groups_that_differ_in_the_swept_parameter_a
     assert set(found[0]["modes"]) == {"none", "mixed"}
 
 
+def test_sensitivity_queues_only_what_is_not_finished(monkeypatch):
+    """Seed baselines first, then each swept value but the config's own; an experiment already
+    finished with the same parameters (an interrupted sweep) is skipped, one that differs is not."""
+    from benchmarks import sensitivity
+    from pipeline.config import load_config
+
+    current = load_config(REPO / "params.yaml", ["data.holdout=1000"])
+    calls = []
+    monkeypatch.setattr(sensitivity, "_dvc", lambda *args: calls.append(args[args.index("--queue") + 1:]))
+    done = [{"seed": 1.0, "data.holdout": 1000, "student.bkd.blur_ratio": 0.5, "augment.scale": "[0.08, 1.0]"},
+            {"seed": 0.0, "data.holdout": 0, "student.bkd.blur_ratio": 0.15}]  # scored on test: not this sweep
+    queued, skipped = sensitivity.queue({"student.bkd.blur_ratio": [0.15, 0.5]}, [0, 1], ["data.holdout=1000"],
+                                        current, done)
+    assert (queued, skipped) == (3, 1)
+    assert [tuple(a for a in c if a != "-S") for c in calls] == [
+        ("data.holdout=1000", "seed=0"), ("data.holdout=1000", "seed=1"),
+        ("data.holdout=1000", "seed=0", "student.bkd.blur_ratio=0.5")]
+
+
 def test_compare_reads_the_workspace_metrics(tmp_path):
     (tmp_path / "metrics").mkdir()
     for mode, top1 in (("none", 0.9), ("mixed", 0.95)):
