@@ -83,7 +83,8 @@ def _finished(params: dict, want: dict) -> bool:
     return "seed" in params and all(_same(value, want[key]) for key, value in params.items() if key in want)
 
 
-def queue(grid: dict[str, list[float]], seeds: list[int], base: list[str], current, done: list[dict]) -> tuple[int, int]:
+def queue(grid: dict[str, list[float]], seeds: list[int], base: list[str], current,
+          done: list[dict]) -> tuple[int, int]:
     """Queue the seed baselines first (their students fill the run cache), then each swept value.
     An experiment already finished with the same parameters (`done`: an interrupted or narrower
     sweep, or the committed baseline itself) is not queued again. Returns (queued, skipped)."""
@@ -128,7 +129,8 @@ def tables(grid: dict[str, list[float]], seeds: list[int], current) -> dict:
                 if param not in params or not _same(params[param], value):
                     continue
                 if all(_same(v, flat[k]) for k, v in params.items() if k not in (param, "seed") and k in flat):
-                    found.append({"value": value, "seeds": sorted(s for s in group["seeds"] if s is not None),
+                    seeds_found = sorted(int(_literal(s)) for s in group["seeds"] if s is not None)
+                    found.append({"value": value, "seeds": seeds_found,
                                   "modes": {m: group["stats"][m] for m in ("none", *modes) if m in group["stats"]}})
                     break
         out[param] = found

@@ -77,6 +77,7 @@ def test_sensitivity_tables_take_the_groups_that_differ_in_the_swept_parameter_a
     table = sensitivity.tables({"student.bkd.blur_ratio": [0.15, 0.3, 0.5]}, [0, 1], current)
     found = table["student.bkd.blur_ratio"]
     assert [r["value"] for r in found] == [0.15, 0.3] and all(r["seeds"] == [0, 1] for r in found)
+    assert all(type(seed) is int for r in found for seed in r["seeds"])  # exp_show's 1.0 reads back as seed 1
     assert found[1]["modes"]["mixed"]["mean"] == pytest.approx(0.81) and found[1]["modes"]["mixed"]["n"] == 2
     assert set(found[0]["modes"]) == {"none", "mixed"}
 
