@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import json
 import math
 import subprocess
@@ -36,8 +35,7 @@ import sys
 from pathlib import Path
 
 from pipeline.compare import experiment_rows, group_over_seeds
-from pipeline.config import load_config
-from pipeline.rundir import flatten
+from pipeline.config import flatten, load_config
 
 # parameter -> (short name, the modes whose loss reads it, log-scale axis)
 SWEEPS = {
@@ -105,7 +103,7 @@ def queue(grid: dict[str, list[float]], seeds: list[int], base: list[str], curre
 
 def _flat(cfg) -> dict:
     """{dotted name: value} of a config, named as params.yaml and `dvc exp show` name them."""
-    return flatten(dataclasses.asdict(cfg))
+    return flatten(cfg.to_dict())
 
 
 def tables(grid: dict[str, list[float]], seeds: list[int], current) -> dict:

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import DISTILL_MODES as MODES
+from pipeline.config import flatten
 from pipeline.errors import BkdError
-from pipeline.rundir import flatten
 
 METRIC_FILE = "metrics/student-{mode}.json"
 

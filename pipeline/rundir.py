@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from pipeline.checkpoint import write_json
-from pipeline.config import Config, dump_config
+from pipeline.config import Config, dump_config, flatten
 from pipeline.errors import BkdError, short
 from pipeline.locks import PathLock
 
@@ -45,16 +45,6 @@ SCOPES = {
 }
 # What a run writes; a fresh run with the same config replaces exactly these.
 RUN_OUTPUTS = ("last.pt", "history.json", "live", "student.safetensors", "config.yaml", "run.json")
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{'a.b.c': leaf} for a nested mapping (lists are leaves)."""
-    if not isinstance(tree, dict) or (prefix and not tree):
-        return {prefix: tree}
-    out = {}
-    for key, value in tree.items():
-        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
 
 
 def _in_scope(field: str, scope: tuple[str, ...]) -> bool:

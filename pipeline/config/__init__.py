@@ -19,7 +19,7 @@ from pipeline.config.load import apply_override, format_override, load_config
 from pipeline.config.rules import validate
 from pipeline.config.sections import (AugmentConfig, BKDConfig, Config, DataConfig, ExtractConfig, LoaderConfig,
                                       LogitsConfig, ScheduleConfig, StudentConfig, TeacherConfig)
-from pipeline.config.yamlio import YAMLRefused, dump_config
+from pipeline.config.yamlio import YAMLRefused, dump_config, flatten
 from pipeline.modes import DISTILL_MODES, MODES
 
 __all__ = ["CHANNELS_LAST", "DISTILL_MODES", "FLOAT_DTYPES", "INTERPOLATIONS", "MAX_ALIAS_VALUES", "MAX_CONFIG_BYTES",
@@ -28,4 +28,4 @@ __all__ = ["CHANNELS_LAST", "DISTILL_MODES", "FLOAT_DTYPES", "INTERPOLATIONS", "
            "ErasingMode", "ExtractConfig", "FloatDtype", "Former", "Interpolation", "LoaderConfig", "LogitsConfig",
            "NeuronBackend", "Optimizer", "Precision", "ScheduleConfig", "SchedulePer", "Split", "StudentAugment",
            "StudentConfig", "StudentTargets", "TeacherConfig", "YAMLRefused", "apply_override", "dump_config",
-           "format_override", "load_config", "validate"]
+           "flatten", "format_override", "load_config", "validate"]

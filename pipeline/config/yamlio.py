@@ -123,3 +123,13 @@ def dump_config(cfg: Config, path: str | Path) -> None:
     from pipeline.checkpoint import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a.b.c': leaf} for a nested mapping (lists are leaves)."""
+    if not isinstance(tree, dict) or (prefix and not tree):
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
