@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.errors import StoreError
-from pipeline.targets import SplitLayout, TeacherTargets, store_info, verify_store
+from pipeline.targets import SplitLayout, StoreWriter, TeacherTargets, store_info, verify_store
 from tests.helpers import (CHUNK, CLASSES, DIM, N_TEST, N_TRAIN, PER_SHARD, TOPK, VIEWS, build_store,
                            build_topk_store, make_arrays, make_test_spec, open_writer, write_split)
 
@@ -261,6 +261,45 @@ def test_writer_resume_keeps_completed_shards(tmp_path):
     resumed.finish()
     rows = TeacherTargets(path, "train").read_rows(0, N_TRAIN)
     np.testing.assert_array_equal(rows["features.pre_logits"], data["features.pre_logits"].astype(np.float16))
+
+
+@pytest.mark.filterwarnings("ignore:Object at zarr.:UserWarning")  # zarr, listing the group with the temp file
+def test_another_writers_file_in_flight_is_the_stores_own(tmp_path):
+    """zarr writes each object to a uuid-named temp file and renames it into place: a writer opening
+    the store meanwhile (or after such a write was killed) sees that file. It is bkd's, so the store
+    resumes and --overwrite removes it; a file named like one but not a bkd object is still refused."""
+    path = tmp_path / "s.zarr"
+    data = make_arrays(N_TRAIN, 0, VIEWS["train"])
+    write_split(open_writer(path), "train", data, shards=[0])
+    in_flight = path / "train" / "index" / "c" / f"1.{'0123456789abcdef' * 2}.partial"
+    in_flight.write_bytes(b"half a chunk")
+    (path / "train" / f"zarr.{'f' * 32}.partial").write_bytes(b"{")
+
+    resumed = open_writer(path)
+    assert resumed.missing_shards("train") == [1, 2]
+    open_writer(path, overwrite=True)
+    assert not in_flight.exists()
+
+    notes = path / "train" / "index" / "c" / f"notes.{'0' * 32}.partial"
+    notes.parent.mkdir(parents=True)
+    notes.write_text("mine")
+    with pytest.raises(StoreError, match="which bkd did not write"):
+        open_writer(path)
+    assert notes.read_text() == "mine"
+
+
+@pytest.mark.filterwarnings("ignore:Object at stray.txt:UserWarning")
+def test_attached_writer_adds_shards_without_listing_the_store(tmp_path):
+    path = tmp_path / "s.zarr"
+    data = make_arrays(N_TRAIN, 0, VIEWS["train"])
+    planner = open_writer(path)
+    (path / "train" / "stray.txt").write_text("listing the folder would refuse this")
+    worker = StoreWriter.attach(path, make_test_spec())
+    write_split(worker, "train", data, shards=[1])
+    assert planner.missing_shards("train") == [0, 2]
+
+    with pytest.raises(StoreError, match="not the store this run opened"):
+        StoreWriter.attach(path, make_test_spec(sha="c" * 64))
 
 
 def test_write_shard_rejects_wrong_row_count(tmp_path):

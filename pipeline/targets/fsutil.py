@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 from pathlib import Path
 
 import fsspec
@@ -49,8 +50,18 @@ def check_store_location(url: str) -> None:
         raise StoreError(f"{url} exists and is not a folder; a store is a folder")
 
 
+# zarr's local store writes each object to "<name minus suffix>.<uuid hex>.partial" and renames it into
+# place: such a file is one of bkd's objects in flight (another writer's) or left by a killed write.
+_IN_FLIGHT = re.compile(r"^(?P<stem>.+)\.[0-9a-f]{32}\.partial$")
+
+
 def is_store_object(parts: tuple[str, ...]) -> bool:
-    """Is this path, relative to a store's root, one that bkd writes? (metadata and chunk objects only)"""
+    """Is this path, relative to a store's root, one that bkd writes? (metadata and chunk objects, and
+    zarr's temporary file of one being written)"""
+    in_flight = _IN_FLIGHT.match(parts[-1]) if parts else None
+    if in_flight is not None:
+        stem = in_flight["stem"]
+        return stem != parts[-1] and is_store_object((*parts[:-1], "zarr.json" if stem == "zarr" else stem))
     if parts == ("zarr.json",):
         return True
     if not parts or parts[0] not in SPLITS:

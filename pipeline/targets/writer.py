@@ -36,10 +36,7 @@ class StoreWriter:
     """
 
     def __init__(self, path: str | Path, spec: TargetSpec, overwrite: bool = False):
-        self.path, self.spec = str(path), spec
-        self.layouts = {split: spec.layout(split) for split in spec.splits}
-        self.array_names = spec.row_arrays()
-        self.fields = store_fields(spec)
+        self._setup(path, spec)
         manifest = spec.to_manifest()
         check_store_location(self.path)
         existing = existing_store(self.path)  # None: nothing (or an empty folder) is there
@@ -60,6 +57,30 @@ class StoreWriter:
                 # A crash while the skeleton was written: no shard can have been written yet.
             remove_store(self.path)
         self._create(manifest)
+
+    def _setup(self, path: str | Path, spec: TargetSpec) -> None:
+        self.path, self.spec = str(path), spec
+        self.layouts = {split: spec.layout(split) for split in spec.splits}
+        self.array_names = spec.row_arrays()
+        self.fields = store_fields(spec)
+
+    @classmethod
+    def attach(cls, path: str | Path, spec: TargetSpec) -> StoreWriter:
+        """A writer of more shards into a store another process has just created or resumed for this
+        run (a dask worker's, while the planner holds the store's lock). It checks that the store's
+        skeleton is complete and its manifest this run's, but does not list the folder, which other
+        writers are filling at the same time."""
+        writer = cls.__new__(cls)
+        writer._setup(path, spec)
+        root = zarr.open_group(writer.path, mode="r+")
+        existing = root.attrs.get("manifest")
+        difference = (first_difference(existing, spec.to_manifest(), STORE_IDENTITY)
+                      if isinstance(existing, dict) else "no manifest")
+        if difference or not root.attrs.get("skeleton_done", False):
+            raise StoreError(f"{writer.path} is not the store this run opened for writing "
+                             f"({difference or 'its skeleton is incomplete'})")
+        writer.root = root
+        return writer
 
     def _create(self, manifest: dict) -> None:
         # The manifest goes into the group's own metadata object, the first thing written: from then

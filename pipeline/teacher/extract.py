@@ -162,7 +162,8 @@ def _extract_shard_task(cfg: Config, device_name: str, name: str, shard: int, th
         if threads is not None:  # workers sharing one machine must not each use every core
             torch.set_num_threads(threads)
         extractor = ShardExtractor(cfg, _worker_device(device_name))
-        _WORKER_STATE[key] = (extractor, extractor.open_writer())
+        # the planner validated (or created) the store under its lock: attach without listing it
+        _WORKER_STATE[key] = (extractor, StoreWriter.attach(cfg.extract.store, extractor.spec))
     extractor, writer = _WORKER_STATE[key]
     writer.write_shard(name, shard, extractor.compute(name, shard, workers=0))  # dask workers have no children
     start, stop = extractor.layouts[name].shard_rows(shard)
