@@ -241,6 +241,10 @@ def test_validate_returns_a_checked_copy_and_leaves_its_argument():
     ("extract.feature_dtype=float64", ("extract.feature_dtype", "float16, float32")),
     ("extract.channels_last=sometimes", ("extract.channels_last must be one of auto, on, off",)),
     ("student.neuron_backend=cupy", ("student.neuron_backend", "cupy", "spikingjelly 2.0")),
+    ("extract.codecs={layer1: jpeg}", ("extract.codecs.layer1 must be one of float32", "uint8", "'jpeg'")),
+    ("extract.codecs={layer4: uint8}", ("extract.codecs names 'layer4'", "pre_logits", "nor logits")),
+    ("extract.codecs={logits: uint8}", ("extract.codecs.logits is uint8", "int8 or float8")),
+    ("extract.codecs={1: uint8}", ("extract.codecs key 1: expected a string",)),
 ])
 def test_choices_are_refused_naming_the_field_and_the_choices(override, fragments):
     message = _refuse(MNIST5K, [override], *fragments)

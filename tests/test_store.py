@@ -416,6 +416,19 @@ def test_store_without_a_view_layout_is_refused_with_how_to_rebuild(tmp_path):
             refuse()
 
 
+def test_store_of_format_7_reads_as_its_dtypes_and_is_not_resumed(tmp_path):
+    """Format 7 recorded no codecs: its arrays are its dtypes, which is what a reader takes them as.
+    Extraction rebuilds rather than adds shards of another format to it."""
+    path = tmp_path / "old.zarr"
+    data = build_store(path)
+    build_older_store(path, 7, drop=("codecs",))
+    rows = TeacherTargets(path, "train").read_rows(0, N_TRAIN)
+    np.testing.assert_array_equal(rows["features.pre_logits"], data["train"]["features.pre_logits"].astype(np.float16))
+    assert [problem for _, _, problem in verify_store(path)] == [None] * 5
+    with pytest.raises(StoreError, match=r"bkd-teacher-targets/7.*--overwrite"):
+        open_writer(path)
+
+
 def test_extraction_refuses_an_older_store_before_reading_any_data(tmp_path):
     """The old-format refusal comes first: no dataset listing or teacher load (hours on ImageNet) before it."""
     from pipeline.config import load_config

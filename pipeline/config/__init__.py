@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from pipeline.config.choices import (CHANNELS_LAST, FLOAT_DTYPES, INTERPOLATIONS, MAX_ALIAS_VALUES, MAX_CONFIG_BYTES,
                                      MAX_TEACHER_INPUT_SIZE, NEURON_BACKENDS, OPTIMIZERS, PRECISIONS, SCHEDULE_PER,
-                                     SNN_TEACHER_PREFIX, ChannelsLast, DistillMode, ErasingMode, FloatDtype, Former,
+                                     SNN_TEACHER_PREFIX, STORE_CODECS, ChannelsLast, DistillMode, ErasingMode, FloatDtype, Former,
                                      Interpolation, NeuronBackend, Optimizer, Precision, SchedulePer, Split,
-                                     StudentAugment, StudentTargets)
+                                     StoreCodec, StudentAugment, StudentTargets)
 from pipeline.config.load import apply_override, format_override, load_config
 from pipeline.config.rules import validate
 from pipeline.config.sections import (AugmentConfig, BKDConfig, Config, DataConfig, ExtractConfig, LoaderConfig,
@@ -24,8 +24,8 @@ from pipeline.modes import DISTILL_MODES, MODES
 
 __all__ = ["CHANNELS_LAST", "DISTILL_MODES", "FLOAT_DTYPES", "INTERPOLATIONS", "MAX_ALIAS_VALUES", "MAX_CONFIG_BYTES",
            "MAX_TEACHER_INPUT_SIZE", "MODES", "NEURON_BACKENDS", "OPTIMIZERS", "PRECISIONS", "SCHEDULE_PER",
-           "SNN_TEACHER_PREFIX", "AugmentConfig", "BKDConfig", "ChannelsLast", "Config", "DataConfig", "DistillMode",
+           "SNN_TEACHER_PREFIX", "STORE_CODECS", "AugmentConfig", "BKDConfig", "ChannelsLast", "Config", "DataConfig", "DistillMode",
            "ErasingMode", "ExtractConfig", "FloatDtype", "Former", "Interpolation", "LoaderConfig", "LogitsConfig",
-           "NeuronBackend", "Optimizer", "Precision", "ScheduleConfig", "SchedulePer", "Split", "StudentAugment",
+           "NeuronBackend", "Optimizer", "Precision", "ScheduleConfig", "SchedulePer", "Split", "StoreCodec", "StudentAugment",
            "StudentConfig", "StudentTargets", "TeacherConfig", "YAMLRefused", "apply_override", "dump_config",
            "flatten", "format_override", "load_config", "validate"]

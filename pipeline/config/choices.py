@@ -18,6 +18,9 @@ class Former(dict):
 
 DistillMode = Literal[DISTILL_MODES]  # pipeline.modes.MODES
 FloatDtype = Literal["float16", "float32"]
+# How the store keeps a float target array (pipeline.targets.codecs: one codec per name)
+StoreCodec = Literal["float32", "float16", "float16-shuffle", "float16-bitshuffle", "bfloat16", "uint8", "int8",
+                     "float8"]
 Interpolation = Literal["bilinear", "bicubic"]
 Optimizer = Literal["adamw", "sgd"]  # sgd: classical momentum, no Nesterov
 SchedulePer = Literal["step", "epoch"]
@@ -33,6 +36,7 @@ NeuronBackend = Annotated[Literal["auto", "torch", "cuda", "triton"], Former(
     cupy="cupy was spikingjelly 0.0.0.0.x's backend; spikingjelly 2.0 has cuda and triton")]
 
 FLOAT_DTYPES = typing.get_args(FloatDtype)
+STORE_CODECS = typing.get_args(StoreCodec)
 INTERPOLATIONS = typing.get_args(Interpolation)
 OPTIMIZERS = typing.get_args(Optimizer)
 SCHEDULE_PER = typing.get_args(SchedulePer)

@@ -76,7 +76,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {_short(value)}")
-        return dict(value)
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        return {_coerce(k, key_tp, f"{where} key {_short(k)}"): _coerce(v, value_tp, f"{where}.{k}")
+                for k, v in value.items()}
     if tp is float:
         # YAML reads `1e-3` as a string (YAML 1.1); accept ints and numeric strings.
         if isinstance(value, bool):

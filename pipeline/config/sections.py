@@ -14,7 +14,7 @@ from typing import Any
 from pipeline.config.checks import _check, _check_path, _check_seed, _check_training, _location_name
 from pipeline.config.choices import (MAX_TEACHER_INPUT_SIZE, SNN_TEACHER_PREFIX, ChannelsLast, DistillMode,
                                      ErasingMode, FloatDtype, Interpolation, NeuronBackend, Optimizer, Precision,
-                                     SchedulePer, Split, StudentAugment, StudentTargets)
+                                     SchedulePer, Split, StoreCodec, StudentAugment, StudentTargets)
 from pipeline.errors import short as _short
 from pipeline.modes import MODES
 
@@ -177,6 +177,11 @@ class ExtractConfig:
     batch_size: int = 256
     feature_dtype: FloatDtype = "float16"
     logits_dtype: FloatDtype = "float16"
+    # How a location's features (or, under "logits", the logits) are stored, where not as the dtypes above:
+    # float16-shuffle / float16-bitshuffle (float16, shuffled before zstd: smaller, exact), bfloat16, or 8-bit
+    # codes with a float32 scale per (sample, view, channel): uint8 (non-negative, post-ReLU maps), int8,
+    # float8 (e4m3). docs/storage.md measures each codec's bytes and its error in every loss form.
+    codecs: dict[str, StoreCodec] = field(default_factory=dict)
     zstd_level: int = 3
     # Also store each split's source pixels (uint8, as decoded: data.load_size for ImageNet) in the
     # store, so student training reads arrays instead of decoding image files every epoch.
@@ -211,6 +216,12 @@ class ExtractConfig:
                f"extract.features names a location twice: {_short(self.features)}")
         _check(bool(self.splits), "extract.splits must name at least one split")
         _check(1 <= self.zstd_level <= 22, "extract.zstd_level must be in [1, 22]")
+        for target, codec in self.codecs.items():
+            _check(target in self.features or target == "logits",
+                   f"extract.codecs names {_short(target)}, which is neither one of extract.features "
+                   f"({', '.join(self.features)}) nor logits")
+            _check(not (target == "logits" and codec == "uint8"),
+                   "extract.codecs.logits is uint8, which stores only non-negative values; use int8 or float8")
 
 
 @dataclass

@@ -12,8 +12,9 @@ import math
 
 import numpy as np
 
-from pipeline.targets.spec import (IMAGES, TOPK_ARRAYS, TOPK_INDEX, TOPK_TAIL, TOPK_TARGET, TOPK_TARGET_CLASS,
-                                   TargetSpec, feature_array)
+from pipeline.targets.codecs import CODECS, Codec
+from pipeline.targets.spec import (IMAGES, LOGITS, SCALES, TOPK_ARRAYS, TOPK_INDEX, TOPK_TAIL, TOPK_TARGET,
+                                   TOPK_TARGET_CLASS, TargetSpec, feature_array)
 from pipeline.targets.topk import dense_logits, topk_arrays, topk_problem
 
 
@@ -42,11 +43,31 @@ class Field:
         return None
 
 
-class Features(Field):
+class Coded(Field):
+    """Float targets kept by a codec (pipeline.targets.codecs): its codes under the field's name and, for
+    an 8-bit codec, their scales under `scales.<target>`; read back as float32."""
+
+    def __init__(self, name: str, target: str, codec: Codec):
+        super().__init__(name)
+        self.codec, self.scales = codec, SCALES + target
+        self.arrays = (name, self.scales) if codec.scaled else (name,)
+
+    def encode(self, values):
+        codes, scales = self.codec.encode(values[self.name])
+        return {self.name: codes, **({self.scales: scales} if self.codec.scaled else {})}
+
+    def decode(self, stored):
+        scales = stored[self.scales] if self.codec.scaled else None
+        if scales is not None and not (np.isfinite(scales).all() and (scales > 0).all()):
+            raise FieldError(f"{self.scales} holds scales that are not positive and finite")
+        return {self.name: self.codec.decode(stored[self.name], scales)}
+
+
+class Features(Coded):
     """The teacher's features at one location: (N, V, C) vectors or (N, V, C, H, W) maps."""
 
-    def __init__(self, location: str):
-        super().__init__(feature_array(location))
+    def __init__(self, location: str, codec: Codec = CODECS["float16"]):
+        super().__init__(feature_array(location), location, codec)
         self.location = location
 
     def check(self, rows, start, stop):
@@ -55,11 +76,11 @@ class Features(Field):
         return None
 
 
-class Logits(Field):
+class Logits(Coded):
     """The teacher's full logits (N, V, C)."""
 
-    def __init__(self):
-        super().__init__("logits")
+    def __init__(self, codec: Codec = CODECS["float16"]):
+        super().__init__(LOGITS, LOGITS, codec)
 
     def check(self, rows, start, stop):
         return None if np.isfinite(rows["logits"]).all() else "non-finite logits"
@@ -69,24 +90,24 @@ class TopKLogits(Logits):
     """The teacher's logits kept as the k largest (`logits`) with their classes, each view's target classes,
     the logits there and the tail's statistics (`TOPK_ARRAYS`); read back as full logits (N, V, C)."""
 
-    def __init__(self, k: int, num_classes: int):
-        super().__init__()
+    def __init__(self, k: int, num_classes: int, codec: Codec = CODECS["float16"]):
+        super().__init__(codec)
         self.k, self.num_classes = k, num_classes
-        self.arrays = ("logits",) + TOPK_ARRAYS
+        self.arrays = self.arrays + TOPK_ARRAYS  # the codec keeps the k largest; the rest stays float32
 
     def encode(self, values):
         """From full logits and the views' target classes (`TOPK_TARGET_CLASS`, (N, V, 2)); values already
         in top-k form (`TOPK_INDEX` given) are stored as they are."""
-        if TOPK_INDEX in values:
-            return {name: values[name] for name in self.arrays}
-        return topk_arrays(values["logits"], self.k, values[TOPK_TARGET_CLASS])
+        arrays = (values if TOPK_INDEX in values else topk_arrays(values[LOGITS], self.k, values[TOPK_TARGET_CLASS]))
+        return {**{name: arrays[name] for name in TOPK_ARRAYS}, **super().encode(arrays)}
 
     def decode(self, stored):
-        problem = topk_problem(stored, self.num_classes)
+        rows = {**stored, **super().decode(stored)}
+        problem = topk_problem(rows, self.num_classes)
         if problem:
             raise FieldError(problem)
-        return {"logits": dense_logits(stored["logits"], stored[TOPK_INDEX], self.num_classes,
-                                       stored[TOPK_TARGET_CLASS], stored[TOPK_TARGET], stored[TOPK_TAIL])}
+        return {LOGITS: dense_logits(rows[LOGITS], rows[TOPK_INDEX], self.num_classes,
+                                     rows[TOPK_TARGET_CLASS], rows[TOPK_TARGET], rows[TOPK_TAIL])}
 
 
 class Labels(Field):
@@ -153,6 +174,8 @@ class Images(Field):
 
 def store_fields(spec: TargetSpec) -> tuple[Field, ...]:
     """The codecs of every stored field of a store, in the order readers get them."""
-    logits = TopKLogits(spec.logits_topk, spec.num_classes) if spec.logits_topk else Logits()
-    return (*(Features(loc) for loc in spec.feature_shapes), logits, Field("view_params"), Labels(spec.num_classes),
+    codec = {target: CODECS[spec.codec(target)] for target in (*spec.feature_shapes, LOGITS)}
+    logits = (TopKLogits(spec.logits_topk, spec.num_classes, codec[LOGITS]) if spec.logits_topk
+              else Logits(codec[LOGITS]))
+    return (*(Features(loc, codec[loc]) for loc in spec.feature_shapes), logits, Field("view_params"), Labels(spec.num_classes),
             Index(), Field("pixel_digest"), *((Images(),) if spec.image_shape else ()))

@@ -69,6 +69,8 @@ def expected_spec(cfg: Config, splits: dict, sha: str | None, view_spec: dict, f
                   # only where on: stores without images keep the identity they had
                   **({"images": list(any_split.source_shape)} if ex.images else {})},
         dtypes={"features": ex.feature_dtype, "logits": ex.logits_dtype},
+        codecs={target: ex.codecs.get(target, ex.logits_dtype if target == "logits" else ex.feature_dtype)
+                for target in (*ex.features, "logits")},
         chunking={"chunk_size": ex.chunk_size, "chunks_per_shard": ex.chunks_per_shard},
         zstd_level=ex.zstd_level,
     )

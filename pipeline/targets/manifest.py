@@ -12,15 +12,17 @@ import zarr
 
 from pipeline.errors import StoreError
 from pipeline.targets.fsutil import store_exists
-from pipeline.targets.spec import FLAGS, FORMAT, FORMAT_FAMILY, SPLITS, older_format, short
+from pipeline.targets.codecs import CODECS
+from pipeline.targets.spec import FLAGS, FORMAT, FORMAT_FAMILY, READABLE_FORMATS, SPLITS, older_format, short
 
 MANIFEST_KEYS = ("teacher", "dataset", "splits", "transform", "augment", "features", "arrays", "chunking")
 
 
-def check_format(url: str, manifest: dict) -> None:
-    """Refuse a bkd store of another format, saying why an older one cannot be used and how to rebuild it."""
+def check_format(url: str, manifest: dict, read: bool = False) -> None:
+    """Refuse a bkd store of another format, saying why an older one cannot be used and how to rebuild it
+    (`read`: for reading, which takes the older formats a reader still understands as they are)."""
     found = manifest.get("format")
-    if found != FORMAT:
+    if found != FORMAT and not (read and found in READABLE_FORMATS):
         raise StoreError(f"{url} holds a store of format {found}, this bkd reads and writes {FORMAT}"
                          f"{older_format(found)}; rebuild it with `bkd extract-teacher --overwrite`")
 
@@ -48,12 +50,21 @@ def manifest_problem(manifest: dict) -> str | None:
     for field, value, low in checks:
         if not count(value, low):
             return f"{field} is {short(value)} (expected an integer >= {low})"
+    codecs = manifest.get("codecs", {})
+    for key, name in codecs.items() if isinstance(codecs, dict) else [("", codecs)]:
+        if name not in CODECS:
+            return f"codecs{'.' + key if key else ''} is {short(name)} (known codecs: {', '.join(CODECS)})"
+    dtypes = manifest.get("dtypes", {})
+    for key in ("features", "logits"):
+        value = dtypes.get(key, "float16") if isinstance(dtypes, dict) else dtypes
+        if value not in CODECS:
+            return f"dtypes{'.' + key if isinstance(dtypes, dict) else ''} is {short(value)}"
     return None
 
 
 def open_group(path: str, mode: str = "r") -> zarr.Group:
-    """The root group of the bkd store at `path`, refused in one line unless it is one of this format
-    with a usable manifest."""
+    """The root group of the bkd store at `path`, refused in one line unless it is one of a format this
+    bkd reads, with a usable manifest."""
     if not store_exists(path):
         raise StoreError(f"teacher-target store not found: {path} (create it with `bkd extract-teacher`)")
     try:
@@ -62,9 +73,9 @@ def open_group(path: str, mode: str = "r") -> zarr.Group:
         raise StoreError(f"{path}: not a readable Zarr store ({type(exc).__name__}: {exc})") from None
     manifest = group.attrs.get("manifest", {})
     found = manifest.get("format") if isinstance(manifest, dict) else None
-    if found != FORMAT:
+    if found not in READABLE_FORMATS:
         if isinstance(found, str) and found.startswith(FORMAT_FAMILY):
-            check_format(path, manifest)
+            check_format(path, manifest, read=True)
         raise StoreError(f"{path}: not a bkd teacher-target store (no '{FORMAT}' manifest)")
     damage = manifest_damage(manifest)
     if damage:

@@ -20,9 +20,13 @@ from importlib import metadata
 from typing import Any
 
 from pipeline.errors import short
+from pipeline.targets.codecs import get_codec
 
-FORMAT = "bkd-teacher-targets/7"
+FORMAT = "bkd-teacher-targets/8"
 FORMAT_FAMILY = FORMAT.split("/")[0]
+# format 8 records a codec per feature location and for the logits (`codecs`); a format-7 store is a
+# format-8 store whose codecs are its dtypes, so readers take it as one (extraction does not resume it)
+READABLE_FORMATS = (FORMAT, f"{FORMAT_FAMILY}/7")
 ROWS_SHUFFLED_SINCE = 6  # format 6: rows in the split's seeded random order (data.split_seed), not the files'
 VIEW_LAYOUT_SINCE = 7  # format 7: augment.view_layout names the slices of each view's parameter vector
 SPLITS = ("train", "test")
@@ -38,6 +42,8 @@ TOPK_ARRAYS = (TOPK_INDEX, TOPK_TARGET_CLASS, TOPK_TARGET, TOPK_TAIL)  # in this
 CHUNK_DIGEST = "chunk_digest"
 FLAGS = "shards_done"
 FEATURES = "features."  # the array of teacher feature location LOC is "features.LOC"
+SCALES = "scales."  # with an 8-bit codec, the scales of LOC's codes are "scales.LOC" (of the logits', "scales.logits")
+LOGITS = "logits"
 ROW_ARRAYS = ("logits", "view_params", "labels", "index", "pixel_digest")  # besides the feature arrays
 # With extract.images: each sample's raw source pixels (N, *source_shape) uint8, one inner chunk per
 # row (a mix partner is read alone), so training reads arrays instead of decoding image files.
@@ -65,7 +71,7 @@ def feature_array(location: str) -> str:
 def is_row_array(name: str) -> bool:
     """Is `name` a per-row array a store may hold (the fixed ones, top-k classes, any feature location)?"""
     return (name in ROW_ARRAYS or name in TOPK_ARRAYS or name == IMAGES
-            or (name.startswith(FEATURES) and len(name) > len(FEATURES)))
+            or any(name.startswith(prefix) and len(name) > len(prefix) for prefix in (FEATURES, SCALES)))
 
 # What a training run must agree with (the rest -- views, feature locations, top-k -- it takes from
 # the store), as dotted manifest paths; `splits.<split>.fingerprint` is compared per split.
@@ -73,7 +79,7 @@ STUDENT_IDENTITY = ("teacher.model", "teacher.checkpoint_sha256", "teacher.small
                     "teacher.model_kwargs", "dataset.name",
                     "dataset.split_seed", "dataset.test_size", "dataset.limit", "dataset.holdout", "transform", "augment")
 # What an extraction must agree with to resume a store: all of it but the provenance.
-STORE_IDENTITY = ("teacher", "dataset", "splits", "transform", "augment", "arrays", "chunking", "features")
+STORE_IDENTITY = ("teacher", "dataset", "splits", "transform", "augment", "arrays", "chunking", "features", "codecs")
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,8 @@ class TargetSpec:
     augment: dict[str, Any]  # the view-making spec, with its param_names
     features: dict[str, Any]  # locations ({location: shape}, in extraction order), logits_topk
     dtypes: dict[str, str] = field(default_factory=lambda: {"features": "float16", "logits": "float16"})
+    # {location or "logits": codec name} (pipeline.targets.codecs); where one is absent, its dtype above
+    codecs: dict[str, str] = field(default_factory=dict)
     chunking: dict[str, int] = field(default_factory=lambda: {"chunk_size": 256, "chunks_per_shard": 4})
     zstd_level: int = 3
 
@@ -133,6 +141,14 @@ class TargetSpec:
         """{location: (C,) or (C, H, W)} of every cached teacher feature location."""
         return {loc: tuple(shape) for loc, shape in self.features["locations"].items()}
 
+    def codec(self, target: str) -> str:
+        """The codec name of the features at location `target`, or of the logits (`target` "logits")."""
+        return self.codecs.get(target) or self.dtypes[LOGITS if target == LOGITS else "features"]
+
+    def scaled(self) -> tuple[str, ...]:
+        """The targets (locations, "logits") stored as 8-bit codes with a scales array beside them."""
+        return tuple(t for t in (*self.feature_shapes, LOGITS) if get_codec(self.codec(t)).scaled)
+
     def layout(self, split: str) -> SplitLayout:
         meta = self.splits[split]
         return SplitLayout(meta["num_samples"], self.chunking["chunk_size"], self.chunking["chunks_per_shard"],
@@ -141,16 +157,18 @@ class TargetSpec:
     def row_arrays(self) -> tuple[str, ...]:
         """The per-row arrays of every split, in the order of their chunk-digest columns."""
         features = tuple(feature_array(loc) for loc in self.feature_shapes)
-        return features + ROW_ARRAYS + (TOPK_ARRAYS if self.logits_topk else ()) + ((IMAGES,) if self.image_shape else ())
+        scales = tuple(SCALES + target for target in self.scaled())
+        return (features + ROW_ARRAYS + (TOPK_ARRAYS if self.logits_topk else ()) + ((IMAGES,) if self.image_shape else ())
+                + scales)
 
     def array_schema(self, split: str) -> dict[str, tuple[tuple[int, ...], str]]:
         """{name: (shape, dtype)} of the per-row arrays of `split`: the one definition of a store's arrays."""
         n, views = self.splits[split]["num_samples"], self.splits[split]["views"]
         k = self.logits_topk or self.num_classes
-        schema = {feature_array(loc): ((n, views, *shape), self.dtypes["features"])
+        schema = {feature_array(loc): ((n, views, *shape), get_codec(self.codec(loc)).dtype)
                   for loc, shape in self.feature_shapes.items()}
         schema |= {
-            "logits": ((n, views, k), self.dtypes["logits"]),
+            "logits": ((n, views, k), get_codec(self.codec(LOGITS)).dtype),
             "view_params": ((n, views, len(self.augment["param_names"])), "int32"),
             "labels": ((n,), "int64"),
             "index": ((n,), "int64"),
@@ -161,6 +179,9 @@ class TargetSpec:
                        TOPK_TARGET: ((n, views, 2), "float32"), TOPK_TAIL: ((n, views, 2), "float32")}
         if self.image_shape:
             schema[IMAGES] = ((n, *self.image_shape), "uint8")
+        shapes = {**self.feature_shapes, LOGITS: (k,)}
+        for target in self.scaled():
+            schema[SCALES + target] = ((n, views, *get_codec(self.codec(target)).scale_shape(shapes[target])), "float32")
         return schema
 
     def to_manifest(self) -> dict[str, Any]:

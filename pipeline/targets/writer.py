@@ -17,7 +17,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from pipeline.errors import StoreError
-from pipeline.targets.fields import Images, store_fields
+from pipeline.targets.fields import Coded, Images, store_fields
 from pipeline.targets.fsutil import (absent_objects, check_store_location, existing_store, listing, remove_store,
                                      shard_keys)
 from pipeline.targets.manifest import check_format, chunk_digests, manifest_damage, read_flags, split_group
@@ -87,13 +87,17 @@ class StoreWriter:
         # on the folder is recognisably a bkd store, whatever happens to the rest.
         self.root = zarr.open_group(self.path, mode="w", zarr_format=3,
                                     attributes={"manifest": manifest, "complete": False, "skeleton_done": False})
-        compressor = ZstdCodec(level=self.spec.zstd_level, checksum=True)  # checksums make corrupted chunks detectable
+        level = self.spec.zstd_level
+        compressor = ZstdCodec(level=level, checksum=True)  # checksums make corrupted chunks detectable
+        coded = {field.name: field.codec for field in self.fields if isinstance(field, Coded)}
         for split, layout in self.layouts.items():
             group = self.root.create_group(split)
             for name, (shape, dtype) in self.spec.array_schema(split).items():
                 rows = Images.block_rows(layout.chunk_size) if name == IMAGES else layout.chunk_size
+                compressors = (coded[name].compressors(level, np.dtype(dtype).itemsize) if name in coded
+                               else [compressor])
                 group.create_array(name, shape=shape, dtype=dtype, chunks=(rows,) + shape[1:],
-                                   shards=(layout.shard_size,) + shape[1:], compressors=compressor, fill_value=0,
+                                   shards=(layout.shard_size,) + shape[1:], compressors=compressors, fill_value=0,
                                    config=WRITE_CONFIG)
             columns = len(self.array_names)
             group.create_array(CHUNK_DIGEST, shape=(layout.num_chunks, columns), dtype="uint64",
