@@ -151,3 +151,44 @@ def test_extraction_rerun_rewrites_a_deleted_shard(tiny_project: Path, tmp_path:
     assert "(1 shards written)" in out.stdout
     assert all(problem is None for _, _, problem in verify_store(store))
     np.testing.assert_array_equal(zarr.open_group(str(store), mode="r")["train/features.pre_logits"][:], before)
+
+
+def test_plan_writes_nothing_and_projects_the_written_store_within_ten_percent(tiny_project):
+    store = tiny_project / "cache/planned.zarr"
+    args = [*TINY, "--set", "extract.views=3", "--set", "extract.features=[pre_logits,layer1,layer2]",
+            "--set", "extract.codecs={layer1: uint8, layer2: float16-shuffle}", "--store", "cache/planned.zarr"]
+    out = run_bkd(["extract-teacher", *args, "--plan", "--json"], tiny_project)
+    plan = json.loads(out.stdout)
+    assert not store.exists()
+    test_rows = plan["samples"]["test"]
+    assert plan["samples"]["train"] == 160 and plan["views"] == {"train": 3, "test": 1}
+    assert plan["forward_passes"] == 160 * 3 + test_rows and plan["seconds"] > 0 and plan["free_bytes"] > 0
+    rows = {(a["split"], a["name"]): a for a in plan["arrays"]}
+    assert rows[("train", "features.layer1")]["codec"] == "uint8" and rows[("train", "scales.layer1")]
+    assert rows[("train", "features.layer2")]["codec"] == "float16-shuffle"
+
+    run_bkd(["extract-teacher", *args], tiny_project)
+    written = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+    assert abs(plan["total_bytes"] - written) <= 0.1 * written, (plan["total_bytes"], written)
+    for (split, name), row in rows.items():  # array by array, too
+        folder = store / split / name
+        on_disk = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name != "zarr.json")
+        assert abs(row["bytes"] - on_disk) <= 0.1 * on_disk + 64, (split, name, row["bytes"], on_disk)
+
+    text = run_bkd(["extract-teacher", *args, "--plan", "--samples", "train=1281167"], tiny_project).stdout
+    assert "train: 1,281,167 samples x 3 views" in text
+    assert f"teacher forward passes: {1281167 * 3 + test_rows:,}" in text
+
+
+def test_an_extraction_that_cannot_fit_is_refused_before_the_first_shard(tiny_project, monkeypatch):
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**9, 10**9 - 50_000, 50_000))
+    out = run_bkd(["extract-teacher", *TINY, "--store", "cache/full.zarr"], tiny_project, check=False)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "projected at" in out.stderr and "48.8 KiB free" in out.stderr and "--ignore-free-space" in out.stderr
+    assert not (tiny_project / "cache/full.zarr" / "train" / "logits" / "c").exists()  # no shard written
+    done = run_bkd(["extract-teacher", *TINY, "--store", "cache/full.zarr", "--ignore-free-space"], tiny_project)
+    assert "complete" in done.stdout

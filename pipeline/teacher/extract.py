@@ -18,6 +18,7 @@ from pipeline.errors import BkdError
 from pipeline.locks import PathLock
 from pipeline.teacher.fast import prepare_teacher, resolve_extract
 from pipeline.teacher.models import load_teacher, teacher_outputs
+from pipeline.teacher.plan import check_fits
 from pipeline.targets import (IMAGES, TOPK_TARGET_CLASS, StoreWriter, check_format, check_store_location,
                               existing_store, expected_spec, feature_array, pixel_digests, teacher_sha)
 
@@ -43,8 +44,12 @@ class ShardExtractor:
         self.augmenters = {name: view_augmenter(cfg.augment, s) for name, s in self.splits.items()}
         with torch.no_grad():  # each location's shape: (C,) vectors or (C, H, W) maps
             probe = first.load([0]).to(device)
-            self.feature_shapes = {loc: tuple(f.shape[1:])
-                                   for loc, f in self.teacher.outputs(probe, ex.features)[0].items()}
+            probed = self.teacher.outputs(probe, ex.features)[0]
+            self.feature_shapes = {loc: tuple(f.shape[1:]) for loc, f in probed.items()}
+        for loc, f in probed.items():  # a codec for non-negative maps on a signed location: refused now, not a shard in
+            if ex.codecs.get(loc) == "uint8" and f.min() < 0:
+                raise BkdError(f"extract.codecs.{loc} is uint8, which stores non-negative (post-ReLU) values, and the "
+                               f"teacher's {loc} reaches {f.min().item():.3g}; use int8 or float8 for it")
         view_spec = next(iter(self.augmenters.values())).spec()
         self.spec = expected_spec(cfg, self.splits, sha, view_spec, self.feature_shapes, self.model.num_features,
                                   self.teacher.precision)
@@ -54,13 +59,12 @@ class ShardExtractor:
     def open_writer(self, overwrite: bool = False) -> StoreWriter:
         return StoreWriter(self.ex.store, self.spec, overwrite=overwrite)
 
-    def batches(self, name: str, shards: list[int], workers: int | None = None):
-        """The `ViewBatches` of `shards` of split `name` through a DataLoader with the config's loader
+    def batches(self, name: str, ranges: list[tuple[int, int]], workers: int | None = None):
+        """The `ViewBatches` of the row `ranges` of split `name` through a DataLoader with the config's loader
         settings (`workers` overrides the count: 0 inside dask workers, which cannot have children)."""
-        layout = self.layouts[name]
-        spans = [(b, min(b + self.ex.batch_size, stop)) for shard in shards
-                 for start, stop in [layout.shard_rows(shard)] for b in range(start, stop, self.ex.batch_size)]
-        dataset = ViewBatches(self.splits[name], self.augmenters[name], layout.views, spans, self.images)
+        spans = [(b, min(b + self.ex.batch_size, stop)) for start, stop in ranges
+                 for b in range(start, stop, self.ex.batch_size)]
+        dataset = ViewBatches(self.splits[name], self.augmenters[name], self.layouts[name].views, spans, self.images)
         return data_loader(dataset, None, None, self.cfg.loader, self.device, workers=workers)
 
     def compute(self, name: str, shard: int, on_batch=None, workers: int | None = None) -> dict[str, np.ndarray]:
@@ -70,52 +74,56 @@ class ShardExtractor:
     def shard_arrays(self, name: str, shards: list[int], on_batch=None, workers: int | None = None):
         """(shard, arrays) for each of `shards` in turn, from one loader: workers build the next views
         while the teacher runs."""
-        if not shards:
-            return
+        ranges = [self.layouts[name].shard_rows(shard) for shard in shards]
+        batches = iter(self.batches(name, ranges, workers)) if shards else None
+        for shard, (start, stop) in zip(shards, ranges):
+            yield shard, self.rows_arrays(name, start, stop, batches, on_batch)
+
+    def rows_arrays(self, name: str, start: int, stop: int, batches=None, on_batch=None) -> dict[str, np.ndarray]:
+        """The arrays of rows [start, stop) of split `name`, all their views, as the store's writer takes them.
+        `batches`: an iterator over those rows' `ViewBatches` items (by default, a loader of its own)."""
         ex, split, layout, augmenter = self.ex, self.splits[name], self.layouts[name], self.augmenters[name]
-        batches = iter(self.batches(name, shards, workers))
-        for shard in shards:
-            start, stop = layout.shard_rows(shard)
-            features = {loc: np.empty((stop - start, layout.views, *shape), np.float32)
-                        for loc, shape in self.feature_shapes.items()}
-            logits = np.empty((stop - start, layout.views, self.num_classes), np.float32)
-            digests = np.empty(stop - start, np.uint64)
-            params = np.empty((stop - start, layout.views, len(augmenter.param_names)), np.int32)
-            images = np.empty((stop - start, *split.source_shape), np.uint8) if self.images else None
-            arrays = {}
-            for b in range(start, stop, ex.batch_size):
-                batch = next(batches)
-                e = b + len(batch["digests"])
-                assert batch["start"] == b, "extraction batches out of order"
-                rows = slice(b - start, e - start)
-                digests[rows], params[rows] = batch["digests"], batch["params"]
-                if images is not None:
-                    images[rows] = batch["raw"]
-                for v, view in enumerate(batch["views"]):
-                    f, z = self.teacher.outputs(view.to(self.device, non_blocking=True), ex.features)
-                    for loc, values in f.items():
-                        features[loc][rows, v] = values.float().cpu().numpy()
-                    logits[rows, v] = z.float().cpu().numpy()
-                    if on_batch is not None:
-                        on_batch(e - b)
-            for what, values in (*((f"features at {loc}", f) for loc, f in features.items()), ("logits", logits)):
-                if not np.isfinite(values).all():
-                    raise BkdError(f"the teacher produced non-finite {what} on {split.split} shard {shard} "
-                                   f"(rows {start}:{stop}); nothing of that shard was written")
-            labels = split.labels[start:stop].numpy()
-            if ex.logits_topk is not None:  # the store keeps the k largest and what the losses need of the rest
-                arrays[TOPK_TARGET_CLASS] = augmenter.target_classes(labels, params, split.labels.numpy())
+        batches = iter(self.batches(name, [(start, stop)])) if batches is None else batches
+        features = {loc: np.empty((stop - start, layout.views, *shape), np.float32)
+                    for loc, shape in self.feature_shapes.items()}
+        logits = np.empty((stop - start, layout.views, self.num_classes), np.float32)
+        digests = np.empty(stop - start, np.uint64)
+        params = np.empty((stop - start, layout.views, len(augmenter.param_names)), np.int32)
+        images = np.empty((stop - start, *split.source_shape), np.uint8) if self.images else None
+        arrays = {}
+        for b in range(start, stop, ex.batch_size):
+            batch = next(batches)
+            e = b + len(batch["digests"])
+            assert batch["start"] == b, "extraction batches out of order"
+            rows = slice(b - start, e - start)
+            digests[rows], params[rows] = batch["digests"], batch["params"]
             if images is not None:
-                arrays[IMAGES] = images
-            yield shard, {
-                **arrays,
-                **{feature_array(loc): f.astype(ex.feature_dtype) for loc, f in features.items()},
-                "logits": logits,  # full, float32: the store's logits codec casts it or keeps its top k
-                "view_params": params,
-                "labels": labels,
-                "index": np.arange(start, stop, dtype=np.int64),
-                "pixel_digest": digests,
-            }
+                images[rows] = batch["raw"]
+            for v, view in enumerate(batch["views"]):
+                f, z = self.teacher.outputs(view.to(self.device, non_blocking=True), ex.features)
+                for loc, values in f.items():
+                    features[loc][rows, v] = values.float().cpu().numpy()
+                logits[rows, v] = z.float().cpu().numpy()
+                if on_batch is not None:
+                    on_batch(e - b)
+        for what, values in (*((f"features at {loc}", f) for loc, f in features.items()), ("logits", logits)):
+            if not np.isfinite(values).all():
+                raise BkdError(f"the teacher produced non-finite {what} on {split.split} rows {start}:{stop} "
+                               f"(shard {start // layout.shard_size}); nothing of that shard was written")
+        labels = split.labels[start:stop].numpy()
+        if ex.logits_topk is not None:  # the store keeps the k largest and what the losses need of the rest
+            arrays[TOPK_TARGET_CLASS] = augmenter.target_classes(labels, params, split.labels.numpy())
+        if images is not None:
+            arrays[IMAGES] = images
+        return {
+            **arrays,
+            **{feature_array(loc): f for loc, f in features.items()},  # float32: each location's codec stores it
+            "logits": logits,  # full, float32: the store's logits codec casts it or keeps its top k
+            "view_params": params,
+            "labels": labels,
+            "index": np.arange(start, stop, dtype=np.int64),
+            "pixel_digest": digests,
+        }
 
 
 class ViewBatches(Dataset):
@@ -171,12 +179,13 @@ def _extract_shard_task(cfg: Config, device_name: str, name: str, shard: int, th
 
 
 def extract_teacher(cfg: Config, device: torch.device, overwrite: bool = False, workers: int = 1,
-                    scheduler: str | None = None) -> dict:
+                    scheduler: str | None = None, check_space: bool = True) -> dict:
     """Write the teacher's features and logits for every configured split, shard by shard.
 
     Only missing shards are computed, so re-running after a crash resumes. With `workers` > 1
     the shards run on a dask LocalCluster of that many processes (or on the cluster at
-    `scheduler`); each worker loads the teacher once and writes its shards itself.
+    `scheduler`); each worker loads the teacher once and writes its shards itself. With `check_space`, an
+    extraction whose projected store does not fit on its local disk is refused before the first shard.
     """
     local = workers <= 1 and scheduler is None
     # "auto" precision resolved once, from the device the shards run on: the manifest and every worker agree
@@ -193,6 +202,10 @@ def extract_teacher(cfg: Config, device: torch.device, overwrite: bool = False, 
     with store_lock(cfg.extract.store):
         writer = extractor.open_writer(overwrite)
         missing = [(name, shard) for name in extractor.splits for shard in writer.missing_shards(name)]
+        if check_space and missing:
+            rows = {name: sum(np.diff(extractor.layouts[n].shard_rows(s))[0] for n, s in missing if n == name)
+                    for name in extractor.splits}
+            check_fits(extractor, rows)
         total = sum(np.diff(extractor.layouts[n].shard_rows(s))[0] * extractor.layouts[n].views for n, s in missing)
         with tqdm(total=total, desc="extract", unit="view", dynamic_ncols=True) as bar:
             if local:
