@@ -142,3 +142,26 @@ def test_the_codec_is_part_of_the_stores_identity(tmp_path):
     write_split(writer, "train", coded_arrays(N_TRAIN, 0, VIEWS["train"]), shards=[0])
     with pytest.raises(StoreError, match="codecs.layer2: 'uint8' in the store, 'int8' here"):
         open_writer(path, spec=coded_spec({"layer2": "int8"}))
+
+
+# Each codec's error bound in the BKD loss (map form) and its gradient, on fixed data: dense post-ReLU
+# maps and a student carrying part of them, its head fitted to the float32 targets (benchmarks.codecs).
+BOUNDS = {"float32": (0, 0), "float16": (1e-4, 1e-3), "float16-shuffle": (1e-4, 1e-3),
+          "float16-bitshuffle": (1e-4, 1e-3), "bfloat16": (1e-3, 1e-2), "uint8": (1e-3, 1e-2),
+          "int8": (1e-3, 1e-2), "float8": (2e-2, 5e-2)}
+
+
+@pytest.mark.parametrize("name", list(CODECS))
+def test_each_codecs_error_in_the_bkd_loss_and_its_gradient_is_bounded(name):
+    from benchmarks.codecs import bkd_errors, decoded
+
+    rng = np.random.default_rng(0)
+    target = np.maximum(rng.standard_normal((96, 16, 6, 6)), 0).astype(np.float32) * 2
+    mixing = rng.standard_normal((16, 24)).astype(np.float32)
+    student = np.einsum("nchw,cd->ndhw", target, mixing) + rng.standard_normal((96, 24, 6, 6)).astype(np.float32)
+    errors = bkd_errors(student, target, decoded(get_codec(name), target), "map", steps=60)
+    loss_bound, grad_bound = BOUNDS[name]
+    assert errors["loss"] <= loss_bound and errors["grad"] <= grad_bound, errors
+    assert 0.05 < errors["residual"] < 1  # the head fitted part, not all, of the target
+    if name != "float32":
+        assert errors["grad"] > 0  # the measurement sees the codec at all

@@ -33,7 +33,7 @@ SHARD_INDEX_BYTES = 16  # per chunk of a shard: its offset and length (uint64 ea
 class ArrayPlan:
     split: str
     name: str
-    shape: tuple[int, ...]  # one row's
+    shape: tuple[int, ...]  # one sample's (per-sample arrays) or one view's
     dtype: str
     codec: str
     views: int  # views per row the array holds (1 for per-sample arrays)
@@ -133,7 +133,8 @@ def plan_extraction(extractor, samples: dict[str, int] | None = None, rows: int 
                 counted += stored
                 per_row = (stored - SHARD_INDEX_BYTES - 4) / n  # the scratch store's one-chunk shard index out
                 views = 1 if array in PER_SAMPLE else spec.splits[name]["views"]
-                arrays.append(ArrayPlan(name, array, tuple(shape[1:]), dtype, _codec_of(spec, array), views, per_row))
+                item = tuple(shape[1:] if array in PER_SAMPLE else shape[2:])  # one sample's, or one view's
+                arrays.append(ArrayPlan(name, array, item, dtype, _codec_of(spec, array), views, per_row))
                 array_bytes[(name, array)] = round(per_row * samples[name]) + index
             small = _folder_bytes(folder) - counted  # metadata, and one chunk's digests and flag
             other += small + math.ceil(samples[name] / ex.chunk_size) * 8 * len(one.row_arrays()) + num_shards
@@ -189,6 +190,12 @@ def human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def format_plan(plan: Plan) -> str:
     """The plan as the table `--plan` prints."""
     lines = [f"plan for {plan.store} ({', '.join(f'{s}: {n:,} samples x {plan.views[s]} views' for s, n in plan.samples.items())};"
@@ -203,7 +210,7 @@ def format_plan(plan: Plan) -> str:
     free = plan.free_bytes()
     lines += [f"metadata, digests, flags: {human(plan.other_bytes)}",
               f"store: {human(plan.total_bytes)}; free at destination: {human(free) if free is not None else 'unknown'}",
-              f"teacher forward passes: {plan.forward_passes:,}; estimated time: {plan.seconds / 3600:.2f} h "
+              f"teacher forward passes: {plan.forward_passes:,}; estimated time: {duration(plan.seconds)} "
               f"({plan.seconds_per_view * 1e3:.2f} ms per view, {plan.seconds_per_row_written * 1e3:.3f} ms per row "
               "written)"]
     return "\n".join(lines)

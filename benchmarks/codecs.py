@@ -1,0 +1,319 @@
+"""The store's codecs on real features: bytes per sample and view, and the error each puts into every loss.
+
+    python -m benchmarks.codecs [--quick] [--json docs/studies/codecs.json]
+
+Workloads (trained weights, never random ones: random-init activations have other statistics):
+
+  default        the trained default teacher (`models/teacher.safetensors`, `dvc repro train_teacher`)
+                 on the embedded digits: layer1 (64x14x14), layer2 (128x7x7), pre_logits, logits
+  resnet18-224   timm resnet18 at 224, trained here from scratch for a few epochs to tell which of
+                 the shipped photographs a random crop comes from: layer3 (256x14x14), layer4
+                 (512x7x7, the shape of SEW-ResNet-18/34's cached map), pre_logits, logits
+  vit_small-224  timm vit_small_patch16_224, trained the same way: pre_logits and logits (what the
+                 Spikingformer rows cache; a transformer block's tokens are no store location)
+
+Bytes: each codec's arrays (codes and scales) written through its real zarr codecs in chunks of
+the store's default 256 rows, per sample and view, against float16 + zstd.
+
+Errors, against float32 targets, for each form of the BKD loss a location is read in:
+  map     a student map regressing the teacher's map at this location
+  cml     a student map regressing the pooled vector (pre_logits)
+  pooled  a student vector regressing the pooled vector
+the student being the teacher's own previous stage (`STUDENT_OF`): a feature that carries much but not
+all of the target. Its BKD head (alignment and generation block) is first fitted for `--steps` Adam
+steps to the float32 targets, the blur mask then fixed; at that point the loss and its gradient with
+respect to the student feature are computed with the float32 and the decoded targets:
+  loss error = |L(decoded) - L(float32)| / L(float32), gradient error = |g(decoded) - g(float32)| / |g(float32)|.
+`residual` is |restored - target| / |target| there: how close the fitted head came. KD and WSLD
+(tau = 2) read the logits the same way, from a linear student head on pre_logits fitted by KD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import zarr
+from tqdm import tqdm
+from zarr.codecs import ZstdCodec
+
+from pipeline.targets.codecs import CODECS, CodecError
+
+CHUNK = 256
+STEPS = 200
+# For each workload: {target location: (student location, BKD forms)}; "pool:<loc>" is that map averaged.
+STUDENT_OF = {
+    "default": {"layer1": ("act1", ("map",)), "layer2": ("layer1", ("map",)),
+                "pre_logits": ("layer3", ("cml",)), "pre_logits ": ("pool:layer3", ("pooled",))},
+    "resnet18-224": {"layer3": ("layer2", ("map",)), "layer4": ("layer3", ("map",)),
+                     "pre_logits": ("layer3", ("cml",)), "pre_logits ": ("pool:layer3", ("pooled",))},
+    "vit_small-224": {"pre_logits": ("blocks.8", ("cml",)), "pre_logits ": ("pool:blocks.8", ("pooled",))},
+}
+
+
+# --- workloads -----------------------------------------------------------------------------------
+
+def _outputs(model, images: torch.Tensor, locations: list[str], batch: int = 32) -> dict[str, np.ndarray]:
+    """{location: float32 array} over `images`: pre_logits and logits as the teacher gives them to the store,
+    module outputs by forward hooks (a transformer block's patch tokens as a (C, H, W) map)."""
+    from pipeline.teacher.models import teacher_outputs
+
+    modules = [loc for loc in locations if loc not in ("pre_logits", "logits")]
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [model.get_submodule(loc).register_forward_hook(
+        lambda _m, _i, out, loc=loc: captured.__setitem__(loc, out)) for loc in modules]
+    out: dict[str, list] = {loc: [] for loc in locations}
+    try:
+        with torch.no_grad():
+            for start in range(0, len(images), batch):
+                features, logits = teacher_outputs(model, images[start:start + batch], ["pre_logits"])
+                for loc in locations:
+                    value = {"pre_logits": features["pre_logits"], "logits": logits}.get(loc, captured.get(loc))
+                    if value.dim() == 3:  # tokens (B, 1 + HW, C): the patch tokens as a (C, H, W) map
+                        side = int((value.shape[1] - 1) ** 0.5)
+                        value = value[:, -side * side:].transpose(1, 2).reshape(len(value), -1, side, side)
+                    out[loc].append(value.float().numpy())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {loc: np.concatenate(v) for loc, v in out.items()}
+
+
+def default_workload(n: int, config: str = "params.yaml") -> dict[str, np.ndarray]:
+    from pipeline.config import load_config
+    from pipeline.data import load_splits
+    from pipeline.teacher.models import load_teacher
+
+    cfg = load_config(config)
+    if not Path(cfg.teacher.checkpoint).is_file():
+        raise SystemExit(f"{cfg.teacher.checkpoint} not found: train the default teacher first "
+                         "(`dvc repro train_teacher` or `make run`)")
+    split = load_splits(cfg.data, ["train"])["train"]
+    images = split.load(list(range(min(n, len(split)))))
+    model = load_teacher(cfg.teacher, split.num_classes, split.image_shape).eval()
+    return _outputs(model, images, ["act1", "layer1", "layer2", "layer3", "pre_logits", "logits"])
+
+
+def photo_crops(n: int, size: int, seed: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (n, 3, size, size) normalised float, labels): random crops of the shipped photographs,
+    each labelled with the photograph it comes from."""
+    from benchmarks.photos import _crop, _rng, load_photos
+
+    photos = load_photos()
+    images, labels = np.empty((n, size, size, 3), np.uint8), np.empty(n, np.int64)
+    for i in range(n):
+        rng = _rng(seed, split, 0, i)
+        labels[i] = int(rng.integers(len(photos)))
+        images[i] = np.asarray(_crop(photos[labels[i]][1], rng, size, size))
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    return (x - mean) / std, torch.from_numpy(labels)
+
+
+def photo_workload(model_name: str, n: int, epochs: int, train: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A timm model trained from scratch for `epochs` on `train` photo crops (which photograph?), then its
+    features on `n` other crops."""
+    import timm
+
+    from benchmarks.photos import load_photos
+
+    torch.manual_seed(seed)
+    model = timm.create_model(model_name, pretrained=False, num_classes=len(load_photos()))
+    images, labels = photo_crops(train, 224, seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3 if "vit" not in model_name else 3e-4, weight_decay=0.05)
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(train)
+        correct = 0
+        for start in tqdm(range(0, train, 32), desc=f"{model_name} epoch {epoch + 1}/{epochs}", leave=False):
+            idx = order[start:start + 32]
+            logits = model(images[idx])
+            loss = F.cross_entropy(logits, labels[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            correct += int((logits.argmax(1) == labels[idx]).sum())
+        tqdm.write(f"{model_name} epoch {epoch + 1}: train accuracy {correct / train:.3f}")
+    model.eval()
+    evaluation, _ = photo_crops(n, 224, seed, split="val")
+    locations = {"resnet18": ["layer2", "layer3", "layer4"], "vit_small_patch16_224": ["blocks.8"]}
+    return _outputs(model, evaluation, [*locations[model_name], "pre_logits", "logits"])
+
+
+# --- bytes ---------------------------------------------------------------------------------------
+
+def stored_bytes(codec, values: np.ndarray, level: int = 3) -> float:
+    """Bytes per row of `values` (N, ...) kept by `codec`, through its real zarr codecs in CHUNK-row chunks."""
+    codes, scales = codec.encode(values[:, None])  # one view
+    total = 0
+    for array, compressors in ((codes, codec.compressors(level, codes.dtype.itemsize)),
+                               (scales, [ZstdCodec(level=level, checksum=True)])):
+        if array is None:
+            continue
+        store = zarr.storage.MemoryStore()
+        z = zarr.create_array(store, shape=array.shape, dtype=array.dtype, chunks=(min(CHUNK, len(array)),) + array.shape[1:],
+                              compressors=compressors, fill_value=0)
+        z[:] = array
+        total += sum(len(v.to_bytes()) for key, v in store._store_dict.items() if key.startswith("c/"))
+    return total / len(values)
+
+
+def decoded(codec, values: np.ndarray) -> np.ndarray:
+    codes, scales = codec.encode(values[:, None])
+    return np.asarray(codec.decode(codes, scales), np.float32)[:, 0]
+
+
+# --- loss errors ---------------------------------------------------------------------------------
+
+def fitted_head(student: torch.Tensor, target: torch.Tensor, form: str, steps: int, seed: int):
+    """A BKD head (alpha 1, blur 0.15) fitted by Adam to `target` from `student`, and its fixed mask."""
+    from pipeline.student.losses import BKDHead
+
+    torch.manual_seed(seed)
+    head = BKDHead(student.shape[1], target.shape[1], blur_ratio=0.15, alpha=1.0, form=form)
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-3)
+    for step in range(steps):
+        idx = torch.randint(0, len(student), (min(64, len(student)),))
+        loss = head(student[idx], target[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    head.eval()
+    with torch.no_grad():
+        mask = head.blur_mask(head.align(student))
+    return head, mask
+
+
+def loss_and_grad(head, mask, student: torch.Tensor, target: torch.Tensor) -> tuple[float, torch.Tensor]:
+    s = student.clone().requires_grad_(True)
+    loss = head(s, target, mask=mask)
+    (grad,) = torch.autograd.grad(loss, s)
+    return loss.item(), grad
+
+
+def relative(a: float, b: float) -> float:
+    return abs(a - b) / abs(b) if b else float(a != b)
+
+
+def bkd_errors(student: np.ndarray, target: np.ndarray, approx: np.ndarray, form: str, steps: int,
+               seed: int = 0) -> dict[str, float]:
+    s, t, a = (torch.from_numpy(np.ascontiguousarray(x)).float() for x in (student, target, approx))
+    head, mask = fitted_head(s, t, form, steps, seed)
+    loss, grad = loss_and_grad(head, mask, s, t)
+    loss_a, grad_a = loss_and_grad(head, mask, s, a)
+    residual = float(np.sqrt(loss * len(s)) / t.norm())  # alpha 1: loss = |restored - target|^2 / N
+    return {"loss": relative(loss_a, loss), "grad": float((grad_a - grad).norm() / grad.norm()), "residual": residual}
+
+
+def logits_errors(pre_logits: np.ndarray, logits: np.ndarray, approx: np.ndarray, steps: int, seed: int = 0,
+                  temperature: float = 2.0) -> dict[str, float]:
+    """KD and WSLD loss and gradient errors, from a linear student on pre_logits fitted by KD."""
+    from pipeline.student.losses import kd_loss, wsld_loss
+
+    x, z, za = (torch.from_numpy(np.ascontiguousarray(v)).float() for v in (pre_logits, logits, approx))
+    labels = z.argmax(1)
+    torch.manual_seed(seed)
+    student = torch.nn.Linear(x.shape[1], z.shape[1])
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
+    for _ in range(steps):
+        loss = kd_loss(student(x), z, temperature)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    out = {}
+    for name, fn in (("kd", lambda s, t: kd_loss(s, t, temperature)),
+                     ("wsld", lambda s, t: wsld_loss(s, t, labels, temperature))):
+        values = []
+        for target in (z, za):
+            s = student(x).detach().requires_grad_(True)
+            loss = fn(s, target)
+            (grad,) = torch.autograd.grad(loss, s)
+            values.append((loss.item(), grad))
+        (l0, g0), (l1, g1) = values
+        out[f"{name}_loss"], out[f"{name}_grad"] = relative(l1, l0), float((g1 - g0).norm() / g0.norm())
+    return out
+
+
+def student_features(features: dict[str, np.ndarray], source: str) -> np.ndarray:
+    if source.startswith("pool:"):
+        return features[source[5:]].mean(axis=(2, 3))
+    return features[source]
+
+
+def measure(workload: str, features: dict[str, np.ndarray], steps: int) -> list[dict]:
+    """One row per (location, codec): bytes and every loss form's errors."""
+    rows = []
+    pairs = STUDENT_OF[workload]
+    targets = dict.fromkeys(key.strip() for key in pairs)
+    for location in [*targets, "logits"]:
+        values = features[location]
+        baseline = stored_bytes(CODECS["float16"], values)
+        for name, codec in tqdm(CODECS.items(), desc=f"{workload} {location}", leave=False):
+            try:
+                approx = decoded(codec, values)
+            except CodecError:  # uint8 on signed values
+                continue
+            row = {"workload": workload, "location": location, "shape": list(values.shape[1:]), "codec": name,
+                   "bytes": stored_bytes(codec, values), "zero_fraction": float((values == 0).mean())}
+            row["ratio"] = row["bytes"] / baseline
+            if location == "logits":
+                row |= logits_errors(features["pre_logits"], values, approx, steps)
+            else:
+                for key, (source, forms) in pairs.items():
+                    if key.strip() != location:
+                        continue
+                    for form in forms:
+                        errors = bkd_errors(student_features(features, source), values, approx, form, steps)
+                        row |= {f"{form}_{k}": v for k, v in errors.items()}
+            rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    forms = ("map", "cml", "pooled")
+    lines = ["| workload | location | codec | B/sample/view | × float16 | " +
+             " | ".join(f"{f} loss / grad err" for f in forms) + " | KD loss / grad | WSLD loss / grad |",
+             "|---" * 10 + "|"]
+    for r in rows:
+        cells = [f"{r[f + '_loss']:.1e} / {r[f + '_grad']:.1e}" if f + "_loss" in r else "" for f in forms]
+        cells += [f"{r[k + '_loss']:.1e} / {r[k + '_grad']:.1e}" if k + "_loss" in r else "" for k in ("kd", "wsld")]
+        lines.append(f"| {r['workload']} | {r['location']} {tuple(r['shape'])} | {r['codec']} | {r['bytes']:.0f} | "
+                     f"{r['ratio']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.codecs", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer samples, steps and epochs (a check of the script)")
+    parser.add_argument("--workloads", nargs="+", default=list(STUDENT_OF), choices=list(STUDENT_OF))
+    parser.add_argument("--samples", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT")
+    args = parser.parse_args(argv)
+    n = args.samples or (64 if args.quick else 512)
+    steps = args.steps or (20 if args.quick else STEPS)
+    started = time.perf_counter()
+    rows = []
+    for workload in args.workloads:
+        if workload == "default":
+            features = default_workload(n)
+        else:
+            model = {"resnet18-224": "resnet18", "vit_small-224": "vit_small_patch16_224"}[workload]
+            features = photo_workload(model, min(n, 256), epochs=1 if args.quick else 4,
+                                      train=64 if args.quick else 512)
+        rows += measure(workload, features, steps)
+        tqdm.write(table([r for r in rows if r["workload"] == workload]))
+    result = {"samples": n, "steps": steps, "seconds": time.perf_counter() - started, "rows": rows}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
