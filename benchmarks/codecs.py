@@ -200,43 +200,58 @@ def relative(a: float, b: float) -> float:
     return abs(a - b) / abs(b) if b else float(a != b)
 
 
-def bkd_errors(student: np.ndarray, target: np.ndarray, approx: np.ndarray, form: str, steps: int,
-               seed: int = 0) -> dict[str, float]:
-    s, t, a = (torch.from_numpy(np.ascontiguousarray(x)).float() for x in (student, target, approx))
-    head, mask = fitted_head(s, t, form, steps, seed)
-    loss, grad = loss_and_grad(head, mask, s, t)
-    loss_a, grad_a = loss_and_grad(head, mask, s, a)
-    residual = float(np.sqrt(loss * len(s)) / t.norm())  # alpha 1: loss = |restored - target|^2 / N
-    return {"loss": relative(loss_a, loss), "grad": float((grad_a - grad).norm() / grad.norm()), "residual": residual}
+class BKDProbe:
+    """A BKD head fitted once to the float32 targets of one (student, target, form) pair; `errors` then
+    compares the loss and gradient at decoded targets with those at the float32 ones."""
+
+    def __init__(self, student: np.ndarray, target: np.ndarray, form: str, steps: int, seed: int = 0):
+        self.s, self.t = (torch.from_numpy(np.ascontiguousarray(x)).float() for x in (student, target))
+        self.head, self.mask = fitted_head(self.s, self.t, form, steps, seed)
+        self.loss, self.grad = loss_and_grad(self.head, self.mask, self.s, self.t)
+        self.residual = float(np.sqrt(self.loss * len(self.s)) / self.t.norm())  # alpha 1: |restored - t|^2 / N
+
+    def errors(self, approx: np.ndarray) -> dict[str, float]:
+        loss, grad = loss_and_grad(self.head, self.mask, self.s, torch.from_numpy(np.ascontiguousarray(approx)).float())
+        return {"loss": relative(loss, self.loss), "grad": float((grad - self.grad).norm() / self.grad.norm()),
+                "residual": self.residual}
 
 
-def logits_errors(pre_logits: np.ndarray, logits: np.ndarray, approx: np.ndarray, steps: int, seed: int = 0,
-                  temperature: float = 2.0) -> dict[str, float]:
-    """KD and WSLD loss and gradient errors, from a linear student on pre_logits fitted by KD."""
-    from pipeline.student.losses import kd_loss, wsld_loss
+class LogitsProbe:
+    """KD and WSLD (tau 2) loss and gradient errors, from a linear student on pre_logits fitted once by KD."""
 
-    x, z, za = (torch.from_numpy(np.ascontiguousarray(v)).float() for v in (pre_logits, logits, approx))
-    labels = z.argmax(1)
-    torch.manual_seed(seed)
-    student = torch.nn.Linear(x.shape[1], z.shape[1])
-    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
-    for _ in range(steps):
-        loss = kd_loss(student(x), z, temperature)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    out = {}
-    for name, fn in (("kd", lambda s, t: kd_loss(s, t, temperature)),
-                     ("wsld", lambda s, t: wsld_loss(s, t, labels, temperature))):
-        values = []
-        for target in (z, za):
-            s = student(x).detach().requires_grad_(True)
-            loss = fn(s, target)
-            (grad,) = torch.autograd.grad(loss, s)
-            values.append((loss.item(), grad))
-        (l0, g0), (l1, g1) = values
-        out[f"{name}_loss"], out[f"{name}_grad"] = relative(l1, l0), float((g1 - g0).norm() / g0.norm())
-    return out
+    def __init__(self, pre_logits: np.ndarray, logits: np.ndarray, steps: int, seed: int = 0,
+                 temperature: float = 2.0):
+        from pipeline.student.losses import kd_loss, wsld_loss
+
+        x, self.z = (torch.from_numpy(np.ascontiguousarray(v)).float() for v in (pre_logits, logits))
+        labels = self.z.argmax(1)
+        torch.manual_seed(seed)
+        student = torch.nn.Linear(x.shape[1], self.z.shape[1])
+        optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
+        for _ in range(steps):
+            loss = kd_loss(student(x), self.z, temperature)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        self.student_logits = student(x).detach()
+        self.losses = {"kd": lambda s, t: kd_loss(s, t, temperature),
+                       "wsld": lambda s, t: wsld_loss(s, t, labels, temperature)}
+        self.reference = {name: self._loss_and_grad(fn, self.z) for name, fn in self.losses.items()}
+
+    def _loss_and_grad(self, fn, target: torch.Tensor) -> tuple[float, torch.Tensor]:
+        s = self.student_logits.clone().requires_grad_(True)
+        loss = fn(s, target)
+        (grad,) = torch.autograd.grad(loss, s)
+        return loss.item(), grad
+
+    def errors(self, approx: np.ndarray) -> dict[str, float]:
+        out = {}
+        for name, fn in self.losses.items():
+            loss, grad = self._loss_and_grad(fn, torch.from_numpy(np.ascontiguousarray(approx)).float())
+            reference_loss, reference_grad = self.reference[name]
+            out[f"{name}_loss"] = relative(loss, reference_loss)
+            out[f"{name}_grad"] = float((grad - reference_grad).norm() / reference_grad.norm())
+        return out
 
 
 def student_features(features: dict[str, np.ndarray], source: str) -> np.ndarray:
@@ -246,12 +261,16 @@ def student_features(features: dict[str, np.ndarray], source: str) -> np.ndarray
 
 
 def measure(workload: str, features: dict[str, np.ndarray], steps: int) -> list[dict]:
-    """One row per (location, codec): bytes and every loss form's errors."""
+    """One row per (location, codec): bytes and every loss form's errors, each probe fitted once."""
     rows = []
     pairs = STUDENT_OF[workload]
-    targets = dict.fromkeys(key.strip() for key in pairs)
-    for location in [*targets, "logits"]:
+    for location in [*dict.fromkeys(key.strip() for key in pairs), "logits"]:
         values = features[location]
+        if location == "logits":
+            probes = {"": LogitsProbe(features["pre_logits"], values, steps)}
+        else:
+            probes = {form: BKDProbe(student_features(features, source), values, form, steps)
+                      for key, (source, forms) in pairs.items() if key.strip() == location for form in forms}
         baseline = stored_bytes(CODECS["float16"], values)
         for name, codec in tqdm(CODECS.items(), desc=f"{workload} {location}", leave=False):
             try:
@@ -261,15 +280,9 @@ def measure(workload: str, features: dict[str, np.ndarray], steps: int) -> list[
             row = {"workload": workload, "location": location, "shape": list(values.shape[1:]), "codec": name,
                    "bytes": stored_bytes(codec, values), "zero_fraction": float((values == 0).mean())}
             row["ratio"] = row["bytes"] / baseline
-            if location == "logits":
-                row |= logits_errors(features["pre_logits"], values, approx, steps)
-            else:
-                for key, (source, forms) in pairs.items():
-                    if key.strip() != location:
-                        continue
-                    for form in forms:
-                        errors = bkd_errors(student_features(features, source), values, approx, form, steps)
-                        row |= {f"{form}_{k}": v for k, v in errors.items()}
+            for form, probe in probes.items():
+                errors = probe.errors(approx)
+                row |= {(f"{form}_{k}" if form else k): v for k, v in errors.items()}
             rows.append(row)
     return rows
 
