@@ -44,6 +44,10 @@ def main(config_path, overrides, store, views, device, overwrite, workers, sched
             raise BkdError(f"--samples takes SPLIT=N with N a positive integer, got {item!r}")
         counts[split] = int(count)
     cfg = build_config(config_path, overrides, **{"extract.store": store, "extract.views": views})
+    unknown = sorted(set(counts) - set(cfg.extract.splits))
+    if unknown:
+        raise BkdError(f"--samples names split {unknown[0]!r}, which this extraction does not write "
+                       f"(extract.splits: {', '.join(cfg.extract.splits)})")
     if plan:
         import json
 

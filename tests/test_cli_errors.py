@@ -125,6 +125,17 @@ def test_pad_and_roll_bounded_by_image_size(kind, key, value, shape):
     ViewAugmenter(AugmentConfig(kind=kind, **{key: min(value, 27)}), shape)  # within bounds: fine
 
 
+@pytest.mark.parametrize("extra, fragments", [
+    (["--plan", "--samples", "val=10"], ("--samples names split 'val'", "extract.splits: train, test")),
+    (["--plan", "--samples", "train=0"], ("SPLIT=N with N a positive integer", "'train=0'")),
+    (["--plan", "--samples", "train"], ("SPLIT=N",)),
+    (["--samples", "train=10"], ("go with --plan",)),
+    (["--json"], ("go with --plan",)),
+])
+def test_extract_teacher_plan_arguments_are_checked_before_any_work(tmp_path, extra, fragments):
+    refused(["extract-teacher", "--config", MNIST5K, *extra], tmp_path, *fragments)
+
+
 # 4. devices
 
 def test_extract_teacher_refuses_unknown_device(tmp_path):

@@ -103,10 +103,8 @@ def plan_extraction(extractor, samples: dict[str, int] | None = None, rows: int 
     `rows` rows of each split (extract.chunk_size by default)."""
     spec, ex = extractor.spec, extractor.ex
     samples = {name: len(split) for name, split in extractor.splits.items()} | (samples or {})
-    unknown = sorted(set(samples) - set(extractor.splits))
-    if unknown:
-        raise BkdError(f"--samples names split {unknown[0]!r}, which this extraction does not write "
-                       f"(extract.splits: {', '.join(extractor.splits)})")
+    if set(samples) - set(extractor.splits):
+        raise ValueError(f"plan for splits {sorted(samples)}, but the extraction writes {list(extractor.splits)}")
     arrays, array_bytes, other, calibration = [], {}, 0, {}
     forward_seconds, forward_views, write_seconds, written_rows = 0.0, 0, 0.0, 0
     with tempfile.TemporaryDirectory(prefix="bkd-plan-") as scratch:
