@@ -31,7 +31,6 @@ respect to the student feature are computed with the float32 and the decoded tar
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -42,6 +41,7 @@ import zarr
 from tqdm import tqdm
 from zarr.codecs import ZstdCodec
 
+from pipeline.checkpoint import write_json
 from pipeline.targets.codecs import CODECS, CodecError
 
 CHUNK = 256
@@ -324,7 +324,7 @@ def main(argv=None) -> dict:
     result = {"samples": n, "steps": steps, "seconds": time.perf_counter() - started, "rows": rows}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(result, args.json)
     return result
 
 

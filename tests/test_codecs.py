@@ -174,3 +174,22 @@ def test_each_codecs_error_in_the_bkd_loss_and_its_gradient_is_bounded(probe, na
     assert 0.05 < errors["residual"] < 1  # the head fitted part, not all, of the target
     if name != "float32":
         assert errors["grad"] > 0  # the measurement sees the codec at all
+
+
+def test_the_codec_benchmark_measures_every_codec_and_form_it_can():
+    from benchmarks.codecs import measure, table
+
+    rng = np.random.default_rng(2)
+    relu = lambda *shape: np.maximum(rng.standard_normal((32, *shape)), 0).astype(np.float32)  # noqa: E731
+    features = {"act1": relu(4, 8, 8), "layer1": relu(4, 8, 8), "layer2": relu(8, 4, 4), "layer3": relu(8, 2, 2),
+                "pre_logits": relu(8), "logits": rng.standard_normal((32, 3)).astype(np.float32)}
+    rows = measure("default", features, steps=5)
+    by = {(r["location"], r["codec"]): r for r in rows}
+    assert {loc for loc, _ in by} == {"layer1", "layer2", "pre_logits", "logits"}
+    assert ("logits", "uint8") not in by and ("layer1", "uint8") in by  # uint8 only where values are >= 0
+    assert {"map_loss", "map_grad", "map_residual"} <= set(by[("layer2", "int8")])
+    assert {"cml_loss", "pooled_grad"} <= set(by[("pre_logits", "float8")])
+    assert {"kd_loss", "wsld_grad"} <= set(by[("logits", "bfloat16")])
+    assert by[("layer1", "float16")]["ratio"] == 1.0 and by[("layer1", "uint8")]["ratio"] < 0.75
+    assert by[("layer1", "float32")]["map_loss"] == 0.0
+    assert table(rows).count("\n") == len(rows) + 1
