@@ -1,8 +1,7 @@
 """How a float target array is kept on disk: one codec per cached feature location (and the logits).
 
 A codec turns float values (N, V, *shape) into the arrays it stores, and back (float16 and float32 as
-stored, the others as float32). It also names the
-byte pipeline those arrays go through in zarr. The lossy codecs hold 8-bit codes with one float32
+stored, the others as float32), and names the byte pipeline those arrays go through in zarr. The lossy codecs hold 8-bit codes with one float32
 scale per (sample, view, channel) of a map: for a (C, H, W) map, one scale per channel over H x W,
 and for a (C,) vector, one scale per row over C. The scales are kept in a companion array
 (`scales.<location>`, `scales.logits`).
@@ -31,6 +30,7 @@ import torch
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from pipeline.errors import BkdError
+
 
 class CodecError(BkdError):
     """Values a codec cannot store (negative values for uint8); the message says why and what to use."""

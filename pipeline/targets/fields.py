@@ -45,7 +45,7 @@ class Field:
 
 class Coded(Field):
     """Float targets kept by a codec (pipeline.targets.codecs): its codes under the field's name and, for
-    an 8-bit codec, their scales under `scales.<target>`; read back as float32."""
+    an 8-bit codec, their scales under `scales.<target>`; read back as floats."""
 
     def __init__(self, name: str, target: str, codec: Codec):
         super().__init__(name)

@@ -20,7 +20,7 @@ from pipeline import checkpoint
 from pipeline.config import Config
 from pipeline.errors import BkdError, StoreError
 from pipeline.targets.reader import TeacherTargets
-from pipeline.targets.spec import TargetSpec
+from pipeline.targets.spec import LOGITS, TargetSpec
 
 # Samples of a lazily read split (image folders, HDF5) whose pixels a training run checks against the store.
 PIXEL_CHECK_SAMPLES = 256
@@ -69,8 +69,8 @@ def expected_spec(cfg: Config, splits: dict, sha: str | None, view_spec: dict, f
                   # only where on: stores without images keep the identity they had
                   **({"images": list(any_split.source_shape)} if ex.images else {})},
         dtypes={"features": ex.feature_dtype, "logits": ex.logits_dtype},
-        codecs={target: ex.codecs.get(target, ex.logits_dtype if target == "logits" else ex.feature_dtype)
-                for target in (*ex.features, "logits")},
+        codecs={target: ex.codecs.get(target, ex.logits_dtype if target == LOGITS else ex.feature_dtype)
+                for target in (*ex.features, LOGITS)},
         chunking={"chunk_size": ex.chunk_size, "chunks_per_shard": ex.chunks_per_shard},
         zstd_level=ex.zstd_level,
     )
