@@ -33,6 +33,7 @@ def info(store, as_json):
     click.echo(f"dataset:    {m['dataset']}")
     click.echo(f"transform:  {m['transform']}")
     click.echo(f"arrays:     {m['arrays']} features={m['teacher']['num_features']} classes={m['teacher']['num_classes']}")
+    click.echo(f"codecs:     {', '.join(f'{target}: {codec}' for target, codec in data['codecs'].items())}")
     for split, s in data["splits"].items():
         click.echo(f"{split:>10}: {s['samples']} samples x {s['views']} views, shards {s['shards_complete']}/{s['shards_total']} complete, "
                    f"fingerprint {m['splits'][split]['fingerprint'][:16]}")

@@ -117,6 +117,7 @@ def test_store_reads_back_through_each_locations_codec(tmp_path):
     data = write_coded(path, {"layer2": "uint8", "pre_logits": "float8", "logits": "int8"})
     info = store_info(path)
     assert info["manifest"]["codecs"] == {"layer2": "uint8", "pre_logits": "float8", "logits": "int8"}
+    assert info["codecs"] == {"pre_logits": "float8", "layer2": "uint8", "logits": "int8"}
     rows = TeacherTargets(path, "train").read_rows(0, N_TRAIN)
     for name, codec in (("features.layer2", "uint8"), ("features.pre_logits", "float8"), ("logits", "int8")):
         expected = get_codec(codec).decode(*get_codec(codec).encode(data["train"][name]))

@@ -11,7 +11,7 @@ from pipeline.errors import StoreError
 from pipeline.targets.fsutil import absent_objects, bytes_on_disk, listing, shard_keys
 from pipeline.targets.manifest import open_group, read_flags, split_group
 from pipeline.targets.reader import TeacherTargets
-from pipeline.targets.spec import FEATURES, FLAGS, SplitLayout
+from pipeline.targets.spec import FEATURES, FLAGS, LOGITS, SplitLayout, TargetSpec
 
 
 def store_info(path: str | Path) -> dict[str, Any]:
@@ -43,6 +43,7 @@ def store_info(path: str | Path) -> dict[str, Any]:
         "feature_shapes": {loc: list(array.shape[2:]) for loc, array in features.items()},
         "num_classes": manifest["teacher"]["num_classes"],
         "dtypes": {"features": any_features.dtype.name, "logits": manifest["arrays"]["logits"]},
+        "codecs": {target: TargetSpec.from_manifest(manifest).codec(target) for target in (*features, LOGITS)},
         "codec": ", ".join(f"{type(c).__name__}({getattr(c, 'level', '')})".replace("()", "")
                            for c in any_features.compressors),
         "bytes_on_disk": size,
