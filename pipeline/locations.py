@@ -45,8 +45,9 @@ def check_locations(model: nn.Module, locations, where: str) -> None:
 @contextlib.contextmanager
 def capture(model: nn.Module, names, time_major: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Within the block, every forward of `model` stores the output of each module in `names`
-    (special names are skipped: the caller computes those) into the yielded dict; with
-    `time_major` the outputs are [T, B, ...] and stored averaged over T."""
+    (special names are skipped: the caller computes those) into the yielded dict, as it left the
+    module (later in-place operations do not reach it); with `time_major` the outputs are
+    [T, B, ...] and stored averaged over T."""
     got: dict[str, torch.Tensor] = {}
     modules = dict(model.named_modules())
     handles = []
@@ -59,7 +60,8 @@ def capture(model: nn.Module, names, time_major: bool = False) -> Iterator[dict[
         def hook(_module, _inputs, output, name=name):
             if isinstance(output, (tuple, list)):
                 output = output[0]
-            got[name] = output.mean(0) if time_major else output
+            # a copy: the next module may work in place on this very tensor (timm's bn1 -> ReLU(inplace))
+            got[name] = output.mean(0) if time_major else output.clone()
 
         handles.append(modules[name].register_forward_hook(hook))
     try:

@@ -89,6 +89,18 @@ def test_map_is_layer4_for_a_resnet_and_the_hooks_leave_nothing_behind(torchvisi
         torch.testing.assert_close(logits, teacher(x))
 
 
+def test_a_location_is_its_modules_output_even_when_the_next_module_works_in_place(torchvision_pair):
+    """bn1 feeds a ReLU(inplace=True): the cached features are the batch norm's signed output, not the
+    ReLU's, as torchvision's feature extractor (which traces the graph) reads them."""
+    teacher, reference = torchvision_pair
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = create_feature_extractor(reference, {"layer1.0.bn1": "bn1"})(x)["bn1"]
+    got, _ = teacher_outputs(teacher, x, ["layer1.0.bn1"])
+    assert want.min() < 0
+    torch.testing.assert_close(got["layer1.0.bn1"], want, rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_location_is_refused_naming_it(torchvision_pair):
     teacher, _ = torchvision_pair
     with pytest.raises(ConfigError, match="'layer9'.*conv1"):
