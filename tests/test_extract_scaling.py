@@ -192,3 +192,12 @@ def test_an_extraction_that_cannot_fit_is_refused_before_the_first_shard(tiny_pr
     assert not (tiny_project / "cache/full.zarr" / "train" / "logits" / "c").exists()  # no shard written
     done = run_bkd(["extract-teacher", *TINY, "--store", "cache/full.zarr", "--ignore-free-space"], tiny_project)
     assert "complete" in done.stdout
+
+
+def test_uint8_on_a_signed_location_is_refused_at_the_first_forward(tiny_project):
+    out = run_bkd(["extract-teacher", *TINY, "--set", "extract.features=[pre_logits,layer1.0.bn1]",
+                   "--set", "extract.codecs={layer1.0.bn1: uint8}", "--store", "cache/signed.zarr"],
+                  tiny_project, check=False)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "extract.codecs.layer1.0.bn1 is uint8" in out.stderr and "int8 or float8" in out.stderr
+    assert not (tiny_project / "cache/signed.zarr").exists()
