@@ -51,7 +51,7 @@ STUDENT_OF = {
     "default": {"layer1": ("act1", ("map",)), "layer2": ("layer1", ("map",)),
                 "pre_logits": ("layer3", ("cml",)), "pre_logits ": ("pool:layer3", ("pooled",))},
     "resnet18-224": {"layer3": ("layer2", ("map",)), "layer4": ("layer3", ("map",)),
-                     "pre_logits": ("layer3", ("cml",)), "pre_logits ": ("pool:layer3", ("pooled",))},
+                     "pre_logits": ("layer4", ("cml",)), "pre_logits ": ("pool:layer3", ("pooled",))},
     "vit_small-224": {"pre_logits": ("blocks.8", ("cml",)), "pre_logits ": ("pool:blocks.8", ("pooled",))},
 }
 
@@ -264,8 +264,8 @@ def measure(workload: str, features: dict[str, np.ndarray], steps: int) -> list[
     """One row per (location, codec): bytes and every loss form's errors, each probe fitted once."""
     rows = []
     pairs = STUDENT_OF[workload]
-    for location in [*dict.fromkeys(key.strip() for key in pairs), "logits"]:
-        values = features[location]
+    for index, location in enumerate([*dict.fromkeys(key.strip() for key in pairs), "logits"]):
+        values, measured = features[location], []
         if location == "logits":
             probes = {"": LogitsProbe(features["pre_logits"], values, steps)}
         else:
@@ -283,15 +283,18 @@ def measure(workload: str, features: dict[str, np.ndarray], steps: int) -> list[
             for form, probe in probes.items():
                 errors = probe.errors(approx)
                 row |= {(f"{form}_{k}" if form else k): v for k, v in errors.items()}
-            rows.append(row)
+            measured.append(row)
+        tqdm.write(table(measured, header=index == 0))  # as each location is done: a long run shows progress
+        rows += measured
     return rows
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], header: bool = True) -> str:
+    """Markdown rows of `measure`'s results (with the header line unless `header` is off)."""
     forms = ("map", "cml", "pooled")
     lines = ["| workload | location | codec | B/sample/view | × float16 | " +
              " | ".join(f"{f} loss / grad err" for f in forms) + " | KD loss / grad | WSLD loss / grad |",
-             "|---" * 10 + "|"]
+             "|---" * 10 + "|"] if header else []
     for r in rows:
         cells = [f"{r[f + '_loss']:.1e} / {r[f + '_grad']:.1e}" if f + "_loss" in r else "" for f in forms]
         cells += [f"{r[k + '_loss']:.1e} / {r[k + '_grad']:.1e}" if k + "_loss" in r else "" for k in ("kd", "wsld")]
@@ -319,8 +322,7 @@ def main(argv=None) -> dict:
             model = {"resnet18-224": "resnet18", "vit_small-224": "vit_small_patch16_224"}[workload]
             features = photo_workload(model, min(n, 256), epochs=1 if args.quick else 4,
                                       train=64 if args.quick else 512)
-        rows += measure(workload, features, steps)
-        tqdm.write(table([r for r in rows if r["workload"] == workload]))
+        rows += measure(workload, features, steps)  # prints each location's rows as they are measured
     result = {"samples": n, "steps": steps, "seconds": time.perf_counter() - started, "rows": rows}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
