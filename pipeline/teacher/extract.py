@@ -19,6 +19,7 @@ from pipeline.locks import PathLock
 from pipeline.teacher.fast import prepare_teacher, resolve_extract
 from pipeline.teacher.models import load_teacher, teacher_outputs
 from pipeline.teacher.plan import check_fits
+from pipeline.targets.codecs import CodecError, get_codec
 from pipeline.targets import (IMAGES, TOPK_TARGET_CLASS, StoreWriter, check_format, check_store_location,
                               existing_store, expected_spec, feature_array, pixel_digests, teacher_sha)
 
@@ -46,14 +47,16 @@ class ShardExtractor:
             probe = first.load([0]).to(device)
             probed = self.teacher.outputs(probe, ex.features)[0]
             self.feature_shapes = {loc: tuple(f.shape[1:]) for loc, f in probed.items()}
-        for loc, f in probed.items():  # a codec for non-negative maps on a signed location: refused now, not a shard in
-            if ex.codecs.get(loc) == "uint8" and f.min() < 0:
-                raise BkdError(f"extract.codecs.{loc} is uint8, which stores non-negative (post-ReLU) values, and the "
-                               f"teacher's {loc} reaches {f.min().item():.3g}; use int8 or float8 for it")
         view_spec = next(iter(self.augmenters.values())).spec()
         self.spec = expected_spec(cfg, self.splits, sha, view_spec, self.feature_shapes, self.model.num_features,
                                   self.teacher.precision)
         self.layouts = {name: self.spec.layout(name) for name in self.splits}
+        for loc, f in probed.items():  # values a location's codec cannot store: refused now, not a shard in
+            codec = get_codec(self.spec.codec(loc))
+            try:
+                codec.encode(f.float().cpu().numpy()[:, None])
+            except CodecError as exc:
+                raise CodecError(f"extract.codecs.{loc} is {codec.name}: {exc}") from None
         self.images = ex.images
 
     def open_writer(self, overwrite: bool = False) -> StoreWriter:
