@@ -50,14 +50,16 @@ def test_bfloat16_rounds_to_nearest_with_8_bits_of_mantissa():
     np.testing.assert_array_equal(codec.decode(codec.encode(decoded)[0]), decoded)  # idempotent
 
 
-@pytest.mark.parametrize("name,signed", [("uint8", False), ("int8", True)])
-def test_integer_codes_err_by_at_most_half_a_step_of_their_channel(name, signed):
+@pytest.mark.parametrize("name,signed,top", [("uint8", False, 255), ("uint7", False, 127), ("uint6", False, 63),
+                                             ("uint5", False, 31), ("uint4", False, 15), ("int8", True, 127)])
+def test_integer_codes_err_by_at_most_half_a_step_of_their_channel(name, signed, top):
     codec = get_codec(name)
     values = post_relu_maps()
     if signed:
         values = values - values.mean(axis=(3, 4), keepdims=True)
     codes, scales = codec.encode(values)
     assert codes.dtype == np.uint8 and scales.shape == values.shape[:3] and scales.dtype == np.float32
+    assert np.abs(codes.view(np.int8) if signed else codes).max() == top  # b bits: codes up to 2^b - 1
     decoded = codec.decode(codes, scales)
     step = scales[..., None, None]
     assert np.all(np.abs(decoded - values) <= step * (0.5 + 1e-5))
@@ -83,9 +85,10 @@ def test_vectors_get_one_scale_per_row():
     assert np.all(np.abs(codec.decode(codes, scales) - values) <= scales * 0.5 + 1e-7)
 
 
-def test_uint8_refuses_negative_values_naming_the_alternatives():
+@pytest.mark.parametrize("name", ["uint8", "uint5"])
+def test_unsigned_codes_refuse_negative_values_naming_the_alternatives(name):
     with pytest.raises(CodecError, match="int8 or float8") as caught:
-        get_codec("uint8").encode(-post_relu_maps() - 1)
+        get_codec(name).encode(-post_relu_maps() - 1)
     assert isinstance(caught.value, BkdError)  # one line at the command line
 
 
@@ -149,6 +152,7 @@ def test_the_codec_is_part_of_the_stores_identity(tmp_path):
 # maps and a student carrying part of them, its head fitted to the float32 targets (benchmarks.codecs).
 BOUNDS = {"float32": (0, 0), "float16": (1e-4, 1e-3), "float16-shuffle": (1e-4, 1e-3),
           "float16-bitshuffle": (1e-4, 1e-3), "bfloat16": (1e-3, 1e-2), "uint8": (1e-3, 1e-2),
+          "uint7": (1e-4, 1e-2), "uint6": (1e-3, 3e-2), "uint5": (3e-3, 6e-2), "uint4": (1e-2, 1.2e-1),
           "int8": (1e-3, 1e-2), "float8": (2e-2, 5e-2)}
 
 

@@ -244,6 +244,7 @@ def test_validate_returns_a_checked_copy_and_leaves_its_argument():
     ("extract.codecs={layer1: jpeg}", ("extract.codecs.layer1 must be one of float32", "uint8", "'jpeg'")),
     ("extract.codecs={layer4: uint8}", ("extract.codecs names 'layer4'", "pre_logits", "nor logits")),
     ("extract.codecs={logits: uint8}", ("extract.codecs.logits is uint8", "int8 or float8")),
+    ("extract.codecs={logits: uint5}", ("extract.codecs.logits is uint5", "int8 or float8")),
     ("extract.codecs={1: uint8}", ("extract.codecs key 1: expected a string",)),
 ])
 def test_choices_are_refused_naming_the_field_and_the_choices(override, fragments):

@@ -19,8 +19,8 @@ class Former(dict):
 DistillMode = Literal[DISTILL_MODES]  # pipeline.modes.MODES
 FloatDtype = Literal["float16", "float32"]
 # How the store keeps a float target array (pipeline.targets.codecs: one codec per name)
-StoreCodec = Literal["float32", "float16", "float16-shuffle", "float16-bitshuffle", "bfloat16", "uint8", "int8",
-                     "float8"]
+StoreCodec = Literal["float32", "float16", "float16-shuffle", "float16-bitshuffle", "bfloat16", "uint8", "uint7",
+                     "uint6", "uint5", "uint4", "int8", "float8"]
 Interpolation = Literal["bilinear", "bicubic"]
 Optimizer = Literal["adamw", "sgd"]  # sgd: classical momentum, no Nesterov
 SchedulePer = Literal["step", "epoch"]

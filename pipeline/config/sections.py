@@ -178,9 +178,10 @@ class ExtractConfig:
     feature_dtype: FloatDtype = "float16"
     logits_dtype: FloatDtype = "float16"
     # How a location's features (or, under "logits", the logits) are stored, where not as the dtypes above:
-    # float16-shuffle / float16-bitshuffle (float16, shuffled before zstd: smaller, exact), bfloat16, or 8-bit
-    # codes with a float32 scale per (sample, view, channel): uint8 (non-negative, post-ReLU maps), int8,
-    # float8 (e4m3). docs/storage.md measures each codec's bytes and its error in every loss form.
+    # float16-shuffle / float16-bitshuffle (float16, shuffled before zstd: smaller, exact), bfloat16, or
+    # codes with a float32 scale per (sample, view, channel): uint8 / uint7 ... uint4 (non-negative,
+    # post-ReLU maps), int8, float8 (e4m3). docs/store.md measures each codec's bytes and its error in
+    # every loss form.
     codecs: dict[str, StoreCodec] = field(default_factory=dict)
     zstd_level: int = 3
     # Also store each split's source pixels (uint8, as decoded: data.load_size for ImageNet) in the
@@ -220,8 +221,8 @@ class ExtractConfig:
             _check(target in self.features or target == "logits",
                    f"extract.codecs names {_short(target)}, which is neither one of extract.features "
                    f"({', '.join(self.features)}) nor logits")
-            _check(not (target == "logits" and codec == "uint8"),
-                   "extract.codecs.logits is uint8, which stores only non-negative values; use int8 or float8")
+            _check(not (target == "logits" and codec.startswith("uint")),
+                   f"extract.codecs.logits is {codec}, which stores only non-negative values; use int8 or float8")
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """How a float target array is kept on disk: one codec per cached feature location (and the logits).
 
 A codec turns float values (N, V, *shape) into the arrays it stores, and back (float16 and float32 as
-stored, the others as float32), and names the byte pipeline those arrays go through in zarr. The lossy codecs hold 8-bit codes with one float32
-scale per (sample, view, channel) of a map: for a (C, H, W) map, one scale per channel over H x W,
-and for a (C,) vector, one scale per row over C. The scales are kept in a companion array
-(`scales.<location>`, `scales.logits`).
+stored, the others as float32), and names the byte pipeline those arrays go through in zarr. The
+scaled codecs hold codes of at most 8 bits with one float32 scale per (sample, view, channel) of a
+map: for a (C, H, W) map, one scale per channel over H x W, and for a (C,) vector, one scale per
+row over C. The scales are kept in a companion array (`scales.<location>`, `scales.logits`).
 
 | codec              | stored                          | on the way to disk         |
 |--------------------|---------------------------------|----------------------------|
@@ -14,9 +14,12 @@ and for a (C,) vector, one scale per row over C. The scales are kept in a compan
 | float16-bitshuffle | float16                         | bit shuffle + zstd (blosc) |
 | bfloat16           | bfloat16 bits as uint16         | zstd                       |
 | uint8              | round(x / s), s = max / 255     | zstd; x must be >= 0       |
+| uint7 ... uint4    | round(x / s), s = max / (2^b-1) | zstd; x must be >= 0       |
 | int8               | round(x / s), s = max|x| / 127  | zstd                       |
 | float8             | e4m3 of x / s, s = max|x| / 448 | zstd                       |
 
+The narrower unsigned codes are still kept one per byte: zstd's entropy coding takes the unused high
+bits out, so a code of b bits costs about b bits less what its distribution leaves to compress.
 numpy has no bfloat16 or float8, so torch does their rounding (to nearest even), and the stored
 bits are plain unsigned integers. The shuffles use zarr's blosc codec, which is part of the zarr v3
 spec (numcodecs' own shuffle filter is not, and zarr warns about it). Blosc has no checksum of its
@@ -77,7 +80,8 @@ class BFloat16(Codec):
 
 
 class Scaled(Codec):
-    """8-bit codes of values divided by a scale per (sample, view, channel of a map / row of a vector)."""
+    """Codes (of at most 8 bits, one per byte) of values divided by a scale per (sample, view, channel of a
+    map / row of a vector)."""
 
     scaled = True
 
@@ -138,6 +142,7 @@ CODECS: dict[str, Codec] = {codec.name: codec for codec in (
     Codec("float16-bitshuffle", "float16", shuffle="bitshuffle"),
     BFloat16(),
     Scaled("uint8", 255.0, signed=False),
+    *(Scaled(f"uint{bits}", 2.0 ** bits - 1, signed=False) for bits in (7, 6, 5, 4)),
     Scaled("int8", 127.0, signed=True),
     Float8(),
 )}
