@@ -1,6 +1,7 @@
 """The store's codecs on real features: bytes per sample and view, and the error each puts into every loss.
 
-    python -m benchmarks.codecs [--quick] [--json docs/studies/codecs.json]
+    python -m benchmarks.codecs [--quick] [--batch 16] [--json docs/studies/codecs.json] [--plot OUT.png]
+    python -m benchmarks.codecs --replot docs/studies/codecs.json --plot docs/studies/codecs.png
 
 Workloads (trained weights, never random ones: random-init activations have other statistics):
 
@@ -115,16 +116,15 @@ def photo_crops(n: int, size: int, seed: int, split: str = "train") -> tuple[tor
     return (x - mean) / std, torch.from_numpy(labels)
 
 
-def photo_workload(model_name: str, n: int, epochs: int, train: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """A timm model trained from scratch for `epochs` on `train` photo crops (which photograph?), then its
-    features on `n` other crops."""
+def trained_on_photos(model_name: str, num_classes: int, epochs: int, train: int, seed: int = 0):
+    """timm `model_name` trained from scratch for `epochs` on `train` photo crops at 224 to tell which
+    photograph a crop comes from (label: the photograph's index, modulo `num_classes`), in eval mode."""
     import timm
 
-    from benchmarks.photos import load_photos
-
     torch.manual_seed(seed)
-    model = timm.create_model(model_name, pretrained=False, num_classes=len(load_photos()))
+    model = timm.create_model(model_name, pretrained=False, num_classes=num_classes)
     images, labels = photo_crops(train, 224, seed)
+    labels = labels % num_classes
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3 if "vit" not in model_name else 3e-4, weight_decay=0.05)
     model.train()
     for epoch in range(epochs):
@@ -139,7 +139,14 @@ def photo_workload(model_name: str, n: int, epochs: int, train: int, seed: int =
             optimizer.step()
             correct += int((logits.argmax(1) == labels[idx]).sum())
         tqdm.write(f"{model_name} epoch {epoch + 1}: train accuracy {correct / train:.3f}")
-    model.eval()
+    return model.eval()
+
+
+def photo_workload(model_name: str, n: int, epochs: int, train: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """`trained_on_photos`' model (a head per photograph), then its features on `n` other crops."""
+    from benchmarks.photos import load_photos
+
+    model = trained_on_photos(model_name, len(load_photos()), epochs, train, seed)
     evaluation, _ = photo_crops(n, 224, seed, split="val")
     locations = {"resnet18": ["layer2", "layer3", "layer4"], "vit_small_patch16_224": ["blocks.8"]}
     return _outputs(model, evaluation, [*locations[model_name], "pre_logits", "logits"])
@@ -170,15 +177,16 @@ def decoded(codec, values: np.ndarray) -> np.ndarray:
 
 # --- loss errors ---------------------------------------------------------------------------------
 
-def fitted_head(student: torch.Tensor, target: torch.Tensor, form: str, steps: int, seed: int):
-    """A BKD head (alpha 1, blur 0.15) fitted by Adam to `target` from `student`, and its fixed mask."""
+def fitted_head(student: torch.Tensor, target: torch.Tensor, form: str, steps: int, seed: int, batch: int = 64):
+    """A BKD head (alpha 1, blur 0.15) fitted by Adam on batches of `batch` to `target` from `student`, and its
+    fixed mask."""
     from pipeline.student.losses import BKDHead
 
     torch.manual_seed(seed)
     head = BKDHead(student.shape[1], target.shape[1], blur_ratio=0.15, alpha=1.0, form=form)
     optimizer = torch.optim.Adam(head.parameters(), lr=1e-3)
     for step in range(steps):
-        idx = torch.randint(0, len(student), (min(64, len(student)),))
+        idx = torch.randint(0, len(student), (min(batch, len(student)),))
         loss = head(student[idx], target[idx])
         optimizer.zero_grad()
         loss.backward()
@@ -204,9 +212,10 @@ class BKDProbe:
     """A BKD head fitted once to the float32 targets of one (student, target, form) pair; `errors` then
     compares the loss and gradient at decoded targets with those at the float32 ones."""
 
-    def __init__(self, student: np.ndarray, target: np.ndarray, form: str, steps: int, seed: int = 0):
+    def __init__(self, student: np.ndarray, target: np.ndarray, form: str, steps: int, seed: int = 0,
+                 batch: int = 64):
         self.s, self.t = (torch.from_numpy(np.ascontiguousarray(x)).float() for x in (student, target))
-        self.head, self.mask = fitted_head(self.s, self.t, form, steps, seed)
+        self.head, self.mask = fitted_head(self.s, self.t, form, steps, seed, batch)
         self.loss, self.grad = loss_and_grad(self.head, self.mask, self.s, self.t)
         self.residual = float(np.sqrt(self.loss * len(self.s)) / self.t.norm())  # alpha 1: |restored - t|^2 / N
 
@@ -260,7 +269,7 @@ def student_features(features: dict[str, np.ndarray], source: str) -> np.ndarray
     return features[source]
 
 
-def measure(workload: str, features: dict[str, np.ndarray], steps: int) -> list[dict]:
+def measure(workload: str, features: dict[str, np.ndarray], steps: int, batch: int = 64) -> list[dict]:
     """One row per (location, codec): bytes and every loss form's errors, each probe fitted once."""
     rows = []
     pairs = STUDENT_OF[workload]
@@ -269,7 +278,7 @@ def measure(workload: str, features: dict[str, np.ndarray], steps: int) -> list[
         if location == "logits":
             probes = {"": LogitsProbe(features["pre_logits"], values, steps)}
         else:
-            probes = {form: BKDProbe(student_features(features, source), values, form, steps)
+            probes = {form: BKDProbe(student_features(features, source), values, form, steps, batch=batch)
                       for key, (source, forms) in pairs.items() if key.strip() == location for form in forms}
         baseline = stored_bytes(CODECS["float16"], values)
         for name, codec in tqdm(CODECS.items(), desc=f"{workload} {location}", leave=False):
@@ -303,14 +312,76 @@ def table(rows: list[dict], header: bool = True) -> str:
     return "\n".join(lines)
 
 
+BOUNDS = {"loss": 1e-3, "grad": 1e-2}  # the error a codec may put into a BKD loss and its gradient
+UNSIGNED = ["uint8", "uint7", "uint6", "uint5", "uint4"]
+
+
+def over_bound(row: dict, form: str) -> float:
+    """The larger of a row's BKD loss and gradient errors in `form`, each over its bound (<= 1: within both)."""
+    return max(row[f"{form}_loss"] / BOUNDS["loss"], row[f"{form}_grad"] / BOUNDS["grad"])
+
+
+def plot(result: dict, path: Path) -> None:
+    """Bytes against the BKD error over its bound, one panel per workload: the unsigned codes of 8 to 4
+    bits as a line per (location, form), bfloat16 and float8 (and int8 where no unsigned code applies)
+    as markers; the bound and 0.35x marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.checkpoint import save_png
+
+    rows = [r for r in result["rows"] if r["location"] != "logits"]
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    fig, axes = plt.subplots(1, len(workloads), figsize=(4.2 * len(workloads), 3.8), squeeze=False, sharey=True)
+    for ax, workload in zip(axes[0], workloads):
+        here = [r for r in rows if r["workload"] == workload]
+        pairs = [(location, form) for location in dict.fromkeys(r["location"] for r in here)
+                 for form in ("map", "cml", "pooled")
+                 if any(f"{form}_grad" in r for r in here if r["location"] == location)]
+        for i, (location, form) in enumerate(pairs):
+            at = {r["codec"]: r for r in here if r["location"] == location}
+            line = [at[c] for c in UNSIGNED if c in at]
+            ax.plot([r["ratio"] for r in line], [over_bound(r, form) for r in line], "o-", color=f"C{i}", ms=3,
+                    label=f"{location} ({form})")
+            for r in line:
+                ax.annotate(r["codec"][4:], (r["ratio"], over_bound(r, form)), fontsize=6)
+            for codec, marker in (("bfloat16", "s"), ("float8", "x")) + ((("int8", "^"),) if not line else ()):
+                if codec in at:
+                    ax.plot(at[codec]["ratio"], over_bound(at[codec], form), marker, color=f"C{i}", ms=5)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.axvline(0.35, color="k", lw=0.8, ls=":")
+        ax.set_yscale("log")
+        ax.set_xlabel("bytes per sample and view (x float16 + zstd)")
+        ax.set_title(workload, fontsize=9)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("BKD error / bound (loss 1e-3, gradient 1e-2)")
+    fig.suptitle("uint8..uint4: o, bits annotated; bfloat16: s; float8: x; int8: ^ (signed values); "
+                 "bound: --; 0.35x: :", fontsize=8)
+    fig.tight_layout()
+    save_png(fig, path)
+    plt.close(fig)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.codecs", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples, steps and epochs (a check of the script)")
     parser.add_argument("--workloads", nargs="+", default=list(STUDENT_OF), choices=list(STUDENT_OF))
     parser.add_argument("--samples", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=64, help="batch of the BKD head fits (smaller is faster)")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT")
+    parser.add_argument("--plot", type=Path, default=None, metavar="OUT.png")
+    parser.add_argument("--replot", type=Path, default=None, metavar="JSON",
+                        help="draw --plot from a saved --json result instead of measuring")
     args = parser.parse_args(argv)
+    if args.replot:
+        import json
+
+        result = json.loads(args.replot.read_text())
+        plot(result, args.plot or args.replot.with_suffix(".png"))
+        return result
     n = args.samples or (64 if args.quick else 512)
     steps = args.steps or (20 if args.quick else STEPS)
     started = time.perf_counter()
@@ -322,11 +393,13 @@ def main(argv=None) -> dict:
             model = {"resnet18-224": "resnet18", "vit_small-224": "vit_small_patch16_224"}[workload]
             features = photo_workload(model, min(n, 256), epochs=1 if args.quick else 4,
                                       train=64 if args.quick else 512)
-        rows += measure(workload, features, steps)  # prints each location's rows as they are measured
-    result = {"samples": n, "steps": steps, "seconds": time.perf_counter() - started, "rows": rows}
+        rows += measure(workload, features, steps, args.batch)  # prints each location's rows as they are measured
+    result = {"samples": n, "steps": steps, "batch": args.batch, "seconds": time.perf_counter() - started, "rows": rows}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         write_json(result, args.json)
+    if args.plot:
+        plot(result, args.plot)
     return result
 
 
