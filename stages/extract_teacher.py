@@ -21,12 +21,14 @@ from stages.common import build_config, config_options, one_line_errors, run_sta
               help="Print what the store will hold and take (bytes per array, free space, time) and write nothing.")
 @click.option("--samples", "samples", multiple=True, metavar="SPLIT=N",
               help="With --plan: plan for N samples of SPLIT (e.g. train=1281167), calibrated on the data here.")
+@click.option("--calibration-rows", "calibration_rows", type=click.IntRange(min=1), default=None, metavar="N",
+              help="With --plan: calibrate on the first N rows of each split (default: extract.chunk_size).")
 @click.option("--json", "as_json", is_flag=True, help="With --plan: print the plan as JSON.")
 @click.option("--ignore-free-space", is_flag=True,
               help="Start even when the projected store exceeds the free space at its local destination.")
 @one_line_errors
-def main(config_path, overrides, store, views, device, overwrite, workers, scheduler, plan, samples, as_json,
-         ignore_free_space):
+def main(config_path, overrides, store, views, device, overwrite, workers, scheduler, plan, samples,
+         calibration_rows, as_json, ignore_free_space):
     """Write the teacher's pre-logits and logits for each split into a sharded Zarr v3 store.
 
     Re-running the same command after an interruption writes only the missing shards.
@@ -35,8 +37,8 @@ def main(config_path, overrides, store, views, device, overwrite, workers, sched
     from pipeline.errors import BkdError
     from pipeline.teacher.extract import extract_teacher
 
-    if (samples or as_json) and not plan:
-        raise BkdError("--samples and --json go with --plan")
+    if (samples or as_json or calibration_rows) and not plan:
+        raise BkdError("--samples, --calibration-rows and --json go with --plan")
     counts = {}
     for item in samples:
         split, _, count = item.partition("=")
@@ -53,7 +55,7 @@ def main(config_path, overrides, store, views, device, overwrite, workers, sched
 
         from pipeline.teacher.plan import format_plan, plan_store
 
-        made = plan_store(cfg, resolve_device(device), counts)
+        made = plan_store(cfg, resolve_device(device), counts, calibration_rows)
         click.echo(json.dumps(made.to_dict(), indent=2) if as_json else format_plan(made))
         return
     result = extract_teacher(cfg, resolve_device(device), overwrite=overwrite, workers=workers, scheduler=scheduler,

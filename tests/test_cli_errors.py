@@ -131,6 +131,8 @@ def test_pad_and_roll_bounded_by_image_size(kind, key, value, shape):
     (["--plan", "--samples", "train"], ("SPLIT=N",)),
     (["--samples", "train=10"], ("go with --plan",)),
     (["--json"], ("go with --plan",)),
+    (["--calibration-rows", "8"], ("go with --plan",)),
+    (["--plan", "--calibration-rows", "0"], ("--calibration-rows",)),
 ])
 def test_extract_teacher_plan_arguments_are_checked_before_any_work(tmp_path, extra, fragments):
     refused(["extract-teacher", "--config", MNIST5K, *extra], tmp_path, *fragments)

@@ -175,8 +175,9 @@ def test_plan_writes_nothing_and_projects_the_written_store_within_ten_percent(t
         on_disk = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name != "zarr.json")
         assert abs(row["bytes"] - on_disk) <= 0.1 * on_disk + 64, (split, name, row["bytes"], on_disk)
 
-    text = run_bkd(["extract-teacher", *args, "--plan", "--samples", "train=1281167"], tiny_project).stdout
-    assert "train: 1,281,167 samples x 3 views" in text
+    text = run_bkd(["extract-teacher", *args, "--plan", "--samples", "train=1281167", "--calibration-rows", "16"],
+                   tiny_project).stdout
+    assert "train: 1,281,167 samples x 3 views" in text and "calibrated on 16 train rows" in text
     assert f"teacher forward passes: {1281167 * 3 + test_rows:,}" in text
 
 

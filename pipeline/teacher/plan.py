@@ -142,13 +142,14 @@ def plan_extraction(extractor, samples: dict[str, int] | None = None, rows: int 
                 other, per_view, write_seconds / max(written_rows, 1), calibration, str(extractor.device))
 
 
-def plan_store(cfg, device, samples: dict[str, int] | None = None) -> Plan:
-    """The plan of the store `cfg` extracts on `device` (`bkd extract-teacher --plan`): nothing is written."""
+def plan_store(cfg, device, samples: dict[str, int] | None = None, rows: int | None = None) -> Plan:
+    """The plan of the store `cfg` extracts on `device` (`bkd extract-teacher --plan`), calibrated on `rows`
+    rows per split (extract.chunk_size by default): nothing is written."""
     from pipeline.teacher.extract import ShardExtractor
     from pipeline.teacher.fast import resolve_extract
 
     cfg = dataclasses.replace(cfg, extract=resolve_extract(cfg.extract, device))
-    return plan_extraction(ShardExtractor(cfg, device), samples)
+    return plan_extraction(ShardExtractor(cfg, device), samples, rows)
 
 
 def _codec_of(spec, array: str) -> str:
