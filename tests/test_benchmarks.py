@@ -243,3 +243,47 @@ def test_default_choice_scores_candidates_on_held_out_training_rows(tiny_project
     assert "validation top-1" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         default_choice.main(["--holdout", "0"])  # never scored on the test split
+
+
+@pytest.mark.parametrize("kind, name, classes", [("cifar10", "cifar10", 10), ("cifar100", "cifar100", 100),
+                                                  ("dvs", "dvs_hdf5", 10)])
+def test_paper_plan_datasets_are_read_in_their_real_formats(tmp_path, kind, name, classes):
+    from benchmarks import paper_plans
+
+    root = tmp_path / "data"
+    paper_plans.write_cifar(root, classes, rows=3) if kind != "dvs" else paper_plans.write_dvs(root, rows=3)
+    splits = load_splits(DataConfig(name=name, root=str(root)), ["train", "test"])
+    train, test = splits["train"], splits["test"]
+    assert (len(train), len(test)) == ((15 if kind == "cifar10" else 3), 3) and train.num_classes == classes
+    pixels = train.load(range(3))
+    assert pixels.shape[-2:] == ((32, 32) if kind != "dvs" else (128, 128)) and pixels.std() > 0  # not blank
+    if kind == "dvs":
+        assert pixels.min() >= 0 and (pixels == 0).float().mean() > 0.2  # event counts: sparse, non-negative
+
+
+def test_paper_plan_summary_sets_the_codecs_against_raw_float16():
+    from benchmarks import paper_plans
+
+    arrays = [{"split": "train", "name": "features.layer4", "shape": [512, 7, 7], "bytes_per_view": 17000.0,
+               "bytes": 17000 * 10 * 4}, {"split": "train", "name": "scales.layer4", "shape": [512],
+                                         "bytes_per_view": 1000.0, "bytes": 1000 * 10 * 4},
+              {"split": "train", "name": "images", "shape": [3, 256, 256], "bytes_per_view": 150000.0,
+               "bytes": 150000 * 10}]
+    plan = {"samples": {"train": 10}, "views": {"train": 4}, "arrays": arrays, "total_bytes": 2_000_000}
+    line = paper_plans.summary([{"config": "c.yaml", "codecs": {"layer4": "uint7"}, "views": 4,
+                                 "plan": plan}]).splitlines()[-1]
+    assert line.split(" | ")[1:4] == ["layer4: uint7", "4", "18,000"]  # codes and scales per view
+    assert "1.9 MiB" in line and "703.1 KiB" in line  # the store; features, scales included
+    assert f"{512 * 49 * 2 * 40 / 2**20:.1f} MiB" in line  # raw float16: 512x7x7 x 2 B x N x K
+
+
+def test_codec_plot_renders_from_a_saved_result(tmp_path):
+    from benchmarks import codecs
+
+    rows = [{"workload": "w", "location": "layer4", "codec": c, "ratio": r, "map_loss": e / 10, "map_grad": e}
+            for c, r, e in (("float16", 1.0, 1e-4), ("uint8", 0.57, 1e-3), ("uint7", 0.5, 2e-3),
+                            ("bfloat16", 0.86, 8e-4), ("float8", 0.49, 1e-2))]
+    (tmp_path / "c.json").write_text(json.dumps({"rows": rows}))
+    codecs.main(["--replot", str(tmp_path / "c.json"), "--plot", str(tmp_path / "c.png")])
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert codecs.over_bound(rows[2], "map") == pytest.approx(0.2)  # max(2e-4 / 1e-3, 2e-3 / 1e-2)
