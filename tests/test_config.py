@@ -179,6 +179,26 @@ def test_non_finite_values_refused(override, field):
     _refuse(MNIST5K, [override], field, "finite")
 
 
+def _float_fields(cls, prefix=""):
+    """Dotted keys of every float (or list of floats) field of the config, nested sections included."""
+    import typing
+
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _float_fields(tp, f"{prefix}{f.name}.")
+        elif tp is float or tp == list[float]:
+            yield f"{prefix}{f.name}", tp
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_every_float_field_refuses_non_finite_values_at_load(value):
+    fields = list(_float_fields(Config))
+    assert len(fields) > 15 and ("teacher.weight_decay", float) in fields
+    for key, tp in fields:
+        _refuse(MNIST5K, [f"{key}={value}" if tp is float else f"{key}=[0.5, {value}]"], key, "finite")
+
+
 @pytest.mark.parametrize("device", ["gpu", "cudax", "cuda:-1", "cuda:one", "CPU"])
 def test_bad_device_refused(device):
     _refuse(MNIST5K, [f"student.device={device}"], "student.device", device)
@@ -267,3 +287,22 @@ def test_the_mode_table_drives_the_feature_pairs():
         assert (mode.features == "none") == (not mode.pairs), name
     _refuse(MNIST5K, ["student.distill=lasnn", "student.lasnn_features={}"], "at least one pair",
             "student.lasnn_features")
+
+
+@pytest.mark.parametrize("spec, why", [
+    ("rand-foo", "section 'foo' is none timm understands"),  # timm skipped it and built its default policy
+    ("rand-tfoo", "section 'tfoo'"),  # timm took an unknown transform set for its default one
+    ("rand-m9.5-n1", "'9.5' is not an integer"),
+    ("rand-m9-n", "section 'n'"),
+    ("augmix-m9", "start with 'rand'"),
+])
+def test_a_randaugment_spec_timm_would_not_build_as_written_is_refused(spec, why):
+    _refuse(MNIST5K, [f"augment.randaugment={spec}"], "augment.randaugment", why)
+
+
+@pytest.mark.parametrize("spec", ["rand-m9-n1-mstd0.4-inc1", "rand-m9-mstd0.5-tweights", "rand-mmax8-m7-p0.3"])
+def test_randaugment_specs_timm_understands_are_taken(spec):
+    from timm.data.auto_augment import rand_augment_transform
+
+    assert load_config(MNIST5K, [f"augment.randaugment={spec}"]).augment.randaugment == spec
+    rand_augment_transform(spec, {})  # and timm builds it

@@ -7,6 +7,7 @@ Numbers, booleans, strings, lists, mappings, optional (`X | None`) and union fie
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Annotated, Any, Literal
@@ -83,14 +84,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         # YAML reads `1e-3` as a string (YAML 1.1); accept ints and numeric strings.
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected a number, got {_short(value)}")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {_short(value)}")
+        if number is None:
+            raise ConfigError(f"{where}: expected a number, got {_short(value)}")
+        if not math.isfinite(number):  # no field means inf or nan; weight_decay .inf stopped training mid-run
+            raise ConfigError(f"{where} must be a finite number, got {_short(value)}")
+        return number
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
