@@ -44,3 +44,28 @@ def _location_name(value: Any) -> bool:
     """A feature location: a module name as `named_modules` spells it (dotted identifiers and indices)."""
     return isinstance(value, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", value) is not None
 
+
+# timm's RandAugment spec, section by section as `rand_augment_transform` parses it. timm skips a
+# section it cannot split into key and number, and takes an unknown `t<name>` for its default set:
+# both would build another policy than the one the store records.
+_RANDAUGMENT_SECTION = re.compile(r"(?:(?P<key>mstd|mmax|inc|m|n|p)(?P<value>\d[0-9.]*)|t(?:weights|3aw|3a))")
+_RANDAUGMENT_INTEGER = {"mmax", "inc", "m", "n"}
+
+
+def randaugment_problem(spec: str) -> str | None:
+    """Why timm would not build exactly the RandAugment `spec` says, or None."""
+    sections = spec.split("-")
+    if sections[0] != "rand":
+        return "it must start with 'rand'"
+    for section in sections[1:]:
+        match = _RANDAUGMENT_SECTION.fullmatch(section)
+        if match is None:
+            return (f"section {_short(section)} is none timm understands (m<int>, n<int>, p<float>, mstd<float>, "
+                    "mmax<int>, inc<0|1>, tweights, t3a, t3aw)")
+        key, value = match.group("key"), match.group("value")
+        try:
+            int(value) if key in _RANDAUGMENT_INTEGER else float(value) if key else None
+        except ValueError:
+            kind = "an integer" if key in _RANDAUGMENT_INTEGER else "a number"
+            return f"section {_short(section)}: {value!r} is not {kind}"
+    return None

@@ -11,7 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.config.checks import _check, _check_path, _check_seed, _check_training, _location_name
+from pipeline.config.checks import (_check, _check_path, _check_seed, _check_training, _location_name,
+                                    randaugment_problem)
 from pipeline.config.choices import (MAX_TEACHER_INPUT_SIZE, SNN_TEACHER_PREFIX, ChannelsLast, DistillMode,
                                      ErasingMode, FloatDtype, Interpolation, NeuronBackend, Optimizer, Precision,
                                      SchedulePer, Split, StoreCodec, StudentAugment, StudentTargets)
@@ -98,6 +99,9 @@ class AugmentConfig:
             _check(len(low_high) == 2 and 0 < low_high[0] <= low_high[1] < math.inf,
                    f"augment.{name} must be [low, high] with 0 < low <= high, both finite, got {_short(low_high)}")
         _check(self.scale[1] <= 1.0, f"augment.scale must lie in (0, 1], got {self.scale}")
+        problem = randaugment_problem(self.randaugment) if self.randaugment else None
+        _check(problem is None, f"augment.randaugment: {_short(self.randaugment)} is not a timm RandAugment spec "
+                                f"such as rand-m9-n1-mstd0.4-inc1: {problem}")
         _check(self.mixup >= 0 and self.cutmix >= 0, "augment.mixup and augment.cutmix must be >= 0")
         _check(0 <= self.erasing <= 1, f"augment.erasing must be a probability in [0, 1], got {self.erasing}")
         _check(self.mix_off_epoch >= 0, f"augment.mix_off_epoch must be >= 0 (0: never off), got {self.mix_off_epoch}")
