@@ -46,7 +46,7 @@ def experiment_rows(repo: str | None = None, metric: str = "top1") -> list[dict[
         raise BkdError(f"cannot read DVC experiments: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
             from None
     names = _param_names(Path(repo or ".") / "params.yaml")
-    rows = []
+    rows, measured = [], set()  # the numeric metrics the records hold, to name them when `metric` is none
     for record in records:
         if record.get("State") in ("Failed", "Queued", "Running") or record.get("rev") == "workspace":
             continue  # the workspace repeats the commit it sits on (or holds unfinished work)
@@ -59,11 +59,23 @@ def experiment_rows(repo: str | None = None, metric: str = "top1") -> list[dict[
         for mode in MODES:
             key = f"{METRIC_FILE.format(mode=mode)}:{metric}"
             value = record.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if _number(value):
                 values[mode] = float(value)
+            prefix = f"{METRIC_FILE.format(mode=mode)}:"
+            measured |= {k[len(prefix):] for k, v in record.items() if k.startswith(prefix) and _number(v)}
         if values:
             rows.append({"name": str(name), "rev": record.get("rev"), "params": params, "values": values})
+    if not rows and measured:
+        raise BkdError(_unknown_metric(metric, measured))
     return rows
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _unknown_metric(metric: str, measured: set[str]) -> str:
+    return f"--metric {metric!r} is in no student's metrics (they hold: {', '.join(sorted(measured))})"
 
 
 def _param_names(path: Path) -> set[str]:
@@ -166,5 +178,8 @@ def plot_groups(groups: list[dict[str, Any]], metric: str, path: str | Path, tit
 
 def mode_groups(metrics: dict[str, dict[str, Any]], metric: str) -> list[dict[str, Any]]:
     """The modes of one workspace as a single group (for the same table and plot)."""
+    measured = {key for m in metrics.values() for key, value in m.items() if _number(value)}
+    if metric not in measured:
+        raise BkdError(_unknown_metric(metric, measured))
     stats = {mode: {"n": 1, "mean": float(m[metric]), "sd": math.nan} for mode, m in metrics.items() if metric in m}
     return [{"params": {}, "names": ["workspace"], "seeds": [None], "values": {}, "stats": stats}]

@@ -10,6 +10,7 @@ import pytest
 
 from pipeline import compare
 from pipeline.compare import format_table, group_over_seeds, mode_groups, plot_groups, read_mode_metrics
+from pipeline.errors import BkdError
 from tests.helpers import REPO, run_bkd
 
 
@@ -52,6 +53,8 @@ def test_experiment_rows_keep_top_level_params_and_leave_out_metrics(tmp_path, m
                                            {"seed": 1, "student.bkd.blur_ratio": 0.15}]
     (group,) = group_over_seeds(rows)
     assert group["seeds"] == [0, 1] and group["stats"]["mixed"]["mean"] == pytest.approx(0.91)
+    with pytest.raises(BkdError, match=r"--metric 'nosuch' is in no student's metrics \(they hold: top1\)"):
+        compare.experiment_rows(str(tmp_path), metric="nosuch")
 
 
 def test_sensitivity_tables_take_the_groups_that_differ_in_the_swept_parameter_alone(monkeypatch):
@@ -111,3 +114,7 @@ def test_compare_reads_the_workspace_metrics(tmp_path):
     assert "0.9500" in out.stdout and (tmp_path / "modes.png").is_file()
     proc = run_bkd(["compare", "--metrics-dir", "nothing"], tmp_path, check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("bkd: error:")
+    for extra in ([], ["--json"]):  # a metric no file holds is an error, not an empty table
+        proc = run_bkd(["compare", "--metrics-dir", "metrics", "--metric", "nosuch", *extra], tmp_path, check=False)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stdout == ""
+        assert "--metric 'nosuch'" in proc.stderr and "top1" in proc.stderr
