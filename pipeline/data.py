@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import DataConfig, LoaderConfig
-from pipeline.errors import BkdError, ConfigError, DataError
+from pipeline.errors import BkdError, ConfigError, DataError, clip
 
 
 class Source:
@@ -261,8 +261,9 @@ def _cifar_batch(path: Path, label_key: str, classes: int) -> tuple[np.ndarray, 
     try:
         batch = _ArraysOnly(io.BytesIO(path.read_bytes()), encoding="latin1").load()
         data, labels = batch["data"], batch[label_key]
-    except (pickle.UnpicklingError, KeyError, EOFError, TypeError) as exc:
-        raise DataError(f"{path}: not a CIFAR python batch ({exc})") from None
+    except (pickle.UnpicklingError, KeyError, EOFError, TypeError, ValueError, IndexError, AttributeError,
+            OverflowError) as exc:  # what unpickling arbitrary bytes raises (ValueError: an unknown protocol)
+        raise DataError(f"{path}: not a CIFAR python batch ({type(exc).__name__}: {clip(str(exc), 80)})") from None
     images = _cifar_images(path, data)
     return images, _check_labels(path, labels, classes, len(images), label_key)
 

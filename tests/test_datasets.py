@@ -50,6 +50,21 @@ def test_cifar_refuses_pickles_that_run_code(tmp_path):
         load_split(cfg, "test")
 
 
+@pytest.mark.parametrize("payload, fragment", [
+    (b"\x80\x09" + pickle.dumps({"data": [], "labels": []})[2:], "ValueError: unsupported pickle protocol"),
+    (b"\x80\x02}q\x00(X\x04\x00\x00\x00data", "not a CIFAR python batch"),  # cut short
+    (bytes(range(256)) * 4, "not a CIFAR python batch"),  # not a pickle at all
+])
+def test_a_cifar_batch_that_does_not_unpickle_is_one_line(tmp_path, payload, fragment):
+    write_cifar10(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(payload)
+    cfg = load_config(None, ["data.name=cifar10", f"data.root={tmp_path}"]).data
+    with pytest.raises(DataError) as caught:  # a BkdError: one `bkd: error:` line at the command line
+        load_split(cfg, "test")
+    message = str(caught.value)
+    assert "\n" not in message and "test_batch: " in message and fragment in message
+
+
 @pytest.mark.parametrize("name, fragment", [
     ("cifar10", "cifar-10-batches-py not found"),
     ("cifar100", "cifar-100-python not found"),
