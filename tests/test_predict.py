@@ -45,8 +45,14 @@ def test_predict_refuses_wrong_inputs_in_one_line(tiny_project: Path, tmp_path: 
     np.save(tmp_path / "shape.npy", np.zeros((2, 3, 32, 32), np.uint8))
     (tmp_path / "fake.png").write_bytes(b"not a png")
     run = str(tiny_project / "runs/students/mixed")
-    for inputs, fragment in (("float.npy", "uint8"), ("shape.npy", "shape"), ("fake.png", "not a readable image")):
+    np.save(tmp_path / "empty.npy", np.zeros((0, 28, 28), np.uint8))
+    np.save(tmp_path / "empty4.npy", np.zeros((0, 1, 28, 28), np.uint8))
+    Image.new("1", (15000, 15000)).save(tmp_path / "bomb.png")  # 27 kB on disk, 225 M pixels decoded
+    for inputs, fragment in (("float.npy", "uint8"), ("shape.npy", "shape"), ("fake.png", "not a readable image"),
+                             ("empty.npy", "holds no images"), ("empty4.npy", "holds no images"),
+                             ("bomb.png", "decompression bomb")):
         proc = run_bkd(["predict", run, str(tmp_path / inputs)], tiny_project, check=False)
         assert proc.returncode == 2 and fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     proc = run_bkd(["predict", str(tmp_path), str(tmp_path / "float.npy")], tiny_project, check=False)
     assert proc.returncode == 2 and "not found" in proc.stderr
+

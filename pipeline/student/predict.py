@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.errors import BkdError
+from pipeline.errors import BkdError, clip
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -57,6 +57,8 @@ def read_inputs(source: str | Path, input_shape: list[int]) -> tuple[list[str], 
             raise BkdError(f"{path}: not a readable .npy array ({exc})") from None
         if array.ndim == len(input_shape) and channels == 1 and tuple(array.shape[1:]) == (height, width):
             array = array[:, None]
+        if array.ndim >= 1 and len(array) == 0:
+            raise BkdError(f"{path}: holds no images (shape {array.shape})")
         if tuple(array.shape[1:]) != tuple(input_shape):
             raise BkdError(f"{path}: arrays of shape (N, {', '.join(map(str, input_shape))}) expected, "
                            f"found {array.shape}")
@@ -76,8 +78,8 @@ def read_inputs(source: str | Path, input_shape: list[int]) -> tuple[list[str], 
             with Image.open(file) as image:
                 image = image.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
                 pixels = np.asarray(image, dtype=np.uint8)
-        except (OSError, UnidentifiedImageError) as exc:
-            raise BkdError(f"{file}: not a readable image ({exc})") from None
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:  # a bomb: PIL's pixel limit
+            raise BkdError(f"{file}: not a readable image ({clip(str(exc), 160)})") from None
         images.append(pixels[None] if channels == 1 else pixels.transpose(2, 0, 1))
     return [f.name for f in files], np.stack(images)
 
