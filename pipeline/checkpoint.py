@@ -7,6 +7,7 @@ save never leaves a truncated file under the final name.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from pipeline.errors import BkdError
 
@@ -47,19 +48,38 @@ def write_json(data, path: str | Path) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+class _Sink(io.RawIOBase):
+    """The file torch.save writes through, keeping the OSError a write raised: torch reports it as its own
+    RuntimeError ("enforce fail at inline_container.cc"), which says nothing of a full disk."""
+
+    def __init__(self, fh):
+        super().__init__()
+        self.fh, self.error = fh, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+
+def _write_bytes(tmp: str, path: str | Path, write_to) -> None:
+    """`write_to(file)` into `tmp`; a failing write (a full disk) is an OSError naming `path`, the file meant."""
+    try:
+        with open(tmp, "wb") as fh:
+            write_to(fh)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+
+
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-
-    def write(tmp):
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-        except OSError:
-            raise
-        except Exception as exc:  # safetensors reports a full disk as its own error type
-            raise BkdError(f"cannot write {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
-                from None
-
-    _atomic_write(Path(path), write)
+    data = save(tensors, metadata=metadata)  # serialised here, written below: a full disk is Python's OSError
+    _atomic_write(Path(path), lambda tmp: _write_bytes(tmp, path, lambda fh: fh.write(data)))
 
 
 PNG_MARK = "bkd"  # the PNG `Software` text chunk of every plot bkd writes
@@ -147,14 +167,17 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 def save_state(state: dict[str, Any], path: str | Path) -> None:
     """Atomically save a training state (tensors, numbers, strings, lists, dicts)."""
-    def write(tmp):
+    def write_to(fh):
+        sink = _Sink(fh)
         try:
-            torch.save(state, tmp)
-        except RuntimeError as exc:  # torch reports a full disk or a failing write as a RuntimeError
+            torch.save(state, sink)
+        except RuntimeError as exc:  # torch reports a failing write as its own RuntimeError
+            if sink.error is not None:
+                raise sink.error from None  # named by _write_bytes: "No space left on device: PATH"
             raise BkdError(f"cannot write {path}: {str(exc).splitlines()[-1] if str(exc) else 'write failed'}") \
                 from None
 
-    _atomic_write(Path(path), write)
+    _atomic_write(Path(path), lambda tmp: _write_bytes(tmp, path, write_to))
 
 
 def load_state(path: str | Path) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from torch import nn
 
 from pipeline.checkpoint import load_state, load_weights, save_state, save_weights, sha256_file
 from pipeline.errors import BkdError
+from tests.helpers import TINY, assert_one_line, run_bkd
 
 
 def _state_dict() -> dict[str, torch.Tensor]:
@@ -169,32 +170,40 @@ def test_refuses_corrupt_safetensors_with_one_line_error(tmp_path):
     assert "\n" not in str(info.value)
 
 
-def test_a_full_disk_while_saving_weights_is_a_bkd_error_and_leaves_nothing(tmp_path: Path, monkeypatch):
+def full_disk(monkeypatch) -> None:
+    """Every file the checkpoint module writes goes to /dev/full, whose writes fail as a full disk's do."""
+    import builtins
+
+    from pipeline import checkpoint
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    real = builtins.open
+    monkeypatch.setattr(checkpoint, "open", lambda file, mode="r", *args, **kwargs:
+                        real("/dev/full", mode) if "w" in mode else real(file, mode, *args, **kwargs), raising=False)
+
+
+@pytest.mark.parametrize("size", [2, 1 << 20])  # filling the write buffer, or failing only when it is flushed
+def test_a_full_disk_while_saving_is_no_space_left_naming_the_file_and_leaves_nothing(tmp_path, monkeypatch, size):
+    import errno
+
     import torch
 
     from pipeline import checkpoint
 
-    class SafetensorError(Exception):  # what safetensors raises for "No space left on device"
-        pass
-
-    def full(*args, **kwargs):
-        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-
-    monkeypatch.setattr(checkpoint, "save_file", full)
-    with pytest.raises(BkdError, match="No space left"):
-        checkpoint.save_weights({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
-    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+    full_disk(monkeypatch)
+    for save, name in ((checkpoint.save_weights, "w.safetensors"), (checkpoint.save_state, "last.pt")):
+        with pytest.raises(OSError) as caught:
+            save({"w": torch.zeros(size)}, tmp_path / name)
+        assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / name)
+        assert list(tmp_path.iterdir()) == []  # no temporary file left behind
 
 
-def test_a_full_disk_while_saving_a_checkpoint_is_a_bkd_error_and_leaves_nothing(tmp_path: Path, monkeypatch):
-    import torch
+def test_training_on_a_full_disk_says_so_in_one_line_naming_the_checkpoint(tiny_project, monkeypatch):
 
-    from pipeline import checkpoint
-
-    def full(*args, **kwargs):  # what torch.save raises when the disk fills mid-write
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 65216 vs 65112")
-
-    monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(BkdError, match="cannot write"):
-        checkpoint.save_state({"step": 1}, tmp_path / "last.pt")
-    assert list(tmp_path.iterdir()) == []
+    full_disk(monkeypatch)
+    out = run_bkd(["train-student", *TINY, "--epochs", "1", "--distill", "none", "--run-dir", "runs/full"],
+                  tiny_project, check=False)
+    after_progress = out.stderr.split("\r")[-1].lstrip()  # the progress bar redraws its line with \r
+    assert_one_line(out.returncode, after_progress, "No space left on device: runs/full/last.pt")
+    assert "inline_container" not in out.stderr and "Traceback" not in out.stderr
