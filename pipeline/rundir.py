@@ -2,10 +2,13 @@
 
 `RunFolder` claims a training run's folder for one process at a time (a lock file inside it)
 and records what made the run: the resolved config (`config.yaml`) and `run.json` (command,
-git commit, bkd version, start and resume times). A fresh run into a folder that holds another
+git commit, bkd version, start, resume and finish times). A fresh run into a folder that holds another
 config's run is refused, and so is `--resume` with a config that would make the run differ
 from an uninterrupted one; each refusal names the first differing field. Only fields that
-cannot change the result (devices, checkpoint cadence, where files live) may differ.
+cannot change the result (devices, checkpoint cadence, where files live) may differ. A finished
+run of the same config is not trained over unless asked (`--overwrite`): nothing finished is
+deleted by running the same command twice. An unfinished one is continued with `--resume`, or
+started again without it.
 """
 
 from __future__ import annotations
@@ -86,8 +89,10 @@ def _git_commit() -> str | None:
 class RunFolder:
     """`with RunFolder(path, cfg, kind, resume):` -- claim `path` for this run (see the module doc)."""
 
-    def __init__(self, path: str | Path, cfg: Config, kind: str, resume: bool):
-        self.path, self.cfg, self.kind, self.resume = Path(path), cfg, kind, resume
+    def __init__(self, path: str | Path, cfg: Config, kind: str, resume: bool, overwrite: bool = False):
+        if resume and overwrite:
+            raise BkdError("--resume continues the run in the folder and --overwrite trains over it: choose one")
+        self.path, self.cfg, self.kind, self.resume, self.overwrite = Path(path), cfg, kind, resume, overwrite
         # The teacher-target store a student run trains from (its identity digest), set once opened:
         # a run resumes only from the store it started with.
         self.store_identity: str | None = None
@@ -126,6 +131,11 @@ class RunFolder:
             if difference:
                 raise BkdError(f"{self.path} holds a run of another config ({difference}); choose another "
                                f"--run-dir, or delete that folder to train over it")
+            finished = self.finished()
+            if finished and not self.resume and not self.overwrite:
+                raise BkdError(f"{self.path} holds a finished run of this config ({finished}); pass --overwrite to "
+                               "train it again (its results are deleted as the new run starts), or choose another "
+                               "--run-dir")
             return
         # Without config.yaml nothing here is known to be bkd's, whatever the names: a run killed before
         # it wrote its config leaves at most its lock.
@@ -156,6 +166,21 @@ class RunFolder:
         dump_config(self.cfg, self.path / "config.yaml")
         self._write_info({"kind": self.kind, "command": command, "git_commit": _git_commit(),
                           "bkd_version": _version(), "started": now, "store": self.store_identity})
+
+    def finished(self) -> str | None:
+        """What shows the run in this folder finished (its finish time, or its final weights), or None."""
+        when = self._read_info().get("finished")
+        if when:
+            return f"finished {when}"
+        if self.kind == "student" and (self.path / "student.safetensors").is_file():  # from before run.json said it
+            return "student.safetensors written"
+        return None
+
+    def finish(self) -> None:
+        """Record in run.json that the run finished: a fresh run then refuses to start over it unasked."""
+        info = self._read_info()
+        info["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self._write_info(info)
 
     def _read_info(self) -> dict:
         try:

@@ -23,12 +23,15 @@ from stages.common import build_config, config_options, nonempty, one_line_error
 @click.option("--device", default=None, help="Override student.device (auto, cpu, cuda[:N]).")
 @click.option("--run-dir", default=None, help="Checkpoints, history and weights [default: student.out_dir/DISTILL].")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --run-dir.")
+@click.option("--overwrite", is_flag=True,
+              help="Train again over a finished run of the same config in --run-dir (its results are deleted as the "
+                   "new run starts); without it, a finished run is refused.")
 @click.option("--trust-store-teacher", is_flag=True,
               help="Use the store even though teacher.checkpoint is not here to check the store's teacher against.")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="DDP processes on this machine (via torchrun): gloo on CPU, one GPU each with nccl.")
 @one_line_errors
-def main(config_path, overrides, distill, epochs, device, run_dir, resume, trust_store_teacher, nproc):
+def main(config_path, overrides, distill, epochs, device, run_dir, resume, overwrite, trust_store_teacher, nproc):
     """Train the spiking student with the configured distillation mode; the teacher never runs."""
     from pipeline.distributed import launched_ranks, split_global_batch  # torch: imported only when run
     from pipeline.student.models import STUDENTS
@@ -40,7 +43,7 @@ def main(config_path, overrides, distill, epochs, device, run_dir, resume, trust
         from pipeline.rundir import RunFolder
 
         split_global_batch(cfg.student.batch_size, nproc)  # refused here, before any process starts
-        RunFolder(run_dir, cfg, "student", resume).check()
+        RunFolder(run_dir, cfg, "student", resume, overwrite).check()
         if cfg.student.targets == "online":  # every rank loads the teacher: refuse a missing one once
             from pipeline.targets import teacher_sha
 
@@ -48,13 +51,13 @@ def main(config_path, overrides, distill, epochs, device, run_dir, resume, trust
         args = ["--config", config_path, *[a for o in overrides for a in ("--set", o)], "--run-dir", run_dir]
         args += [a for name, value in (("--distill", distill), ("--epochs", epochs), ("--device", device))
                  if value is not None for a in (name, str(value))]
-        args += ["--resume"] * resume + ["--trust-store-teacher"] * trust_store_teacher
+        args += ["--resume"] * resume + ["--overwrite"] * overwrite + ["--trust-store-teacher"] * trust_store_teacher
         _torchrun(nproc, args)  # rank 0 reports the result
         return
 
     from pipeline.student.train import train_student
 
-    last = train_student(cfg, run_dir, resume, trust_store_teacher)
+    last = train_student(cfg, run_dir, resume, trust_store_teacher, overwrite)
     if launched_ranks().is_main:
         click.echo(f"student [{cfg.student.distill}]: test accuracy {last['test_accuracy']:.4f} -> {run_dir}")
 

@@ -125,10 +125,31 @@ def test_an_interrupted_rerun_leaves_nothing_stale_to_evaluate(tiny_project: Pat
     shutil.copytree(tiny_project / finished_run, run)
     cfg = load_config(tiny_project / "params.yaml",
                       [a for a in TINY if a != "--set"] + ["student.epochs=1", "student.distill=kd"])
-    with RunFolder(run, cfg, "student", resume=False):
-        pass  # a re-run that was killed right after it claimed the folder
+    with RunFolder(run, cfg, "student", resume=False, overwrite=True):
+        pass  # a re-run over it (asked for) that was killed right after it claimed the folder
     assert not (run / "student.safetensors").exists() and not (run / "history.json").exists()
     proc = run_bkd(["evaluate", *TINY, "--distill", "kd", "--set", "student.epochs=1", "--run-dir", str(run),
                     "--metrics", str(tmp_path / "m.json"), "--plots-dir", str(tmp_path / "p")],
                    tiny_project, check=False)
     assert_refused(proc, "no trained student")
+
+
+def test_the_same_command_twice_never_deletes_a_finished_run(tiny_project: Path, finished_run: str, tmp_path: Path):
+    from pipeline.checkpoint import sha256_file
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_project / finished_run, run)
+    assert json.loads((run / "run.json").read_text())["finished"]
+    kept = {name: sha256_file(run / name) for name in ("student.safetensors", "history.json", "last.pt", "run.json")}
+    command = ["train-student", *TINY, "--epochs", "1", "--distill", "kd", "--run-dir", str(run)]
+    assert_refused(run_bkd(command, tiny_project, check=False), "holds a finished run of this config")
+    assert {name: sha256_file(run / name) for name in kept} == kept  # nothing deleted, nothing touched
+    assert_refused(run_bkd([*command, "--resume", "--overwrite"], tiny_project, check=False), "choose one")
+    (run / "run.json").write_text(json.dumps({k: v for k, v in json.loads((run / "run.json").read_text()).items()
+                                              if k != "finished"}))  # a run from before run.json said so
+    assert_refused(run_bkd(command, tiny_project, check=False), "student.safetensors written")
+    assert (run / "last.pt").is_file() and (run / "live").is_dir()
+
+    run_bkd([*command, "--overwrite"], tiny_project)  # asked for: trained again, finished again
+    info = json.loads((run / "run.json").read_text())
+    assert info["finished"] >= info["started"] and sha256_file(run / "run.json") != kept["run.json"]

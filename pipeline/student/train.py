@@ -127,16 +127,18 @@ def feature_pairs(scfg, student: nn.Module, teacher_shapes: dict, sample: torch.
     return [(s, t, shapes[s], tuple(teacher_shapes[t])) for s, t in pairs.items()]
 
 
-def train_student(cfg: Config, run_dir: str | Path, resume: bool = False, trust_store_teacher: bool = False) -> dict:
+def train_student(cfg: Config, run_dir: str | Path, resume: bool = False, trust_store_teacher: bool = False,
+                  overwrite: bool = False) -> dict:
     """Train the SNN student from cached teacher targets (the teacher is never loaded), or from the
     online teacher with student.targets=online.
 
     Launched by torchrun, this process is one DDP rank: it reads its own chunks of the store,
     takes student.batch_size / world_size samples per step (the global batch is the configured
     one), and only rank 0 writes the run directory, which it holds (`RunFolder`) for the whole run.
+    A finished run in `run_dir` is trained over only with `overwrite`.
     """
     with process_group(cfg.student.device) as (ranks, device):
-        return _train_student(cfg, Path(run_dir), resume, ranks, device, trust_store_teacher)
+        return _train_student(cfg, Path(run_dir), resume, ranks, device, trust_store_teacher, overwrite)
 
 
 def training_images(cfg: Config, train, targets, log: bool = False):
@@ -263,8 +265,8 @@ def build_student_run(cfg: Config, device: torch.device | str = "cpu", *, ranks:
 
 
 def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, device: torch.device,
-                   trust_store_teacher: bool) -> dict:
-    folder = RunFolder(run_dir, cfg, "student", resume) if ranks.is_main else contextlib.nullcontext()
+                   trust_store_teacher: bool, overwrite: bool) -> dict:
+    folder = RunFolder(run_dir, cfg, "student", resume, overwrite) if ranks.is_main else contextlib.nullcontext()
     if ranks.is_main:
         folder.check()  # refused before any data or store is touched; claimed once training starts
     run = build_student_run(cfg, device, ranks=ranks, trust_store_teacher=trust_store_teacher, log=True)
@@ -275,6 +277,7 @@ def _train_student(cfg: Config, run_dir: Path, resume: bool, ranks: Ranks, devic
         if ranks.is_main:
             checkpoint.save_weights(run.student.state_dict(), run_dir / "student.safetensors",
                                     metadata=student_metadata(cfg, run.train, len(history)))
+            folder.finish()
     if not all(math.isfinite(v) for v in history[-1].values()):
         raise BkdError("training finished with non-finite metrics")
     return history[-1]

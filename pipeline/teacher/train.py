@@ -31,10 +31,10 @@ def adopt_teacher(cfg: Config, own_weights: str) -> dict:
     return {"test_accuracy": accuracy(model, test, device), "model": cfg.teacher.model, "source": str(own_weights)}
 
 
-def train_teacher(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
+def train_teacher(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> dict:
     """Train the teacher (timm, or a bkd:<student> SNN) with cross-entropy; save safetensors weights at
     cfg.teacher.checkpoint (an SNN teacher with student-style metadata, so `load_teacher` can check it)."""
-    folder = RunFolder(run_dir, cfg, "teacher", resume)
+    folder = RunFolder(run_dir, cfg, "teacher", resume, overwrite)
     folder.check()
     checkpoint.check_replaceable_weights(cfg.teacher.checkpoint)
     tcfg = cfg.teacher
@@ -61,5 +61,6 @@ def train_teacher(cfg: Config, run_dir: str | Path, resume: bool = False) -> dic
         history = trainer.fit(resume)
         checkpoint.save_weights(model.state_dict(), tcfg.checkpoint,
                                 metadata=teacher_metadata(tcfg, train, len(history)))
+        folder.finish()
     return {"test_accuracy": history[-1]["test_accuracy"], "train_accuracy": history[-1]["train_accuracy"],
             "epochs": len(history), "model": tcfg.model}
