@@ -50,13 +50,19 @@ def verify(store):
     from pipeline.targets import verify_store
 
     bad = checked = 0
+    whole = []
     for split, shard, problem in verify_store(store):
+        if shard is None:  # the store, or a split, as a whole
+            whole.append(problem)
+            click.echo(f"bad {f'split {split}' if split else 'store'}: {problem}", err=True)
+            continue
         checked += 1
         if problem:
             bad += 1
             click.echo(f"bad shard {split}/{shard}: {problem}", err=True)
-    if bad:
-        click.echo(f"{store}: {bad} of {checked} shards bad", err=True)
+    if bad or whole:
+        click.echo(f"{store}: {bad} of {checked} shards bad" + (f", {len(whole)} problem(s) of the store as a whole"
+                                                                 if whole else ""), err=True)
         sys.exit(1)
     click.echo(f"{store}: all {checked} shards ok")
 

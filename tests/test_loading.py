@@ -339,3 +339,54 @@ def test_a_corrupt_image_read_in_a_loader_worker_is_one_plain_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("bkd: error: ") and f"{bad}: not a readable image" in lines[-1]
     assert "Caught" not in lines[-1] and "Traceback" not in lines[-1]
+
+
+def _edit_array_shape(store: Path, split: str, name: str, shape: list[int]) -> None:
+    """Rewrite an array's metadata shape (its zarr.json) and nothing else: what a hand edit or a bad copy does."""
+    import json
+
+    meta = store / split / name / "zarr.json"
+    data = json.loads(meta.read_text())
+    data["shape"] = shape
+    meta.write_text(json.dumps(data))
+
+
+def _edit_manifest(store: Path, edit) -> None:
+    group = zarr.open_group(str(store), mode="r+")
+    manifest = group.attrs["manifest"]
+    edit(manifest)
+    group.attrs["manifest"] = manifest
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda s: _edit_manifest(s, lambda m: m["splits"]["train"].__setitem__("views", 4)),
+     "train/features.pre_logits is (12, 3, 512) float16 where the manifest makes it (12, 4, 512)"),
+    (lambda s: _edit_array_shape(s, "train", IMAGES, [12, 3, 20, 24]),
+     "train/images is (12, 3, 20, 24) uint8 where the manifest makes it (12, 3, 24, 24)"),
+])
+def test_arrays_the_manifest_does_not_describe_are_refused_by_verify_and_training(imagenet_store, tmp_path, damage,
+                                                                                     fragment):
+    import shutil
+
+    cfg, split, _ = imagenet_store
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(cfg.extract.store, copy)
+    damage(copy)
+    problems = [(s, i, p) for s, i, p in verify_store(copy) if p]
+    assert ("train", None) in [(s, i) for s, i, _ in problems] and fragment in problems[0][2]
+    proc = run_bkd(["cache", "verify", str(copy)], tmp_path, check=False)
+    assert proc.returncode == 1 and f"bad split train: damaged store, {fragment}" in proc.stderr
+    with pytest.raises(StoreError, match="damaged store"):  # not an IndexError deep in a read
+        open_student_targets(dataclasses.replace(cfg, extract=dataclasses.replace(cfg.extract, store=str(copy))),
+                             "train", split)
+
+
+def test_verify_flags_a_store_not_marked_complete(imagenet_store, tmp_path):
+    import shutil
+
+    cfg, _, _ = imagenet_store
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(cfg.extract.store, copy)
+    zarr.open_group(str(copy), mode="r+").attrs["complete"] = False
+    proc = run_bkd(["cache", "verify", str(copy)], tmp_path, check=False)
+    assert proc.returncode == 1 and "bad store: the store is not marked complete" in proc.stderr

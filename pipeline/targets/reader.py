@@ -41,10 +41,21 @@ class TeacherTargets:
         names = self.spec.row_arrays()
         self.group = split_group(self.root, split, self.path, names + (CHUNK_DIGEST, FLAGS))
         self.arrays = {name: self.group[name] for name in names}
+        self._check_shapes()
         self.layout = self.spec.layout(split)
         self._present: set[int] = set()  # shards whose objects were seen on disk
         if require_complete:
             self.check_present()
+
+    def _check_shapes(self) -> None:
+        """Refuse arrays whose shape or dtype is not the one the manifest makes them (a view count, sample
+        count or image size edited in one but not the other): read as they are, they index out of range."""
+        for name, (shape, dtype) in self.spec.array_schema(self.split).items():
+            array = self.arrays[name]
+            if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
+                raise StoreError(f"{self.path}: damaged store, {self.split}/{name} is {tuple(array.shape)} "
+                                 f"{array.dtype} where the manifest makes it {tuple(shape)} {dtype}; re-run "
+                                 "`bkd extract-teacher --overwrite`")
 
     def check_present(self) -> None:
         """Refuse the split unless every shard is flagged done and all its objects exist and are non-empty.

@@ -53,12 +53,19 @@ def store_info(path: str | Path) -> dict[str, Any]:
     }
 
 
-def verify_store(path: str | Path) -> Iterator[tuple[str, int, str | None]]:
-    """Read every chunk; yield (split, shard, problem or None) for each shard, each field checked by its codec."""
+def verify_store(path: str | Path) -> Iterator[tuple[str, int | None, str | None]]:
+    """Read every chunk; yield (split, shard, problem or None) for each shard, each field checked by its codec,
+    and (split or "", None, problem) for what makes a whole split (or the store) unreadable to training."""
     root = open_group(str(path))
     manifest = root.attrs["manifest"]
+    if not root.attrs.get("complete", False):
+        yield "", None, "the store is not marked complete (extraction did not finish); training refuses it"
     for split in manifest["splits"]:
-        targets = TeacherTargets(path, split, require_complete=False)
+        try:
+            targets = TeacherTargets(path, split, require_complete=False)
+        except StoreError as exc:  # what a reader refuses before any shard: arrays the manifest does not describe
+            yield split, None, str(exc).split(": ", 1)[-1]
+            continue
         done = set(np.flatnonzero(read_flags(targets.group, str(path))).tolist())
         sizes = listing(str(path), split)
         for shard in range(targets.layout.num_shards):
