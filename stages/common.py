@@ -8,7 +8,7 @@ import sys
 import click
 
 from pipeline.config import Config, format_override, load_config
-from pipeline.errors import BkdError
+from pipeline.errors import BkdError, clip
 
 DEFAULT_CONFIG = "params.yaml"
 
@@ -61,12 +61,18 @@ def _os_error_message(exc: OSError) -> str:
     return message
 
 
+def loader_worker_died(exc: BaseException) -> bool:
+    """Whether `exc` is torch's report of a DataLoader worker killed or exited under it."""
+    return isinstance(exc, RuntimeError) and str(exc).startswith("DataLoader worker (pid")
+
+
 def one_line_errors(command):
     """Report bad input as `bkd: error: ...` on stderr with exit code 2.
 
     Besides BkdError, the environment's refusals -- OSError (read-only directory, full disk,
-    permission denied) and MemoryError -- are reported the same way: they are not bugs of
-    bkd, and a traceback would hide the one fact that matters. Any other exception is a bug
+    permission denied), MemoryError and a loader worker killed under the run (the OOM killer) --
+    are reported the same way: they are not bugs of bkd, and a traceback would hide the one fact
+    that matters. Any other exception is a bug
     and keeps its traceback.
     """
 
@@ -80,6 +86,13 @@ def one_line_errors(command):
             message = _os_error_message(exc)
         except MemoryError as exc:
             message = f"out of memory{f' ({exc})' if str(exc) else ''}"
+        except RuntimeError as exc:
+            if not loader_worker_died(exc):
+                raise
+            message = (f"a data loader worker process died ({clip(str(exc).splitlines()[0], 120)}): killed from "
+                       "outside, often by the out-of-memory killer. Nothing finished is lost: run the same command "
+                       "again to continue (train-student and train-teacher with --resume; extract-teacher writes the "
+                       "shards still missing); fewer loader.workers need less memory")
         click.echo(error_line(message), err=True)
         sys.exit(2)
 

@@ -7,6 +7,7 @@ decoded (close to) once per epoch; the store's images give the very pixels the f
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -343,8 +344,6 @@ def test_a_corrupt_image_read_in_a_loader_worker_is_one_plain_line(tmp_path):
 
 def _edit_array_shape(store: Path, split: str, name: str, shape: list[int]) -> None:
     """Rewrite an array's metadata shape (its zarr.json) and nothing else: what a hand edit or a bad copy does."""
-    import json
-
     meta = store / split / name / "zarr.json"
     data = json.loads(meta.read_text())
     data["shape"] = shape
@@ -390,3 +389,75 @@ def test_verify_flags_a_store_not_marked_complete(imagenet_store, tmp_path):
     zarr.open_group(str(copy), mode="r+").attrs["complete"] = False
     proc = run_bkd(["cache", "verify", str(copy)], tmp_path, check=False)
     assert proc.returncode == 1 and "bad store: the store is not marked complete" in proc.stderr
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.slow
+def test_a_killed_loader_worker_is_one_line_and_resume_continues(tiny_project):
+    """A loader worker SIGKILLed mid-run (as the OOM killer does): one line saying what happened and how to go
+    on, and `--resume` then finishes the run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    bkd = Path(sys.executable).with_name("bkd")
+    command = [str(bkd), "train-student", *TINY, "--epochs", "8", "--distill", "none", "--set", "loader.workers=2",
+               "--run-dir", "runs/oom"]
+    run = tiny_project / "runs/oom"
+    proc = subprocess.Popen(command, cwd=tiny_project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, DVC_NO_ANALYTICS="1"))
+    deadline = time.monotonic() + 300
+    killed = None
+    while killed is None and proc.poll() is None and time.monotonic() < deadline:
+        workers = _children(proc.pid)
+        if (run / "last.pt").is_file() and workers:  # past the first epoch, workers alive
+            killed = workers[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    _, stderr = proc.communicate(timeout=300)
+    assert killed is not None, "the run ended before a worker could be killed"
+    line = stderr.replace("\r", "\n").strip().splitlines()[-1]  # after the progress bar's last redraw
+    assert proc.returncode == 2 and stderr.count("bkd: error:") == 1 and "Traceback" not in stderr, stderr[-2000:]
+    assert line.startswith("bkd: error: a data loader worker process died") and "--resume" in line
+    out = run_bkd(["train-student", *TINY, "--epochs", "8", "--distill", "none", "--set", "loader.workers=2",
+                   "--run-dir", "runs/oom", "--resume"], tiny_project)
+    assert "test accuracy" in out.stdout
+    assert len(json.loads((run / "history.json").read_text())) == 8
+
+
+@pytest.mark.slow
+def test_a_killed_loader_worker_during_extraction_is_one_line_and_the_rerun_completes(tiny_project):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    bkd = Path(sys.executable).with_name("bkd")
+    command = [str(bkd), "extract-teacher", *TINY, "--set", "loader.workers=2", "--set", "extract.views=6",
+               "--store", "cache/oom.zarr"]
+    proc = subprocess.Popen(command, cwd=tiny_project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, DVC_NO_ANALYTICS="1"))
+    deadline, killed = time.monotonic() + 300, None
+    while killed is None and proc.poll() is None and time.monotonic() < deadline:
+        workers = _children(proc.pid)
+        if workers:
+            time.sleep(0.5)  # into the first shard
+            killed = workers[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.02)
+    _, stderr = proc.communicate(timeout=300)
+    assert killed is not None, "extraction ended before a worker could be killed"
+    line = stderr.replace("\r", "\n").strip().splitlines()[-1]
+    assert proc.returncode == 2 and stderr.count("bkd: error:") == 1 and "Traceback" not in stderr, stderr[-2000:]
+    assert line.startswith("bkd: error: a data loader worker process died")
+    done = run_bkd(["extract-teacher", *TINY, "--set", "loader.workers=2", "--set", "extract.views=6",
+                    "--store", "cache/oom.zarr"], tiny_project)
+    assert "complete" in done.stdout
+    assert all(problem is None for _, _, problem in verify_store(tiny_project / "cache/oom.zarr"))
