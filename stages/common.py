@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -61,6 +63,11 @@ def _os_error_message(exc: OSError) -> str:
     return message
 
 
+# Set by `--nproc` for the ranks it starts: the folder each rank writes its one-line refusal into (as
+# rank<N>), so that the launcher prints the first failing rank's once instead of every rank printing it.
+RANK_ERRORS = "BKD_RANK_ERRORS"
+
+
 def loader_worker_died(exc: BaseException) -> bool:
     """Whether `exc` is torch's report of a DataLoader worker killed or exited under it."""
     return isinstance(exc, RuntimeError) and str(exc).startswith("DataLoader worker (pid")
@@ -93,7 +100,11 @@ def one_line_errors(command):
                        "outside, often by the out-of-memory killer. Nothing finished is lost: run the same command "
                        "again to continue (train-student and train-teacher with --resume; extract-teacher writes the "
                        "shards still missing); fewer loader.workers need less memory")
-        click.echo(error_line(message), err=True)
+        rank_errors = os.environ.get(RANK_ERRORS)
+        if rank_errors and "RANK" in os.environ:  # a rank of `--nproc`: the launcher reports it, once
+            Path(rank_errors, f"rank{os.environ['RANK']}").write_text(message)
+        else:
+            click.echo(error_line(message), err=True)
         sys.exit(2)
 
     return wrapper
@@ -119,7 +130,11 @@ def run_click(main, args=None, prog_name=None, complete_var=None, standalone_mod
         ctx = getattr(exc, "ctx", None)
         if isinstance(exc, click.UsageError) and ctx is not None:
             message += f" (see '{ctx.command_path} --help')"
-        click.echo(error_line(message), err=True)
+        rank_errors = os.environ.get(RANK_ERRORS)
+        if rank_errors and "RANK" in os.environ:  # a rank of `--nproc`: the launcher reports it, once
+            Path(rank_errors, f"rank{os.environ['RANK']}").write_text(message)
+        else:
+            click.echo(error_line(message), err=True)
         sys.exit(2)
     except click.Abort:  # Ctrl-C or end of input at a prompt
         click.echo(error_line("aborted"), err=True)

@@ -66,16 +66,30 @@ def _torchrun(nproc: int, args: list[str]) -> None:
     """Run this stage as `torchrun --standalone --nproc-per-node N -m stages.train_student ARGS`."""
     if "WORLD_SIZE" in os.environ:
         raise BkdError("--nproc inside a torchrun launch: torchrun already started the processes")
+    import logging
+    import tempfile
+
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    from stages.common import RANK_ERRORS
+
     launch = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", __name__, *args])
-    try:
-        run(launch)
-    except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
-        raise BkdError(f"DDP training failed: rank {rank} exited with code {failure.exitcode} "
-                       f"(its message is above)") from None
+    with tempfile.TemporaryDirectory(prefix="bkd-ranks-") as errors:
+        os.environ[RANK_ERRORS] = errors
+        logging.disable(logging.ERROR)  # torchrun's warnings and failure reports: the one line below says what failed
+        try:
+            run(launch)
+        except ChildFailedError as exc:
+            rank, failure = exc.get_first_failure()
+            said = {int(p.name[4:]): p.read_text() for p in Path(errors).glob("rank*")}
+            if said:  # a refusal (the same on every rank that met it): once, from the lowest rank that said it
+                raise BkdError(said[min(said)]) from None
+            raise BkdError(f"DDP training failed: rank {rank} exited with code {failure.exitcode} "
+                           f"(its message is above)") from None
+        finally:
+            os.environ.pop(RANK_ERRORS, None)
+            logging.disable(logging.NOTSET)
 
 
 if __name__ == "__main__":

@@ -150,3 +150,18 @@ def test_online_teacher_under_two_processes_and_loader_workers(project):
     assert len(history) == 1 and history[-1]["test_accuracy"] > 0.3
     assert json.loads((run_dir / "run.json").read_text())["store"].startswith("online teacher sha256:")
     assert load_state(run_dir / "last.pt")["world_size"] == 2
+
+
+def test_a_damaged_store_under_two_processes_is_one_line(project, tmp_path):
+    """Both ranks meet the damage; the launcher prints it once, without torchrun's reports."""
+    import shutil
+
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(project / "cache/digits.zarr", damaged)
+    victim = next(p for p in sorted((damaged / "train" / "logits" / "c").rglob("*")) if p.is_file())
+    victim.unlink()
+    out = run_bkd_process([*TRAIN, "--set", f"extract.store={damaged}", "--run-dir", str(tmp_path / "run"),
+                           "--nproc", "2"], project)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
+    assert lines[0].startswith("bkd: error:") and "is damaged" in lines[0] and "logits" in lines[0]
