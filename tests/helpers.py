@@ -289,3 +289,18 @@ def write_hdf5(root: Path, key: str, shape: tuple, n: dict, dtype=np.uint8) -> N
             fh.create_dataset(key, data=data, chunks=(1, *shape))
             fh.create_dataset("labels", data=RNG.integers(0, 10, count))
             fh.attrs["num_classes"] = 10
+
+
+def rewrite_manifest(store, edit, digest: bool = True) -> None:
+    """Apply `edit` to the store's manifest in place; with `digest`, rewrite its digest too, as a store that
+    was written so would have it (without: a hand edit, which readers refuse)."""
+    import zarr
+
+    from pipeline.targets.spec import manifest_digest
+
+    root = zarr.open_group(str(store), mode="r+")
+    manifest = dict(root.attrs["manifest"])
+    edit(manifest)
+    root.attrs["manifest"] = manifest
+    if digest:
+        root.attrs["manifest_digest"] = manifest_digest(manifest)

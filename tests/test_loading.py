@@ -28,7 +28,8 @@ from pipeline.teacher.models import create_teacher
 from pipeline.student.stream import CachedTargetDataset, open_student_targets
 from pipeline.samplers import ChunkShuffleSampler, interleave_lanes
 from pipeline.targets import IMAGES, StoredImages, TeacherTargets, verify_store
-from tests.helpers import CHUNK, TINY, build_store, extract_recording, image_split, resumed_equals_straight, run_bkd
+from tests.helpers import (CHUNK, TINY, build_store, extract_recording, image_split, resumed_equals_straight,
+                           rewrite_manifest, run_bkd)
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -350,15 +351,8 @@ def _edit_array_shape(store: Path, split: str, name: str, shape: list[int]) -> N
     meta.write_text(json.dumps(data))
 
 
-def _edit_manifest(store: Path, edit) -> None:
-    group = zarr.open_group(str(store), mode="r+")
-    manifest = group.attrs["manifest"]
-    edit(manifest)
-    group.attrs["manifest"] = manifest
-
-
 @pytest.mark.parametrize("damage, fragment", [
-    (lambda s: _edit_manifest(s, lambda m: m["splits"]["train"].__setitem__("views", 4)),
+    (lambda s: rewrite_manifest(s, lambda m: m["splits"]["train"].__setitem__("views", 4)),
      "train/features.pre_logits is (12, 3, 512) float16 where the manifest makes it (12, 4, 512)"),
     (lambda s: _edit_array_shape(s, "train", IMAGES, [12, 3, 20, 24]),
      "train/images is (12, 3, 20, 24) uint8 where the manifest makes it (12, 3, 24, 24)"),

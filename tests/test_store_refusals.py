@@ -73,8 +73,12 @@ def test_damaged_store_metadata_is_one_line(tiny_project: Path, tmp_path: Path, 
     store = tmp_path / "store.zarr"
     shutil.copytree(tiny_project / STORE, store)
     damage(store)
-    for args in (["cache", "verify", str(store)],
-                 ["train-student", *TINY, "--set", f"extract.store={store}", "--run-dir", "runs/refused"],
+    verify = run_bkd(["cache", "verify", str(store)], tiny_project, check=False)
+    if verify.returncode == 1:  # what verify can open and report: the split it cannot read, named
+        assert "bad split train: damaged store, " in verify.stderr and fragment in verify.stderr
+    else:
+        assert_refused(verify, fragment)
+    for args in (["train-student", *TINY, "--set", f"extract.store={store}", "--run-dir", "runs/refused"],
                  ["extract-teacher", *TINY, "--store", str(store)]):
         assert_refused(run_bkd(args, tiny_project, check=False), fragment)
 
@@ -104,3 +108,17 @@ def test_store_of_other_pixels_with_the_same_ids_is_refused(tmp_path: Path):
         fh["images"][...] = images
     proc = run_bkd(["train-student", *args, "--run-dir", "runs/s"], tmp_path, check=False)
     assert_refused(proc, "built from other inputs: train sample 13 (store row ")  # the file's row
+
+
+@pytest.mark.parametrize("field, value", [
+    (["teacher", "checkpoint_sha256"], "0" * 64),  # another teacher's targets, as far as a reader could tell
+    (["splits", "train", "fingerprint"], "f" * 16),
+    (["splits", "train", "views"], 2),
+])
+def test_a_hand_edited_manifest_is_refused_by_verify_and_training(tiny_project: Path, tmp_path: Path, field, value):
+    store = tmp_path / "store.zarr"
+    shutil.copytree(tiny_project / STORE, store)
+    _edit_manifest(store, field, value)  # in the metadata object, its digest left as it was written
+    for args in (["cache", "verify", str(store)], ["cache", "info", str(store)],
+                 ["train-student", *TINY, "--set", f"extract.store={store}", "--run-dir", "runs/refused"]):
+        assert_refused(run_bkd(args, tiny_project, check=False), "does not match the digest written with it")

@@ -18,7 +18,7 @@ from pipeline.teacher.extract import extract_teacher
 from pipeline.teacher.models import create_teacher
 from pipeline.targets import TeacherTargets, bytes_on_disk
 from pipeline.student.stream import CachedTargetDataset, open_student_targets
-from tests.helpers import REPO
+from tests.helpers import REPO, rewrite_manifest
 
 CONFIG = REPO / "params.yaml"
 
@@ -257,15 +257,11 @@ def test_store_of_another_view_layout_is_refused(extracted, tmp_path):
     """The store records the layout of its view parameters; a reader whose layout differs refuses it."""
     import shutil
 
-    import zarr
-
     cfg, _ = extracted[4]
     copy = tmp_path / "copy.zarr"
     shutil.copytree(cfg.extract.store, copy)
-    root = zarr.open_group(str(copy), mode="r+")
-    manifest = dict(root.attrs["manifest"])
-    manifest["augment"] = {**manifest["augment"], "view_layout": {"recipe": [0, 0], "base": [0, 3]}}
-    root.attrs["manifest"] = manifest
+    rewrite_manifest(copy, lambda m: m.__setitem__("augment", {**m["augment"],
+                                                              "view_layout": {"recipe": [0, 0], "base": [0, 3]}}))
     cfg = load_config(CONFIG, [f"{k}={v}" for k, v in _flatten(cfg.to_dict())] + [f"extract.store={copy}"])
     with pytest.raises(StoreError, match=r"augment\.view_layout") as info:
         open_student_targets(cfg, "train", load_split(cfg.data, "train"))

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -22,11 +24,13 @@ from typing import Any
 from pipeline.errors import short
 from pipeline.targets.codecs import get_codec
 
-FORMAT = "bkd-teacher-targets/8"
+FORMAT = "bkd-teacher-targets/9"
 FORMAT_FAMILY = FORMAT.split("/")[0]
-# format 8 records a codec per feature location and for the logits (`codecs`); a format-7 store is a
-# format-8 store whose codecs are its dtypes, so readers take it as one (extraction does not resume it)
-READABLE_FORMATS = (FORMAT, f"{FORMAT_FAMILY}/7")
+# format 9 writes a digest of the manifest beside it (`manifest_digest`), so a hand-edited manifest (a
+# teacher hash, a fingerprint, a view count) is refused; a format-8 store is a format-9 store without it.
+# Format 8 records a codec per feature location and for the logits (`codecs`); a format-7 store is a
+# format-8 store whose codecs are its dtypes. Readers take both as they are (extraction resumes neither).
+READABLE_FORMATS = (FORMAT, f"{FORMAT_FAMILY}/8", f"{FORMAT_FAMILY}/7")
 ROWS_SHUFFLED_SINCE = 6  # format 6: rows in the split's seeded random order (data.split_seed), not the files'
 VIEW_LAYOUT_SINCE = 7  # format 7: augment.view_layout names the slices of each view's parameter vector
 SPLITS = ("train", "test")
@@ -48,6 +52,12 @@ ROW_ARRAYS = ("logits", "view_params", "labels", "index", "pixel_digest")  # bes
 # With extract.images: each sample's raw source pixels (N, *source_shape) uint8, one inner chunk per
 # row (a mix partner is read alone), so training reads arrays instead of decoding image files.
 IMAGES = "images"
+
+
+def manifest_digest(manifest: dict) -> str:
+    """blake2b-128 of the manifest as canonical JSON: written beside it, checked by every reader."""
+    text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 def older_format(found: Any) -> str:

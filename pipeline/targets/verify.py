@@ -56,7 +56,7 @@ def store_info(path: str | Path) -> dict[str, Any]:
 def verify_store(path: str | Path) -> Iterator[tuple[str, int | None, str | None]]:
     """Read every chunk; yield (split, shard, problem or None) for each shard, each field checked by its codec,
     and (split or "", None, problem) for what makes a whole split (or the store) unreadable to training."""
-    root = open_group(str(path))
+    root = open_group(str(path))  # a store that cannot be opened (its manifest damaged or edited) is refused
     manifest = root.attrs["manifest"]
     if not root.attrs.get("complete", False):
         yield "", None, "the store is not marked complete (extraction did not finish); training refuses it"

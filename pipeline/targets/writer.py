@@ -21,7 +21,8 @@ from pipeline.targets.fields import Coded, Images, store_fields
 from pipeline.targets.fsutil import (absent_objects, check_store_location, existing_store, listing, remove_store,
                                      shard_keys)
 from pipeline.targets.manifest import check_format, chunk_digests, manifest_damage, read_flags, split_group
-from pipeline.targets.spec import CHUNK_DIGEST, FLAGS, IMAGES, STORE_IDENTITY, TargetSpec, first_difference
+from pipeline.targets.spec import (CHUNK_DIGEST, FLAGS, IMAGES, STORE_IDENTITY, TargetSpec, first_difference,
+                                   manifest_digest)
 
 # Every array is written whole shards at a time; all-fill chunks must still be written, so that a
 # missing object always means a missing piece (zarr skips them by default).
@@ -86,7 +87,8 @@ class StoreWriter:
         # The manifest goes into the group's own metadata object, the first thing written: from then
         # on the folder is recognisably a bkd store, whatever happens to the rest.
         self.root = zarr.open_group(self.path, mode="w", zarr_format=3,
-                                    attributes={"manifest": manifest, "complete": False, "skeleton_done": False})
+                                    attributes={"manifest": manifest, "manifest_digest": manifest_digest(manifest),
+                                                "complete": False, "skeleton_done": False})
         level = self.spec.zstd_level
         compressor = ZstdCodec(level=level, checksum=True)  # checksums make corrupted chunks detectable
         coded = {field.name: field.codec for field in self.fields if isinstance(field, Coded)}
