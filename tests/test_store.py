@@ -461,3 +461,23 @@ def test_every_stored_array_belongs_to_one_field_codec(topk):
     spec = make_test_spec(logits_topk=topk)
     owned = [name for field in store_fields(spec) for name in field.arrays]
     assert sorted(owned) == sorted(spec.row_arrays()) and len(owned) == len(set(owned))
+
+
+def test_store_of_format_8_has_no_manifest_digest_and_reads_as_it_is(tmp_path):
+    """Format 8 wrote no digest of its manifest: a reader takes it as it is; extraction rebuilds it."""
+    import zarr
+
+    path = tmp_path / "old.zarr"
+    data = build_store(path)
+    build_older_store(path, 8)
+    root = zarr.open_group(str(path), mode="r+")
+    del root.attrs["manifest_digest"]
+    rows = TeacherTargets(path, "train").read_rows(0, N_TRAIN)
+    np.testing.assert_array_equal(rows["labels"], data["train"]["labels"])
+    assert [problem for _, _, problem in verify_store(path)] == [None] * 5
+    with pytest.raises(StoreError, match=r"bkd-teacher-targets/8.*--overwrite"):
+        open_writer(path)
+    manifest = dict(root.attrs["manifest"])
+    root.attrs["manifest"] = {**manifest, "format": "bkd-teacher-targets/9"}  # the current format, no digest
+    with pytest.raises(StoreError, match="does not match the digest"):
+        TeacherTargets(path, "train")
