@@ -153,3 +153,15 @@ def test_the_same_command_twice_never_deletes_a_finished_run(tiny_project: Path,
     run_bkd([*command, "--overwrite"], tiny_project)  # asked for: trained again, finished again
     info = json.loads((run / "run.json").read_text())
     assert info["finished"] >= info["started"] and sha256_file(run / "run.json") != kept["run.json"]
+
+
+def test_the_same_teacher_command_twice_never_deletes_a_finished_run(tiny_project: Path):
+    command = ["train-teacher", *TINY, "--epochs", "1", "--set", "teacher.checkpoint=models/twice.safetensors",
+               "--run-dir", "runs/teacher-twice", "--metrics", "metrics/twice.json"]
+    run_bkd(command, tiny_project)
+    run = tiny_project / "runs/teacher-twice"
+    assert json.loads((run / "run.json").read_text())["finished"]
+    history = (run / "history.json").read_bytes()
+    assert_refused(run_bkd(command, tiny_project, check=False), "holds a finished run of this config")
+    assert (run / "history.json").read_bytes() == history
+    run_bkd([*command, "--overwrite"], tiny_project)
