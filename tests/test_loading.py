@@ -392,66 +392,51 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-@pytest.mark.slow
-def test_a_killed_loader_worker_is_one_line_and_resume_continues(tiny_project):
-    """A loader worker SIGKILLed mid-run (as the OOM killer does): one line saying what happened and how to go
-    on, and `--resume` then finishes the run."""
+def _kill_a_loader_worker(args: list[str], cwd: Path, ready, settle: float = 0.0) -> str:
+    """Run `bkd ARGS`, SIGKILL one of its loader workers once `ready()` holds and workers are alive (after
+    `settle` seconds more), and return the command's one-line refusal, checked to be the only output of note."""
     import signal
     import subprocess
     import sys
     import time
 
-    bkd = Path(sys.executable).with_name("bkd")
-    command = [str(bkd), "train-student", *TINY, "--epochs", "8", "--distill", "none", "--set", "loader.workers=2",
-               "--run-dir", "runs/oom"]
-    run = tiny_project / "runs/oom"
-    proc = subprocess.Popen(command, cwd=tiny_project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, DVC_NO_ANALYTICS="1"))
-    deadline = time.monotonic() + 300
-    killed = None
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("bkd")), *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, DVC_NO_ANALYTICS="1"))
+    deadline, killed = time.monotonic() + 300, None
     while killed is None and proc.poll() is None and time.monotonic() < deadline:
         workers = _children(proc.pid)
-        if (run / "last.pt").is_file() and workers:  # past the first epoch, workers alive
+        if workers and ready():
+            time.sleep(settle)
             killed = workers[0]
             os.kill(killed, signal.SIGKILL)
-        time.sleep(0.05)
+        time.sleep(0.02)
     _, stderr = proc.communicate(timeout=300)
-    assert killed is not None, "the run ended before a worker could be killed"
+    assert killed is not None, "the command ended before a worker could be killed"
     line = stderr.replace("\r", "\n").strip().splitlines()[-1]  # after the progress bar's last redraw
     assert proc.returncode == 2 and stderr.count("bkd: error:") == 1 and "Traceback" not in stderr, stderr[-2000:]
-    assert line.startswith("bkd: error: a data loader worker process died") and "--resume" in line
-    out = run_bkd(["train-student", *TINY, "--epochs", "8", "--distill", "none", "--set", "loader.workers=2",
-                   "--run-dir", "runs/oom", "--resume"], tiny_project)
+    assert line.startswith("bkd: error: a data loader worker process died")
+    return line
+
+
+@pytest.mark.slow
+def test_a_killed_loader_worker_is_one_line_and_resume_continues(tiny_project):
+    """A loader worker SIGKILLed mid-run (as the OOM killer does): one line saying what happened and how to go
+    on, and `--resume` then finishes the run."""
+    args = ["train-student", *TINY, "--epochs", "8", "--distill", "none", "--set", "loader.workers=2",
+            "--run-dir", "runs/oom"]
+    run = tiny_project / "runs/oom"
+    line = _kill_a_loader_worker(args, tiny_project, ready=lambda: (run / "last.pt").is_file())  # past epoch 1
+    assert "--resume" in line
+    out = run_bkd([*args, "--resume"], tiny_project)
     assert "test accuracy" in out.stdout
     assert len(json.loads((run / "history.json").read_text())) == 8
 
 
 @pytest.mark.slow
 def test_a_killed_loader_worker_during_extraction_is_one_line_and_the_rerun_completes(tiny_project):
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    bkd = Path(sys.executable).with_name("bkd")
-    command = [str(bkd), "extract-teacher", *TINY, "--set", "loader.workers=2", "--set", "extract.views=6",
-               "--store", "cache/oom.zarr"]
-    proc = subprocess.Popen(command, cwd=tiny_project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, DVC_NO_ANALYTICS="1"))
-    deadline, killed = time.monotonic() + 300, None
-    while killed is None and proc.poll() is None and time.monotonic() < deadline:
-        workers = _children(proc.pid)
-        if workers:
-            time.sleep(0.5)  # into the first shard
-            killed = workers[0]
-            os.kill(killed, signal.SIGKILL)
-        time.sleep(0.02)
-    _, stderr = proc.communicate(timeout=300)
-    assert killed is not None, "extraction ended before a worker could be killed"
-    line = stderr.replace("\r", "\n").strip().splitlines()[-1]
-    assert proc.returncode == 2 and stderr.count("bkd: error:") == 1 and "Traceback" not in stderr, stderr[-2000:]
-    assert line.startswith("bkd: error: a data loader worker process died")
-    done = run_bkd(["extract-teacher", *TINY, "--set", "loader.workers=2", "--set", "extract.views=6",
-                    "--store", "cache/oom.zarr"], tiny_project)
+    args = ["extract-teacher", *TINY, "--set", "loader.workers=2", "--set", "extract.views=6",
+            "--store", "cache/oom.zarr"]
+    _kill_a_loader_worker(args, tiny_project, ready=lambda: True, settle=0.5)  # into the first shard
+    done = run_bkd(args, tiny_project)
     assert "complete" in done.stdout
     assert all(problem is None for _, _, problem in verify_store(tiny_project / "cache/oom.zarr"))
