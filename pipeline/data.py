@@ -19,7 +19,6 @@ Small sources live in memory; ImageNet folders and HDF5 files are read lazily, p
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import os
 import pickle
@@ -32,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import DataConfig, LoaderConfig
+from pipeline.digests import split_fingerprint
 from pipeline.errors import BkdError, ConfigError, DataError, clip
 
 
@@ -455,10 +455,8 @@ class ImageSplit(Dataset):
         return other
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256()
-        digest.update(np.ascontiguousarray(self.ids, dtype=np.int64).tobytes())
-        digest.update(np.ascontiguousarray(self.labels.numpy(), dtype=np.int64).tobytes())
-        return digest.hexdigest()
+        """sha256 of the split's sample ids and labels, in its row order (a store's `splits.<split>.fingerprint`)."""
+        return split_fingerprint(self.ids, self.labels.numpy())
 
 
 def centre_offsets(height: int, width: int, crop_height: int, crop_width: int) -> tuple[int, int]:

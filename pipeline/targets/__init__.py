@@ -15,14 +15,14 @@ from pipeline.targets.identity import (PIXEL_CHECK_SAMPLES, check_student_target
 from pipeline.targets.images import StoredImages
 from pipeline.targets.manifest import check_format
 from pipeline.targets.reader import TeacherTargets
-from pipeline.targets.spec import (FORMAT, IMAGES, TOPK_ARRAYS, TOPK_INDEX, TOPK_TAIL, TOPK_TARGET, TOPK_TARGET_CLASS,
-                                   SplitLayout, TargetSpec, feature_array)
+from pipeline.targets.spec import (FORMAT, IMAGES, SOURCE_ROW, TOPK_ARRAYS, TOPK_INDEX, TOPK_TAIL, TOPK_TARGET,
+                                   TOPK_TARGET_CLASS, SplitLayout, TargetSpec, feature_array)
 from pipeline.targets.topk import dense_logits, topk_arrays
 from pipeline.targets.verify import store_info, verify_store
 from pipeline.targets.writer import StoreWriter
 
-__all__ = ["FORMAT", "IMAGES", "PIXEL_CHECK_SAMPLES", "TOPK_ARRAYS", "TOPK_INDEX", "TOPK_TAIL", "TOPK_TARGET",
-           "TOPK_TARGET_CLASS", "Features", "Field", "FieldError", "Images", "Index", "Labels", "Logits",
+__all__ = ["FORMAT", "IMAGES", "PIXEL_CHECK_SAMPLES", "SOURCE_ROW", "TOPK_ARRAYS", "TOPK_INDEX", "TOPK_TAIL",
+           "TOPK_TARGET", "TOPK_TARGET_CLASS", "Features", "Field", "FieldError", "Images", "Index", "Labels", "Logits",
            "SplitLayout", "StoreWriter", "StoredImages", "TargetSpec", "TeacherTargets", "TopKLogits",
            "bytes_on_disk", "check_format", "check_store_location", "check_student_targets", "dense_logits",
            "existing_store", "expected_spec", "feature_array", "filesystem", "pixel_digests", "remove_store",

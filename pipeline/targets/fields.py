@@ -7,13 +7,13 @@ A new stored field is one codec here, its arrays in `TargetSpec.array_schema`, a
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import numpy as np
 
+from pipeline.digests import pixel_digests, split_fingerprint
 from pipeline.targets.codecs import CODECS, Codec
-from pipeline.targets.spec import (IMAGES, LOGITS, SCALES, TOPK_ARRAYS, TOPK_INDEX, TOPK_TAIL, TOPK_TARGET,
+from pipeline.targets.spec import (IMAGES, LOGITS, SCALES, SOURCE_ROW, TOPK_ARRAYS, TOPK_INDEX, TOPK_TAIL, TOPK_TARGET,
                                    TOPK_TARGET_CLASS, TargetSpec, feature_array)
 from pipeline.targets.topk import dense_logits, topk_arrays, topk_problem
 
@@ -134,22 +134,6 @@ class Index(Field):
         return None if np.array_equal(rows["index"], np.arange(start, stop)) else "sample index out of order"
 
 
-def pixel_digests(raw: np.ndarray) -> np.ndarray:
-    """(N,) uint64: blake2b-64 of each sample's raw input (its bytes, dtype and shape).
-
-    Extraction hashes the inputs it already loads; training hashes the inputs it is about to
-    use and compares, so a store is refused for other pixels even under the same sample ids.
-    """
-    raw = np.ascontiguousarray(raw)
-    tag = f"{raw.dtype.str}{raw.shape[1:]}".encode()
-    out = np.empty(len(raw), np.uint64)
-    for i, sample in enumerate(raw):
-        digest = hashlib.blake2b(tag, digest_size=8)
-        digest.update(sample.tobytes())
-        out[i] = int.from_bytes(digest.digest(), "little")
-    return out
-
-
 IMAGE_BLOCK = 16  # rows per stored chunk of the images array, at most
 
 
@@ -172,10 +156,33 @@ class Images(Field):
         return math.gcd(IMAGE_BLOCK, chunk_size)
 
 
+class SourceRows(Field):
+    """Each row's sample id (N,): the row of the dataset's files it was read from (the split's `ids`)."""
+
+    def __init__(self):
+        super().__init__(SOURCE_ROW)
+
+    def check(self, rows, start, stop):
+        return "negative sample ids (source_row)" if len(rows[SOURCE_ROW]) and rows[SOURCE_ROW].min() < 0 else None
+
+
+def sample_ids_problem(ids: np.ndarray, labels: np.ndarray, fingerprint: str) -> str | None:
+    """What is wrong with a whole split's stored sample ids and labels, or None: each id once and, with the
+    labels, the split the manifest's `fingerprint` records (what a run without the dataset's files relies on)."""
+    if len(ids) and ids.min() < 0:
+        return f"{SOURCE_ROW} holds negative sample ids"
+    if len(np.unique(ids)) != len(ids):
+        return f"{SOURCE_ROW} holds repeated sample ids"
+    if split_fingerprint(ids, labels) != fingerprint:
+        return "the sample ids and labels are not the ones the manifest's fingerprint records"
+    return None
+
+
 def store_fields(spec: TargetSpec) -> tuple[Field, ...]:
     """The codecs of every stored field of a store, in the order readers get them."""
     codec = {target: CODECS[spec.codec(target)] for target in (*spec.feature_shapes, LOGITS)}
     logits = (TopKLogits(spec.logits_topk, spec.num_classes, codec[LOGITS]) if spec.logits_topk
               else Logits(codec[LOGITS]))
     return (*(Features(loc, codec[loc]) for loc in spec.feature_shapes), logits, Field("view_params"), Labels(spec.num_classes),
-            Index(), Field("pixel_digest"), *((Images(),) if spec.image_shape else ()))
+            Index(), Field("pixel_digest"), *((Images(),) if spec.image_shape else ()),
+            *((SourceRows(),) if spec.source_rows else ()))
