@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.errors import StoreError
-from pipeline.targets import SplitLayout, StoreWriter, TeacherTargets, store_info, verify_store
+from pipeline.targets import FORMAT, SplitLayout, StoreWriter, TeacherTargets, store_info, verify_store
 from tests.helpers import (CHUNK, CLASSES, DIM, N_TEST, N_TRAIN, PER_SHARD, TOPK, VIEWS, build_store,
                            build_topk_store, make_arrays, make_test_spec, open_writer, write_split)
 
@@ -478,6 +478,7 @@ def test_store_of_format_8_has_no_manifest_digest_and_reads_as_it_is(tmp_path):
     with pytest.raises(StoreError, match=r"bkd-teacher-targets/8.*--overwrite"):
         open_writer(path)
     manifest = dict(root.attrs["manifest"])
-    root.attrs["manifest"] = {**manifest, "format": "bkd-teacher-targets/9"}  # the current format, no digest
-    with pytest.raises(StoreError, match="does not match the digest"):
-        TeacherTargets(path, "train")
+    for digested in ("bkd-teacher-targets/9", FORMAT):  # formats that write a digest, without one
+        root.attrs["manifest"] = {**manifest, "format": digested}
+        with pytest.raises(StoreError, match="does not match the digest"):
+            TeacherTargets(path, "train")

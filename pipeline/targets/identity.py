@@ -67,7 +67,7 @@ def expected_spec(cfg: Config, splits: dict, sha: str | None, view_spec: dict, f
         features={"locations": {loc: list(shape) for loc, shape in feature_shapes.items()},
                   "logits_topk": ex.logits_topk,
                   # only where on: stores without images keep the identity they had
-                  **({"images": list(any_split.source_shape)} if ex.images else {})},
+                  **({"images": list(any_split.source_shape), "source_rows": True} if ex.images else {})},
         dtypes={"features": ex.feature_dtype, "logits": ex.logits_dtype},
         codecs={target: ex.codecs.get(target, ex.logits_dtype if target == LOGITS else ex.feature_dtype)
                 for target in (*ex.features, LOGITS)},
@@ -90,17 +90,22 @@ def student_teacher_sha(cfg: Config, targets: TeacherTargets, trust_store_teache
     return sha
 
 
-def check_student_targets(targets: TeacherTargets, cfg: Config, images, sha: str, view_spec: dict) -> None:
+def check_student_targets(targets: TeacherTargets, cfg: Config, images, sha: str, view_spec: dict,
+                          read_stored: bool = False) -> tuple[int, int]:
     """Refuse `targets` unless its split was built for this config's run: from `images` (the split, an
     ImageSplit), by the teacher of `sha`, with views of `view_spec` (`ViewAugmenter.spec()` of cfg.augment).
 
     Identity comes from the manifest; the inputs themselves are compared by their per-sample
     digests: every sample of an in-memory split, an even spread of PIXEL_CHECK_SAMPLES of a
-    lazily read one.
+    lazily read one. With `read_stored` (the run reads the pixels the store holds, not these), samples
+    that differ are counted rather than refused: (differing, checked).
     """
     expected = expected_spec(cfg, {targets.split: images}, sha, view_spec)
     targets.check_matches(expected.to_manifest())
     rows = np.arange(len(images))
     if not images.in_memory and len(rows) > PIXEL_CHECK_SAMPLES:
         rows = np.unique(np.linspace(0, len(rows) - 1, PIXEL_CHECK_SAMPLES).round().astype(np.int64))
-    targets.check_pixels(images.load_raw(rows), rows, images.ids[rows])
+    if not read_stored:
+        targets.check_pixels(images.load_raw(rows), rows, images.ids[rows])
+        return 0, len(rows)
+    return len(targets.pixel_mismatches(images.load_raw(rows), rows)), len(rows)

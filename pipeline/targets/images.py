@@ -7,9 +7,9 @@ from collections import OrderedDict
 import numpy as np
 
 from pipeline.errors import StoreError
-from pipeline.targets.fields import Images
+from pipeline.targets.fields import Images, sample_ids_problem
 from pipeline.targets.reader import TeacherTargets
-from pipeline.targets.spec import IMAGES
+from pipeline.targets.spec import IMAGES, SOURCE_ROW
 
 
 class StoredImages:
@@ -18,7 +18,10 @@ class StoredImages:
     `ids`) and returns the very values the teacher's inputs were made from, without decoding an image file.
 
     `split`: the split the store was built from -- its `ids`, `num_classes` and `source.labels` (the
-    labels by source row) are used, nothing else.
+    labels by source row) are used, nothing else. Without it (`split=None`: the dataset's files are not
+    at hand), the store alone: the sample ids and labels it holds (`source_row`, `labels`, format 10),
+    checked against their chunk digests and the split's fingerprint in the manifest. Then `ids` are the
+    split's ids, for `ImageSplit(name, split, stored, stored.ids, data_cfg)`.
 
     The images are stored in blocks of `Images.block_rows` rows (one zstd chunk each): zarr costs about
     a millisecond per chunk read whatever its size, several times the decoding of one 256 px image.
@@ -34,24 +37,46 @@ class StoredImages:
 
     classes_declared = True
 
-    def __init__(self, targets: TeacherTargets, split, cache_rows: int = 0):
+    def __init__(self, targets: TeacherTargets, split=None, cache_rows: int = 0):
         if targets.spec.image_shape is None:
             raise StoreError(f"{targets.path} holds no images (extract.images was off when it was built)")
-        if len(split) != len(targets):
-            raise StoreError(f"{targets.path}: {targets.split} split has {len(targets)} samples, the dataset has "
-                             f"{len(split)}")
+        if split is None:
+            self.ids, labels, self.num_classes = *self._stored_ids(targets), targets.num_classes
+            self.labels = np.full(int(self.ids.max(initial=-1)) + 1, -1, np.int64)  # by source row
+            self.labels[self.ids] = labels
+        else:
+            if len(split) != len(targets):
+                raise StoreError(f"{targets.path}: {targets.split} split has {len(targets)} samples, the dataset has "
+                                 f"{len(split)}")
+            self.ids, self.labels, self.num_classes = split.ids, split.source.labels, split.num_classes
         self.path, self.origin = targets.path, f"{targets.path} ({targets.split} images)"
         self.array = targets.arrays[IMAGES]
-        self.shape, self.num_classes = targets.spec.image_shape, split.num_classes
-        self.labels = split.source.labels
-        self.position = np.full(int(split.ids.max()) + 1, -1, np.int64)  # source row -> store row
-        self.position[split.ids] = np.arange(len(split))
-        self.digests = targets.stored_pixel_digests()
+        self.shape = targets.spec.image_shape
+        self.position = np.full(len(self.labels), -1, np.int64)  # source row -> store row
+        self.position[self.ids] = np.arange(len(self.ids))
+        self.digests = targets.whole("pixel_digest")
         self.verified = np.zeros(len(self.digests), bool)
         self.block = int(self.array.chunks[0])  # rows per stored chunk
         self.capacity = max(1, -(-cache_rows // self.block))  # blocks kept
         self._blocks: OrderedDict[int, np.ndarray] = OrderedDict()
         self.blocks_decoded = 0  # for tests and benchmarks
+
+    @staticmethod
+    def _stored_ids(targets: TeacherTargets) -> tuple[np.ndarray, np.ndarray]:
+        """The split's sample ids and labels as the store holds them, refused unless they are the split the
+        manifest describes (its fingerprint) and every id is one sample's."""
+        if not targets.spec.source_rows:
+            raise StoreError(f"{targets.path} does not hold its samples' ids (a store of format "
+                             f"{targets.manifest['format'].rsplit('/', 1)[-1]}), so it cannot stand in for the "
+                             "dataset's files; put them back, or re-run `bkd extract-teacher --overwrite`")
+        ids, labels = targets.whole(SOURCE_ROW), targets.whole("labels")
+        problem = sample_ids_problem(ids, labels, targets.spec.splits[targets.split]["fingerprint"])
+        if not problem and len(labels) and (labels.min() < 0 or labels.max() >= targets.num_classes):
+            problem = f"labels outside [0, {targets.num_classes})"
+        if problem:
+            raise StoreError(f"{targets.path}: damaged store, {targets.split}: {problem}; re-run "
+                             "`bkd extract-teacher --overwrite`")
+        return ids, labels
 
     def __len__(self) -> int:
         return len(self.labels)

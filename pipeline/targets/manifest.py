@@ -13,8 +13,8 @@ import zarr
 from pipeline.errors import StoreError
 from pipeline.targets.fsutil import store_exists
 from pipeline.targets.codecs import CODECS
-from pipeline.targets.spec import (FLAGS, FORMAT, FORMAT_FAMILY, READABLE_FORMATS, SPLITS, manifest_digest,
-                                   older_format, short)
+from pipeline.targets.spec import (DIGEST_SINCE, FLAGS, FORMAT, FORMAT_FAMILY, READABLE_FORMATS, SPLITS,
+                                   format_version, manifest_digest, older_format, short)
 
 MANIFEST_KEYS = ("teacher", "dataset", "splits", "transform", "augment", "features", "arrays", "chunking")
 
@@ -81,7 +81,7 @@ def open_group(path: str, mode: str = "r") -> zarr.Group:
     damage = manifest_damage(manifest)
     if damage:
         raise StoreError(f"{path}: damaged manifest, {damage}; re-run `bkd extract-teacher --overwrite`")
-    if found == FORMAT and group.attrs.get("manifest_digest") != manifest_digest(manifest):
+    if format_version(found) >= DIGEST_SINCE and group.attrs.get("manifest_digest") != manifest_digest(manifest):
         raise StoreError(f"{path}: damaged manifest, it does not match the digest written with it (edited after "
                          "extraction?); re-run `bkd extract-teacher --overwrite`")
     return group

@@ -183,14 +183,18 @@ class TeacherTargets:
         start = chunk * self.chunk_size
         return self.read_rows(start, min(start + self.chunk_size, len(self)), locations=locations)
 
-    def stored_pixel_digests(self) -> np.ndarray:
-        """The split's whole pixel_digest array, checked against its chunk digests."""
-        digests = self.group["pixel_digest"][:]
-        problem = self.digest_problem({"pixel_digest": digests}, 0, len(self))
+    def whole(self, name: str) -> np.ndarray:
+        """The split's whole `name` array (a small per-row one: pixel_digest, labels, source_row), checked
+        against its chunk digests and decoded by nothing (these are stored as they are)."""
+        try:
+            values = self.group[name][:]
+        except Exception as exc:  # a damaged object
+            raise StoreError(f"{self.path}: {self.split}/{name} cannot be read ({type(exc).__name__}); "
+                             "`bkd cache verify` names the bad shard") from None
+        problem = self.digest_problem({name: values}, 0, len(self))
         if problem:
-            raise StoreError(f"{self.path}: {self.split}/pixel_digest: {problem}; `bkd cache verify` lists "
-                             "every bad shard")
-        return digests
+            raise StoreError(f"{self.path}: {self.split}/{name}: {problem}; `bkd cache verify` lists every bad shard")
+        return values
 
     def identity_digest(self) -> str:
         """sha256 (16 hex digits) of everything the store holds and is, provenance left out: equal
@@ -205,18 +209,22 @@ class TeacherTargets:
         if difference:
             raise StoreError(f"{self.path} was built for another run: {difference}")
 
+    def pixel_mismatches(self, raw: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """The positions of `raw` (the inputs of `rows`, as the source gives them) that are not the extracted ones."""
+        try:
+            stored = self.group["pixel_digest"].get_orthogonal_selection((np.asarray(rows, dtype=np.int64),))
+        except Exception as exc:  # a damaged digest shard
+            raise StoreError(f"{self.path}: {self.split}/pixel_digest cannot be read ({type(exc).__name__}); "
+                             "`bkd cache verify` names the bad shard") from None
+        return Images.mismatches(raw, stored)
+
     def check_pixels(self, raw: np.ndarray, rows: np.ndarray, sample_ids: np.ndarray | None = None) -> None:
         """Refuse the store unless `raw` (the inputs of `rows`, as the source gives them) are the extracted ones.
         `sample_ids`: the dataset's ids of those rows (the split's `ids`: rows of its files), named in the
         refusal; the store's rows are in a seeded random order, so a store row means nothing to a reader."""
         rows = np.asarray(rows, dtype=np.int64)
         ids = rows if sample_ids is None else np.asarray(sample_ids, dtype=np.int64)
-        try:
-            stored = self.group["pixel_digest"].get_orthogonal_selection((rows,))
-        except Exception as exc:  # a damaged digest shard
-            raise StoreError(f"{self.path}: {self.split}/pixel_digest cannot be read ({type(exc).__name__}); "
-                             "`bkd cache verify` names the bad shard") from None
-        mismatch = Images.mismatches(raw, stored)
+        mismatch = self.pixel_mismatches(raw, rows)
         if len(mismatch):
             at = mismatch[0]
             where = "" if sample_ids is None else f" (store row {int(rows[at])})"

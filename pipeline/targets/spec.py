@@ -24,13 +24,16 @@ from typing import Any
 from pipeline.errors import short
 from pipeline.targets.codecs import get_codec
 
-FORMAT = "bkd-teacher-targets/9"
+FORMAT = "bkd-teacher-targets/10"
 FORMAT_FAMILY = FORMAT.split("/")[0]
-# format 9 writes a digest of the manifest beside it (`manifest_digest`), so a hand-edited manifest (a
+# format 10 stores, beside the images (extract.images), each row's sample id (`source_row`), so a split can be
+# rebuilt and checked from the store alone; a format-9 store is a format-10 store without it.
+# Format 9 writes a digest of the manifest beside it (`manifest_digest`), so a hand-edited manifest (a
 # teacher hash, a fingerprint, a view count) is refused; a format-8 store is a format-9 store without it.
 # Format 8 records a codec per feature location and for the logits (`codecs`); a format-7 store is a
 # format-8 store whose codecs are its dtypes. Readers take both as they are (extraction resumes neither).
-READABLE_FORMATS = (FORMAT, f"{FORMAT_FAMILY}/8", f"{FORMAT_FAMILY}/7")
+READABLE_FORMATS = (FORMAT, *(f"{FORMAT_FAMILY}/{n}" for n in (9, 8, 7)))
+DIGEST_SINCE = 9  # format 9: the manifest's digest beside it
 ROWS_SHUFFLED_SINCE = 6  # format 6: rows in the split's seeded random order (data.split_seed), not the files'
 VIEW_LAYOUT_SINCE = 7  # format 7: augment.view_layout names the slices of each view's parameter vector
 SPLITS = ("train", "test")
@@ -52,12 +55,21 @@ ROW_ARRAYS = ("logits", "view_params", "labels", "index", "pixel_digest")  # bes
 # With extract.images: each sample's raw source pixels (N, *source_shape) uint8, one inner chunk per
 # row (a mix partner is read alone), so training reads arrays instead of decoding image files.
 IMAGES = "images"
+# ... and each row's sample id (N,) int64: the split's `ids`, the rows of the dataset's files (format 10).
+# With the labels they give the split's fingerprint, so the store alone says which samples it holds.
+SOURCE_ROW = "source_row"
 
 
 def manifest_digest(manifest: dict) -> str:
     """blake2b-128 of the manifest as canonical JSON: written beside it, checked by every reader."""
     text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def format_version(found: Any) -> int:
+    """The number of a store format string ('bkd-teacher-targets/10' -> 10), 0 when it has none."""
+    version = str(found).rsplit("/", 1)[-1]
+    return int(version) if version.isdigit() else 0
 
 
 def older_format(found: Any) -> str:
@@ -80,7 +92,7 @@ def feature_array(location: str) -> str:
 
 def is_row_array(name: str) -> bool:
     """Is `name` a per-row array a store may hold (the fixed ones, top-k classes, any feature location)?"""
-    return (name in ROW_ARRAYS or name in TOPK_ARRAYS or name == IMAGES
+    return (name in ROW_ARRAYS or name in TOPK_ARRAYS or name in (IMAGES, SOURCE_ROW)
             or any(name.startswith(prefix) and len(name) > len(prefix) for prefix in (FEATURES, SCALES)))
 
 # What a training run must agree with (the rest -- views, feature locations, top-k -- it takes from
@@ -147,6 +159,11 @@ class TargetSpec:
         return tuple(shape) if shape else None
 
     @property
+    def source_rows(self) -> bool:
+        """Does the store hold each row's sample id (`source_row`, stored with the images since format 10)?"""
+        return bool(self.features.get("source_rows"))
+
+    @property
     def feature_shapes(self) -> dict[str, tuple[int, ...]]:
         """{location: (C,) or (C, H, W)} of every cached teacher feature location."""
         return {loc: tuple(shape) for loc, shape in self.features["locations"].items()}
@@ -168,8 +185,8 @@ class TargetSpec:
         """The per-row arrays of every split, in the order of their chunk-digest columns."""
         features = tuple(feature_array(loc) for loc in self.feature_shapes)
         scales = tuple(SCALES + target for target in self.scaled())
-        return (features + ROW_ARRAYS + (TOPK_ARRAYS if self.logits_topk else ()) + ((IMAGES,) if self.image_shape else ())
-                + scales)
+        images = ((IMAGES,) if self.image_shape else ()) + ((SOURCE_ROW,) if self.source_rows else ())
+        return features + ROW_ARRAYS + (TOPK_ARRAYS if self.logits_topk else ()) + images + scales
 
     def array_schema(self, split: str) -> dict[str, tuple[tuple[int, ...], str]]:
         """{name: (shape, dtype)} of the per-row arrays of `split`: the one definition of a store's arrays."""
@@ -189,6 +206,8 @@ class TargetSpec:
                        TOPK_TARGET: ((n, views, 2), "float32"), TOPK_TAIL: ((n, views, 2), "float32")}
         if self.image_shape:
             schema[IMAGES] = ((n, *self.image_shape), "uint8")
+        if self.source_rows:
+            schema[SOURCE_ROW] = ((n,), "int64")
         shapes = {**self.feature_shapes, LOGITS: (k,)}
         for target in self.scaled():
             schema[SCALES + target] = ((n, views, *get_codec(self.codec(target)).scale_shape(shapes[target])), "float32")

@@ -8,10 +8,11 @@ from typing import Any, Iterator
 import numpy as np
 
 from pipeline.errors import StoreError
+from pipeline.targets.fields import sample_ids_problem
 from pipeline.targets.fsutil import absent_objects, bytes_on_disk, listing, shard_keys
 from pipeline.targets.manifest import open_group, read_flags, split_group
 from pipeline.targets.reader import TeacherTargets
-from pipeline.targets.spec import FEATURES, FLAGS, LOGITS, SplitLayout, TargetSpec
+from pipeline.targets.spec import FEATURES, FLAGS, LOGITS, SOURCE_ROW, SplitLayout, TargetSpec
 
 
 def store_info(path: str | Path) -> dict[str, Any]:
@@ -68,6 +69,7 @@ def verify_store(path: str | Path) -> Iterator[tuple[str, int | None, str | None
             continue
         done = set(np.flatnonzero(read_flags(targets.group, str(path))).tolist())
         sizes = listing(str(path), split)
+        ids = []  # with stored sample ids: (ids, labels) of every shard read, for the split's fingerprint
         for shard in range(targets.layout.num_shards):
             if shard not in done:
                 yield split, shard, "not written (extraction incomplete)"
@@ -82,4 +84,12 @@ def verify_store(path: str | Path) -> Iterator[tuple[str, int | None, str | None
             except StoreError as exc:
                 yield split, shard, str(exc).split(": ", 1)[-1]
                 continue
+            if targets.spec.source_rows:
+                ids.append((rows[SOURCE_ROW], rows["labels"]))
             yield split, shard, targets.check_rows(rows, start, stop)
+        if targets.spec.source_rows and len(ids) == targets.layout.num_shards:
+            problem = sample_ids_problem(*(np.concatenate(column) for column in zip(*ids)),
+                                         targets.spec.splits[split]["fingerprint"])
+            if problem:
+                yield split, None, problem
+

@@ -20,7 +20,7 @@ from pipeline.teacher.fast import prepare_teacher, resolve_extract
 from pipeline.teacher.models import load_teacher, teacher_outputs
 from pipeline.teacher.plan import check_fits
 from pipeline.targets.codecs import CodecError, get_codec
-from pipeline.targets import (IMAGES, TOPK_TARGET_CLASS, StoreWriter, check_format, check_store_location,
+from pipeline.targets import (IMAGES, SOURCE_ROW, TOPK_TARGET_CLASS, StoreWriter, check_format, check_store_location,
                               existing_store, expected_spec, feature_array, pixel_digests, teacher_sha)
 
 
@@ -117,7 +117,7 @@ class ShardExtractor:
         if ex.logits_topk is not None:  # the store keeps the k largest and what the losses need of the rest
             arrays[TOPK_TARGET_CLASS] = augmenter.target_classes(labels, params, split.labels.numpy())
         if images is not None:
-            arrays[IMAGES] = images
+            arrays[IMAGES], arrays[SOURCE_ROW] = images, split.ids[start:stop]
         return {
             **arrays,
             **{feature_array(loc): f for loc, f in features.items()},  # float32: each location's codec stores it
