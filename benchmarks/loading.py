@@ -25,8 +25,9 @@ import torch
 from pipeline import checkpoint
 from pipeline.config import Config, load_config
 from pipeline.data import data_loader, load_split
+from pipeline.student.splits import student_split
 from pipeline.student.stream import open_student_targets, student_sampler
-from pipeline.student.train import student_dataset, training_images
+from pipeline.student.train import student_dataset
 from pipeline.targets import bytes_on_disk
 from pipeline.teacher.extract import extract_teacher
 from pipeline.teacher.models import create_teacher
@@ -54,9 +55,10 @@ def epoch_seconds(cfg: Config, stored: bool, workers: int, batch_size: int = 64,
     cfg = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, shuffle_buffer_chunks=buffer_chunks,
                                                                augment="views", label_smoothing=0.0))
     split = load_split(cfg.data, "train")
-    targets = open_student_targets(cfg, "train", split)
     if stored:  # as training reads a store that holds the decoded pixels; else the JPEG files
-        split = training_images(cfg, split, targets)
+        split, targets, _ = student_split(cfg, "train", split)
+    else:
+        targets = open_student_targets(cfg, "train", split)
     dataset = student_dataset(cfg, split, targets, ["pre_logits"])
     sampler = student_sampler(cfg, len(dataset), targets.chunk_size, batch_size, lanes=max(1, workers))
     loader = data_loader(dataset, batch_size, sampler, type(cfg.loader)(workers=workers, persistent_workers=True), CPU)

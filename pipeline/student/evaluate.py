@@ -202,11 +202,10 @@ def evaluate_student(cfg, run_dir: str | Path, plots_dir: str | Path, trust_stor
     from safetensors import safe_open
 
     from pipeline import checkpoint
-    from pipeline.data import load_splits
     from pipeline.distributed import resolve_device
-    from pipeline.errors import BkdError
+    from pipeline.errors import BkdError, StoreError
     from pipeline.student.models import create_student
-    from pipeline.student.stream import open_student_targets
+    from pipeline.student.splits import dataset_files, student_splits
 
     run_dir, plots_dir = Path(run_dir), Path(plots_dir)
     weights = run_dir / "student.safetensors"
@@ -216,8 +215,21 @@ def evaluate_student(cfg, run_dir: str | Path, plots_dir: str | Path, trust_stor
                        "to the end first)")
     cfg = run_config(cfg, run_dir)
     scfg = cfg.student
-    test = load_splits(cfg.data, ("train", "test"))["test"]  # numbered as the student was trained
-    student = create_student(scfg.model, test.num_classes, test.image_shape, scfg.timesteps, **scfg.model_kwargs)
+    files = dataset_files(cfg)  # numbered as the student was trained
+    if scfg.targets == "online" and isinstance(files, Exception):  # trained without a store: the files
+        raise files
+    test = None if isinstance(files, Exception) else files["test"]
+    student = None
+    if test is not None:  # a student the config cannot build is refused before the store is opened
+        student = create_student(scfg.model, test.num_classes, test.image_shape, scfg.timesteps, **scfg.model_kwargs)
+    if scfg.targets != "online":  # the store's test split, and its images where it holds them
+        splits, stores = student_splits(cfg, trust_store_teacher, log=True, files=files)
+        test, stored = splits["test"], stores.get("test")
+        if stored is None:
+            raise StoreError(f"{cfg.extract.store} holds no test split, so the teacher's test accuracy is unknown "
+                             "(add test to extract.splits and re-extract)")
+    if student is None:
+        student = create_student(scfg.model, test.num_classes, test.image_shape, scfg.timesteps, **scfg.model_kwargs)
     try:
         history = json.loads(history_path.read_text())
     except ValueError:
@@ -242,7 +254,7 @@ def evaluate_student(cfg, run_dir: str | Path, plots_dir: str | Path, trust_stor
         model = load_teacher(cfg.teacher, test.num_classes, test.image_shape).to(device).eval()
         teacher = accuracy(model, test, device, loader=cfg.loader)
     else:
-        teacher = teacher_accuracy(open_student_targets(cfg, "test", test, trust_store_teacher), test.labels)
+        teacher = teacher_accuracy(stored, test.labels)
     curves, layers = (plots_dir / name for name in PLOT_FILES)
     plot_training_curves(history, f"student [{scfg.distill}], T={scfg.timesteps}", curves)
     plot_layers(rates, operations["layers"], f"per layer [{scfg.distill}], T={scfg.timesteps}", layers)

@@ -31,8 +31,8 @@ from pipeline.student.fast import FastStudent, student_math
 from pipeline.student.losses import DistillationLoss
 from pipeline.student.models import create_student
 from pipeline.student.online import FreshViews, OnlineTeacher
-from pipeline.student.stream import CachedTargetDataset, open_student_targets, student_sampler
-from pipeline.targets import StoredImages
+from pipeline.student.splits import student_splits
+from pipeline.student.stream import CachedTargetDataset, student_sampler
 
 
 def student_features(student: nn.Module, images: torch.Tensor, locations) -> tuple[dict, torch.Tensor]:
@@ -141,19 +141,8 @@ def train_student(cfg: Config, run_dir: str | Path, resume: bool = False, trust_
         return _train_student(cfg, Path(run_dir), resume, ranks, device, trust_store_teacher, overwrite)
 
 
-def training_images(cfg: Config, train, targets, log: bool = False):
-    """The split a student run reads its pixels from: a store holding the decoded images serves them
-    instead of the image files (a sampler window's blocks stay decoded, like its chunks); else the
-    split itself, with the scattered-read warning of a file that reads slowly in random order."""
-    if targets.spec.image_shape is not None and not train.in_memory:
-        return train.reading_from(StoredImages(targets, train, 2 * cfg.student.shuffle_buffer_chunks * targets.chunk_size))
-    if log and (warning := scattered_read_warning(train)):
-        tqdm.write(warning)
-    return train
-
-
 def student_dataset(cfg: Config, train, targets, locations) -> CachedTargetDataset:
-    """The cached-target dataset of a student run over `train` (see `training_images`): the recipe's
+    """The cached-target dataset of a student run over `train` (see `pipeline.student.splits`): the recipe's
     views, the teacher locations read, label smoothing."""
     return CachedTargetDataset(train, targets, cfg.student.shuffle_buffer_chunks, view_augmenter(cfg.augment, train),
                                cfg.student.augment, seed=cfg.seed, locations=locations,
@@ -171,7 +160,7 @@ class StudentRun:
     student: nn.Module
     criterion: DistillationLoss
     fast: FastStudent  # precision, compile, neuron backend
-    train: object  # the ImageSplit read (from the store's images when it holds them)
+    train: object  # the ImageSplits read (from the store's images when it holds them)
     test: object
     targets: object | None  # the TeacherTargets of the train split
     dataset: CachedTargetDataset | FreshViews
@@ -223,16 +212,16 @@ def build_student_run(cfg: Config, device: torch.device | str = "cpu", *, ranks:
                        "reads no store: the online teacher needs teacher.checkpoint itself")
     batch_size = split_global_batch(scfg.batch_size, ranks.world_size)
     fast = student_math(scfg, device)  # precision, compile, neuron backend: refused here if they cannot run
-    train, test = load_splits(cfg.data, ("train", "test")).values()
     if scfg.targets == "online":
+        train, test = load_splits(cfg.data, ("train", "test")).values()
         targets, teacher = None, OnlineTeacher(cfg, train, device)
         source, chunk_size = teacher, cfg.extract.chunk_size  # the sample order of a cached run
         if log and ranks.is_main and (warning := scattered_read_warning(train)):
             tqdm.write(warning)
-    else:  # checked even for `none`: same data, same split
-        teacher, targets = None, open_student_targets(cfg, "train", train, trust_store_teacher)
+    else:  # checked even for `none`: same data, same split; pixels from the store where it holds them
+        splits, stores = student_splits(cfg, trust_store_teacher, log=log and ranks.is_main)
+        (train, test), teacher, targets = splits.values(), None, stores["train"]
         source, chunk_size = targets, targets.chunk_size
-        train = training_images(cfg, train, targets, log=log and ranks.is_main)
     torch.manual_seed(cfg.seed)
     student = create_student(scfg.model, train.num_classes, train.image_shape, scfg.timesteps,
                              **scfg.model_kwargs).to(device)
