@@ -20,7 +20,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, load_config
 from pipeline.data import ArraySource, ImageSplit
 from pipeline.targets import StoreWriter, TargetSpec
 from stages.cli import main
@@ -304,3 +304,26 @@ def rewrite_manifest(store, edit, digest: bool = True) -> None:
     root.attrs["manifest"] = manifest
     if digest:
         root.attrs["manifest_digest"] = manifest_digest(manifest)
+
+
+def write_photos(root: Path, per_class: int = 6) -> None:
+    """A train/ and val/ class-folder tree of JPEGs larger than load_size, sizes differing."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("n01440764", "n01443537"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                h, w = 30 + 3 * i, 44 - 2 * i
+                smooth = np.cumsum(rng.integers(-9, 10, (h, w, 3)), axis=1)  # photo-like gradients, not noise
+                Image.fromarray(np.clip(smooth + 128, 0, 255).astype(np.uint8)).save(folder / f"{i}.JPEG", quality=90)
+
+
+def imagenet_config(tmp: Path, *extra: str):
+    """An ImageNet-format config over `tmp`/photos (load_size 24, input 16), K = 3 with the images stored."""
+    return load_config(REPO / "params.yaml", [
+        "data.name=imagenet", f"data.root={tmp / 'photos'}", "data.image_size=16", "data.load_size=24",
+        "augment.kind=resized_crop_flip", "augment.flip=true", "extract.views=3", "extract.images=true",
+        "extract.chunk_size=4", "extract.chunks_per_shard=2", "extract.batch_size=8", "extract.features=[pre_logits]",
+        "student.features={pre_logits: pre_logits}", "student.model_kwargs.widths=[8,16,32]", "student.batch_size=4",
+        f"teacher.checkpoint={tmp / 'teacher.safetensors'}", f"extract.store={tmp / 'imagenet.zarr'}", *extra])

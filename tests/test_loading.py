@@ -28,8 +28,8 @@ from pipeline.teacher.models import create_teacher
 from pipeline.student.stream import CachedTargetDataset, open_student_targets
 from pipeline.samplers import ChunkShuffleSampler, interleave_lanes
 from pipeline.targets import IMAGES, StoredImages, TeacherTargets, verify_store
-from tests.helpers import (CHUNK, TINY, build_store, extract_recording, image_split, resumed_equals_straight,
-                           rewrite_manifest, run_bkd)
+from tests.helpers import (CHUNK, TINY, build_store, extract_recording, image_split, imagenet_config,
+                           resumed_equals_straight, rewrite_manifest, run_bkd, write_photos)
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -153,34 +153,12 @@ def test_extraction_with_loader_workers_writes_the_same_store(tmp_path):
 
 # -- ImageNet: views of the load_size image, images stored once ------------------------------------
 
-def _write_photos(root: Path, per_class: int = 6) -> None:
-    """A train/ and val/ class-folder tree of JPEGs larger than load_size, sizes differing."""
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for cls in ("n01440764", "n01443537"):
-            folder = root / split / cls
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                h, w = 30 + 3 * i, 44 - 2 * i
-                smooth = np.cumsum(rng.integers(-9, 10, (h, w, 3)), axis=1)  # photo-like gradients, not noise
-                Image.fromarray(np.clip(smooth + 128, 0, 255).astype(np.uint8)).save(folder / f"{i}.JPEG", quality=90)
-
-
-def _imagenet_cfg(tmp: Path, *extra: str):
-    return load_config(REPO / "params.yaml", [
-        "data.name=imagenet", f"data.root={tmp / 'photos'}", "data.image_size=16", "data.load_size=24",
-        "augment.kind=resized_crop_flip", "augment.flip=true", "extract.views=3", "extract.images=true",
-        "extract.chunk_size=4", "extract.chunks_per_shard=2", "extract.batch_size=8", "extract.features=[pre_logits]",
-        "student.features={pre_logits: pre_logits}", "student.model_kwargs.widths=[8,16,32]", "student.batch_size=4",
-        f"teacher.checkpoint={tmp / 'teacher.safetensors'}", f"extract.store={tmp / 'imagenet.zarr'}", *extra])
-
-
 @pytest.fixture(scope="module")
 def imagenet_store(tmp_path_factory):
     """A K = 3 store of a JPEG tree at load_size 24, input 16, with the images, and what the teacher saw."""
     tmp = tmp_path_factory.mktemp("imagenet")
-    _write_photos(tmp / "photos")
-    cfg = _imagenet_cfg(tmp)
+    write_photos(tmp / "photos")
+    cfg = imagenet_config(tmp)
     saw = extract_recording(cfg)  # one batch per shard, as it needs
     split = load_split(cfg.data, "train")
     return cfg, split, saw
@@ -324,10 +302,10 @@ def test_mid_epoch_resume_under_loader_workers_is_exact(tiny_project, monkeypatc
 
 
 def test_a_corrupt_image_read_in_a_loader_worker_is_one_plain_line(tmp_path):
-    _write_photos(tmp_path / "photos", per_class=3)
+    write_photos(tmp_path / "photos", per_class=3)
     bad = sorted((tmp_path / "photos" / "train" / "n01443537").iterdir())[1]
     bad.write_bytes(bad.read_bytes()[:200])  # truncated mid-file
-    cfg = _imagenet_cfg(tmp_path, "loader.workers=2", "extract.splits=[train]", "extract.images=false")
+    cfg = imagenet_config(tmp_path, "loader.workers=2", "extract.splits=[train]", "extract.images=false")
     split = load_split(cfg.data, "train")
     checkpoint.save_weights(create_teacher(cfg.teacher, split.num_classes, split.image_shape).state_dict(),
                             cfg.teacher.checkpoint)
@@ -404,11 +382,15 @@ def _kill_a_loader_worker(args: list[str], cwd: Path, ready, settle: float = 0.0
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, DVC_NO_ANALYTICS="1"))
     deadline, killed = time.monotonic() + 300, None
     while killed is None and proc.poll() is None and time.monotonic() < deadline:
-        workers = _children(proc.pid)
-        if workers and ready():
+        if _children(proc.pid) and ready():
             time.sleep(settle)
-            killed = workers[0]
-            os.kill(killed, signal.SIGKILL)
+            for worker in _children(proc.pid):  # those alive now (a short-lived child may have gone)
+                try:
+                    os.kill(worker, signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+                killed = worker
+                break
         time.sleep(0.02)
     _, stderr = proc.communicate(timeout=300)
     assert killed is not None, "the command ended before a worker could be killed"
