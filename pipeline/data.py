@@ -451,7 +451,7 @@ class ImageSplit(Dataset):
             raise DataError(f"{source.origin} holds samples of shape {tuple(source.shape)}, the dataset's are "
                             f"{self.source_shape}")
         other = copy.copy(self)
-        other.source = source
+        other.source, other._normalized = source, None  # every read from `source`, not the files' copy
         return other
 
     def fingerprint(self) -> str:
