@@ -148,6 +148,12 @@ class Images(Field):
         """The positions of the samples of `raw` whose pixels are not those of `digests` (the stored pixel_digest)."""
         return np.flatnonzero(pixel_digests(raw) != digests)
 
+    def check(self, rows, start, stop):
+        if "pixel_digest" not in rows:
+            return None
+        bad = self.mismatches(rows[IMAGES], rows["pixel_digest"])
+        return f"the stored image of row {start + int(bad[0])} does not match its pixel digest" if len(bad) else None
+
 
     @staticmethod
     def block_rows(chunk_size: int) -> int:

@@ -12,6 +12,31 @@ from pipeline.targets.reader import TeacherTargets
 from pipeline.targets.spec import IMAGES, SOURCE_ROW
 
 
+class ByID:
+    """Values keyed by sample id, without an array as long as the largest id: `[ids]` gives theirs (an id
+    not held is an error), `get(ids)` gives -1 for those not held. The labels (by id) of a split rebuilt from
+    a store alone, and every store's row of a sample id."""
+
+    def __init__(self, ids: np.ndarray, values: np.ndarray):
+        order = np.argsort(ids, kind="stable")
+        self.keys, self.values = np.asarray(ids, np.int64)[order], np.asarray(values, np.int64)[order]
+
+    def get(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        at = np.minimum(np.searchsorted(self.keys, ids), max(len(self.keys) - 1, 0))
+        held = (self.keys[at] == ids) if len(self.keys) else np.zeros(ids.shape, bool)
+        return np.where(held, self.values[at] if len(self.keys) else -1, -1)
+
+    def __getitem__(self, ids) -> np.ndarray:
+        values = self.get(ids)
+        if (values < 0).any():
+            raise StoreError("sample ids outside the stored split were asked for")
+        return values
+
+    def __len__(self) -> int:  # a source's rows: up to the largest id held
+        return int(self.keys[-1]) + 1 if len(self.keys) else 0
+
+
 class StoredImages:
     """The raw source pixels a store holds (`extract.images`), as a source (`read`, `labels`, `shape`,
     `num_classes`, `origin`) of the split it was built from: `read` takes that source's rows (the split's
@@ -40,20 +65,24 @@ class StoredImages:
     def __init__(self, targets: TeacherTargets, split=None, cache_rows: int = 0):
         if targets.spec.image_shape is None:
             raise StoreError(f"{targets.path} holds no images (extract.images was off when it was built)")
+        stored = self._stored_ids(targets, required=split is None)
         if split is None:
-            self.ids, labels, self.num_classes = *self._stored_ids(targets), targets.num_classes
-            self.labels = np.full(int(self.ids.max(initial=-1)) + 1, -1, np.int64)  # by source row
-            self.labels[self.ids] = labels
+            self.ids, self.num_classes = stored[0], targets.num_classes
+            self.labels = ByID(*stored)  # by sample id, however large the ids
         else:
             if len(split) != len(targets):
                 raise StoreError(f"{targets.path}: {targets.split} split has {len(targets)} samples, the dataset has "
                                  f"{len(split)}")
+            if stored is not None and not (np.array_equal(stored[0], split.ids)
+                                           and np.array_equal(stored[1], split.labels.numpy())):
+                raise StoreError(f"{targets.path}: damaged store, its {targets.split} sample ids and labels are not "
+                                 "those of the dataset, which its manifest's fingerprint records; re-run "
+                                 "`bkd extract-teacher --overwrite`")
             self.ids, self.labels, self.num_classes = split.ids, split.source.labels, split.num_classes
         self.path, self.origin = targets.path, f"{targets.path} ({targets.split} images)"
         self.array = targets.arrays[IMAGES]
         self.shape = targets.spec.image_shape
-        self.position = np.full(len(self.labels), -1, np.int64)  # source row -> store row
-        self.position[self.ids] = np.arange(len(self.ids))
+        self.position = ByID(self.ids, np.arange(len(self.ids)))  # sample id -> store row
         self.digests = targets.whole("pixel_digest")
         self.verified = np.zeros(len(self.digests), bool)
         self.block = int(self.array.chunks[0])  # rows per stored chunk
@@ -62,10 +91,12 @@ class StoredImages:
         self.blocks_decoded = 0  # for tests and benchmarks
 
     @staticmethod
-    def _stored_ids(targets: TeacherTargets) -> tuple[np.ndarray, np.ndarray]:
-        """The split's sample ids and labels as the store holds them, refused unless they are the split the
-        manifest describes (its fingerprint) and every id is one sample's."""
+    def _stored_ids(targets: TeacherTargets, required: bool) -> tuple[np.ndarray, np.ndarray] | None:
+        """The split's sample ids and labels as the store holds them (None for a store of format 9 unless
+        `required`), refused unless they are the split the manifest describes (its fingerprint), each id once."""
         if not targets.spec.source_rows:
+            if not required:
+                return None
             raise StoreError(f"{targets.path} does not hold its samples' ids (a store of format "
                              f"{targets.manifest['format'].rsplit('/', 1)[-1]}), so it cannot stand in for the "
                              "dataset's files; put them back, or re-run `bkd extract-teacher --overwrite`")
@@ -100,8 +131,8 @@ class StoredImages:
     def read(self, rows: np.ndarray) -> np.ndarray:
         """The stored pixels (len(rows), *shape) uint8 of source rows `rows`, each checked against its digest."""
         rows = np.asarray(rows, dtype=np.int64)
-        at = self.position[np.clip(rows, 0, len(self.position) - 1)]
-        if (at < 0).any() or (rows >= len(self.position)).any():
+        at = self.position.get(rows)
+        if (at < 0).any():
             raise StoreError(f"{self.path}: source rows outside the stored split were asked for")
         out = np.empty((len(at), *self.shape), np.uint8)
         blocks = at // self.block
