@@ -32,6 +32,8 @@ def dataset_files(cfg: Config) -> dict[str, ImageSplit] | DataError:
         return load_splits(cfg.data, SPLITS)
     except DataError as exc:
         return exc
+    except OSError as exc:  # a folder it may not list (permissions), a dead mount
+        return DataError(f"{exc.strerror or type(exc).__name__}: {exc.filename}" if exc.filename else str(exc))
 
 
 def student_splits(cfg: Config, trust_store_teacher: bool = False, log: bool = False,
@@ -45,15 +47,16 @@ def student_splits(cfg: Config, trust_store_teacher: bool = False, log: bool = F
     missing = files if isinstance(files, DataError) else None
     files = dict.fromkeys(SPLITS) if missing else files
     store = cfg.extract.store
-    splits, targets, notes = {}, {}, []
+    splits, targets, notes, sha = {}, {}, [], None
     for name in SPLITS:
         if name == "test" and not _store_has(store, name):  # extract.splits: [train]
             if files[name] is None:
                 raise DataError(f"{missing} (and {store} holds no test split to read instead)")
             splits[name] = files[name]
             continue
-        splits[name], targets[name], note = student_split(cfg, name, files[name], trust_store_teacher, missing)
+        splits[name], targets[name], note = student_split(cfg, name, files[name], trust_store_teacher, missing, sha)
         notes.append(note)
+        sha = targets[name].spec.teacher["checkpoint_sha256"]  # checked: the next split's teacher is this one
     if log:
         for line in dict.fromkeys(n for n in notes if n):  # one line for what both splits share
             tqdm.write(line)
@@ -63,15 +66,16 @@ def student_splits(cfg: Config, trust_store_teacher: bool = False, log: bool = F
 
 
 def student_split(cfg: Config, name: str, files: ImageSplit | None, trust_store_teacher: bool = False,
-                  missing: Exception | None = None) -> tuple[ImageSplit, TeacherTargets, str]:
+                  missing: Exception | None = None, sha: str | None = None) -> tuple[ImageSplit, TeacherTargets, str]:
     """(the split `name` a run reads, the store's split, a line saying where its pixels come from or '').
 
     `files`: the split from the dataset's files, or None where they cannot be read (`missing`: why), which
-    takes a store holding the images (else `missing` is raised)."""
+    takes a store holding the images (else `missing` is raised). `sha`: the teacher's sha256 once another
+    split of the store was checked (else from teacher.checkpoint, see `student_teacher_sha`)."""
     if files is None and not store_exists(cfg.extract.store):
         raise missing
     targets = TeacherTargets(cfg.extract.store, name)
-    sha = student_teacher_sha(cfg, targets, trust_store_teacher)
+    sha = sha or student_teacher_sha(cfg, targets, trust_store_teacher)
     stored = targets.spec.image_shape is not None
     # decoded image rows kept: a sampler window's twice over for training; evaluation reads in order
     cache_rows = 2 * cfg.student.shuffle_buffer_chunks * targets.chunk_size if name == "train" else 0
@@ -89,18 +93,19 @@ def student_split(cfg: Config, name: str, files: ImageSplit | None, trust_store_
         differing, checked = check_student_targets(targets, cfg, files, sha, _views(cfg, files), read_stored=True)
     except DataError as exc:  # a damaged file: the store holds what the teacher saw
         differing, checked, unread = None, 0, exc
+    images = StoredImages(targets, files, cache_rows)  # the ids and labels it holds checked against the files'
     if differing == 0 and files.in_memory:
         return files, targets, (f"pixels: {files.source.origin or cfg.data.name}, in memory (every sample equal "
                                 f"to the images stored in {targets.path})")
-    split = files.reading_from(StoredImages(targets, files, cache_rows))
+    split = files.reading_from(images)
     if differing is None:
         return split, targets, (f"warning: {unread}; the run reads the images stored in {targets.path}, "
                                 "which the teacher saw")
     if differing:
         return split, targets, (f"warning: {differing} of {checked} checked {name} samples of "
                                 f"{files.source.origin or cfg.data.name} differ from the images stored in "
-                                f"{targets.path} (rewritten since extraction); the run reads the stored ones, "
-                                "which the teacher saw (re-extract to train on the files)")
+                                f"{targets.path}: files rewritten since extraction, or a damaged store (`bkd cache "
+                                "verify` checks it); the run reads the stored ones (re-extract to train on the files)")
     return split, targets, (f"pixels: the images stored in {targets.path}, decoded once at extraction (the files "
                             "give the sample ids and labels)")
 
