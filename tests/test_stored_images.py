@@ -16,11 +16,14 @@ import zarr
 from PIL import Image
 from safetensors.torch import load_file
 
+from pipeline.config import load_config
+from pipeline.digests import split_fingerprint
 from pipeline.errors import DataError, StoreError
 from pipeline.student.splits import student_splits
 from pipeline.targets import IMAGES, SOURCE_ROW, verify_store
 from pipeline.targets.manifest import chunk_digests
-from tests.helpers import REPO, extract_recording, imagenet_config, rewrite_manifest, run_bkd, write_photos
+from tests.helpers import (REPO, extract_recording, imagenet_config, rewrite_manifest, run_bkd, write_cifar10,
+                           write_photos)
 
 
 @pytest.fixture(scope="module")
@@ -153,23 +156,109 @@ def test_sample_ids_swapped_behind_the_digests_are_refused_without_the_files(pho
     """Two rows' ids exchanged and the chunk digest rewritten to match: the split's fingerprint catches it."""
     root = _copy(photo_store, tmp_path)
     store = root / "imagenet.zarr"
-    group = zarr.open_group(str(store), mode="r+")["train"]
-    ids = group[SOURCE_ROW][:]
-    assert [p for _, _, p in verify_store(store)] == [None] * len(list(verify_store(store)))
+    assert not any(p for _, _, p in verify_store(store))
+    ids = zarr.open_group(str(store), mode="r")["train"][SOURCE_ROW][:]
     ids[[0, 1]] = ids[[1, 0]]
-    group[SOURCE_ROW][:] = ids
-    from pipeline.targets import TeacherTargets
-
-    names = TeacherTargets(store, "train").spec.row_arrays()
-    column, size = names.index(SOURCE_ROW), group[SOURCE_ROW].shape[0]
-    digests = group["chunk_digest"][:]
-    chunk = 4  # extract.chunk_size
-    digests[:, column] = chunk_digests({SOURCE_ROW: ids}, (SOURCE_ROW,), 0, chunk)[:, 0]
-    group["chunk_digest"][:] = digests
-    assert size > chunk
+    _forge(store, "train", SOURCE_ROW, ids)
     problems = [(split, shard, p) for split, shard, p in verify_store(store) if p]
     assert problems == [("train", None, "the sample ids and labels are not the ones the manifest's fingerprint "
                                         "records")]
     (root / "photos").rename(root / "photos.away")
     with pytest.raises(StoreError, match="damaged store, train: the sample ids and labels are not"):
         student_splits(imagenet_config(root))
+
+
+def _forge(store: Path, split: str, name: str, values: np.ndarray) -> None:
+    """Write `values` into the split's array `name` and its chunk digests to match, as a forger would."""
+    from pipeline.targets import TeacherTargets
+
+    group = zarr.open_group(str(store), mode="r+")[split]
+    group[name][:] = values
+    targets = TeacherTargets(store, split, require_complete=False)
+    column = targets.spec.row_arrays().index(name)
+    digests = group["chunk_digest"][:]
+    digests[:, column] = chunk_digests({name: values}, (name,), 0, targets.chunk_size)[:, 0]
+    group["chunk_digest"][:] = digests
+
+
+def test_verify_checks_every_stored_image_against_its_pixel_digest(photo_store, tmp_path):
+    root = _copy(photo_store, tmp_path)
+    store = root / "imagenet.zarr"
+    digests = zarr.open_group(str(store), mode="r")["train"]["pixel_digest"][:]
+    digests[3] ^= np.uint64(1)
+    _forge(store, "train", "pixel_digest", digests)  # the chunk digests agree; the image does not
+    problems = [(split, shard, p) for split, shard, p in verify_store(store) if p]
+    assert problems == [("train", 0, "the stored image of row 3 does not match its pixel digest")]
+
+
+def test_stored_labels_that_are_not_the_files_are_refused_with_the_files_present(photo_store, tmp_path):
+    root = _copy(photo_store, tmp_path)
+    store = root / "imagenet.zarr"
+    labels = zarr.open_group(str(store), mode="r")["train"]["labels"][:]
+    labels[0] = 1 - labels[0]
+    _forge(store, "train", "labels", labels)
+    with pytest.raises(StoreError, match="damaged store, train: the sample ids and labels are not") as info:
+        student_splits(imagenet_config(root))
+    assert "\\n" not in str(info.value)
+
+
+def test_sample_ids_are_looked_up_without_an_array_as_long_as_the_largest(photo_store, tmp_path):
+    """A store's ids are names: one far beyond any dataset (with every digest made to agree) costs no memory."""
+    root = _copy(photo_store, tmp_path)
+    store = root / "imagenet.zarr"
+    group = zarr.open_group(str(store), mode="r")["train"]
+    ids, labels = group[SOURCE_ROW][:], group["labels"][:]
+    ids[0] = 2 ** 40
+    _forge(store, "train", SOURCE_ROW, ids)
+    rewrite_manifest(store, lambda m: m["splits"]["train"].update(fingerprint=split_fingerprint(ids, labels)))
+    (root / "photos").rename(root / "photos.away")
+    cfg = imagenet_config(root)
+    splits, _ = student_splits(cfg)
+    assert splits["train"].ids[0] == 2 ** 40 and len(splits["train"].load(range(12))) == 12
+
+
+def test_a_folder_that_cannot_be_listed_is_read_from_the_store(photo_store, tmp_path, monkeypatch):
+    import pipeline.student.splits as splits_module
+
+    root = _copy(photo_store, tmp_path)
+    denied = root / "photos" / "train"
+
+    def unlistable(*_):
+        raise PermissionError(13, "Permission denied", str(denied))
+
+    monkeypatch.setattr(splits_module, "load_splits", unlistable)
+    notes = []
+    monkeypatch.setattr(splits_module.tqdm, "write", notes.append)
+    splits, _ = student_splits(imagenet_config(root), log=True)
+    assert len(splits["train"]) == 12
+    assert notes == [f"data: Permission denied: {denied}; reading the images stored in {root / 'imagenet.zarr'} "
+                     "instead (sample ids and labels checked against its fingerprints)"]
+
+
+def test_an_in_memory_dataset_rewritten_since_extraction_is_evaluated_on_the_stored_pixels(tmp_path):
+    """CIFAR is held in memory: with a test batch rewritten, evaluation still reads the pixels the teacher saw."""
+    import pickle
+
+    write_cifar10(tmp_path / "data")
+    sets = ["data.name=cifar10", f"data.root={tmp_path / 'data'}", "extract.images=true", "extract.chunk_size=8",
+            "extract.chunks_per_shard=2", "extract.features=[pre_logits]", "student.model_kwargs.widths=[8,16,32]",
+            "student.batch_size=8", "student.epochs=1", "loader.workers=0", f"extract.store={tmp_path / 'c.zarr'}",
+            f"teacher.checkpoint={tmp_path / 'teacher.safetensors'}"]
+    args = ["--config", str(REPO / "params.yaml"), *(x for s in sets for x in ("--set", s))]
+    extract_recording(load_config(REPO / "params.yaml", sets))
+    run_bkd(["train-student", *args, "--run-dir", str(tmp_path / "run")], tmp_path)
+
+    def evaluate(name):
+        out = run_bkd(["evaluate", *args, "--run-dir", str(tmp_path / "run"), "--metrics", str(tmp_path / name),
+                       "--plots-dir", str(tmp_path / "plots")], tmp_path)
+        return json.loads((tmp_path / name).read_text()), out.stdout + out.stderr
+
+    clean, _ = evaluate("clean.json")
+    batch = tmp_path / "data" / "cifar-10-batches-py" / "test_batch"
+    data = pickle.loads(batch.read_bytes())
+    data["data"][:] = 0
+    batch.write_bytes(pickle.dumps(data, protocol=2))
+    rewritten, said = evaluate("rewritten.json")
+    assert "warning: 8 of 8 checked test samples" in said
+    keys = ("top1", "teacher_top1", "firing_rate", "sops_per_sample")
+    assert {k: rewritten[k] for k in keys} == {k: clean[k] for k in keys}
