@@ -118,7 +118,12 @@ class Trainer:
 
     def _restore(self) -> tuple[int, int, Tally]:
         if not self.checkpoint_path.is_file():
-            raise BkdError(f"--resume: no checkpoint at {self.checkpoint_path}")
+            if (self.run_dir / "history.json").exists():  # an epoch was recorded: its checkpoint is missing
+                raise BkdError(f"--resume: no checkpoint at {self.checkpoint_path}")
+            if self.ranks.is_main:  # stopped before its first checkpoint: nothing to resume, nothing lost
+                tqdm.write(f"--resume: {self.run_dir} holds no checkpoint yet (stopped before the first was "
+                           "written): training from the start")
+            return 0, 0, Tally()
         state = checkpoint.load_state(self.checkpoint_path)
         if "ranks" not in state:
             raise BkdError(f"--resume: {self.checkpoint_path} was written by an older bkd; train again without --resume")

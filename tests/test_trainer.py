@@ -75,6 +75,25 @@ def test_crash_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, schedule
     assert strip == [{k: v for k, v in row.items() if k != "seconds"} for row in ref_history]
 
 
+def test_resume_before_the_first_checkpoint_trains_from_the_start(tmp_path):
+    """Killed before its first checkpoint (a loader worker OOM-killed in step 1), --resume starts over: nothing was
+    finished, and the run equals an uninterrupted one; once an epoch is recorded, a missing checkpoint is an error."""
+    reference, ref_model = _trainer(tmp_path / "ref")
+    reference.fit()
+    crashed, _ = _trainer(tmp_path / "run", fail_at=3)  # before step 5's checkpoint
+    with pytest.raises(Crash):
+        crashed.fit()
+    assert not (tmp_path / "run" / "last.pt").exists()
+    resumed, model = _trainer(tmp_path / "run")
+    resumed.fit(resume=True)
+    for key, value in ref_model.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    (tmp_path / "run" / "last.pt").unlink()  # history.json records epochs: their checkpoint is gone
+    again, _ = _trainer(tmp_path / "run")
+    with pytest.raises(BkdError, match="--resume: no checkpoint at"):
+        again.fit(resume=True)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     trainer, _ = _trainer(tmp_path, nan_at=12 + 7)  # epoch 2, step 7
     with pytest.raises(BkdError, match=r"non-finite in epoch 2, step 7.*last.pt") as info:
