@@ -31,6 +31,9 @@ def read_mode_metrics(metrics_dir: str | Path) -> dict[str, dict[str, Any]]:
                 found[mode] = json.loads(path.read_text())
             except ValueError:
                 raise BkdError(f"{path}: not a metrics JSON file") from None
+            if not isinstance(found[mode], dict):
+                raise BkdError(f"{path}: not a metrics JSON file (an object of metrics expected, found a "
+                               f"{type(found[mode]).__name__})")
     if not found:
         raise BkdError(f"no student metrics in {metrics_dir} (run `bkd evaluate` or `dvc repro` first)")
     return found
@@ -181,5 +184,8 @@ def mode_groups(metrics: dict[str, dict[str, Any]], metric: str) -> list[dict[st
     measured = {key for m in metrics.values() for key, value in m.items() if _number(value)}
     if metric not in measured:
         raise BkdError(_unknown_metric(metric, measured))
+    for mode, m in metrics.items():
+        if metric in m and not _number(m[metric]):
+            raise BkdError(f"{METRIC_FILE.format(mode=mode).split('/')[-1]}: {metric} is {m[metric]!r}, not a number")
     stats = {mode: {"n": 1, "mean": float(m[metric]), "sd": math.nan} for mode, m in metrics.items() if metric in m}
     return [{"params": {}, "names": ["workspace"], "seeds": [None], "values": {}, "stats": stats}]

@@ -118,3 +118,15 @@ def test_compare_reads_the_workspace_metrics(tmp_path):
         proc = run_bkd(["compare", "--metrics-dir", "metrics", "--metric", "nosuch", *extra], tmp_path, check=False)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stdout == ""
         assert "--metric 'nosuch'" in proc.stderr and "top1" in proc.stderr
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ('{"top1": "x"}', "student-kd.json: top1 is 'x', not a number"),
+    ("[1, 2]", "student-kd.json: not a metrics JSON file (an object of metrics expected, found a list)"),
+])
+def test_a_metrics_file_of_the_wrong_shape_is_one_line(tmp_path, content, fragment):
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "student-none.json").write_text(json.dumps({"top1": 0.9}))
+    (tmp_path / "metrics" / "student-kd.json").write_text(content)
+    proc = run_bkd(["compare", "--metrics-dir", "metrics"], tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and fragment in proc.stderr, proc.stderr
