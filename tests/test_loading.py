@@ -350,6 +350,8 @@ def test_arrays_the_manifest_does_not_describe_are_refused_by_verify_and_trainin
     with pytest.raises(StoreError, match="damaged store"):  # not an IndexError deep in a read
         open_student_targets(dataclasses.replace(cfg, extract=dataclasses.replace(cfg.extract, store=str(copy))),
                              "train", split)
+    info = run_bkd(["cache", "info", str(copy)], tmp_path, check=False)  # not "complete" over the damage
+    assert info.returncode == 2 and info.stderr.count("\n") == 1 and fragment in info.stderr
 
 
 def test_verify_flags_a_store_not_marked_complete(imagenet_store, tmp_path):

@@ -16,9 +16,12 @@ from pipeline.targets.spec import FEATURES, FLAGS, LOGITS, SOURCE_ROW, SplitLayo
 
 
 def store_info(path: str | Path) -> dict[str, Any]:
-    """The store's splits, shards written, feature shapes, dtypes, codec, size on disk and manifest."""
+    """The store's splits, shards written, feature shapes, dtypes, codec, size on disk and manifest; a store whose
+    arrays are not the ones its manifest makes them is refused (`verify_store` lists what else is wrong)."""
     root = open_group(str(path))
     manifest = root.attrs["manifest"]
+    for split in manifest["splits"]:  # arrays the manifest does not describe: refused, as training does
+        TeacherTargets(path, split, require_complete=False)
     chunking = manifest["chunking"]
     splits = {}
     for split, meta in manifest["splits"].items():
