@@ -29,7 +29,8 @@ import numpy as np
 from scipy.special import gammaln
 
 from pipeline.config import load_config
-from pipeline.data import Source, load_split, _split
+from pipeline.data import _split, load_split
+from pipeline.sources import Source
 from pipeline.student.stream import student_sampler
 
 REPO = Path(__file__).resolve().parents[1]

@@ -44,7 +44,8 @@ def stream(store: str, batch_size: int, buffer_chunks: int) -> dict:
     import torch
 
     from pipeline.config import DataConfig
-    from pipeline.data import ArraySource, ImageSplit, load_split
+    from pipeline.data import ImageSplit, load_split
+    from pipeline.sources import ArraySource
     from pipeline.samplers import ChunkShuffleSampler
     from pipeline.student.stream import CachedTargetDataset
 

@@ -25,7 +25,7 @@ def check_names(cfg: Config, students: Container[str] | None = None) -> Config:
     registry, which the student side passes in: the teacher side never reads student.model) a student
     that is not in it."""
     from pipeline.augment import PARAM_NAMES
-    from pipeline.data import DATASETS
+    from pipeline.sources import DATASETS
 
     checks = [
         _teacher_check(cfg.teacher.model),

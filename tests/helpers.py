@@ -21,7 +21,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.config import DataConfig, load_config
-from pipeline.data import ArraySource, ImageSplit
+from pipeline.data import ImageSplit
+from pipeline.sources import ArraySource
 from pipeline.targets import StoreWriter, TargetSpec
 from stages.cli import main
 

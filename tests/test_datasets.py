@@ -107,7 +107,7 @@ def test_hdf5_is_read_lazily_in_any_order(tmp_path):
 @pytest.mark.parametrize("rows", [[7, 2, 7, 19], [3, 4, 5, 6], [19], [0, 19, 10, 11, 1]])
 def test_hdf5_reads_any_rows_of_any_layout(tmp_path, layout, rows):
     """Scattered rows (what the shuffled splits ask for), runs, repeats: the values numpy gives."""
-    from pipeline.data import HDF5Source
+    from pipeline.sources import HDF5Source
 
     data = RNG.integers(0, 256, (20, 1, 8, 8), dtype=np.uint8)
     with h5py.File(tmp_path / "train.h5", "w") as fh:
