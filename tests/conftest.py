@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+
+# One intra-op thread per test process, set before torch is imported and inherited by every `bkd`
+# subprocess, DDP rank and loader worker: `make test` already runs one pytest worker per core, and
+# torch's default (a thread per core in each process) oversubscribes the cores several times over.
+for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_name, "1")
+
+from pathlib import Path  # noqa: E402
 
 import pytest
 
