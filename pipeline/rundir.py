@@ -31,7 +31,7 @@ from pipeline.locks import PathLock
 # Fields that cannot change what a run computes: where things are read from or written to,
 # the device, how often checkpoints are saved, how extraction batches the teacher.
 RESULT_NEUTRAL = ("student.device", "teacher.device", "student.checkpoint_every", "student.out_dir",
-                  "teacher.checkpoint", "extract.store", "extract.batch_size", "data.root",
+                  "teacher.checkpoint", "extract.store", "extract.identity", "extract.batch_size", "data.root",
                   "loader.pin_memory", "loader.prefetch_factor", "loader.persistent_workers")
 # What each kind of run depends on. A student depends on the teacher only through the store,
 # whose identity (teacher weights included) is checked on its own; so teacher training settings

@@ -60,7 +60,7 @@ def main(config_path, overrides, store, views, device, overwrite, workers, sched
         return
     result = extract_teacher(cfg, resolve_device(device), overwrite=overwrite, workers=workers, scheduler=scheduler,
                              check_space=not ignore_free_space)
-    click.echo(f"{result['store']}: complete ({result['shards_written']} shards written)")
+    click.echo(f"{result['store']}: complete ({result['shards_written']} shards written); identity {result['identity']}")
 
 
 if __name__ == "__main__":

@@ -163,10 +163,13 @@ def test_params_yaml_is_the_default_config():
     cfg = load_config(params)
     _assert_matches(cfg, yaml.safe_load(params.read_text()))
     # what the file spells out beyond the defaults: the student's model_kwargs, and the embedded data's
-    # 1,000-digit subset (a config for another dataset must not inherit a subset unawares)
+    # 1,000-digit subset (a config for another dataset must not inherit a subset unawares), and the store's
+    # identity file, which dvc.yaml names (by default it goes beside the store, where params.yaml puts it)
     assert cfg.data.limit == 1000
+    assert cfg.extract.identity == Config().extract.identity_path() == "cache/mnist5k-resnet18.identity.json"
     assert dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, model_kwargs={}),
-                               data=dataclasses.replace(cfg.data, limit=None)) == Config()
+                               data=dataclasses.replace(cfg.data, limit=None),
+                               extract=dataclasses.replace(cfg.extract, identity="")) == Config()
 
 
 @pytest.mark.parametrize("override,field", [

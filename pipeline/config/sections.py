@@ -167,6 +167,10 @@ class TeacherConfig:
 @dataclass
 class ExtractConfig:
     store: str = "cache/mnist5k-resnet18.zarr"
+    # The small file the extraction writes when the store is complete: the store's manifest digest. DVC
+    # tracks it instead of the store (never hashing or copying the store), and a student run refuses a store
+    # that is not the one it names. Empty: beside the store, STORE (minus .zarr) + ".identity.json".
+    identity: str = ""
     splits: list[Split] = field(default_factory=lambda: ["train", "test"])
     # Store only the k largest logits (and their classes) per view, e.g. 10 of ImageNet's 1000;
     # the logits losses then see the other classes as far below the k-th (README: the approximation).
@@ -206,8 +210,17 @@ class ExtractConfig:
         if isinstance(self.channels_last, bool):  # YAML 1.1: `channels_last: on` is a boolean
             self.channels_last = "on" if self.channels_last else "off"
 
+    def identity_path(self) -> str:
+        """extract.identity, or where it goes when empty: beside the store."""
+        base = self.store.rstrip("/")
+        return self.identity or (base[:-len(".zarr")] if base.endswith(".zarr") else base) + ".identity.json"
+
     def check(self) -> None:
         _check_path("extract.store", self.store)
+        _check(self.identity == "" or self.identity.strip() != "",
+               f"extract.identity must be a path or empty (beside the store), got {_short(self.identity)}")
+        _check(self.identity_path().rstrip("/") != self.store.rstrip("/"),
+               "extract.identity names the store itself; it is a file of its own, such as cache/NAME.identity.json")
         _check(self.views >= 1, f"extract.views (K) must be >= 1, got {self.views}")
         _check(self.chunk_size >= 1, f"extract.chunk_size must be >= 1, got {self.chunk_size}")
         _check(self.chunks_per_shard >= 1, f"extract.chunks_per_shard must be >= 1, got {self.chunks_per_shard}")

@@ -185,7 +185,7 @@ def run_config(cfg, run_dir: str | Path):
     if difference:
         raise BkdError(f"{run_dir} was trained with another config: {difference}; evaluate it with the run's "
                        f"config ({Path(run_dir) / 'config.yaml'})")
-    neutral = ("student.device", "extract.store", "teacher.checkpoint", "data.root")
+    neutral = ("student.device", "extract.store", "extract.identity", "teacher.checkpoint", "data.root")
     return load_config(Path(run_dir) / "config.yaml", [format_override(key, _get_dotted(cfg, key)) for key in neutral])
 
 

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from pipeline import checkpoint
 from pipeline.config import Config
 from pipeline.errors import BkdError, StoreError
+from pipeline.targets.identity_file import check_identity
 from pipeline.targets.reader import TeacherTargets
 from pipeline.targets.spec import LOGITS, TargetSpec
 
@@ -100,6 +101,7 @@ def check_student_targets(targets: TeacherTargets, cfg: Config, images, sha: str
     lazily read one. With `read_stored` (the run reads the pixels the store holds, not these), samples
     that differ are counted rather than refused: (differing, checked).
     """
+    check_identity(cfg.extract.identity_path(), targets.path, targets.manifest)
     expected = expected_spec(cfg, {targets.split: images}, sha, view_spec)
     targets.check_matches(expected.to_manifest())
     rows = np.arange(len(images))

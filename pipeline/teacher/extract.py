@@ -14,14 +14,16 @@ from tqdm import tqdm
 from pipeline.augment import partner_inputs, view_augmenter
 from pipeline.config import Config
 from pipeline.data import data_loader, load_splits
+from pipeline.dvcrepo import dvc_copies
 from pipeline.errors import BkdError
 from pipeline.locks import PathLock
 from pipeline.teacher.fast import prepare_teacher, resolve_extract
 from pipeline.teacher.models import load_teacher, teacher_outputs
 from pipeline.teacher.plan import check_fits
 from pipeline.targets.codecs import CodecError, get_codec
-from pipeline.targets import (IMAGES, SOURCE_ROW, TOPK_TARGET_CLASS, StoreWriter, check_format, check_store_location,
-                              existing_store, expected_spec, feature_array, pixel_digests, teacher_sha)
+from pipeline.targets import (IMAGES, SOURCE_ROW, TOPK_TARGET_CLASS, StoreWriter, check_format, check_identity_target,
+                              check_store_location, existing_store, expected_spec, feature_array, pixel_digests,
+                              teacher_sha, write_identity)
 
 
 class ShardExtractor:
@@ -194,6 +196,9 @@ def extract_teacher(cfg: Config, device: torch.device, overwrite: bool = False, 
     # "auto" precision resolved once, from the device the shards run on: the manifest and every worker agree
     cfg = dataclasses.replace(cfg, extract=resolve_extract(cfg.extract, device))
     check_store_location(cfg.extract.store)  # before any heavy work: a path bkd must not write to,
+    check_identity_target(cfg.extract.identity_path())  # or an identity file it must not replace,
+    if "://" in str(cfg.extract.store):
+        dvc_copies(str(cfg.extract.store))  # or a store at a URL that DVC lists as an output,
     existing = existing_store(cfg.extract.store)  # or something there that bkd did not make,
     if existing is not None and not overwrite:
         check_format(cfg.extract.store, existing)  # or a store of another format
@@ -219,7 +224,8 @@ def extract_teacher(cfg: Config, device: torch.device, overwrite: bool = False, 
             else:
                 _run_on_dask(cfg, str(device), missing, workers, scheduler, bar)
         writer.finish()
-    return {"store": str(cfg.extract.store), "shards_written": len(missing),
+        write_identity(cfg.extract.identity_path(), writer.root.attrs["manifest"])
+    return {"store": str(cfg.extract.store), "shards_written": len(missing), "identity": cfg.extract.identity_path(),
             "num_features": extractor.model.num_features}
 
 
