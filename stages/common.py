@@ -30,13 +30,33 @@ def config_options(command):
 
 
 def build_config(config_path: str, overrides: list[str], students=None, **options) -> Config:
-    """Load the config; options given on the command line (not None) override it. The names it uses are
+    """Load the config; options given on the command line (not None) override it (a store named there
+    without an identity file keeps its identity file beside it, not the config's). The names it uses are
     checked against the registries; `students`: the student registry, passed by the student stages
     (stage one imports no student code, see `pipeline.registry`)."""
     from pipeline.registry import check_names
 
     extra = [format_override(key, value) for key, value in options.items() if value is not None]
-    return check_names(load_config(config_path, list(overrides) + extra), students)
+    named = {item.split("=", 1)[0].strip() for item in list(overrides) + extra}
+    if "extract.store" in named and "extract.identity" not in named:
+        extra.append(format_override("extract.identity", ""))  # another store: its identity file beside it
+    return store_in_origin(check_names(load_config(config_path, list(overrides) + extra), students))
+
+
+def store_in_origin(cfg: Config) -> Config:
+    """In a DVC temporary experiment workspace, a relative store path names the store of the workspace the
+    experiment was queued from (`pipeline.dvcrepo.origin_path`): DVC tracks the identity file, which stays
+    in the temporary workspace, never the store, which would otherwise be missing there."""
+    import dataclasses
+
+    from pipeline.dvcrepo import origin_path
+
+    store = origin_path(cfg.extract.store)
+    if store == cfg.extract.store:
+        return cfg
+    click.echo(f"store: {cfg.extract.store} of the workspace this DVC experiment was queued from ({store})", err=True)
+    extract = dataclasses.replace(cfg.extract, store=store, identity=cfg.extract.identity_path())
+    return dataclasses.replace(cfg, extract=extract)
 
 
 def nonempty(value: str | None, option: str) -> str | None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.dvcrepo import DvcCopies, dvc_copies
 from pipeline.errors import BkdError
 from pipeline.targets import StoreWriter, filesystem
 from pipeline.targets.spec import FEATURES, IMAGES, LOGITS, SCALES
@@ -56,10 +57,16 @@ class Plan:
     seconds_per_row_written: float
     calibration_rows: dict[str, int]
     device: str
+    dvc: DvcCopies | None = None  # what DVC's cache adds for the store (None: not in a DVC repository)
 
     @property
     def total_bytes(self) -> int:
         return sum(self.array_bytes.values()) + self.other_bytes
+
+    @property
+    def dvc_bytes(self) -> int:
+        """The bytes DVC's commit adds, on the file system of its cache."""
+        return self.dvc.extra * self.total_bytes if self.dvc is not None else 0
 
     @property
     def forward_passes(self) -> int:
@@ -73,12 +80,36 @@ class Plan:
     def free_bytes(self) -> int | None:
         return free_space(self.store)
 
+    def cache_free_bytes(self) -> int | None:
+        """Free bytes on the file system of DVC's cache, where it is not the store's."""
+        if self.dvc is None or self.dvc.cache_dir is None or self.dvc.same_filesystem:
+            return None
+        return free_space(self.dvc.cache_dir)
+
+    def shortfall(self) -> str | None:
+        """What does not fit: the store (with DVC's copy when its cache shares the disk), or DVC's copy on
+        its cache's own disk; None when everything fits or the free space is unknown."""
+        free, cache_free = self.free_bytes(), self.cache_free_bytes()
+        here = self.total_bytes + (self.dvc_bytes if self.dvc is None or self.dvc.same_filesystem else 0)
+        if free is not None and here > free:
+            with_dvc = f" ({human(self.total_bytes)} and DVC's copy)" if here > self.total_bytes else ""
+            return f"the store {self.store} is projected at {human(here)}{with_dvc} still to write, and its disk has " \
+                   f"{human(free)} free"
+        if cache_free is not None and self.dvc_bytes > cache_free:
+            return f"DVC's cache {self.dvc.cache_dir} would take {human(self.dvc_bytes)} of the store ({self.dvc.why}) " \
+                   f"and its disk has {human(cache_free)} free"
+        return None
+
     def to_dict(self) -> dict:
         return {"store": self.store, "samples": self.samples, "views": self.views, "device": self.device,
                 "calibration_rows": self.calibration_rows,
                 "arrays": [{**dataclasses.asdict(a), "bytes_per_view": a.bytes_per_view,
                             "bytes": self.array_bytes[(a.split, a.name)]} for a in self.arrays],
                 "other_bytes": self.other_bytes, "total_bytes": self.total_bytes, "free_bytes": self.free_bytes(),
+                "dvc": None if self.dvc is None else {"why": self.dvc.why, "bytes": self.dvc_bytes,
+                                                      "cache_dir": self.dvc.cache_dir,
+                                                      "same_filesystem": self.dvc.same_filesystem,
+                                                      "free_bytes_at_cache": self.cache_free_bytes()},
                 "forward_passes": self.forward_passes, "seconds": self.seconds}
 
 
@@ -149,7 +180,9 @@ def plan_store(cfg, device, samples: dict[str, int] | None = None, rows: int | N
     from pipeline.teacher.fast import resolve_extract
 
     cfg = dataclasses.replace(cfg, extract=resolve_extract(cfg.extract, device))
-    return plan_extraction(ShardExtractor(cfg, device), samples, rows)
+    plan = plan_extraction(ShardExtractor(cfg, device), samples, rows)
+    plan.dvc = dvc_copies(str(cfg.extract.store))
+    return plan
 
 
 def _codec_of(spec, array: str) -> str:
@@ -173,12 +206,15 @@ def check_fits(extractor, rows: dict[str, int]) -> None:
     space at its local destination. Only when even the uncompressed arrays would not fit is the projection
     calibrated (on a few rows, through the real codecs)."""
     free = free_space(str(extractor.ex.store))
-    if free is None or raw_bytes(extractor.spec, rows) * 1.01 + (1 << 20) <= free:
+    copies = dvc_copies(str(extractor.ex.store))  # a second copy, where DVC tracks the store and copies
+    if not (copies is not None and copies.extra) and (
+            free is None or raw_bytes(extractor.spec, rows) * 1.01 + (1 << 20) <= free):
         return
     plan = plan_extraction(extractor, samples=rows, rows=min(extractor.ex.chunk_size, 64))
-    if plan.total_bytes > free:
-        raise BkdError(f"the store {plan.store} is projected at {human(plan.total_bytes)} still to write, and its disk "
-                       f"has {human(free)} free; free space, move extract.store, lower extract.views or choose compact "
+    plan.dvc = copies
+    problem = plan.shortfall()
+    if problem:
+        raise BkdError(f"{problem}; free space, move extract.store, lower extract.views or choose compact "
                        "extract.codecs (`bkd extract-teacher --plan` shows each array), or pass --ignore-free-space")
 
 
@@ -196,6 +232,16 @@ def duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
+def _dvc_line(plan: Plan) -> str:
+    if plan.dvc is None:
+        return "DVC: not in a DVC repository"
+    if not plan.dvc_bytes:
+        return f"DVC: {plan.dvc.why}"
+    where = "on the store's disk" if plan.dvc.same_filesystem else (
+        f"on its cache's disk ({human(plan.cache_free_bytes() or 0)} free there)")
+    return f"DVC: {plan.dvc.why}: +{human(plan.dvc_bytes)} {where}"
+
+
 def format_plan(plan: Plan) -> str:
     """The plan as the table `--plan` prints."""
     lines = [f"plan for {plan.store} ({', '.join(f'{s}: {n:,} samples x {plan.views[s]} views' for s, n in plan.samples.items())};"
@@ -210,6 +256,7 @@ def format_plan(plan: Plan) -> str:
     free = plan.free_bytes()
     lines += [f"metadata, digests, flags: {human(plan.other_bytes)}",
               f"store: {human(plan.total_bytes)}; free at destination: {human(free) if free is not None else 'unknown'}",
+              _dvc_line(plan),
               f"teacher forward passes: {plan.forward_passes:,}; estimated time: {duration(plan.seconds)} "
               f"({plan.seconds_per_view * 1e3:.2f} ms per view, {plan.seconds_per_row_written * 1e3:.3f} ms per row "
               "written)"]
