@@ -93,7 +93,7 @@ def test_every_stage_depends_on_the_code_it_imports():
         assert not extra, f"dvc.yaml stage {name} depends on code it never imports: {extra}"
         for dep in deps:
             assert (REPO / dep).exists() or dep == _lookup(params, "teacher.checkpoint") or \
-                dep == _lookup(params, "extract.store") or dep.startswith("runs/") or dep.startswith("metrics/"), \
+                dep == _lookup(params, "extract.identity") or dep.startswith("runs/") or dep.startswith("metrics/"), \
                 f"stage {name}: dep {dep} does not exist"
 
 
@@ -155,3 +155,21 @@ def test_the_student_stages_are_the_distillation_modes():
         assert [u for u in item["uses"] if u != "seed"] == list(MODES[mode].params), mode
         assert len(item["uses"]) == slots, mode
     assert stages["evaluate"]["foreach"] == list(MODES)
+
+
+def test_the_store_is_never_a_dvc_output_or_dependency():
+    """DVC tracks the store's identity file, never the store: it would hash it, copy it into its cache and
+    into every queued experiment, and delete it (at a URL too) before re-running the extraction."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    store, identity = _lookup(params, "extract.store"), _lookup(params, "extract.identity")
+    assert identity and identity != store
+    text = (REPO / "dvc.yaml").read_text()
+    assert "${extract.store}" not in text.replace("# ", "")
+    stages = _stages()
+    outs = [o if isinstance(o, str) else next(iter(o)) for o in stages["extract_teacher"]["outs"]]
+    assert outs == ["${extract.identity}"]
+    for name, stage in stages.items():
+        if name.startswith(("train_student", "evaluate")):
+            assert "${extract.identity}" in stage["deps"], name
+    config = (REPO / ".dvc/config").read_text()
+    assert re.search(r"^\s*type = hardlink,symlink$", config, re.M), "DVC's cache must link, not copy"
