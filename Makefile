@@ -36,4 +36,4 @@ bench: install
 	$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf runs metrics reports plots models cache/*.zarr
+	rm -rf runs metrics reports plots models cache/*.zarr cache/*.identity.json
