@@ -30,16 +30,12 @@ def config_options(command):
 
 
 def build_config(config_path: str, overrides: list[str], students=None, **options) -> Config:
-    """Load the config; options given on the command line (not None) override it (a store named there
-    without an identity file keeps its identity file beside it, not the config's). The names it uses are
+    """Load the config; options given on the command line (not None) override it. The names it uses are
     checked against the registries; `students`: the student registry, passed by the student stages
     (stage one imports no student code, see `pipeline.registry`)."""
     from pipeline.registry import check_names
 
     extra = [format_override(key, value) for key, value in options.items() if value is not None]
-    named = {item.split("=", 1)[0].strip() for item in list(overrides) + extra}
-    if "extract.store" in named and "extract.identity" not in named:
-        extra.append(format_override("extract.identity", ""))  # another store: its identity file beside it
     return store_in_origin(check_names(load_config(config_path, list(overrides) + extra), students))
 
 

@@ -293,10 +293,11 @@ def write_hdf5(root: Path, key: str, shape: tuple, n: dict, dtype=np.uint8) -> N
 
 
 def rewrite_manifest(store, edit, digest: bool = True) -> None:
-    """Apply `edit` to the store's manifest in place; with `digest`, rewrite its digest too, as a store that
-    was written so would have it (without: a hand edit, which readers refuse)."""
+    """Apply `edit` to the store's manifest in place; with `digest`, rewrite its digest and the identity file
+    beside it too, as a store that was written so would have them (without: a hand edit, which readers refuse)."""
     import zarr
 
+    from pipeline.targets import write_identity
     from pipeline.targets.spec import manifest_digest
 
     root = zarr.open_group(str(store), mode="r+")
@@ -305,6 +306,9 @@ def rewrite_manifest(store, edit, digest: bool = True) -> None:
     root.attrs["manifest"] = manifest
     if digest:
         root.attrs["manifest_digest"] = manifest_digest(manifest)
+        identity = Path(str(store).removesuffix(".zarr") + ".identity.json")
+        if identity.is_file():
+            write_identity(str(identity), manifest)
 
 
 def write_photos(root: Path, per_class: int = 6) -> None:

@@ -52,7 +52,10 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
 
 
 def load_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -> Config:
-    """Read a YAML config (or the built-in defaults when `path` is None), apply overrides, validate."""
+    """Read a YAML config (or the built-in defaults when `path` is None), apply overrides, validate.
+
+    A store named by an override without an identity file keeps its identity file beside it
+    (`ExtractConfig.identity_path`), never the one the file names for its own store."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -61,6 +64,10 @@ def load_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -
         raw = _read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
+    overrides = list(overrides)
     for assignment in overrides:
         apply_override(raw, assignment)
+    named = {assignment.split("=", 1)[0].replace(" ", "") for assignment in overrides}
+    if "extract.store" in named and "extract.identity" not in named and isinstance(raw.get("extract"), dict):
+        raw["extract"]["identity"] = ""  # another store than the file's: its identity file goes beside it
     return _checked(_build(Config, raw, ""))
