@@ -18,8 +18,14 @@ from pipeline.targets.spec import CHUNK_DIGEST, FLAGS, FORMAT_FAMILY, SPLITS, is
 
 
 def filesystem(url: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem and path of a store location: a local path or any fsspec URL zarr accepts."""
-    return fsspec.core.url_to_fs(str(url))
+    """The fsspec filesystem and path of a store location: a local path or any fsspec URL zarr accepts.
+
+    fsspec hands out one cached instance per URL kind, and object-store filesystems (s3fs, gcsfs) keep
+    the listings they made: objects written since (by zarr's own instance, a worker, another process)
+    would read as missing. Its listings are dropped here, so every check starts from the store as it is."""
+    fs, path = fsspec.core.url_to_fs(str(url))
+    fs.invalidate_cache()
+    return fs, path
 
 
 def store_exists(url: str | Path) -> bool:

@@ -80,7 +80,7 @@ class StoredImages:
                                  "`bkd extract-teacher --overwrite`")
             self.ids, self.labels, self.num_classes = split.ids, split.source.labels, split.num_classes
         self.path, self.origin = targets.path, f"{targets.path} ({targets.split} images)"
-        self.array = targets.arrays[IMAGES]
+        self.targets = targets
         self.shape = targets.spec.image_shape
         self.position = ByID(self.ids, np.arange(len(self.ids)))  # sample id -> store row
         self.digests = targets.whole("pixel_digest")
@@ -89,6 +89,11 @@ class StoredImages:
         self.capacity = max(1, -(-cache_rows // self.block))  # blocks kept
         self._blocks: OrderedDict[int, np.ndarray] = OrderedDict()
         self.blocks_decoded = 0  # for tests and benchmarks
+
+    @property
+    def array(self):
+        """The images array (the store's, opened again in a forked loader worker)."""
+        return self.targets.arrays[IMAGES]
 
     @staticmethod
     def _stored_ids(targets: TeacherTargets, required: bool) -> tuple[np.ndarray, np.ndarray] | None:

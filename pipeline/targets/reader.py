@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
 
 from pipeline.errors import StoreError
 from pipeline.targets.fields import Features, FieldError, Images, store_fields
@@ -28,6 +30,7 @@ class TeacherTargets:
 
     def __init__(self, path: str | Path, split: str, require_complete: bool = True):
         self.path, self.split = str(path), split
+        self._pid = os.getpid()
         self.root = open_group(self.path)
         self.manifest = self.root.attrs["manifest"]
         if require_complete and not self.root.attrs.get("complete", False):
@@ -39,13 +42,29 @@ class TeacherTargets:
         self.topk = self.spec.logits_topk
         self.fields = store_fields(self.spec)
         names = self.spec.row_arrays()
-        self.group = split_group(self.root, split, self.path, names + (CHUNK_DIGEST, FLAGS))
-        self.arrays = {name: self.group[name] for name in names}
+        self._group = split_group(self.root, split, self.path, names + (CHUNK_DIGEST, FLAGS))
+        self._arrays = {name: self._group[name] for name in names}
         self._check_shapes()
         self.layout = self.spec.layout(split)
         self._present: set[int] = set()  # shards whose objects were seen on disk
         if require_complete:
             self.check_present()
+
+    @property
+    def group(self):
+        """The split's zarr group, opened again in a process forked since (a DataLoader worker): an object
+        store's client (s3fs, gcsfs) is bound to the event loop of the process that opened it."""
+        if self._pid != os.getpid():
+            self._group = zarr.open_group(self.path, mode="r")[self.split]
+            self._arrays = {name: self._group[name] for name in self._arrays}
+            self._pid = os.getpid()
+        return self._group
+
+    @property
+    def arrays(self) -> dict:
+        """The row arrays by name (opened again after a fork, as `group`)."""
+        self.group
+        return self._arrays
 
     def _check_shapes(self) -> None:
         """Refuse arrays whose shape or dtype is not the one the manifest makes them (a view count, sample
