@@ -26,15 +26,20 @@ TEMP_WORKSPACES = Path(".dvc", "tmp", "exps")
 
 def temporary_workspace(cwd: Path | None = None) -> tuple[Path, Path] | None:
     """(the temporary workspace, the repository it was queued from) when `cwd` lies in one of DVC's
-    temporary experiment workspaces, else None."""
+    temporary experiment workspaces, else None. The workspace is the clone (the folder holding `.git`)
+    nearest below `.dvc/tmp/exps`: `exps/tmpXXXX` for a queued experiment, `exps/standalone/tmpXXXX` for
+    `dvc exp run --temp`."""
     here = (cwd or Path.cwd()).resolve()
     parts = here.parts
     marker = TEMP_WORKSPACES.parts
     for i in range(len(parts) - len(marker)):
         if parts[i:i + len(marker)] == marker and i + len(marker) < len(parts):
             origin = Path(*parts[:i])
-            if (origin / ".dvc").is_dir():
-                return Path(*parts[:i + len(marker) + 1]), origin
+            if not (origin / ".dvc").is_dir():
+                continue
+            below = range(i + len(marker) + 1, len(parts) + 1)
+            clones = [Path(*parts[:end]) for end in below if (Path(*parts[:end]) / ".git").exists()]
+            return (clones[0] if clones else Path(*parts[:i + len(marker) + 1])), origin
     return None
 
 

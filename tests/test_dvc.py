@@ -198,10 +198,13 @@ def test_student_param_experiment_reruns_only_student_stages(dvc_copy):
     if not (dvc_copy / "dvc.lock").is_file():
         _run(["dvc", "repro"], dvc_copy)
     _commit(dvc_copy, "repro")
-    output = _run(["dvc", "exp", "run", "-S", "student.lr=0.003"], dvc_copy)
+    # --temp: DVC runs it in a clone under .dvc/tmp/exps/standalone/, which reads this workspace's store
+    output = _run(["dvc", "exp", "run", "--temp", "-S", "student.lr=0.003"], dvc_copy)
     ran = _stages_run(output)
     assert "train_teacher" not in ran and "extract_teacher" not in ran
     assert {f"train_student@{mode}" for mode in MODES} <= ran
+    store = yaml.safe_load((dvc_copy / "params.yaml").read_text())["extract"]["store"]
+    assert f"queued from ({dvc_copy.resolve() / store})" in output
 
 
 def _changed_stages(root: Path) -> set[str]:

@@ -58,6 +58,7 @@ def linked(tmp_path_factory) -> Path:
     links into DVC's cache (ext4 has no reflinks)."""
     root = project_with_store(tmp_path_factory, "links", TINY, teacher_epochs=1)
     shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    shutil.copy(REPO / ".gitignore", root / ".gitignore")  # the store's .dvc file must not be git-ignored
     _run(["git", "init", "-q"], root)
     _run(["dvc", "add", "-q", STORE], root)
     _run(["git", "add", "-A"], root)  # a first commit: dvclive, logging a run, reads the repository's HEAD
@@ -172,6 +173,15 @@ def test_an_identity_path_holding_something_else_is_refused(tmp_path):
     assert not (tmp_path / STORE).exists()
 
 
+@pytest.mark.parametrize("identity", ["./cache/new.zarr", "cache//new.zarr/", "cache/new.zarr/id.json"])
+def test_an_identity_path_that_is_the_store_however_spelt_is_refused_before_extraction(tmp_path, identity):
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    out = run_bkd(["extract-teacher", *TINY, "--store", "cache/new.zarr", "--set", f"extract.identity={identity}"],
+                  tmp_path, check=False)
+    assert_one_line(out.returncode, out.stderr, "is the store", "or inside it")
+    assert not (tmp_path / "cache/new.zarr").exists()
+
+
 def test_a_url_identity_file_under_dvc_is_refused(tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     monkeypatch.setenv("DVC_STAGE", "extract_teacher")
@@ -180,10 +190,12 @@ def test_a_url_identity_file_under_dvc_is_refused(tmp_path, monkeypatch):
     assert_one_line(out.returncode, out.stderr, "a URL", "DVC")
 
 
-def test_a_temporary_experiment_reads_the_store_of_its_origin(tmp_path, monkeypatch):
+@pytest.mark.parametrize("clone", ["tmpab12", "standalone/tmpcd34"])  # queued, and `dvc exp run --temp`
+def test_a_temporary_experiment_reads_the_store_of_its_origin(tmp_path, monkeypatch, clone):
     (tmp_path / ".dvc").mkdir()
-    workspace = tmp_path / ".dvc/tmp/exps/tmpab12"
+    workspace = tmp_path / ".dvc/tmp/exps" / clone
     (workspace / "sub").mkdir(parents=True)
+    (workspace / ".git").mkdir()
     monkeypatch.chdir(workspace / "sub")
     assert temporary_workspace() == (workspace.resolve(), tmp_path.resolve())
     assert origin_path("cache/x.zarr") == str(tmp_path.resolve() / "sub/cache/x.zarr")
