@@ -26,7 +26,8 @@ from pipeline.targets.writer import StoreWriter
 __all__ = ["FORMAT", "IMAGES", "PIXEL_CHECK_SAMPLES", "SOURCE_ROW", "TOPK_ARRAYS", "TOPK_INDEX", "TOPK_TAIL",
            "TOPK_TARGET", "TOPK_TARGET_CLASS", "Features", "Field", "FieldError", "Images", "Index", "Labels", "Logits",
            "SplitLayout", "StoreWriter", "StoredImages", "TargetSpec", "TeacherTargets", "TopKLogits",
-           "bytes_on_disk", "check_format", "check_identity", "check_identity_target", "check_store_location", "check_student_targets", "dense_logits",
+           "bytes_on_disk", "check_format", "check_identity", "check_identity_target", "check_store_location",
+           "check_student_targets", "dense_logits",
            "existing_store", "expected_spec", "feature_array", "filesystem", "pixel_digests", "read_identity", "remove_store",
            "store_fields", "store_info", "student_teacher_sha", "teacher_sha", "topk_arrays", "verify_store",
            "write_identity"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 from pipeline.checkpoint import write_json
 from pipeline.errors import StoreError
@@ -54,9 +55,15 @@ def read_identity(path: str) -> dict | None:
     return record
 
 
-def check_identity_target(path: str) -> None:
-    """Before an extraction: refuse an identity path it must not write (something else there, or a URL
-    while DVC runs the stage, whose outputs outside the repository DVC 3 cannot keep)."""
+def check_identity_target(path: str, store: str) -> None:
+    """Before an extraction: refuse an identity path it must not write (the store or a path inside it,
+    however spelt; something else there; a URL while DVC runs the stage, whose outputs outside the
+    repository DVC 3 cannot keep)."""
+    if "://" not in path and "://" not in store:
+        here, there = Path(path).resolve(), Path(store).resolve()
+        if here == there or there in here.parents:
+            raise StoreError(f"extract.identity {path} is the store {store} or inside it; it is a file of its own, "
+                             "such as cache/NAME.identity.json")
     if os.environ.get("DVC_STAGE") and "://" in path:
         raise StoreError(f"extract.identity is {path}, a URL, and DVC runs this stage: DVC tracks the identity file, "
                          "which must lie in the repository (e.g. cache/NAME.identity.json); the store itself may stay "
@@ -85,5 +92,6 @@ def check_identity(path: str, store: str, manifest: dict) -> None:
     if record.get("manifest_digest") != have:
         raise StoreError(f"{store} is not the store {path} names (its manifest digest is {have}, the file records "
                          f"{record.get('manifest_digest')}, created {record.get('created')}): the store was replaced "
-                         "since. Run the extraction again (`bkd extract-teacher`, or `dvc repro -f -s "
-                         "extract_teacher`), which rewrites the identity file for the store there")
+                         "since, or the file was written for another store. Run the extraction again "
+                         "(`bkd extract-teacher`, or `dvc repro -f -s extract_teacher`), which rewrites the identity "
+                         "file for the store there")

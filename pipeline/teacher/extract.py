@@ -196,7 +196,7 @@ def extract_teacher(cfg: Config, device: torch.device, overwrite: bool = False, 
     # "auto" precision resolved once, from the device the shards run on: the manifest and every worker agree
     cfg = dataclasses.replace(cfg, extract=resolve_extract(cfg.extract, device))
     check_store_location(cfg.extract.store)  # before any heavy work: a path bkd must not write to,
-    check_identity_target(cfg.extract.identity_path())  # or an identity file it must not replace,
+    check_identity_target(cfg.extract.identity_path(), cfg.extract.store)  # or an identity file not to replace,
     if "://" in str(cfg.extract.store):
         dvc_copies(str(cfg.extract.store))  # or a store at a URL that DVC lists as an output,
     existing = existing_store(cfg.extract.store)  # or something there that bkd did not make,
