@@ -206,9 +206,10 @@ def check_fits(extractor, rows: dict[str, int]) -> None:
     space at its local destination. Only when even the uncompressed arrays would not fit is the projection
     calibrated (on a few rows, through the real codecs)."""
     free = free_space(str(extractor.ex.store))
+    if free is None:  # an object store: no free space to check, and no copy DVC could make (extraction
+        return        # refused a URL store that DVC lists as an output before loading the teacher)
     copies = dvc_copies(str(extractor.ex.store))  # a second copy, where DVC tracks the store and copies
-    if not (copies is not None and copies.extra) and (
-            free is None or raw_bytes(extractor.spec, rows) * 1.01 + (1 << 20) <= free):
+    if not (copies is not None and copies.extra) and raw_bytes(extractor.spec, rows) * 1.01 + (1 << 20) <= free:
         return
     plan = plan_extraction(extractor, samples=rows, rows=min(extractor.ex.chunk_size, 64))
     plan.dvc = copies
