@@ -1,7 +1,7 @@
 """What bkd needs to know of the DVC repository it runs in.
 
 DVC runs a queued or `--temp` experiment in a temporary clone of the repository
-(`ROOT/.dvc/tmp/exps/NAME`), restoring the outputs it tracks there. A store is not one of them (DVC
+(`ROOT/.dvc/tmp/exps/NAME`, `ROOT/.dvc/tmp/exps/standalone/NAME`), restoring the outputs it tracks there. A store is not one of them (DVC
 tracks the small identity file the extraction writes beside it, see `pipeline.targets.identity_file`):
 a relative store path is read, and written, in the workspace the experiment was queued from, so every
 experiment uses the one store on disk (`origin_path`).
