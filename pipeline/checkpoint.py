@@ -81,10 +81,31 @@ def _write_bytes(tmp: str, path: str | Path, write_to) -> None:
         raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
 
 
-def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    data = save(tensors, metadata=metadata)  # serialised here, written below: a full disk is Python's OSError
+def weights_bytes(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The safetensors file of `state_dict` (on the CPU) with `metadata`, as bytes."""
+    return save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, metadata=metadata)
+
+
+def same_weights(a: bytes, b: bytes) -> bool:
+    """Whether two safetensors files hold the same tensors and metadata (their headers are JSON whose
+    metadata order varies from one serialisation to the next, so equal weights need not be equal bytes)."""
+    def split(data: bytes):
+        size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+        try:
+            return json.loads(data[8:8 + size]), data[8 + size:]
+        except ValueError:
+            return None, data
+
+    return split(a) == split(b) and split(a)[0] is not None
+
+
+def write_weights_bytes(data: bytes, path: str | Path) -> None:
+    """Atomically write a serialised weights file; a full disk is an OSError naming `path`."""
     _atomic_write(Path(path), lambda tmp: _write_bytes(tmp, path, lambda fh: fh.write(data)))
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    write_weights_bytes(weights_bytes(state_dict, metadata), path)
 
 
 PNG_MARK = "bkd"  # the PNG `Software` text chunk of every plot bkd writes

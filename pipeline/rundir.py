@@ -175,6 +175,16 @@ class RunFolder:
             return "student.safetensors written"
         return None
 
+    def record_weights(self, sha256: str) -> None:
+        """Record in run.json the sha256 of the weights this run writes outside its folder (a teacher's)."""
+        info = self._read_info()
+        info["weights_sha256"] = sha256
+        self._write_info(info)
+
+    def weights_sha256(self) -> str | None:
+        """The sha256 of the weights this folder's run wrote outside it, or None."""
+        return self._read_info().get("weights_sha256") if self.path.is_dir() else None
+
     def finish(self) -> None:
         """Record in run.json that the run finished: a fresh run then refuses to start over it unasked."""
         info = self._read_info()

@@ -16,7 +16,8 @@ from stages.common import build_config, config_options, nonempty, one_line_error
 @click.option("--metrics", default="metrics/teacher.json", show_default=True, help="Metrics JSON to write.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --run-dir.")
 @click.option("--overwrite", is_flag=True,
-              help="Train again over a finished run of the same config in --run-dir; without it, one is refused.")
+              help="Train again over a finished run of the same config in --run-dir, and replace other weights at "
+                   "teacher.checkpoint; without it, both are refused.")
 @one_line_errors
 def main(config_path, overrides, epochs, own_weights, run_dir, metrics, resume, overwrite):
     """Train the timm teacher on the configured dataset and save it as safetensors."""
@@ -26,7 +27,7 @@ def main(config_path, overrides, epochs, own_weights, run_dir, metrics, resume, 
     cfg = build_config(config_path, overrides, **{"teacher.epochs": epochs})
     run_dir, metrics = nonempty(run_dir, "--run-dir"), nonempty(metrics, "--metrics")
     check_replaceable_json(metrics)
-    result = adopt_teacher(cfg, own_weights) if own_weights else train_teacher(cfg, run_dir, resume, overwrite)
+    result = adopt_teacher(cfg, own_weights, overwrite) if own_weights else train_teacher(cfg, run_dir, resume, overwrite)
     write_json(result, metrics)
     click.echo(f"teacher {cfg.teacher.model}: test accuracy {result['test_accuracy']:.4f} -> {cfg.teacher.checkpoint}")
 

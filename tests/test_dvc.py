@@ -235,3 +235,25 @@ def test_a_code_change_reruns_only_the_stages_that_import_it(dvc_copy, edited, e
     assert {stage.split("@")[0] for stage in changed} == expected, changed
     per_mode = {"train_student", "evaluate"} & expected
     assert {f"{stage}@{mode}" for stage in per_mode for mode in MODES} <= changed
+
+
+def test_a_teacher_param_change_retrains_over_the_weights_dvc_tracks(dvc_copy):
+    """bkd refuses to replace teacher weights it did not write for this run unless asked; under
+    `dvc repro` DVC removes a stage's outputs (keeping them in its cache) before it runs, so a changed
+    teacher parameter retrains and the old weights come back from the run cache."""
+    if not (dvc_copy / "dvc.lock").is_file():
+        _run(["dvc", "repro"], dvc_copy)
+    params = dvc_copy / "params.yaml"
+    original = params.read_text()
+    weights = dvc_copy / yaml.safe_load(original)["teacher"]["checkpoint"]
+    before = weights.read_bytes()
+    changed = yaml.safe_load(original)
+    changed["teacher"]["seed"] = changed["teacher"]["seed"] + 1
+    params.write_text(yaml.safe_dump(changed, sort_keys=False))
+    try:
+        assert "train_teacher" in _stages_run(_run(["dvc", "repro", "train_teacher"], dvc_copy))
+        assert weights.read_bytes() != before
+    finally:
+        params.write_text(original)
+    _run(["dvc", "repro", "train_teacher"], dvc_copy)  # restored from DVC's run cache
+    assert weights.read_bytes() == before

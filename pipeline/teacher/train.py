@@ -3,6 +3,7 @@ on the engine, or adopt a user's own weights; either way the weights land at tea
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -14,20 +15,43 @@ from pipeline.config import Config
 from pipeline.data import data_loader, load_split, load_splits, random_shift, scattered_read_warning
 from pipeline.distributed import resolve_device
 from pipeline.engine import Trainer, optimizer_for
+from pipeline.errors import BkdError
 from pipeline.metrics import accuracy
 from pipeline.rundir import RunFolder
 from pipeline.samplers import ChunkShuffleSampler
 from pipeline.teacher.models import create_teacher, load_teacher, teacher_metadata
 
 
-def adopt_teacher(cfg: Config, own_weights: str) -> dict:
+def check_teacher_weights(path: str | Path, overwrite: bool, own: str | None = None,
+                          data: bytes | None = None) -> str | None:
+    """Refuse to replace the weights at teacher.checkpoint unless asked (`overwrite`), they are the ones
+    being written (`data`, their bytes), or the run writing them made them (`own`: their sha256, as the
+    run folder's run.json records it, or as accepted before training). A store extracted from a teacher
+    names its weights' hash: replaced unasked, the weights it was built from would be lost and the store
+    refused. Returns the sha256 of the weights found there (None: none)."""
+    checkpoint.check_replaceable_weights(path)  # a file bkd did not write: never, --overwrite or not
+    path = Path(path)
+    if not path.is_file():
+        return None
+    found = path.read_bytes()
+    sha = hashlib.sha256(found).hexdigest()
+    if overwrite or sha == own or (data is not None and checkpoint.same_weights(found, data)):
+        return sha
+    meta = checkpoint.read_metadata(path)
+    origin = f"adopted from {meta['source']}" if "source" in meta else f"a {meta.get('model', 'teacher')} teacher"
+    raise BkdError(f"{path} holds other teacher weights ({origin}); a store extracted from them would no longer "
+                   "match; pass --overwrite to replace them, or set another teacher.checkpoint")
+
+
+def adopt_teacher(cfg: Config, own_weights: str, overwrite: bool = False) -> dict:
     """Use a user's local weights for cfg.teacher.model instead of training: check, evaluate, save."""
     checkpoint.check_replaceable_weights(cfg.teacher.checkpoint)
     test = load_split(cfg.data, "test")
     device = resolve_device(cfg.teacher.device)
     model = load_teacher(cfg.teacher, test.num_classes, test.image_shape, own_weights).to(device)
-    checkpoint.save_weights(model.state_dict(), cfg.teacher.checkpoint,
-                            metadata=teacher_metadata(cfg.teacher, test, source=str(own_weights)))
+    data = checkpoint.weights_bytes(model.state_dict(), teacher_metadata(cfg.teacher, test, source=str(own_weights)))
+    check_teacher_weights(cfg.teacher.checkpoint, overwrite, data=data)  # the same weights again: no change
+    checkpoint.write_weights_bytes(data, cfg.teacher.checkpoint)
     return {"test_accuracy": accuracy(model, test, device), "model": cfg.teacher.model, "source": str(own_weights)}
 
 
@@ -36,7 +60,7 @@ def train_teacher(cfg: Config, run_dir: str | Path, resume: bool = False, overwr
     cfg.teacher.checkpoint (an SNN teacher with student-style metadata, so `load_teacher` can check it)."""
     folder = RunFolder(run_dir, cfg, "teacher", resume, overwrite)
     folder.check()
-    checkpoint.check_replaceable_weights(cfg.teacher.checkpoint)
+    accepted = check_teacher_weights(cfg.teacher.checkpoint, overwrite, own=folder.weights_sha256())
     tcfg = cfg.teacher
     device = resolve_device(tcfg.device)
     train, test = load_splits(cfg.data, ("train", "test")).values()
@@ -59,8 +83,10 @@ def train_teacher(cfg: Config, run_dir: str | Path, resume: bool = False, overwr
                       evaluate=lambda: accuracy(model, test, device, cfg.loader), device=device, desc="teacher")
     with folder:
         history = trainer.fit(resume)
-        checkpoint.save_weights(model.state_dict(), tcfg.checkpoint,
-                                metadata=teacher_metadata(tcfg, train, len(history)))
+        data = checkpoint.weights_bytes(model.state_dict(), teacher_metadata(tcfg, train, len(history)))
+        check_teacher_weights(tcfg.checkpoint, False, own=accepted, data=data)  # written by another since?
+        folder.record_weights(hashlib.sha256(data).hexdigest())  # before the file: a crash between is resumable
+        checkpoint.write_weights_bytes(data, tcfg.checkpoint)
         folder.finish()
     return {"test_accuracy": history[-1]["test_accuracy"], "train_accuracy": history[-1]["train_accuracy"],
             "epochs": len(history), "model": tcfg.model}
