@@ -1,4 +1,4 @@
-"""`bkd cache info|verify STORE`: inspect and check a teacher-target store."""
+"""`bkd cache info|verify|sign STORE`: inspect, check and sign a teacher-target store."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import sys
 
 import click
 
+from pipeline.errors import BkdError
 from stages.common import one_line_errors, run_standalone
 
 
 @click.group("cache")
 def main():
-    """Inspect teacher-target stores."""
+    """Inspect, check and sign teacher-target stores."""
 
 
 @main.command("info")
@@ -40,18 +41,56 @@ def info(store, as_json):
     click.echo(f"on disk:    {data['bytes_on_disk']} bytes ({data['bytes_per_sample']:.1f} bytes/sample, "
                f"{data['bytes_per_sample_view']:.1f} bytes/sample/view)")
     click.echo(f"created:    {m['created']} with {m['versions']}")
+    signature = data["signature"]
+    if signature is None:
+        click.echo("signed:     no")
+    else:
+        checked = (f"checked: {signature['problem']}" if signature["problem"] else "checked: ok") \
+            if signature["checked"] else "not checked: no signing key set"
+        click.echo(f"signed:     key id {signature['key_id']} ({checked})")
 
 
 @main.command("verify")
 @click.argument("store", type=click.Path())
 @one_line_errors
 def verify(store):
-    """Read every chunk of STORE; exit 1 naming each bad shard."""
+    """Read every chunk of STORE; exit 1 naming each bad shard (with a signing key set, a store not
+    signed with it is bad too)."""
+    bad, whole, checked = _verify(store)
+    if bad or whole:
+        sys.exit(1)
+    click.echo(f"{store}: all {checked} shards ok")
+
+
+@main.command("sign")
+@click.argument("store", type=click.Path())
+@one_line_errors
+def sign(store):
+    """Verify every chunk of STORE, then sign it with the key BKD_STORE_KEY or BKD_STORE_KEY_FILE sets."""
+    from pipeline.targets.fsutil import store_lock
+    from pipeline.targets.manifest import open_group
+    from pipeline.targets.signing import KEY_ENV, KEY_FILE_ENV, sign_store, signed_digests, store_key
+
+    key = store_key()
+    if key is None:
+        raise BkdError(f"no signing key: set {KEY_ENV} (the key) or {KEY_FILE_ENV} (a file holding it)")
+    with store_lock(store):
+        root = open_group(store, "r+")
+        content = signed_digests(root, store)[0]  # what is verified below is what gets signed
+        bad, whole, checked = _verify(store, signing=True)
+        if bad or whole:
+            raise BkdError(f"{store}: not signed, it does not verify (listed above)")
+        click.echo(f"{store}: all {checked} shards ok; signed (key id {sign_store(root, store, key, content)})")
+
+
+def _verify(store, signing: bool = False) -> tuple[int, list[str], int]:
+    """Run verify_store, printing each problem; (bad shards, problems of the whole store, shards checked).
+    `signing`: the store is about to be signed, so its signature's state is no problem."""
     from pipeline.targets import verify_store
 
     bad = checked = 0
     whole = []
-    for split, shard, problem in verify_store(store):
+    for split, shard, problem in verify_store(store, signature=not signing):
         if shard is None:  # the store, or a split, as a whole
             whole.append(problem)
             click.echo(f"bad {f'split {split}' if split else 'store'}: {problem}", err=True)
@@ -63,8 +102,7 @@ def verify(store):
     if bad or whole:
         click.echo(f"{store}: {bad} of {checked} shards bad" + (f", {len(whole)} problem(s) of the store as a whole"
                                                                  if whole else ""), err=True)
-        sys.exit(1)
-    click.echo(f"{store}: all {checked} shards ok")
+    return bad, whole, checked
 
 
 if __name__ == "__main__":

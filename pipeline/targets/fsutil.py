@@ -14,6 +14,7 @@ import fsspec
 import zarr
 
 from pipeline.errors import StoreError
+from pipeline.locks import PathLock
 from pipeline.targets.spec import CHUNK_DIGEST, FLAGS, FORMAT_FAMILY, SPLITS, is_row_array
 
 
@@ -164,3 +165,8 @@ def listing(url: str, prefix: str) -> dict[str, int]:
     fs, root = filesystem(url)
     found = fs.find(posixpath.join(root, prefix), detail=True)
     return {path.rstrip("/"): info.get("size") or 0 for path, info in found.items()}
+
+
+def store_lock(store: str) -> PathLock:
+    """Refuse a second writer of the same store while one runs: `STORE.lock` beside it."""
+    return PathLock(f"{str(store).rstrip('/')}.lock", f"{store} is being written by another extraction")

@@ -21,18 +21,22 @@ from pipeline.errors import StoreError
 from pipeline.targets.fields import Features, FieldError, Images, store_fields
 from pipeline.targets.fsutil import absent_objects, listing, shard_keys
 from pipeline.targets.manifest import chunk_digests, open_group, read_flags, split_group
+from pipeline.targets.signing import check_signature
 from pipeline.targets.spec import (CHUNK_DIGEST, FLAGS, IMAGES, STUDENT_IDENTITY, TargetSpec, feature_array,
                                    first_difference, short)
 
 
 class TeacherTargets:
-    """Read-only access to one split of a complete store, one chunk at a time."""
+    """Read-only access to one split of a complete store, one chunk at a time (with a signing key set,
+    of a store signed with it: `pipeline.targets.signing`)."""
 
-    def __init__(self, path: str | Path, split: str, require_complete: bool = True):
+    def __init__(self, path: str | Path, split: str, require_complete: bool = True, signed: bool = True):
         self.path, self.split = str(path), split
         self._pid = os.getpid()
         self.root = open_group(self.path)
         self.manifest = self.root.attrs["manifest"]
+        # With a signing key set (and `signed`), the chunk digests as signed: rows are checked against these.
+        self._signed = (check_signature(self.root, self.path) or None) if signed else None
         if require_complete and not self.root.attrs.get("complete", False):
             raise StoreError(f"{self.path}: store is incomplete (extraction did not finish); "
                              "re-run `bkd extract-teacher`")
@@ -172,7 +176,7 @@ class TeacherTargets:
         if last <= first:
             return None
         try:
-            stored = self.group[CHUNK_DIGEST][first:last]
+            stored = (self._signed[self.split] if self._signed else self.group[CHUNK_DIGEST])[first:last]
             if stored.ndim != 2 or stored.shape[1] != len(self.spec.row_arrays()):
                 return f"chunk digests have shape {stored.shape[1:]}, expected one column per array"
         except Exception as exc:  # a damaged digest object

@@ -12,6 +12,7 @@ from pipeline.targets.fields import sample_ids_problem
 from pipeline.targets.fsutil import absent_objects, bytes_on_disk, listing, shard_keys
 from pipeline.targets.manifest import open_group, read_flags, split_group
 from pipeline.targets.reader import TeacherTargets
+from pipeline.targets.signing import SIGNATURE, key_env, signature_problem, store_key
 from pipeline.targets.spec import FEATURES, FLAGS, LOGITS, SOURCE_ROW, SplitLayout, TargetSpec
 
 
@@ -21,7 +22,7 @@ def store_info(path: str | Path) -> dict[str, Any]:
     root = open_group(str(path))
     manifest = root.attrs["manifest"]
     for split in manifest["splits"]:  # arrays the manifest does not describe: refused, as training does
-        TeacherTargets(path, split, require_complete=False)
+        TeacherTargets(path, split, require_complete=False, signed=False)
     chunking = manifest["chunking"]
     splits = {}
     for split, meta in manifest["splits"].items():
@@ -54,19 +55,36 @@ def store_info(path: str | Path) -> dict[str, Any]:
         "bytes_per_sample": size / samples if samples else 0.0,
         "bytes_per_sample_view": size / sample_views if sample_views else 0.0,
         "manifest": manifest,
+        "signature": signature_status(root, str(path)),
     }
 
 
-def verify_store(path: str | Path) -> Iterator[tuple[str, int | None, str | None]]:
+def signature_status(root, path: str) -> dict[str, Any] | None:
+    """The store's signature (key id), and whether it holds under the configured key: None if unsigned."""
+    signature = root.attrs.get(SIGNATURE)
+    if signature is None:
+        return None
+    key = store_key()
+    problem = signature_problem(root, path, key)[0] if key is not None else None
+    return {"key_id": signature.get("key_id") if isinstance(signature, dict) else None,
+            "checked": key is not None, "problem": problem}
+
+
+def verify_store(path: str | Path, signature: bool = True) -> Iterator[tuple[str, int | None, str | None]]:
     """Read every chunk; yield (split, shard, problem or None) for each shard, each field checked by its codec,
-    and (split or "", None, problem) for what makes a whole split (or the store) unreadable to training."""
+    and (split or "", None, problem) for what makes a whole split (or the store) unreadable to training
+    (with `signature` and a signing key set, a store not signed with it)."""
     root = open_group(str(path))  # a store that cannot be opened (its manifest damaged or edited) is refused
     manifest = root.attrs["manifest"]
     if not root.attrs.get("complete", False):
         yield "", None, "the store is not marked complete (extraction did not finish); training refuses it"
+    key = store_key() if signature else None
+    problem = signature_problem(root, str(path), key)[0] if key is not None else None
+    if problem:
+        yield "", None, f"{problem}, and a signing key is set ({key_env()}): training refuses it"
     for split in manifest["splits"]:
         try:
-            targets = TeacherTargets(path, split, require_complete=False)
+            targets = TeacherTargets(path, split, require_complete=False, signed=False)
         except StoreError as exc:  # what a reader refuses before any shard: arrays the manifest does not describe
             yield split, None, str(exc).split(": ", 1)[-1]
             continue

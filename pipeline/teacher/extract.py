@@ -16,11 +16,12 @@ from pipeline.config import Config
 from pipeline.data import data_loader, load_splits
 from pipeline.dvcrepo import dvc_copies
 from pipeline.errors import BkdError
-from pipeline.locks import PathLock
 from pipeline.teacher.fast import prepare_teacher, resolve_extract
 from pipeline.teacher.models import load_teacher, teacher_outputs
 from pipeline.teacher.plan import check_fits
 from pipeline.targets.codecs import CodecError, get_codec
+from pipeline.targets.fsutil import store_lock
+from pipeline.targets.signing import sign_extracted, store_key
 from pipeline.targets import (IMAGES, SOURCE_ROW, TOPK_TARGET_CLASS, StoreWriter, check_format, check_identity_target,
                               check_store_location, existing_store, expected_spec, feature_array, pixel_digests,
                               teacher_sha, write_identity)
@@ -197,6 +198,7 @@ def extract_teacher(cfg: Config, device: torch.device, overwrite: bool = False, 
     cfg = dataclasses.replace(cfg, extract=resolve_extract(cfg.extract, device))
     check_store_location(cfg.extract.store)  # before any heavy work: a path bkd must not write to,
     check_identity_target(cfg.extract.identity_path(), cfg.extract.store)  # or an identity file not to replace,
+    store_key()  # or a signing key set but unusable,
     if "://" in str(cfg.extract.store):
         dvc_copies(str(cfg.extract.store))  # or a store at a URL that DVC lists as an output,
     existing = existing_store(cfg.extract.store)  # or something there that bkd did not make,
@@ -224,6 +226,9 @@ def extract_teacher(cfg: Config, device: torch.device, overwrite: bool = False, 
             else:
                 _run_on_dask(cfg, str(device), missing, workers, scheduler, bar)
         writer.finish()
+        note = sign_extracted(writer.root, str(cfg.extract.store), wrote=bool(missing))
+        if note:
+            tqdm.write(note)
         write_identity(cfg.extract.identity_path(), writer.root.attrs["manifest"])
     return {"store": str(cfg.extract.store), "shards_written": len(missing), "identity": cfg.extract.identity_path(),
             "num_features": extractor.model.num_features}
@@ -270,7 +275,3 @@ def _run_on_dask(cfg: Config, device: str, shards: list, workers: int, scheduler
             if scheduler is None:
                 cluster.close()
 
-
-def store_lock(store: str) -> PathLock:
-    """Refuse a second extraction into the same store while one runs: `STORE.lock` beside it."""
-    return PathLock(f"{str(store).rstrip('/')}.lock", f"{store} is being written by another extraction")
