@@ -52,8 +52,9 @@ class PathLock:
                 if stale or (not owner and self._age() > UNREADABLE_LOCK_SECONDS):
                     self.fs.rm_file(self.path)  # its process is gone, or it never got to say whose it is
                     continue
-                raise BkdError(f"{self.busy} (pid {owner.get('pid')} on {owner.get('host')}); if none is running, "
-                               f"delete {self.url}") from None
+                whose = (f"pid {owner.get('pid')} on {owner.get('host')}" if owner else
+                         "its lock names no owner: one is starting, or one died taking it")
+                raise BkdError(f"{self.busy} ({whose}); if none is running, delete {self.url}") from None
         raise BkdError(f"cannot take the lock {self.url}")
 
     def _age(self) -> float:

@@ -23,6 +23,7 @@ def test_an_empty_lock_left_by_a_full_disk_is_taken_over(tmp_path: Path):
     with locks.PathLock(str(lock), "busy"):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     lock.write_bytes(b"")  # a fresh one may be a writer between creating and filling it: respected
-    with pytest.raises(BkdError, match="busy"):
+    with pytest.raises(BkdError, match="busy") as refused:
         with locks.PathLock(str(lock), "busy"):
             pass
+    assert "None" not in str(refused.value) and "its lock names no owner" in str(refused.value)
