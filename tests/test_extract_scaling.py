@@ -17,7 +17,7 @@ import zarr
 
 from pipeline.targets import verify_store
 from pipeline.teacher.extract import store_lock
-from tests.helpers import TINY, run_bkd
+from tests.helpers import TINY, assert_one_line, run_bkd
 
 pytestmark = pytest.mark.slow
 
@@ -193,6 +193,27 @@ def test_an_extraction_that_cannot_fit_is_refused_before_the_first_shard(tiny_pr
     assert not (tiny_project / "cache/full.zarr" / "train" / "logits" / "c").exists()  # no shard written
     done = run_bkd(["extract-teacher", *TINY, "--store", "cache/full.zarr", "--ignore-free-space"], tiny_project)
     assert "complete" in done.stdout
+
+
+def test_a_disk_that_fills_under_ignore_free_space_names_the_store(tiny_project, monkeypatch):
+    """A full disk under Zarr's writes raises an OSError naming no file: the one line names the store."""
+    import errno
+
+    from zarr.storage import LocalStore
+
+    real_set, writes = LocalStore.set, []
+
+    async def filling_set(self, key, value):
+        writes.append(key)
+        if len(writes) > 12:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        await real_set(self, key, value)
+
+    monkeypatch.setattr(LocalStore, "set", filling_set)
+    out = run_bkd(["extract-teacher", *TINY, "--store", "cache/filling.zarr", "--ignore-free-space"], tiny_project,
+                  check=False)
+    assert_one_line(out.returncode, out.stderr.splitlines()[-1] + "\n",
+                    "No space left on device: cache/filling.zarr")
 
 
 def test_uint8_on_a_signed_location_is_refused_at_the_first_forward(tiny_project):

@@ -5,6 +5,7 @@ objects of a shard that are missing or empty.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 import re
@@ -170,3 +171,14 @@ def listing(url: str, prefix: str) -> dict[str, int]:
 def store_lock(store: str) -> PathLock:
     """Refuse a second writer of the same store while one runs: `STORE.lock` beside it."""
     return PathLock(f"{str(store).rstrip('/')}.lock", f"{store} is being written by another extraction")
+
+
+@contextlib.contextmanager
+def errors_name(path: str):
+    """Give an OSError that names no file (a full disk under a Zarr write) `path`, so its one line says where."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.strerror:
+            raise OSError(exc.errno, exc.strerror, path) from None
+        raise

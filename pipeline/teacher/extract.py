@@ -20,7 +20,7 @@ from pipeline.teacher.fast import prepare_teacher, resolve_extract
 from pipeline.teacher.models import load_teacher, teacher_outputs
 from pipeline.teacher.plan import check_fits
 from pipeline.targets.codecs import CodecError, get_codec
-from pipeline.targets.fsutil import store_lock
+from pipeline.targets.fsutil import errors_name, store_lock
 from pipeline.targets.signing import sign_extracted, store_key
 from pipeline.targets import (IMAGES, SOURCE_ROW, TOPK_TARGET_CLASS, StoreWriter, check_format, check_identity_target,
                               check_store_location, existing_store, expected_spec, feature_array, pixel_digests,
@@ -209,7 +209,7 @@ def extract_teacher(cfg: Config, device: torch.device, overwrite: bool = False, 
     extractor = ShardExtractor(cfg if local else _planner_config(cfg), device if local else torch.device("cpu"))
     if local:
         tqdm.write(f"teacher {extractor.teacher.describe()}")
-    with store_lock(cfg.extract.store):
+    with store_lock(cfg.extract.store), errors_name(str(cfg.extract.store)):  # a full disk names the store
         writer = extractor.open_writer(overwrite)
         missing = [(name, shard) for name in extractor.splits for shard in writer.missing_shards(name)]
         if check_space and missing:
