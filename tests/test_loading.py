@@ -19,8 +19,8 @@ import zarr
 from PIL import Image
 
 from pipeline import checkpoint
-from pipeline.augment import view_augmenter
-from pipeline.config import LoaderConfig, load_config
+from pipeline.augment import ViewAugmenter, view_augmenter, view_schedule
+from pipeline.config import AugmentConfig, LoaderConfig, load_config
 from pipeline.data import data_loader, load_split, load_splits
 from pipeline.errors import ConfigError, StoreError
 from pipeline.teacher.extract import extract_teacher
@@ -28,8 +28,9 @@ from pipeline.teacher.models import create_teacher
 from pipeline.student.stream import CachedTargetDataset, open_student_targets
 from pipeline.samplers import ChunkShuffleSampler, interleave_lanes
 from pipeline.targets import IMAGES, StoredImages, TeacherTargets, verify_store
-from tests.helpers import (CHUNK, TINY, build_store, extract_recording, image_split, imagenet_config,
-                           resumed_equals_straight, rewrite_manifest, run_bkd, write_photos)
+from tests.helpers import (CHUNK, N_TEST, TINY, build_store, extract_recording, image_split, imagenet_config,
+                           make_arrays, open_writer, resumed_equals_straight, rewrite_manifest, run_bkd, write_photos,
+                           write_split)
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -126,6 +127,48 @@ def test_two_workers_serve_the_main_process_batches_and_decode_each_chunk_about_
     plain = ChunkShuffleSampler(n, CHUNK, buffer, seed=1)
     list(data_loader(dataset, batch, plain, LoaderConfig(workers=2, persistent_workers=False), CPU))
     assert len(_reads(log)) > 1.5 * chunks
+
+
+def test_persistent_workers_serve_each_epochs_scheduled_views(tmp_path):
+    """K = 3 views under two persistent workers: every epoch serves the view `view_schedule` gives each
+    sample that epoch (its stored targets, its input rebuilt from the stored parameters), as a loader
+    without workers does; the workers' copies learn the epoch from the sampler, not from `set_epoch`."""
+    n, batch, buffer, views, seed = 256, 32, 2, 3, 5
+    augmenter = ViewAugmenter(AugmentConfig(kind="pad_crop_flip", pad=2), (1, 8, 8))
+    data = make_arrays(n, 0, views)
+    data["view_params"] = augmenter.draw(np.arange(n), views)
+    writer = open_writer(tmp_path / "k3.zarr", n_train=n)
+    write_split(writer, "train", data)
+    write_split(writer, "test", make_arrays(N_TEST, 1))
+    writer.finish()
+    split = image_split(data["labels"])
+    dataset = CachedTargetDataset(split, TeacherTargets(tmp_path / "k3.zarr", "train"), buffer, augmenter, "views",
+                                  seed=seed)
+    sampler = ChunkShuffleSampler(n, CHUNK, buffer, seed=1, lanes=2, batch_size=batch, with_epoch=True)
+    loader = data_loader(dataset, batch, sampler, LoaderConfig(workers=2, persistent_workers=True), CPU)
+    reference = data_loader(dataset, batch, sampler, LoaderConfig(workers=0), CPU)
+    logits = torch.from_numpy(data["logits"].astype(np.float16)).float()
+    schedules, by_sample = [], []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)  # the training process's copy only, as Trainer does
+        schedule = view_schedule(n, views, epoch, seed)
+        schedules.append(schedule)
+        order = [i for _, i in sampler]
+        served, expected = _epoch(loader), _epoch(reference)
+        by_sample.append(torch.cat([got[3] for got in served])[np.argsort(order)])
+        assert len(served) == len(expected) == n // batch
+        for b, (got, want) in enumerate(zip(served, expected)):
+            for a, c in zip(got, want):
+                assert torch.equal(a, c)
+            idx = order[b * batch:(b + 1) * batch]
+            images, _, _, got_logits = got
+            assert torch.equal(got_logits, logits[idx, schedule[idx]])
+            params = torch.from_numpy(data["view_params"][idx, schedule[idx]])
+            assert torch.equal(images, augmenter.apply(split.read(idx), params))
+    assert (schedules[0] != schedules[1]).all() and (schedules[1] != schedules[2]).all()
+    assert len(np.unique(schedules[0])) == views
+    assert all((by_sample[e] != by_sample[e + 1]).any(1).all() for e in range(2))  # each sample, another view
 
 
 def test_extraction_with_loader_workers_writes_the_same_store(tmp_path):

@@ -76,6 +76,30 @@ def test_rank_shares_are_disjoint_whole_chunks_of_equal_length(n, chunk, world):
     assert list(one) != first
 
 
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_within_window_order_is_reshuffled_each_epoch_on_every_rank(world):
+    """One-chunk windows: each window is a whole chunk, and the order inside it (offsets in the chunk) is
+    drawn anew each epoch on every rank, reproducibly from (seed, epoch)."""
+    n, chunk = 16 * 12, 16
+
+    def patterns(rank: int, epoch: int, seed: int = 5) -> list[tuple[int, ...]]:
+        sampler = ChunkShuffleSampler(n, chunk, 1, seed=seed, rank=rank, world_size=world)
+        sampler.set_epoch(epoch)
+        order = np.asarray(list(sampler))
+        windows = order.reshape(-1, chunk)
+        assert all(len(set(w // chunk)) == 1 for w in windows)  # a window is one whole chunk
+        return [tuple(w % chunk) for w in windows]
+
+    for rank in range(world):
+        first, second = patterns(rank, 0), patterns(rank, 1)
+        assert first == patterns(rank, 0) and second == patterns(rank, 1)  # a function of (seed, epoch)
+        assert all(a != b for a, b in zip(first, second))  # every window's inner order changes
+        assert all(sorted(p) != list(p) for p in first + second)  # and really is shuffled
+        assert patterns(rank, 0, seed=6) != first
+    if world > 1:  # the ranks do not share one inner order
+        assert patterns(0, 1) != patterns(1, 1)
+
+
 def test_one_rank_sampler_is_the_plain_sampler_and_start_skips_a_prefix():
     plain = ChunkShuffleSampler(300, 16, 2, seed=4)
     ranked = ChunkShuffleSampler(300, 16, 2, seed=4, rank=0, world_size=1)

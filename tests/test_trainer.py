@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -126,3 +128,42 @@ def test_checkpoint_every_zero_saves_only_at_epoch_ends(tmp_path):
 def test_the_engine_takes_keyword_arguments_only():
     with pytest.raises(TypeError):
         Trainer({}, None, None, None, None, None, 1, "run", lambda: 0.0, torch.device("cpu"), "test")
+
+
+def test_epoch_values_are_sample_weighted_means_with_a_short_last_batch(tmp_path):
+    """20 samples in batches of 8: 8, 8 and a short 4. Each train_* value is the mean over the epoch's
+    samples (batch means weighted by batch size), and train_accuracy the fraction right."""
+    n, batch = 20, 8
+    x = torch.arange(n, dtype=torch.float32).view(-1, 1)
+    y = (torch.arange(n) % 3).long()
+    sampler = ChunkShuffleSampler(n, 8, 1, seed=2)
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch, sampler=sampler)
+    model = nn.Linear(1, 3)
+    optimizer, scheduler = make_optimizer(model.parameters(), 1e-2, 0.0, 2, len(loader))
+    seen: list[tuple[int, float]] = []
+
+    def step(batch):
+        xb, yb = batch
+        logits = model(xb)
+        loss = nn.functional.cross_entropy(logits, yb)
+        seen.append((len(yb), loss.item()))
+        # the label wins exactly where the sample id is even: accuracy 10/20 however batches fall
+        controlled = nn.functional.one_hot(torch.where(xb[:, 0] % 2 == 0, yb, (yb + 1) % 3), 3).float()
+        terms = {"loss": loss, "size": torch.tensor(float(len(yb))), "id": xb.mean()}
+        return terms, controlled, yb
+
+    trainer = Trainer(modules={"model": model}, step=step, loader=loader, sampler=sampler, optimizer=optimizer,
+                      scheduler=scheduler, epochs=2, run_dir=tmp_path, evaluate=lambda: 0.0,
+                      device=torch.device("cpu"), desc="test")
+    history = trainer.fit()
+    assert [n_b for n_b, _ in seen] == [8, 8, 4] * 2
+    for epoch, row in enumerate(history):
+        batches = seen[3 * epoch:3 * epoch + 3]
+        assert row["train_size"] == pytest.approx((8 * 8 + 8 * 8 + 4 * 4) / n, rel=1e-12)  # 7.2, not 20/3
+        assert row["train_id"] == pytest.approx(sum(range(n)) / n, rel=1e-12)  # the mean id, 9.5
+        assert row["train_loss"] == pytest.approx(sum(n_b * loss for n_b, loss in batches) / n, rel=1e-12)
+        assert row["train_accuracy"] == 0.5
+    assert history[0]["train_loss"] != history[1]["train_loss"]  # the tally starts again each epoch
+    recorded = json.loads((tmp_path / "history.json").read_text())
+    assert [{k: v for k, v in r.items() if k.startswith("train_")} for r in recorded] == \
+           [{k: v for k, v in r.items() if k.startswith("train_")} for r in history]
