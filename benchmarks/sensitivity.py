@@ -227,9 +227,18 @@ def main(argv: list[str] | None = None) -> dict:
             plot(param, rows, args.plot_dir / f"sensitivity-{param.split('.')[-1]}.png", scored_on)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        args.json.write_text(json.dumps(_strict(results), indent=2, default=str, allow_nan=False) + "\n")
     return results
 
 
 if __name__ == "__main__":
     main()
+
+
+def _strict(value):
+    """`value` with every non-finite float (an sd over one seed) as null: strict JSON (RFC 8259)."""
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value

@@ -4,12 +4,17 @@ Accuracy claims at this scale need several seeds, so experiments that differ onl
 are grouped and each mode's metric is reported as mean ± sd over the group. Plots are PNGs
 rendered with matplotlib's Agg backend: nothing is fetched, they show offline and in
 `dvc plots diff` as plain images.
+
+A metric's value is checked where it is read: finite, and in [0, 1] for a fraction (an accuracy,
+a firing rate). Runs scored on different splits (the test split, or data.holdout's validation
+rows) are never put in one table.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -19,6 +24,63 @@ from pipeline.config import flatten
 from pipeline.errors import BkdError
 
 METRIC_FILE = "metrics/student-{mode}.json"
+# What `bkd evaluate` scored: the test split, or the validation rows data.holdout holds out of the
+# train split. A metrics file without `split` (written before it was recorded) scored the test split.
+SPLITS = ("test", "validation")
+FRACTIONS = {"top1", "top5", "best_top1", "teacher_top1", "firing_rate"}
+NONNEGATIVE = {"best_epoch", "sops_per_sample", "analog_macs_per_sample", "energy_mj_per_sample", "timesteps",
+               "epochs", "train_seconds"}
+_FRACTION_NAME = re.compile(r"(?:^|_)(?:top\d+|acc|accuracy|agreement)(?:$|_)")
+_NONNEGATIVE_NAME = re.compile(r"(?:^|_)(?:loss|seconds|per_sample)(?:$|_)")
+
+
+class _Spelled(float):
+    """A non-finite JSON number that keeps its spelling in the file (NaN, Infinity, 1e400)."""
+
+    def __new__(cls, text: str):
+        value = super().__new__(cls, text)
+        value.text = text
+        return value
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    return value if math.isfinite(value) else _Spelled(text)
+
+
+def is_fraction(metric: str) -> bool:
+    """Whether `metric` is a fraction in [0, 1]: an accuracy, an agreement, a firing rate."""
+    return metric in FRACTIONS or bool(_FRACTION_NAME.search(metric))
+
+
+def check_value(value: Any, metric: str, where: str) -> float:
+    """`value` of `metric` as a float; refused naming `where`, the metric and the value unless it is a finite
+    number in the metric's range (a fraction in [0, 1]; a count, time or loss >= 0)."""
+    if not _number(value):
+        raise BkdError(f"{where}: {metric} is {value!r}, not a number")
+    shown = getattr(value, "text", None) or repr(value)
+    shown = shown if len(shown) <= 40 else f"{shown[:20]}…({len(shown)} digits)"
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond float's range
+        number = math.inf
+    if not math.isfinite(number):
+        raise BkdError(f"{where}: {metric} is {shown}, not a finite number")
+    if is_fraction(metric) and not 0.0 <= number <= 1.0:
+        hint = f"; {number:g} % is {number / 100:g}" if 1.0 < number <= 100.0 else ""
+        raise BkdError(f"{where}: {metric} is {shown}, not a fraction in [0, 1]{hint}")
+    if (metric in NONNEGATIVE or _NONNEGATIVE_NAME.search(metric)) and number < 0:
+        raise BkdError(f"{where}: {metric} is {shown}, not >= 0")
+    return number
+
+
+def check_split(value: Any, where: str) -> str:
+    """A metrics file's `split`: test or validation (absent: test)."""
+    if value is None:
+        return "test"
+    if value not in SPLITS:
+        raise BkdError(f"{where}: split is {value!r}, not one of {', '.join(SPLITS)}")
+    return value
 
 
 def read_mode_metrics(metrics_dir: str | Path) -> dict[str, dict[str, Any]]:
@@ -28,7 +90,7 @@ def read_mode_metrics(metrics_dir: str | Path) -> dict[str, dict[str, Any]]:
         path = Path(metrics_dir) / f"student-{mode}.json"
         if path.is_file():
             try:
-                found[mode] = json.loads(path.read_text())
+                found[mode] = json.loads(path.read_text(), parse_float=_parse_float, parse_constant=_Spelled)
             except ValueError:
                 raise BkdError(f"{path}: not a metrics JSON file") from None
             if not isinstance(found[mode], dict):
@@ -40,7 +102,8 @@ def read_mode_metrics(metrics_dir: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def experiment_rows(repo: str | None = None, metric: str = "top1") -> list[dict[str, Any]]:
-    """One row per DVC experiment (and the baseline): its name, params and each mode's `metric`."""
+    """One row per DVC experiment (and the baseline): its name, params, each mode's `metric` and the split
+    each mode was scored on (recorded by `bkd evaluate`; for older metrics, from data.holdout)."""
     import dvc.api
 
     try:
@@ -58,19 +121,55 @@ def experiment_rows(repo: str | None = None, metric: str = "top1") -> list[dict[
         # share it: a key is a parameter where it names one of params.yaml's (top-level `seed` included)
         params = {key.split(":", 1)[-1]: value for key, value in record.items()
                   if (key.startswith("params.yaml:") or ":" not in key) and key.split(":", 1)[-1] in names}
-        values = {}
+        holdout = params.get("data.holdout")
+        scored = "validation" if _number(holdout) and holdout > 0 else "test"
+        values, splits = {}, {}
         for mode in MODES:
-            key = f"{METRIC_FILE.format(mode=mode)}:{metric}"
-            value = record.get(key)
-            if _number(value):
-                values[mode] = float(value)
             prefix = f"{METRIC_FILE.format(mode=mode)}:"
+            value = record.get(prefix + metric)
+            if value is not None:
+                where = f"experiment {name}: {METRIC_FILE.format(mode=mode)}"
+                values[mode] = check_value(value, metric, where)
+                split = record.get(prefix + "split")
+                splits[mode] = scored if split is None else check_split(split, where)
             measured |= {k[len(prefix):] for k, v in record.items() if k.startswith(prefix) and _number(v)}
         if values:
-            rows.append({"name": str(name), "rev": record.get("rev"), "params": params, "values": values})
+            rows.append({"name": str(name), "rev": record.get("rev"), "params": params, "values": values,
+                         "splits": splits})
     if not rows and measured:
         raise BkdError(_unknown_metric(metric, measured))
     return rows
+
+
+def one_split(rows: list[dict[str, Any]], split: str | None, source: str) -> tuple[list[dict[str, Any]], str]:
+    """The rows' values scored on `split`, and that split; without `split`, the rows must all share one.
+
+    Each row's `splits` names the split of each of its `values`; the rows returned keep only the values
+    scored on the split, and carry it as `split`. `source` names where the rows come from; a row without
+    a name (the modes of one workspace) is named by its modes.
+    """
+    found: dict[str, list[str]] = {}
+    for row in rows:
+        for mode in row["values"]:
+            runs = found.setdefault(row["splits"][mode], [])
+            if (row["name"] or mode) not in runs:
+                runs.append(row["name"] or mode)
+    if not found:
+        return rows, split or "test"
+    if split is None and len(found) > 1:
+        listed = "; ".join(f"{s}: {', '.join(runs[:3])}{f' and {len(runs) - 3} more' if len(runs) > 3 else ''}"
+                           for s, runs in sorted(found.items()))
+        raise BkdError(f"{source} were scored on different splits ({listed}): compare one split at a time "
+                       f"with --split {' or --split '.join(sorted(found))}")
+    split = split or next(iter(found))
+    if split not in found:
+        raise BkdError(f"none of {source} was scored on the {split} split (only on {', '.join(sorted(found))})")
+    kept = []
+    for row in rows:
+        values = {mode: value for mode, value in row["values"].items() if row["splits"][mode] == split}
+        if values:
+            kept.append({**row, "values": values, "splits": {mode: split for mode in values}, "split": split})
+    return kept, split
 
 
 def _number(value: Any) -> bool:
@@ -94,12 +193,14 @@ def _param_names(path: Path) -> set[str]:
 
 
 def group_over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Experiments that differ only in `seed` become one group: per mode n, mean and sd of the values."""
+    """Experiments that differ only in `seed` become one group: per mode n, mean and sd of the values
+    (sd is NaN for one value; `to_json` writes it as null)."""
     groups: dict[str, dict[str, Any]] = {}
     for row in rows:
         params = {k: v for k, v in row["params"].items() if k != "seed"}
-        key = json.dumps(params, sort_keys=True, default=str)
-        group = groups.setdefault(key, {"params": params, "names": [], "seeds": [], "values": {}})
+        key = json.dumps([params, row.get("split")], sort_keys=True, default=str)
+        group = groups.setdefault(key, {"params": params, "split": row.get("split"), "names": [], "seeds": [],
+                                        "values": {}})
         group["names"].append(row["name"])
         group["seeds"].append(row["params"].get("seed"))
         for mode, value in row["values"].items():
@@ -114,6 +215,25 @@ def group_over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def to_json(groups: list[dict[str, Any]]) -> str:
+    """The groups as strict JSON (RFC 8259: no NaN or Infinity): an undefined sd (one value) is null."""
+
+    def strict(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): strict(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [strict(v) for v in value]
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)  # a parameter such as `.inf`: named, never a bare NaN/Infinity
+        return value
+
+    out = []
+    for group in groups:
+        stats = {mode: {**s, "sd": None if math.isnan(s["sd"]) else s["sd"]} for mode, s in group["stats"].items()}
+        out.append(strict({**group, "stats": stats}))
+    return json.dumps(out, indent=2, allow_nan=False, default=str)
+
+
 def differing_params(groups: list[dict[str, Any]]) -> list[str]:
     """The parameters whose value differs between groups: what names a group."""
     keys = sorted({k for g in groups for k in g["params"]})
@@ -126,12 +246,17 @@ def group_label(group: dict[str, Any], keys: list[str]) -> str:
     return ", ".join(f"{k.split('.')[-1]}={group['params'].get(k)}" for k in keys)
 
 
+def split_caption(split: str | None) -> str:
+    return "validation rows (data.holdout), not the test split" if split == "validation" else "the test split"
+
+
 def format_table(groups: list[dict[str, Any]], metric: str) -> str:
-    """A plain-text table: one line per group, `mean ± sd (n)` per mode."""
+    """A plain-text table: one line per group, `mean ± sd (n)` per mode (sd `—` for one value), under a line
+    naming the split the runs were scored on."""
     keys = differing_params(groups)
     modes = [m for m in MODES if any(m in g["stats"] for g in groups)]
     header = ["experiments (seeds)"] + [f"{m} {metric}" for m in modes]
-    lines = []
+    lines, single = [], False
     for group in groups:
         cells = [f"{group_label(group, keys)} ({len(group['names'])})"]
         for mode in modes:
@@ -141,15 +266,22 @@ def format_table(groups: list[dict[str, Any]], metric: str) -> str:
             elif s["n"] > 1:
                 cells.append(f"{s['mean']:.4f} ± {s['sd']:.4f} ({s['n']})")
             else:
-                cells.append(f"{s['mean']:.4f} (1)")
+                cells.append(f"{s['mean']:.4f} ± — (1)")
+                single = True
         lines.append(cells)
     widths = [max(len(row[i]) for row in [header] + lines) for i in range(len(header))]
     render = lambda row: "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()  # noqa: E731
-    return "\n".join([render(header), render(["-" * w for w in widths])] + [render(r) for r in lines])
+    splits = {g.get("split") for g in groups}
+    caption = f"{metric} on {split_caption(splits.pop() if len(splits) == 1 else None)}: mean ± sd (n)"
+    table = [caption, render(header), render(["-" * w for w in widths])] + [render(r) for r in lines]
+    if single:
+        table.append("— : one value (n = 1), no sd")
+    return "\n".join(table)
 
 
 def plot_groups(groups: list[dict[str, Any]], metric: str, path: str | Path, title: str) -> None:
-    """Grouped bars: one cluster per mode, one bar per experiment group, error bars = sd over seeds."""
+    """Grouped bars: one cluster per mode, one bar per experiment group, error bars = sd over seeds
+    (none where a mode has one value, which the title says)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,14 +296,22 @@ def plot_groups(groups: list[dict[str, Any]], metric: str, path: str | Path, tit
     for i, group in enumerate(groups):
         xs = [j + (i - (len(groups) - 1) / 2) * width for j, m in enumerate(modes) if m in group["stats"]]
         stats = [group["stats"][m] for m in modes if m in group["stats"]]
-        errors = [0.0 if math.isnan(s["sd"]) else s["sd"] for s in stats]
-        ax.bar(xs, [s["mean"] for s in stats], width, yerr=errors, capsize=3,
+        errors = [s["sd"] for s in stats]  # NaN (one value): no error bar, no cap
+        ax.bar(xs, [s["mean"] for s in stats], width, yerr=None if all(map(math.isnan, errors)) else errors, capsize=3,
                label=f"{group_label(group, keys)} (n={len(group['names'])})")
     values = [s["mean"] for g in groups for s in g["stats"].values()]
-    low = min(values)
-    ax.set_ylim(max(0.0, low - 0.05 * max(1e-9, 1 - low) - 0.02), min(1.0, max(values) + 0.02))
+    if is_fraction(metric):
+        low = min(values)
+        high = max(s["mean"] + (0.0 if math.isnan(s["sd"]) else s["sd"]) for g in groups for s in g["stats"].values())
+        ax.set_ylim(max(0.0, low - 0.05 * max(1e-9, 1 - low) - 0.02), min(1.0, high + 0.02))
     ax.set_xticks(range(len(modes)), modes)
-    ax.set(ylabel=f"test {metric}", xlabel="distillation mode", title=title)
+    splits = {g.get("split") for g in groups}
+    split = splits.pop() if len(splits) == 1 else None
+    ax.set(ylabel=f"{split} {metric}" if split else metric, xlabel="distillation mode")
+    singles = sum(s["n"] == 1 for g in groups for s in g["stats"].values())
+    if singles:
+        title += "\n(one seed: no sd, no error bar)" if singles == len(values) else "\n(no error bar: one seed, no sd)"
+    ax.set_title(title)
     if len(groups) > 1 or keys:
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -179,13 +319,20 @@ def plot_groups(groups: list[dict[str, Any]], metric: str, path: str | Path, tit
     plt.close(fig)
 
 
-def mode_groups(metrics: dict[str, dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """The modes of one workspace as a single group (for the same table and plot)."""
+def mode_groups(metrics: dict[str, dict[str, Any]], metric: str, split: str | None = None,
+                source: str | Path = "metrics") -> list[dict[str, Any]]:
+    """The modes of one workspace as a single group (for the same table and plot). `source`: the folder
+    the metrics were read from, to name a file; `split`: keep the modes scored on it (see `one_split`)."""
     measured = {key for m in metrics.values() for key, value in m.items() if _number(value)}
     if metric not in measured:
         raise BkdError(_unknown_metric(metric, measured))
+    values, splits = {}, {}
     for mode, m in metrics.items():
-        if metric in m and not _number(m[metric]):
-            raise BkdError(f"{METRIC_FILE.format(mode=mode).split('/')[-1]}: {metric} is {m[metric]!r}, not a number")
-    stats = {mode: {"n": 1, "mean": float(m[metric]), "sd": math.nan} for mode, m in metrics.items() if metric in m}
-    return [{"params": {}, "names": ["workspace"], "seeds": [None], "values": {}, "stats": stats}]
+        if metric in m:
+            where = str(Path(source) / f"student-{mode}.json")
+            values[mode] = check_value(m[metric], metric, where)
+            splits[mode] = check_split(m.get("split"), where)
+    (row,), split = one_split([{"name": "", "values": values, "splits": splits}], split,
+                              f"the student metrics in {source}")
+    stats = {mode: {"n": 1, "mean": value, "sd": math.nan} for mode, value in row["values"].items()}
+    return [{"params": {}, "split": split, "names": ["workspace"], "seeds": [None], "values": {}, "stats": stats}]

@@ -1,11 +1,11 @@
-"""`bkd compare`: test accuracy across distillation modes, and across DVC experiments (mean ± sd over seeds)."""
+"""`bkd compare`: a student metric across distillation modes, and across DVC experiments (mean ± sd over seeds)."""
 
 from __future__ import annotations
 
-import json
-
 import click
 
+from pipeline import compare
+from pipeline.errors import BkdError
 from stages.common import one_line_errors, run_standalone
 
 
@@ -16,28 +16,35 @@ from stages.common import one_line_errors, run_standalone
               help="Compare the DVC experiments of this repository instead (`dvc exp show`), grouping "
                    "experiments that differ only in `seed` into mean ± sd.")
 @click.option("--metric", default="top1", show_default=True, help="The headline metric to compare.")
+@click.option("--split", type=click.Choice(compare.SPLITS), default=None,
+              help="Compare only the runs scored on this split: the test split, or the validation rows of "
+                   "data.holdout. Runs scored on different splits are refused without it.")
 @click.option("--plot", default=None, help="Write a PNG bar chart here.")
-@click.option("--json", "as_json", is_flag=True, help="Print the groups as JSON instead of a table.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the groups as JSON instead of a table (strict JSON: a one-seed sd is null).")
 @one_line_errors
-def main(metrics_dir, experiments, metric, plot, as_json):
+def main(metrics_dir, experiments, metric, split, plot, as_json):
     """Print (and plot) a student metric per distillation mode.
+
+    Every value is checked: finite, and in [0, 1] for a fraction (top1, top5, firing_rate, ...).
+    Each run is scored on the test split, or on the validation rows data.holdout holds out of the
+    train split (the metrics file's `split`); one table holds one split.
 
     Seeds: queue the same experiment with several seeds, e.g.
     `dvc exp run --queue -S seed=0,1,2 -S student.bkd.blur_ratio=0.15,0.3` then
     `dvc exp run --run-all`, and `bkd compare --experiments` reports mean ± sd per mode.
     """
-    from pipeline import compare
-
     if experiments:
-        groups = compare.group_over_seeds(compare.experiment_rows(metric=metric))
+        rows, split = compare.one_split(compare.experiment_rows(metric=metric), split, "the DVC experiments")
+        groups = compare.group_over_seeds(rows)
         if not groups:
-            raise click.ClickException("no experiment has student metrics yet (`dvc exp show`)")
-        title = f"test {metric} per mode over DVC experiments (mean ± sd over seeds)"
+            raise BkdError("no experiment has student metrics yet (`dvc exp show`)")
+        title = f"{split} {metric} per mode over DVC experiments (mean ± sd over seeds)"
     else:
-        groups = compare.mode_groups(compare.read_mode_metrics(metrics_dir), metric)
-        title = f"test {metric} per distillation mode"
+        groups = compare.mode_groups(compare.read_mode_metrics(metrics_dir), metric, split, metrics_dir)
+        title = f"{groups[0]['split']} {metric} per distillation mode"
     if as_json:
-        click.echo(json.dumps(groups, indent=2, default=str))
+        click.echo(compare.to_json(groups))
     else:
         click.echo(compare.format_table(groups, metric))
     if plot:
