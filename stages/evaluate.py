@@ -27,6 +27,9 @@ def main(config_path, overrides, distill, run_dir, metrics, report, plots_dir, d
     top-1 from its cached logits, or from its forward for a student.targets=online run) and a per-layer
     report with plots.
 
+    They are scored on the test split, or with data.holdout on the held-out train rows: the metrics
+    file's `split` (test or validation) and the printed line say which.
+
     The model, T and data come from the run folder's config.yaml; a config that contradicts it is refused.
     """
     from pipeline.checkpoint import check_replaceable_json, check_replaceable_png, write_json
@@ -46,9 +49,11 @@ def main(config_path, overrides, distill, run_dir, metrics, report, plots_dir, d
     headline, details = evaluate_student(cfg, run_dir, plots_dir, trust_store_teacher)
     write_json(headline, metrics)
     write_json(details, report)
-    click.echo(f"student [{mode}]: top-1 {headline['top1']:.4f} (teacher {headline['teacher_top1']:.4f}), "
+    split = headline["split"]
+    click.echo(f"student [{mode}]: {split} top-1 {headline['top1']:.4f} (teacher {headline['teacher_top1']:.4f}), "
                f"firing rate {headline['firing_rate']:.4f}, {headline['sops_per_sample'] / 1e6:.2f} M SOPs and "
-               f"{headline['energy_mj_per_sample']:.4f} mJ per sample")
+               f"{headline['energy_mj_per_sample']:.4f} mJ per sample"
+               + (f"; scored on {details['scored_on']}" if split != "test" else ""))
 
 
 if __name__ == "__main__":

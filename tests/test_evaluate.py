@@ -1,6 +1,10 @@
-"""Synaptic operations and energy against a hand count on a tiny spiking network."""
+"""Synaptic operations and energy against a hand count on a tiny spiking network; the split a run is
+scored on, in its metrics file and on stdout."""
 
 from __future__ import annotations
+
+import json
+import shutil
 
 import pytest
 import torch
@@ -9,6 +13,7 @@ from torch import nn
 
 from pipeline.student.evaluate import E_AC_PJ, E_MAC_PJ, synaptic_operations
 from pipeline.student.neurons import lif
+from tests.helpers import TINY, assert_one_line, run_bkd
 
 
 class TinySNN(nn.Module):
@@ -109,3 +114,41 @@ def test_weighted_firing_rate_and_the_classifier_on_averaged_spikes():
     assert ops["layers"]["conv2"]["sops"] == pytest.approx(conv2_macs * model.s1.mean().item(), rel=1e-5)
     assert all(layer_ops["sops"] >= 0 for layer_ops in ops["layers"].values())
     assert isinstance(probe, ActivityProbe)
+
+
+@pytest.fixture(scope="module")
+def holdout_project(tiny_project, tmp_path_factory):
+    """tiny_project's teacher, a store and a `none` student of 40 train rows held out (data.holdout), and
+    the stdout of its evaluation."""
+    root = tmp_path_factory.mktemp("holdout")
+    shutil.copytree(tiny_project / "configs", root / "configs")
+    shutil.copytree(tiny_project / "models", root / "models")
+    shutil.copy(tiny_project / "params.yaml", root / "params.yaml")
+    args = [*TINY, "--set", "data.holdout=40"]
+    run_bkd(["extract-teacher", *args], root)
+    run_bkd(["train-student", *args, "--epochs", "1", "--distill", "none"], root)
+    return root, run_bkd(["evaluate", *args, "--distill", "none"], root).stdout
+
+
+@pytest.mark.slow
+def test_a_run_scored_on_held_out_rows_says_validation_in_its_metrics_and_on_stdout(holdout_project, tiny_project,
+                                                                                     tmp_path):
+    root, stdout = holdout_project
+    metrics = json.loads((root / "metrics/student-none.json").read_text())
+    assert metrics["split"] == "validation" and 0.0 <= metrics["top1"] <= 1.0
+    assert stdout.startswith("student [none]: validation top-1 ")
+    assert "scored on validation: 40 held-out rows of the train split (data.holdout)" in stdout
+    report = json.loads((root / "reports/student-none.json").read_text())
+    assert report["scored_on"].startswith("validation: 40 held-out rows")
+
+    again = ["--metrics", str(tmp_path / "m.json"), "--report", str(tmp_path / "r.json"),
+             "--plots-dir", str(tmp_path / "plots")]  # tiny_project's own outputs are left as they are
+    out = run_bkd(["evaluate", *TINY, "--distill", "mixed", *again], tiny_project).stdout
+    assert out.startswith("student [mixed]: test top-1 ") and "validation" not in out
+    assert json.loads((tmp_path / "m.json").read_text())["split"] == "test"
+
+    # the two side by side: refused by `bkd compare` until one split is chosen
+    shutil.copy(tmp_path / "m.json", root / "metrics/student-mixed.json")
+    proc = run_bkd(["compare"], root, check=False)
+    assert_one_line(proc.returncode, proc.stderr, "scored on different splits (test: mixed; validation: none)")
+    assert "none top1" in run_bkd(["compare", "--split", "validation"], root).stdout

@@ -115,7 +115,8 @@ def synaptic_operations(model: nn.Module, split, device: torch.device, batch_siz
     return _probe_pass(model, split, device, timesteps, batch_size)[0].operations(len(split))
 
 
-def plot_training_curves(history: list[dict], title: str, path: str | Path) -> None:
+def plot_training_curves(history: list[dict], title: str, path: str | Path, split: str = "test") -> None:
+    """Loss terms and accuracies per epoch; `split` names what `test_accuracy` was scored on."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,7 +130,8 @@ def plot_training_curves(history: list[dict], title: str, path: str | Path) -> N
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss terms", yscale="log")
     ax_loss.legend()
     for key in ("train_accuracy", "test_accuracy"):
-        ax_acc.plot(epochs, [row[key] for row in history], marker="o", label=key.replace("_", " "))
+        ax_acc.plot(epochs, [row[key] for row in history], marker="o",
+                    label=key.replace("_", " ").replace("test", split))
     ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy", title="accuracy")
     ax_acc.legend()
     fig.suptitle(title)
@@ -196,7 +198,8 @@ def _get_dotted(cfg, dotted: str):
 
 
 def evaluate_student(cfg, run_dir: str | Path, plots_dir: str | Path, trust_store_teacher: bool = False) -> dict:
-    """Metrics of a trained student run: accuracies, firing rates; writes PNG plots."""
+    """Metrics of a trained student run: accuracies, firing rates, and the split they were scored on
+    (`split`: test, or validation for the train rows data.holdout holds out); writes PNG plots."""
     import json
 
     from safetensors import safe_open
@@ -256,10 +259,13 @@ def evaluate_student(cfg, run_dir: str | Path, plots_dir: str | Path, trust_stor
     else:
         teacher = teacher_accuracy(stored, test.labels)
     curves, layers = (plots_dir / name for name in PLOT_FILES)
-    plot_training_curves(history, f"student [{scfg.distill}], T={scfg.timesteps}", curves)
+    holdout = cfg.data.holdout
+    split = "validation" if holdout else "test"  # what every accuracy here was scored on
+    plot_training_curves(history, f"student [{scfg.distill}], T={scfg.timesteps}", curves, split)
     plot_layers(rates, operations["layers"], f"per layer [{scfg.distill}], T={scfg.timesteps}", layers)
     best = max(range(len(history)), key=lambda i: history[i]["test_accuracy"])
     headline = {
+        "split": split,
         "top1": topk_accuracy(logits, test.labels, 1),
         "top5": topk_accuracy(logits, test.labels, 5),
         "best_epoch": best + 1,
@@ -273,7 +279,6 @@ def evaluate_student(cfg, run_dir: str | Path, plots_dir: str | Path, trust_stor
         "epochs": len(history),
         "train_seconds": float(sum(row["seconds"] for row in history)),
     }
-    holdout = cfg.data.holdout
     scored_on = f"validation: {holdout} held-out rows of the train split (data.holdout)" if holdout else "test"
     report = {"distill": scfg.distill, "targets": scfg.targets, "scored_on": scored_on, "firing_rates": rates,
               "operations": operations["layers"],
