@@ -195,6 +195,32 @@ def test_an_extraction_that_cannot_fit_is_refused_before_the_first_shard(tiny_pr
     assert "complete" in done.stdout
 
 
+@pytest.fixture()
+def read_only_folder(tmp_path):
+    """A folder this process cannot write: mode 0555, or for root (whom modes do not stop) a read-only tmpfs."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("root here cannot mount a read-only tmpfs")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_plan_says_a_read_only_destination_is_read_only(tiny_project, read_only_folder):
+    args = [*TINY, "--store", str(read_only_folder / "s.zarr"), "--plan", "--calibration-rows", "16"]
+    text = run_bkd(["extract-teacher", *args], tiny_project).stdout
+    assert "READ-ONLY: this process cannot write there" in text
+    assert json.loads(run_bkd(["extract-teacher", *args, "--json"], tiny_project).stdout)["writable"] is False
+    writable = run_bkd(["extract-teacher", *TINY, "--store", "cache/plan-rw.zarr", "--plan", "--calibration-rows",
+                        "16"], tiny_project).stdout
+    assert "READ-ONLY" not in writable
+
+
 def test_a_disk_that_fills_under_ignore_free_space_names_the_store(tiny_project, monkeypatch):
     """A full disk under Zarr's writes raises an OSError naming no file: the one line names the store."""
     import errno

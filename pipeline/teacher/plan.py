@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -106,6 +107,7 @@ class Plan:
                 "arrays": [{**dataclasses.asdict(a), "bytes_per_view": a.bytes_per_view,
                             "bytes": self.array_bytes[(a.split, a.name)]} for a in self.arrays],
                 "other_bytes": self.other_bytes, "total_bytes": self.total_bytes, "free_bytes": self.free_bytes(),
+                "writable": writable(self.store),
                 "dvc": None if self.dvc is None else {"why": self.dvc.why, "bytes": self.dvc_bytes,
                                                       "cache_dir": self.dvc.cache_dir,
                                                       "same_filesystem": self.dvc.same_filesystem,
@@ -113,15 +115,28 @@ class Plan:
                 "forward_passes": self.forward_passes, "seconds": self.seconds}
 
 
-def free_space(store: str) -> int | None:
-    """Free bytes on the disk a local store goes to (its nearest existing folder); None for other filesystems."""
+def _destination(store: str) -> Path | None:
+    """The nearest existing folder (or the store itself) of a local store; None for other filesystems."""
     fs, path = filesystem(store)
     if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         return None
     here = Path(path).absolute()
     while not here.exists():
         here = here.parent
-    return shutil.disk_usage(here).free
+    return here
+
+
+def free_space(store: str) -> int | None:
+    """Free bytes on the disk a local store goes to (its nearest existing folder); None for other filesystems."""
+    here = _destination(store)
+    return None if here is None else shutil.disk_usage(here).free
+
+
+def writable(store: str) -> bool | None:
+    """Whether this process may create or write a local store there (a read-only mount or folder says
+    no); None for other filesystems, which say so only when written to."""
+    here = _destination(store)
+    return None if here is None else os.access(here, os.W_OK | os.X_OK)
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -255,8 +270,11 @@ def format_plan(plan: Plan) -> str:
     if images:
         lines.append(f"images: {human(images)}")
     free = plan.free_bytes()
+    read_only = ("; READ-ONLY: this process cannot write there, so the extraction would fail"
+                 if writable(plan.store) is False else "")
     lines += [f"metadata, digests, flags: {human(plan.other_bytes)}",
-              f"store: {human(plan.total_bytes)}; free at destination: {human(free) if free is not None else 'unknown'}",
+              f"store: {human(plan.total_bytes)}; free at destination: {human(free) if free is not None else 'unknown'}"
+              f"{read_only}",
               _dvc_line(plan),
               f"teacher forward passes: {plan.forward_passes:,}; estimated time: {duration(plan.seconds)} "
               f"({plan.seconds_per_view * 1e3:.2f} ms per view, {plan.seconds_per_row_written * 1e3:.3f} ms per row "
