@@ -184,6 +184,14 @@ def plot(param: str, rows: list[dict], path: Path, scored_on: str) -> None:
     plt.close(fig)
 
 
+def _strict(value):
+    """`value` with every non-finite float (an sd over one seed) as null: strict JSON (RFC 8259)."""
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sensitivity", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -234,11 +242,3 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     main()
 
-
-def _strict(value):
-    """`value` with every non-finite float (an sd over one seed) as null: strict JSON (RFC 8259)."""
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
