@@ -46,9 +46,12 @@ class PathLock:
             except FileExistsError:
                 try:
                     owner = json.loads(self.fs.cat_file(self.path))
-                except (OSError, ValueError):
+                except (OSError, ValueError, RecursionError):
                     owner = {}
-                stale = owner.get("host") == me["host"] and not _pid_alive(owner.get("pid", -1))
+                pid = owner.get("pid") if isinstance(owner, dict) else None
+                if not isinstance(pid, int) or isinstance(pid, bool):
+                    owner = {}  # not a lock bkd wrote whole: whose it is cannot be told
+                stale = bool(owner) and owner.get("host") == me["host"] and not _pid_alive(pid)
                 if stale or (not owner and self._age() > UNREADABLE_LOCK_SECONDS):
                     self.fs.rm_file(self.path)  # its process is gone, or it never got to say whose it is
                     continue
@@ -71,10 +74,12 @@ class PathLock:
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:  # 0 and negatives name process groups, never one writer
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
-    return pid > 0
+    return True

@@ -183,7 +183,8 @@ class RunFolder:
 
     def weights_sha256(self) -> str | None:
         """The sha256 of the weights this folder's run wrote outside it, or None."""
-        return self._read_info().get("weights_sha256") if self.path.is_dir() else None
+        sha = self._read_info().get("weights_sha256") if self.path.is_dir() else None
+        return sha if isinstance(sha, str) else None
 
     def finish(self) -> None:
         """Record in run.json that the run finished: a fresh run then refuses to start over it unasked."""
@@ -193,9 +194,10 @@ class RunFolder:
 
     def _read_info(self) -> dict:
         try:
-            return json.loads((self.path / "run.json").read_text())
-        except (OSError, ValueError):
+            info = json.loads((self.path / "run.json").read_text())
+        except (OSError, ValueError, RecursionError):
             return {}
+        return info if isinstance(info, dict) else {}
 
     def _write_info(self, info: dict) -> None:
         write_json(info, self.path / "run.json")
