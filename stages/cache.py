@@ -64,18 +64,26 @@ def verify(store):
 
 @main.command("sign")
 @click.argument("store", type=click.Path())
+@click.option("--force", is_flag=True, help="Sign a store whose signature under this key no longer matches it "
+                                          "(changed since it was signed); without it, one is refused.")
 @one_line_errors
-def sign(store):
+def sign(store, force):
     """Verify every chunk of STORE, then sign it with the key BKD_STORE_KEY or BKD_STORE_KEY_FILE sets."""
     from pipeline.targets.fsutil import store_lock
     from pipeline.targets.manifest import open_group
-    from pipeline.targets.signing import KEY_ENV, KEY_FILE_ENV, sign_store, signed_digests, store_key
+    from pipeline.targets.signing import (CHANGED, KEY_ENV, KEY_FILE_ENV, sign_store, signature_problem,
+                                          signed_digests, store_key)
 
     key = store_key()
     if key is None:
         raise BkdError(f"no signing key: set {KEY_ENV} (the key) or {KEY_FILE_ENV} (a file holding it)")
     with store_lock(store):
         root = open_group(store, "r+")
+        problem = signature_problem(root, store, key)[0]
+        if problem and CHANGED in problem and not force:  # verifying cannot tell a forgery with digests to match
+            raise BkdError(f"{store}: not signed, {problem}: its rows or digests were rewritten after it was signed "
+                           "with this key; rebuild it (`bkd extract-teacher --overwrite`), or pass --force if you "
+                           "know why it changed")
         content = signed_digests(root, store)[0]  # what is verified below is what gets signed
         bad, whole, checked = _verify(store, signing=True)
         if bad or whole:

@@ -80,6 +80,56 @@ def test_unsigned_and_other_key_stores_are_refused_when_a_key_is_set(tmp_path: P
     assert "(not checked: no signing key set)" in run_bkd(["cache", "info", str(path)], tmp_path).stdout
 
 
+def test_sign_will_not_launder_a_store_changed_under_its_key(tmp_path: Path, monkeypatch):
+    """A consistent forgery verifies (its digests agree), so `cache sign` refuses a store whose signature
+    under the same key no longer matches unless --force; the refusal to read it does not suggest signing."""
+    path = tmp_path / "s.zarr"
+    build_store(path)
+    assert sign(path, monkeypatch).returncode == 0
+    forge(path)
+    with pytest.raises(StoreError, match="rebuild it with `bkd extract-teacher --overwrite`") as refused:
+        TeacherTargets(path, "train")
+    assert "cache sign" not in str(refused.value)
+    laundered = sign(path, monkeypatch)
+    assert_one_line(laundered.returncode, laundered.stderr, "not signed", "changed since it was signed", "--force")
+    with pytest.raises(StoreError, match="changed since it was signed"):
+        TeacherTargets(path, "train")
+    forced = run_bkd(["cache", "sign", "--force", str(path)], tmp_path, check=False)
+    assert forced.returncode == 0, forced.stderr
+    TeacherTargets(path, "train")
+
+
+@pytest.mark.parametrize("mac", ["é", "\udcff", None, 7, ["x"], "0" * 64])
+def test_an_odd_signature_mac_is_refused_in_one_line(tmp_path: Path, monkeypatch, mac):
+    path = tmp_path / "s.zarr"
+    build_store(path)
+    assert sign(path, monkeypatch).returncode == 0
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["attributes"]["signature"]["mac"] = mac
+    (path / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="does not match its contents"):
+        TeacherTargets(path, "train")
+    verify = run_bkd(["cache", "verify", str(path)], tmp_path, check=False)
+    assert verify.returncode == 1 and "does not match its contents" in verify.stderr
+    assert "checked: its signature does not match" in run_bkd(["cache", "info", str(path)], tmp_path).stdout
+
+
+def test_a_key_of_any_bytes_signs_and_checks(tmp_path: Path, monkeypatch):
+    """The key is taken as the environment's bytes, whatever they are (not text)."""
+    import os
+
+    path = tmp_path / "s.zarr"
+    build_store(path)
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    monkeypatch.setitem(os.environb, KEY_ENV.encode(), b"\xff\xfe binary")
+    assert store_key() == b"\xff\xfe binary"
+    assert run_bkd(["cache", "sign", str(path)], tmp_path).returncode == 0
+    TeacherTargets(path, "train")
+    monkeypatch.setitem(os.environb, KEY_ENV.encode(), b"\xff\xfd binary")
+    with pytest.raises(StoreError, match="another key"):
+        TeacherTargets(path, "train")
+
+
 def test_rows_are_checked_against_the_digests_that_were_signed(tmp_path: Path, monkeypatch):
     """A reader that checked the signature keeps the signed digests: a forgery written after it opened
     the store is refused too."""

@@ -34,7 +34,7 @@ SCHEME = "hmac-sha256"
 def store_key() -> bytes | None:
     """The signing key the environment configures, or None; a variable set but unusable is an error
     (an empty secret would otherwise turn every check off unnoticed)."""
-    value, file = os.environ.get(KEY_ENV), os.environ.get(KEY_FILE_ENV)
+    value, file = os.environb.get(KEY_ENV.encode()), os.environ.get(KEY_FILE_ENV)  # the key as bytes, whatever they are
     if value is not None and file is not None:
         raise BkdError(f"both {KEY_ENV} and {KEY_FILE_ENV} are set: set one")
     if file is not None:
@@ -47,7 +47,7 @@ def store_key() -> bytes | None:
         return key
     if value is not None and not value.strip():
         raise BkdError(f"{KEY_ENV} is set but empty")
-    return value.strip().encode() if value is not None else None
+    return value.strip() if value is not None else None
 
 
 def key_id(key: bytes) -> str:
@@ -85,8 +85,9 @@ def signature_problem(root: zarr.Group, path: str, key: bytes) -> tuple[str | No
         content, digests = signed_digests(root, path)
     except StoreError as exc:
         return str(exc).split(": ", 1)[-1], {}
-    if not hmac.compare_digest(str(signature.get("mac", "")), hmac.new(key, content, hashlib.sha256).hexdigest()):
-        return "its signature does not match its contents (changed since it was signed)", {}
+    mac = str(signature.get("mac", "")).encode("utf-8", "surrogatepass")
+    if not hmac.compare_digest(mac, hmac.new(key, content, hashlib.sha256).hexdigest().encode()):
+        return f"its signature does not match its contents ({CHANGED})", {}
     return None, digests
 
 
@@ -99,8 +100,19 @@ def check_signature(root: zarr.Group, path: str) -> dict[str, np.ndarray] | None
     problem, digests = signature_problem(root, path, key)
     if problem:
         raise StoreError(f"{path}: {problem}, and a signing key is set ({key_env()}); only a store signed with it "
-                         "is read (`bkd cache sign` signs one you have checked)")
+                         f"is read ({fix(problem)})")
     return digests
+
+
+CHANGED = "changed since it was signed"
+
+
+def fix(problem: str) -> str:
+    """What to do about a signature problem: a store changed under its key is rebuilt, not signed again."""
+    if CHANGED in problem:
+        return ("its rows or digests were rewritten after signing: rebuild it with `bkd extract-teacher "
+                "--overwrite`, or find out who changed it")
+    return "`bkd cache sign` signs one after verifying it, if you vouch for its contents"
 
 
 def sign_store(root: zarr.Group, path: str, key: bytes, checked: bytes | None = None) -> str:
@@ -114,16 +126,19 @@ def sign_store(root: zarr.Group, path: str, key: bytes, checked: bytes | None = 
     return key_id(key)
 
 
-def sign_extracted(root: zarr.Group, path: str, wrote: bool) -> str | None:
-    """After an extraction completed the store at `path`: with a key set, sign it if this run wrote any of
-    it (the key holder vouches for what their extraction completes). A store this run wrote none of keeps
+def sign_extracted(root: zarr.Group, path: str, wrote: int, total: int) -> str | None:
+    """After an extraction completed the store at `path`, writing `wrote` of its `total` shards: with a key
+    set, sign it if this run wrote any of it (the key holder vouches for what their extraction completes,
+    shards a resumed extraction found included, which the line says). A store this run wrote none of keeps
     its signature, and one unsigned (or signed otherwise) stays so: nothing this run did vouches for it.
     Returns the line to print (None without a key)."""
     key = store_key()
     if key is None:
         return None
     if wrote:
-        return f"{path}: signed (key id {sign_store(root, path, key)})"
+        found = (f"; {total - wrote} of its {total} shards were there before this run, and the signature vouches "
+                 "for them too" if wrote < total else "")
+        return f"{path}: signed (key id {sign_store(root, path, key)}{found})"
     problem, _ = signature_problem(root, path, key)
     if problem:
         return (f"warning: {path} is not signed with the key set ({problem}); this run extracted none of it, so "

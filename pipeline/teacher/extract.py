@@ -226,7 +226,8 @@ def extract_teacher(cfg: Config, device: torch.device, overwrite: bool = False, 
             else:
                 _run_on_dask(cfg, str(device), missing, workers, scheduler, bar)
         writer.finish()
-        note = sign_extracted(writer.root, str(cfg.extract.store), wrote=bool(missing))
+        note = sign_extracted(writer.root, str(cfg.extract.store), len(missing),
+                              sum(layout.num_shards for layout in writer.layouts.values()))
         if note:
             tqdm.write(note)
         write_identity(cfg.extract.identity_path(), writer.root.attrs["manifest"])
