@@ -118,7 +118,7 @@ def check_replaceable_png(path: str | Path) -> None:
         head = path.read_bytes()[:4096] if path.is_file() else b""
         if f"Software\x00{PNG_MARK}".encode() not in head:
             raise BkdError(f"{path} exists and is not a plot bkd wrote; bkd will not overwrite it "
-                           "(choose another --plots-dir)")
+                           "(choose another path for it)")
 
 
 def save_png(fig, path: str | Path, dpi: int = 100) -> None:

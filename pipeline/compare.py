@@ -67,7 +67,7 @@ def check_value(value: Any, metric: str, where: str) -> float:
     if not math.isfinite(number):
         raise BkdError(f"{where}: {metric} is {shown}, not a finite number")
     if is_fraction(metric) and not 0.0 <= number <= 1.0:
-        hint = f"; {number:g} % is {number / 100:g}" if 1.0 < number <= 100.0 else ""
+        hint = f"; {number:g} % is {number / 100:g}" if 2.0 <= number <= 100.0 else ""
         raise BkdError(f"{where}: {metric} is {shown}, not a fraction in [0, 1]{hint}")
     if (metric in NONNEGATIVE or _NONNEGATIVE_NAME.search(metric)) and number < 0:
         raise BkdError(f"{where}: {metric} is {shown}, not >= 0")
@@ -91,7 +91,7 @@ def read_mode_metrics(metrics_dir: str | Path) -> dict[str, dict[str, Any]]:
         if path.is_file():
             try:
                 found[mode] = json.loads(path.read_text(), parse_float=_parse_float, parse_constant=_Spelled)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise BkdError(f"{path}: not a metrics JSON file") from None
             if not isinstance(found[mode], dict):
                 raise BkdError(f"{path}: not a metrics JSON file (an object of metrics expected, found a "
@@ -324,7 +324,7 @@ def mode_groups(metrics: dict[str, dict[str, Any]], metric: str, split: str | No
     """The modes of one workspace as a single group (for the same table and plot). `source`: the folder
     the metrics were read from, to name a file; `split`: keep the modes scored on it (see `one_split`)."""
     measured = {key for m in metrics.values() for key, value in m.items() if _number(value)}
-    if metric not in measured:
+    if not any(metric in m for m in metrics.values()):  # present but not a number: named below, with its file
         raise BkdError(_unknown_metric(metric, measured))
     values, splits = {}, {}
     for mode, m in metrics.items():

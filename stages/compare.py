@@ -6,7 +6,7 @@ import click
 
 from pipeline import compare
 from pipeline.errors import BkdError
-from stages.common import one_line_errors, run_standalone
+from stages.common import nonempty, one_line_errors, run_standalone
 
 
 @click.command("compare")
@@ -34,6 +34,10 @@ def main(metrics_dir, experiments, metric, split, plot, as_json):
     `dvc exp run --queue -S seed=0,1,2 -S student.bkd.blur_ratio=0.15,0.3` then
     `dvc exp run --run-all`, and `bkd compare --experiments` reports mean ± sd per mode.
     """
+    if plot is not None:
+        from pipeline.checkpoint import check_replaceable_png
+
+        check_replaceable_png(nonempty(plot, "--plot"))  # before any table: a plot it may not write is refused
     if experiments:
         rows, split = compare.one_split(compare.experiment_rows(metric=metric), split, "the DVC experiments")
         groups = compare.group_over_seeds(rows)

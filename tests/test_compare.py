@@ -311,3 +311,24 @@ def test_experiments_scored_on_different_splits_are_refused_unless_one_is_chosen
     records[1]["metrics/student-mixed.json:split"] = "holdout"
     proc = run_bkd(["compare", "--experiments", "--split", "test"], tmp_path, check=False)
     assert_one_line(proc.returncode, proc.stderr, "experiment exp-1: metrics/student-mixed.json: split is 'holdout'")
+
+
+def test_a_deeply_nested_file_a_non_number_and_an_empty_or_foreign_plot_are_one_line(tmp_path):
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    (metrics / "student-kd.json").write_text('{"top1": 0.5, "x": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    deep = run_bkd(["compare", "--metrics-dir", str(metrics)], tmp_path, check=False)
+    assert_one_line(deep.returncode, deep.stderr, "student-kd.json: not a metrics JSON file")
+
+    (metrics / "student-kd.json").write_text(json.dumps({"top1": "0.5"}))
+    named = run_bkd(["compare", "--metrics-dir", str(metrics)], tmp_path, check=False)
+    assert_one_line(named.returncode, named.stderr, "student-kd.json: top1 is '0.5', not a number")
+
+    (metrics / "student-kd.json").write_text(json.dumps({"top1": 0.5}))
+    empty = run_bkd(["compare", "--metrics-dir", str(metrics), "--plot", ""], tmp_path, check=False)
+    assert_one_line(empty.returncode, empty.stderr, "--plot is empty")
+    (tmp_path / "mine.png").write_text("my notes")
+    foreign = run_bkd(["compare", "--metrics-dir", str(metrics), "--plot", str(tmp_path / "mine.png")], tmp_path,
+                      check=False)
+    assert_one_line(foreign.returncode, foreign.stderr, "is not a plot bkd wrote", "choose another path")
+    assert foreign.stdout == "" and (tmp_path / "mine.png").read_text() == "my notes"  # refused before the table
