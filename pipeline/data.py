@@ -117,6 +117,12 @@ class ImageSplit(Dataset):
         return split_fingerprint(self.ids, self.labels.numpy())
 
 
+def scored_split(cfg) -> str:
+    """What a run's "test" accuracy is scored on: the test split, or with data.holdout the validation rows
+    held out of the train split. `cfg`: the data section."""
+    return "validation" if cfg.holdout else "test"
+
+
 def centre_offsets(height: int, width: int, crop_height: int, crop_width: int) -> tuple[int, int]:
     """(top, left) of a crop_height x crop_width centre crop of a height x width image, placed as
     torchvision's center_crop places it."""

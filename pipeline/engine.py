@@ -81,11 +81,13 @@ class Trainer:
                  sampler: EpochSampler, optimizer: torch.optim.Optimizer,
                  scheduler: "torch.optim.lr_scheduler.LRScheduler | EpochSchedule", epochs: int, run_dir: str | Path,
                  evaluate: Callable[[], float], device: torch.device, desc: str,
-                 ranks: Ranks = Ranks(), checkpoint_every: int = 0, scaler: "torch.amp.GradScaler | None" = None):
+                 ranks: Ranks = Ranks(), checkpoint_every: int = 0, scaler: "torch.amp.GradScaler | None" = None,
+                 evaluated_on: str = "test"):
         self.modules, self.step, self.loader, self.sampler = modules, step, loader, sampler
         self.optimizer, self.scheduler, self.epochs = optimizer, scheduler, epochs
         self.run_dir, self.evaluate, self.device, self.desc = Path(run_dir), evaluate, device, desc
         self.ranks, self.checkpoint_every, self.scaler = ranks, checkpoint_every, scaler
+        self.evaluated_on = evaluated_on  # what `evaluate` scores ("test", or "validation": data.holdout)
         self.history: list[dict] = []
 
     @property
@@ -217,7 +219,7 @@ class Trainer:
             self.history.append(row)
             if self.ranks.is_main:
                 tqdm.write(f"{self.desc} epoch {epoch + 1}/{self.epochs}: loss {row['train_loss']:.4f} "
-                           f"train acc {row['train_accuracy']:.4f} test acc {row['test_accuracy']:.4f} "
+                           f"train acc {row['train_accuracy']:.4f} {self.evaluated_on} acc {row['test_accuracy']:.4f} "
                            f"({row['seconds']:.1f}s)")
             self._save(epoch + 1, 0, Tally())
             if self.ranks.is_main:

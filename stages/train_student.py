@@ -33,6 +33,7 @@ from stages.common import build_config, config_options, nonempty, one_line_error
 @one_line_errors
 def main(config_path, overrides, distill, epochs, device, run_dir, resume, overwrite, trust_store_teacher, nproc):
     """Train the spiking student with the configured distillation mode; the teacher never runs."""
+    from pipeline.data import scored_split
     from pipeline.distributed import launched_ranks, split_global_batch  # torch: imported only when run
     from pipeline.student.models import STUDENTS
 
@@ -59,7 +60,8 @@ def main(config_path, overrides, distill, epochs, device, run_dir, resume, overw
 
     last = train_student(cfg, run_dir, resume, trust_store_teacher, overwrite)
     if launched_ranks().is_main:
-        click.echo(f"student [{cfg.student.distill}]: test accuracy {last['test_accuracy']:.4f} -> {run_dir}")
+        click.echo(f"student [{cfg.student.distill}]: {scored_split(cfg.data)} accuracy {last['test_accuracy']:.4f} "
+                   f"-> {run_dir}")
 
 
 def _torchrun(nproc: int, args: list[str]) -> None:

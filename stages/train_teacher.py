@@ -29,7 +29,8 @@ def main(config_path, overrides, epochs, own_weights, run_dir, metrics, resume, 
     check_replaceable_json(metrics)
     result = adopt_teacher(cfg, own_weights, overwrite) if own_weights else train_teacher(cfg, run_dir, resume, overwrite)
     write_json(result, metrics)
-    click.echo(f"teacher {cfg.teacher.model}: test accuracy {result['test_accuracy']:.4f} -> {cfg.teacher.checkpoint}")
+    click.echo(f"teacher {cfg.teacher.model}: {result['split']} accuracy {result['test_accuracy']:.4f} -> "
+               f"{cfg.teacher.checkpoint}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ def test_training_into_another_run_folder_keeps_the_weights_unless_overwrite(pro
 
     replaced = train(project, "--run-dir", "runs/other", "--set", "teacher.seed=7", "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
+    assert "test accuracy" in replaced.stdout
     after = sha(weights)
     assert after != before
     assert json.loads((project / "runs/other/run.json").read_text())["weights_sha256"] == after
@@ -55,9 +56,13 @@ def test_the_run_that_wrote_the_weights_may_write_them_again(project: Path):
     assert info["weights_sha256"] == sha(weights)
     del info["finished"]
     info_path.write_text(json.dumps(info))
+    before = sha(weights)
     resumed = train(project, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "finished" in json.loads(info_path.read_text())
+    # the same weights are not written again: safetensors' metadata order varies between writes, and a
+    # store extracted from the file names its hash
+    assert sha(weights) == before
 
 
 def test_adopting_weights_over_other_weights_needs_overwrite(project: Path, tmp_path_factory):
@@ -74,8 +79,11 @@ def test_adopting_weights_over_other_weights_needs_overwrite(project: Path, tmp_
     adopted = train(project, "--checkpoint", str(other), "--overwrite")
     assert adopted.returncode == 0, adopted.stderr
     assert sha(weights) != before
-    again = train(project, "--checkpoint", str(other))  # the same weights again: nothing to replace
-    assert again.returncode == 0, again.stderr
+    adopted_sha = sha(weights)
+    for _ in range(2):  # the same weights again: nothing replaced, byte for byte
+        again = train(project, "--checkpoint", str(other))
+        assert again.returncode == 0, again.stderr
+        assert sha(weights) == adopted_sha
 
 
 def test_a_file_bkd_did_not_write_is_never_replaced(project: Path):
@@ -84,3 +92,30 @@ def test_a_file_bkd_did_not_write_is_never_replaced(project: Path):
     refused = train(project, "--run-dir", "runs/other", "--overwrite")
     assert_one_line(refused.returncode, refused.stderr, "is not a safetensors weights file")
     assert weights.read_text() == "my notes"
+
+
+def test_a_run_json_of_another_shape_is_no_traceback(project: Path):
+    """run.json that is not an object records nothing: not the run's weights, so they are not its own."""
+    (project / "runs/teacher/run.json").write_text("[]")
+    resumed = train(project, "--resume")
+    assert_one_line(resumed.returncode, resumed.stderr, "holds other teacher weights", "--overwrite")
+
+
+def test_a_run_is_refused_while_another_writes_the_same_checkpoint(project: Path):
+    """The final check and the write happen under CHECKPOINT.lock: another run holding it is refused."""
+    from pipeline.teacher.train import weights_lock
+
+    weights = project / "models/teacher.safetensors"
+    before = sha(weights)
+    with weights_lock(weights):
+        busy = train(project, "--run-dir", "runs/other", "--set", "teacher.seed=7", "--overwrite")
+    assert_one_line(busy.returncode, busy.stderr.splitlines()[-1] + "\n", "is being written by another bkd run")
+    assert sha(weights) == before
+
+
+def test_a_holdout_run_says_validation_on_stdout_and_in_its_metrics(project: Path):
+    out = train(project, "--run-dir", "runs/holdout", "--set", "data.holdout=40", "--set",
+                "teacher.checkpoint=models/holdout.safetensors", "--metrics", "metrics/holdout.json")
+    assert out.returncode == 0, out.stderr
+    assert "validation accuracy" in out.stdout and "test accuracy" not in out.stdout
+    assert json.loads((project / "metrics/holdout.json").read_text())["split"] == "validation"

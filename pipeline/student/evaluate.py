@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from pipeline.checkpoint import save_png
+from pipeline.data import scored_split
 from pipeline.metrics import predict_logits, topk_accuracy
 from pipeline.student.neurons import spiking_layers
 
@@ -260,7 +261,7 @@ def evaluate_student(cfg, run_dir: str | Path, plots_dir: str | Path, trust_stor
         teacher = teacher_accuracy(stored, test.labels)
     curves, layers = (plots_dir / name for name in PLOT_FILES)
     holdout = cfg.data.holdout
-    split = "validation" if holdout else "test"  # what every accuracy here was scored on
+    split = scored_split(cfg.data)  # what every accuracy here was scored on
     plot_training_curves(history, f"student [{scfg.distill}], T={scfg.timesteps}", curves, split)
     plot_layers(rates, operations["layers"], f"per layer [{scfg.distill}], T={scfg.timesteps}", layers)
     best = max(range(len(history)), key=lambda i: history[i]["test_accuracy"])

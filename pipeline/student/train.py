@@ -19,7 +19,7 @@ from tqdm import tqdm
 from pipeline import checkpoint
 from pipeline.augment import view_augmenter
 from pipeline.config import Config
-from pipeline.data import data_loader, load_splits, scattered_read_warning
+from pipeline.data import data_loader, load_splits, scattered_read_warning, scored_split
 from pipeline.distributed import Ranks, process_group, split_global_batch
 from pipeline.engine import StepFn, Trainer, optimizer_for
 from pipeline.errors import BkdError, ConfigError
@@ -196,7 +196,7 @@ class StudentRun:
                        loader=self.loader, sampler=self.sampler, optimizer=self.optimizer, scheduler=self.scheduler,
                        epochs=scfg.train_epochs(), run_dir=run_dir, evaluate=self.evaluate, device=self.device,
                        desc=f"student[{scfg.distill}]", ranks=self.ranks, checkpoint_every=scfg.checkpoint_every,
-                       scaler=self.fast.grad_scaler())
+                       scaler=self.fast.grad_scaler(), evaluated_on=scored_split(self.cfg.data))
 
 
 def build_student_run(cfg: Config, device: torch.device | str = "cpu", *, ranks: Ranks = Ranks(),

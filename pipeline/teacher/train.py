@@ -12,10 +12,11 @@ from tqdm import tqdm
 
 from pipeline import checkpoint
 from pipeline.config import Config
-from pipeline.data import data_loader, load_split, load_splits, random_shift, scattered_read_warning
+from pipeline.data import data_loader, load_split, load_splits, random_shift, scattered_read_warning, scored_split
 from pipeline.distributed import resolve_device
 from pipeline.engine import Trainer, optimizer_for
 from pipeline.errors import BkdError
+from pipeline.locks import PathLock
 from pipeline.metrics import accuracy
 from pipeline.rundir import RunFolder
 from pipeline.samplers import ChunkShuffleSampler
@@ -43,6 +44,27 @@ def check_teacher_weights(path: str | Path, overwrite: bool, own: str | None = N
                    "match; pass --overwrite to replace them, or set another teacher.checkpoint")
 
 
+def weights_lock(path: str | Path) -> PathLock:
+    """Held while a run checks and writes teacher.checkpoint: `CHECKPOINT.lock` beside it."""
+    return PathLock(f"{path}.lock", f"{path} is being written by another bkd run")
+
+
+def write_teacher_weights(path: str | Path, data: bytes, overwrite: bool, own: str | None = None,
+                          record=None) -> None:
+    """Write `data` at `path` if `check_teacher_weights` allows it; equal weights already there are kept
+    as they are (the same tensors and metadata need not be the same bytes, and a store extracted from the
+    file names its hash). `record(sha256)`: told the hash of the file that ends up there, before it is written."""
+    check_teacher_weights(path, overwrite, own=own, data=data)
+    path = Path(path)
+    if path.is_file() and checkpoint.same_weights(path.read_bytes(), data):
+        if record:
+            record(hashlib.sha256(path.read_bytes()).hexdigest())
+        return
+    if record:
+        record(hashlib.sha256(data).hexdigest())  # before the file: a crash between is resumable
+    checkpoint.write_weights_bytes(data, path)
+
+
 def adopt_teacher(cfg: Config, own_weights: str, overwrite: bool = False) -> dict:
     """Use a user's local weights for cfg.teacher.model instead of training: check, evaluate, save."""
     checkpoint.check_replaceable_weights(cfg.teacher.checkpoint)
@@ -50,9 +72,10 @@ def adopt_teacher(cfg: Config, own_weights: str, overwrite: bool = False) -> dic
     device = resolve_device(cfg.teacher.device)
     model = load_teacher(cfg.teacher, test.num_classes, test.image_shape, own_weights).to(device)
     data = checkpoint.weights_bytes(model.state_dict(), teacher_metadata(cfg.teacher, test, source=str(own_weights)))
-    check_teacher_weights(cfg.teacher.checkpoint, overwrite, data=data)  # the same weights again: no change
-    checkpoint.write_weights_bytes(data, cfg.teacher.checkpoint)
-    return {"test_accuracy": accuracy(model, test, device), "model": cfg.teacher.model, "source": str(own_weights)}
+    with weights_lock(cfg.teacher.checkpoint):
+        write_teacher_weights(cfg.teacher.checkpoint, data, overwrite)
+    return {"split": scored_split(cfg.data), "test_accuracy": accuracy(model, test, device), "model": cfg.teacher.model,
+            "source": str(own_weights)}
 
 
 def train_teacher(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> dict:
@@ -80,13 +103,13 @@ def train_teacher(cfg: Config, run_dir: str | Path, resume: bool = False, overwr
 
     trainer = Trainer(modules={"model": model}, step=step, loader=loader, sampler=sampler, optimizer=optimizer,
                       scheduler=scheduler, epochs=tcfg.epochs, run_dir=run_dir,
-                      evaluate=lambda: accuracy(model, test, device, cfg.loader), device=device, desc="teacher")
+                      evaluate=lambda: accuracy(model, test, device, cfg.loader), device=device, desc="teacher",
+                      evaluated_on=scored_split(cfg.data))
     with folder:
         history = trainer.fit(resume)
         data = checkpoint.weights_bytes(model.state_dict(), teacher_metadata(tcfg, train, len(history)))
-        check_teacher_weights(tcfg.checkpoint, False, own=accepted, data=data)  # written by another since?
-        folder.record_weights(hashlib.sha256(data).hexdigest())  # before the file: a crash between is resumable
-        checkpoint.write_weights_bytes(data, tcfg.checkpoint)
+        with weights_lock(tcfg.checkpoint):  # another run's check and write never fall between ours
+            write_teacher_weights(tcfg.checkpoint, data, False, own=accepted, record=folder.record_weights)
         folder.finish()
-    return {"test_accuracy": history[-1]["test_accuracy"], "train_accuracy": history[-1]["train_accuracy"],
-            "epochs": len(history), "model": tcfg.model}
+    return {"split": scored_split(cfg.data), "test_accuracy": history[-1]["test_accuracy"],
+            "train_accuracy": history[-1]["train_accuracy"], "epochs": len(history), "model": tcfg.model}
