@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from pipeline.config import Config, load_config
 from pipeline.data import load_split
-from pipeline.engine import to_device
+from pipeline.rawviews import to_device
 from pipeline.student.train import StudentRun, build_student_run
 from pipeline.teacher.extract import extract_teacher
 

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.config import DataConfig, LoaderConfig
 from pipeline.digests import split_fingerprint
 from pipeline.errors import BkdError, ConfigError, DataError
+from pipeline.rawviews import RawViews, normalize
 from pipeline.sources import DATASETS, ArraySource, HDF5Source, Source
 
 
@@ -55,12 +56,13 @@ class ImageSplit(Dataset):
             **({"load_size": cfg.load_size} if name == "imagenet" and cfg.load_size else {}),
             **({"interpolation": cfg.interpolation} if name == "imagenet" else {}),
         }
-        # Small in-memory datasets are normalized once; the rest per batch.
-        self._normalized = self._normalize(source.read(self.ids)) if isinstance(source, ArraySource) else None
+        # Small in-memory datasets are read once; the rest per batch.
+        self._raw = torch.from_numpy(np.ascontiguousarray(source.read(self.ids))) if isinstance(source, ArraySource) \
+            else None
 
     def _normalize(self, raw: np.ndarray | torch.Tensor) -> torch.Tensor:
         raw = torch.from_numpy(np.ascontiguousarray(raw)) if isinstance(raw, np.ndarray) else raw
-        return (raw.float() * self.scale - self.mean) / self.std
+        return normalize(raw, self.scale, self.mean, self.std)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -81,21 +83,29 @@ class ImageSplit(Dataset):
     def load(self, indices) -> torch.Tensor:
         """Normalized inputs (len(indices), *image_shape) for rows of this split (the clean input)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if self._normalized is not None:
-            return self.centre_crop(self._normalized[torch.from_numpy(idx)])
+        if self._raw is not None:
+            return self._normalize(self.centre_crop(self._raw[torch.from_numpy(idx)]))
         return self._normalize(self.centre_crop(torch.from_numpy(self.source.read(self.ids[idx]))))
+
+    def load_views(self, indices) -> RawViews:
+        """The clean inputs of rows of this split as they cross to the device (`RawViews`: the raw values,
+        normalized there); `.to(device)` gives what `load` gives, on the device."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        raw = self._raw[torch.from_numpy(idx)] if self._raw is not None else \
+            torch.from_numpy(np.ascontiguousarray(self.source.read(self.ids[idx])))
+        return RawViews(self.centre_crop(raw), self.scale, self.mean, self.std)
 
     def __getitem__(self, i: int):
         return self.load([i])[0], self.labels[i], i
 
     def __getitems__(self, indices: list[int]):
         idx = torch.as_tensor(indices)
-        return self.load(indices), self.labels[idx], idx
+        return self.load_views(indices), self.labels[idx], idx
 
     @property
     def in_memory(self) -> bool:
         """True when the whole split is held in memory (reading every sample costs no I/O)."""
-        return self._normalized is not None
+        return self._raw is not None
 
     def load_raw(self, indices) -> np.ndarray:
         """Raw source values (len(indices), *source_shape), as the source gives them, for rows of this split."""
@@ -109,7 +119,7 @@ class ImageSplit(Dataset):
             raise DataError(f"{source.origin} holds samples of shape {tuple(source.shape)}, the dataset's are "
                             f"{self.source_shape}")
         other = copy.copy(self)
-        other.source, other._normalized = source, None  # every read from `source`, not the files' copy
+        other.source, other._raw = source, None  # every read from `source`, not the files' copy
         return other
 
     def fingerprint(self) -> str:

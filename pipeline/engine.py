@@ -27,6 +27,7 @@ from pipeline.checkpoint import write_json
 from pipeline.config import ScheduleConfig
 from pipeline.distributed import Ranks
 from pipeline.errors import BkdError
+from pipeline.rawviews import device_batches
 
 
 class EpochSampler(Protocol):
@@ -203,9 +204,8 @@ class Trainer:
             torch.set_rng_state(rng)
             bar = tqdm(batches, desc=f"{self.desc} epoch {epoch + 1}/{self.epochs}", total=steps, initial=first,
                        leave=False, dynamic_ncols=True, disable=not self.ranks.is_main)
-            for step, batch in enumerate(bar, start=first):
-                terms, logits, labels = self.train_step(to_device(batch, self.device),
-                                                        where=f"in epoch {epoch + 1}, step {step + 1}")
+            for step, batch in enumerate(device_batches(bar, self.device), start=first):
+                terms, logits, labels = self.train_step(batch, where=f"in epoch {epoch + 1}, step {step + 1}")
                 tally.add(terms, logits, labels)
                 bar.set_postfix(loss=f"{terms['loss'].item():.4f}")
                 if self.checkpoint_every and (step + 1) % self.checkpoint_every == 0 and step + 1 < steps:
@@ -312,12 +312,3 @@ class EpochSchedule:
                            "(another schedule or another number of steps per epoch)")
         self.updates = state["updates"]
         self.scheduler.load_state_dict(state["timm"])
-
-
-def to_device(batch, device: torch.device):
-    """A batch (tensors, and dicts of them: teacher features by location) on `device`."""
-    if isinstance(batch, dict):
-        return {key: to_device(value, device) for key, value in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return tuple(to_device(value, device) for value in batch)
-    return batch.to(device, non_blocking=True)

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from pipeline.rawviews import device_batches
+
 
 class _Batches(Dataset):
     """Item i: the clean inputs of the i-th span of rows of a split (loaded in a loader worker)."""
@@ -20,7 +22,12 @@ class _Batches(Dataset):
         return len(self.spans)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.split.load(self.spans[i])
+        return _clean_inputs(self.split, self.spans[i])
+
+
+def _clean_inputs(split, rows):
+    """The clean inputs of `rows` as they cross to the device (`load_views`, where the split has it)."""
+    return split.load_views(rows) if hasattr(split, "load_views") else split.load(rows)
 
 
 def _input_batches(split, indices: Sequence[int], batch_size: int, device: torch.device, loader=None):
@@ -28,7 +35,7 @@ def _input_batches(split, indices: Sequence[int], batch_size: int, device: torch
     worker processes when given and the split is read from files (decoding overlaps the model)."""
     spans = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
     if loader is None or not loader.workers or split.in_memory or len(spans) < 2:
-        return (split.load(span) for span in spans)
+        return (_clean_inputs(split, span) for span in spans)
     from pipeline.data import data_loader
 
     workers = min(loader.workers, len(spans))
@@ -45,8 +52,8 @@ def predict_logits(model: nn.Module, split, device: torch.device, batch_size: in
     was_training = model.training
     model.eval()
     out = []
-    for images in _input_batches(split, indices, batch_size, device, loader):
-        out.append(model(images.to(device, non_blocking=True)).float().cpu())
+    for images in device_batches(_input_batches(split, indices, batch_size, device, loader), device):
+        out.append(model(images).float().cpu())
     model.train(was_training)
     return torch.cat(out)
 

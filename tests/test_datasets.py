@@ -94,7 +94,7 @@ def test_hdf5_is_read_lazily_in_any_order(tmp_path):
     write_hdf5(tmp_path, "images", (1, 8, 8), {"train": 20, "test": 10})
     cfg = load_config(None, ["data.name=hdf5", f"data.root={tmp_path}"]).data
     train = load_split(cfg, "train")
-    assert train._normalized is None  # not loaded into memory
+    assert train._raw is None  # not loaded into memory
     with h5py.File(tmp_path / "train.h5") as fh:
         raw = fh["images"][:]
     rows = [7, 2, 7, 19]

@@ -93,7 +93,8 @@ def _reads(log: Path) -> list[tuple[int, int]]:
 
 
 def _epoch(loader) -> list:
-    return [(images, labels, features["pre_logits"], logits) for images, labels, features, logits, _ in loader]
+    """Each batch's inputs (finished, as the training device gets them), labels, pre-logits and logits."""
+    return [(images.to("cpu"), labels, features["pre_logits"], logits) for images, labels, features, logits, _ in loader]
 
 
 def test_two_workers_serve_the_main_process_batches_and_decode_each_chunk_about_once(tmp_path):
@@ -165,7 +166,7 @@ def test_persistent_workers_serve_each_epochs_scheduled_views(tmp_path):
             images, _, _, got_logits = got
             assert torch.equal(got_logits, logits[idx, schedule[idx]])
             params = torch.from_numpy(data["view_params"][idx, schedule[idx]])
-            assert torch.equal(images, augmenter.apply(split.read(idx), params))
+            assert torch.equal(images.to("cpu"), augmenter.apply(split.read(idx), params))
     assert (schedules[0] != schedules[1]).all() and (schedules[1] != schedules[2]).all()
     assert len(np.unique(schedules[0])) == views
     assert all((by_sample[e] != by_sample[e + 1]).any(1).all() for e in range(2))  # each sample, another view
@@ -242,7 +243,7 @@ def test_student_views_equal_the_teacher_inputs_from_files_and_from_the_store(im
         dataset = CachedTargetDataset(images, targets, 2, view_augmenter(cfg.augment, images), "views")
         for v in range(cfg.extract.views):
             dataset.schedule = torch.full((len(split),), v)
-            batch = dataset.__getitems__(list(range(len(split))))[0]
+            batch = dataset.__getitems__(list(range(len(split))))[0].to("cpu")
             for i in range(len(split)):
                 assert torch.equal(batch[i], saw[(i, v)]), (i, v)
 

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from pipeline.augment import view_augmenter
 from pipeline.config import load_config
 from pipeline.data import load_splits
-from pipeline.engine import to_device
+from pipeline.rawviews import to_device
 from pipeline.student import train
 from pipeline.student.online import FreshViews, OnlineTeacher
 from pipeline.student.stream import CachedTargetDataset
@@ -49,7 +49,7 @@ def test_online_targets_equal_the_cached_targets_of_the_same_view(tiny_project, 
     for epoch in range(3):  # the schedule serves every view, augmented ones included
         images, _, features, logits, _ = cached.__getitems__([(epoch, i) for i in range(0, 64, 3)])
         served |= set(cached.schedule[:64:3].tolist())
-        online_features, online_logits = teacher(images, list(targets.feature_shapes))
+        online_features, online_logits = teacher(images.to("cpu"), list(targets.feature_shapes))
         torch.testing.assert_close(online_logits, logits, rtol=1e-4, atol=1e-4)
         for loc, value in features.items():
             torch.testing.assert_close(online_features[loc], value, rtol=1e-4, atol=1e-4)
@@ -79,14 +79,14 @@ def test_the_teacher_sees_exactly_what_the_student_trains_on(tiny_project, monke
     run.forward.forward = record_student
     batch = next(iter(run.loader))
     run.trainer(tmp_path / "run").train_step(to_device(batch, run.device))
-    assert torch.equal(seen["teacher"], seen["student"]) and torch.equal(seen["teacher"], batch[0])
+    assert torch.equal(seen["teacher"], seen["student"]) and torch.equal(seen["teacher"], batch[0].to("cpu"))
     features, logits = seen["criterion"]
     torch.testing.assert_close(logits, seen["targets"][1].float())
     assert set(features) == set(run.criterion.teacher_locations)
     # a fresh view per epoch, the same one for the same (epoch, sample): a resumed run draws it again
-    first = run.dataset.__getitems__([(0, i) for i in range(8)])[0]
-    assert torch.equal(first, run.dataset.__getitems__([(0, i) for i in range(8)])[0])
-    assert not torch.equal(first, run.dataset.__getitems__([(1, i) for i in range(8)])[0])
+    first = run.dataset.__getitems__([(0, i) for i in range(8)])[0].to("cpu")
+    assert torch.equal(first, run.dataset.__getitems__([(0, i) for i in range(8)])[0].to("cpu"))
+    assert not torch.equal(first, run.dataset.__getitems__([(1, i) for i in range(8)])[0].to("cpu"))
 
 
 def test_online_run_resumes_exactly_and_is_recorded(tiny_project, monkeypatch):

@@ -201,7 +201,7 @@ def _run_epoch(dataset, sampler, batch_size, split, data):
         torch.testing.assert_close(logits, torch.from_numpy(data["logits"][idx, 0].astype(np.float16)).float(),
                                    rtol=0, atol=0)
         assert torch.equal(labels, torch.from_numpy(data["labels"][idx]))
-        assert torch.equal(images, split.load(idx))
+        assert torch.equal(images.to("cpu"), split.load(idx))
     assert seen == len(order)
 
 

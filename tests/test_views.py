@@ -292,10 +292,10 @@ def test_online_policy_augments_freshly_with_clean_targets(extracted):
     images0, _, features, _, _ = dataset.__getitems__(list(range(96)))
     torch.testing.assert_close(features["pre_logits"], torch.from_numpy(stored["features.pre_logits"][:, 0]).float(),
                                rtol=0, atol=0)
-    assert not torch.equal(images0, train.load(range(96)))
+    assert not torch.equal(images0.to("cpu"), train.load(range(96)))
     dataset.set_epoch(1)
     images1, *_ = dataset.__getitems__(list(range(96)))
-    assert not torch.equal(images0, images1)  # fresh every epoch
+    assert not torch.equal(images0.to("cpu"), images1.to("cpu"))  # fresh every epoch
 
 
 # ---------------------------------------------------------------------------------------------

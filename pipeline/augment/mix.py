@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
+from pipeline import rawviews
 from pipeline.config import AugmentConfig
 from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
     from pipeline.augment.views import ViewAugmenter
 
-MIXUP, CUTMIX = 1, 2  # values of the `mix` field (0: not mixed)
+MIXUP, CUTMIX = rawviews.MIXUP, rawviews.CUTMIX  # values of the `mix` field (0: not mixed)
 
 
 class Mix(NamedTuple):
@@ -126,13 +127,7 @@ class Mixer:
 
 def mix_pixels(own: torch.Tensor, other: torch.Tensor, m: Mix) -> torch.Tensor:
     """The mixed view of a sample's normalized view `own` and its partner's `other`, by the fields `m`."""
-    if m.mix == CUTMIX:
-        top, left, height, width = m.box_top, m.box_left, m.box_height, m.box_width
-        mixed = own.clone()
-        mixed[..., top:top + height, left:left + width] = other[..., top:top + height, left:left + width]
-        return mixed
-    lam = torch.tensor(np.int32(m.lam_bits).view(np.float32).item(), dtype=own.dtype)
-    return own * lam + other * (1 - lam)
+    return rawviews.mix_pixels(own, other, m.mix, m.lam_bits, (m.box_top, m.box_left, m.box_height, m.box_width))
 
 
 def smoothed_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:

@@ -16,10 +16,11 @@ import torch
 
 from pipeline.augment.kinds import KINDS, Geometry, NoAugment
 from pipeline.augment.layout import ParamLayout
-from pipeline.augment.mix import UNMIXED, Mix, Mixer, mix_pixels, mixes
+from pipeline.augment.mix import CUTMIX, UNMIXED, Mix, Mixer, mixes
 from pipeline.augment.recipe import apply_erasing, apply_randaugment, has_recipe, recipe_transforms
 from pipeline.config import AugmentConfig
 from pipeline.errors import ConfigError
+from pipeline.rawviews import Erased, RawViews, normalize
 
 
 class ViewAugmenter:
@@ -132,56 +133,81 @@ class ViewAugmenter:
 
     def normalize(self, raw: torch.Tensor) -> torch.Tensor:
         """(raw * scale - mean) / std as float32, as `ImageSplit` normalizes (the same operations, in place)."""
-        return raw.to(torch.float32, copy=True).mul_(self.scale).sub_(self.mean).div_(self.std)
+        return normalize(raw, self.scale, self.mean, self.std)
 
     def apply(self, images: torch.Tensor, params: np.ndarray | torch.Tensor,
               partners: torch.Tensor | None = None) -> torch.Tensor:
-        """The normalized views of a batch, (B, *image_shape) float32: images (B, ..., H, W) the raw source
-        values, params (B, P); `partners` (B, ..., H, W): the raw source values of each row's partner sample
-        (`partners(params)`), needed where a view is mixed. The identity is the normalized centre crop.
+        """The normalized views of a batch, (B, *image_shape) float32, built here: `raw_views(...).finish()`."""
+        return self.raw_views(images, params, partners).finish()
 
-        The raw views are built per sample, then normalized as one batch (elementwise, so bit for bit
-        what per-sample normalization gives), then erased and mixed per sample."""
+    def raw_views(self, images: torch.Tensor, params: np.ndarray | torch.Tensor,
+                  partners: torch.Tensor | None = None) -> RawViews:
+        """The views of a batch as they cross to the device (`RawViews`): images (B, ..., H, W) the raw source
+        values, params (B, P); `partners` (B, ..., H, W): the raw source values of each row's partner sample
+        (`partners(params)`), needed where a view is mixed. The identity is the centre crop.
+
+        Each raw view is built per sample (the geometric base, then RandAugment), its erasing drawn from its
+        seed; normalizing, erasing and mixing happen where the batch is finished."""
         if isinstance(self.kind, NoAugment) and not self.has_recipe and not self.mixes:
-            return self.normalize(self.centre_crop(images))
+            return self._batch(self.centre_crop(images), Erased.none())
         params = torch.as_tensor(params).tolist()
-        out = self._views(images, [p[self.layout["own"]] for p in params])
+        raw, erased = self._raw_views(images, [p[self.layout["own"]] for p in params])
         mix = [Mix(*p[self.layout["mix"]]) if self.mixes else UNMIXED for p in params]
         mixed = [b for b, m in enumerate(mix) if m.mix > 0]
-        if mixed:
-            if partners is None:
-                raise ValueError("a mixed view needs its partner's pixels (partners=...)")
-            others = self._views(partners[mixed], [params[b][self.layout["partner"]] for b in mixed])
-            for other, b in zip(others, mixed):
-                out[b] = mix_pixels(out[b], other, mix[b])
-        return out
+        if not mixed:
+            return self._batch(raw, erased)
+        if partners is None:
+            raise ValueError("a mixed view needs its partner's pixels (partners=...)")
+        others, others_erased = self._raw_views(partners[mixed], [params[b][self.layout["partner"]] for b in mixed])
+        if self.erasing is None:  # cutmix pastes raw pixels as it pastes normalized ones: no partner crosses
+            for j, b in enumerate(mixed):
+                if mix[b].mix == CUTMIX:
+                    m = mix[b]
+                    box = (..., slice(m.box_top, m.box_top + m.box_height), slice(m.box_left, m.box_left + m.box_width))
+                    raw[b][box] = others[j][box]
+            keep = [j for j, b in enumerate(mixed) if mix[b].mix != CUTMIX]
+            mixed, others = [mixed[j] for j in keep], others[keep]
+            if not mixed:
+                return self._batch(raw, erased)
+        return self._batch(raw, erased, partners=others, partner_erased=others_erased,
+                           mix_rows=torch.tensor(mixed, dtype=torch.int64),
+                           mix_kinds=torch.tensor([mix[b].mix for b in mixed], dtype=torch.int64),
+                           mix_lam_bits=torch.tensor([mix[b].lam_bits for b in mixed], dtype=torch.int64),
+                           mix_boxes=torch.tensor([[mix[b].box_top, mix[b].box_left, mix[b].box_height,
+                                                    mix[b].box_width] for b in mixed], dtype=torch.int64))
 
-    def _views(self, images: torch.Tensor, own: list[list[int]]) -> torch.Tensor:
-        """Unmixed normalized views (B, *image_shape) from each row's own fields: the base and RandAugment
-        on each raw image, the normalization of the batch, then each view's erasing."""
-        raws = []
-        for image, p in zip(images, own):
+    def _batch(self, raw: torch.Tensor, erased: Erased, **mix) -> RawViews:
+        return RawViews(raw, self.scale, self.mean, self.std, erased, **mix)
+
+    def _raw_views(self, images: torch.Tensor, own: list[list[int]]) -> tuple[torch.Tensor, Erased]:
+        """Unmixed raw views (B, *image_shape) from each row's own fields (the base and RandAugment on each
+        raw image), and the boxes each view's erasing writes."""
+        raws, patches = [], []
+        for b, (image, p) in enumerate(zip(images, own)):
             raw = self.kind.apply(image, p[self.layout["base"]])
             seed = self._recipe_seed(p)
             if seed >= 0 and self.randaugment is not None:
                 raw = self._randaugment(raw, seed)
             raws.append(raw)
-        out = self.normalize(torch.stack(raws))
-        if self.erasing is not None:
-            for b, p in enumerate(own):
-                seed = self._recipe_seed(p)
-                if seed >= 0:
-                    apply_erasing(self.erasing, out[b], seed)  # in place
-        return out
+            if seed >= 0 and self.erasing is not None:
+                patches += [(b, box, values) for box, values in self._erased(seed, tuple(raw.shape))]
+        return torch.stack(raws), Erased.of(patches)
+
+    def _apply_own(self, image: torch.Tensor, p: list[int]) -> torch.Tensor:
+        """One unmixed view of one raw image from its own fields, normalized."""
+        return self._batch(*self._raw_views(image[None], [p])).finish()[0]
+
+    def _erased(self, seed: int, shape: tuple[int, ...]) -> list[tuple[tuple[int, int, int, int], torch.Tensor]]:
+        """The (box, values) timm's erasing with `seed` writes into a view of `shape`, in order: run on a
+        stand-in that records its writes (its boxes and values never depend on the view's values)."""
+        canvas = _Canvas(shape)
+        apply_erasing(self.erasing, canvas, seed)
+        return canvas.writes
 
     def _recipe_seed(self, own: list[int]) -> int:
         """The recipe seed of a view's own fields; -1 (no recipe) without one."""
         (seed,) = own[self.layout["recipe"]] or [-1]
         return seed
-
-    def _apply_own(self, image: torch.Tensor, p: list[int]) -> torch.Tensor:
-        """One unmixed view of one raw image from its own fields, normalized."""
-        return self._views(image[None], [p])[0]
 
     def _randaugment(self, raw: torch.Tensor, seed: int) -> torch.Tensor:
         """timm's RandAugment on the uint8 image (C, H, W), under generators seeded from `seed`."""
@@ -218,3 +244,19 @@ def view_augmenter(cfg: AugmentConfig, split) -> ViewAugmenter:
     """The augmenter for an `ImageSplit`: its input and source shapes and its normalization."""
     return ViewAugmenter(cfg, tuple(split.image_shape), mean=split.mean, std=split.std, scale=split.scale,
                          source_shape=tuple(split.source_shape))
+
+
+class _Canvas:
+    """A view (C, H, W) as timm's RandomErasing sees it -- its size and dtype -- that records the boxes
+    and values erasing assigns instead of holding pixels."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape, self.dtype = torch.Size(shape), torch.float32
+        self.writes: list[tuple[tuple[int, int, int, int], torch.Tensor]] = []
+
+    def size(self) -> torch.Size:
+        return self.shape
+
+    def __setitem__(self, key, values: torch.Tensor) -> None:
+        _, rows, cols = key  # img[:, top:top + h, left:left + w] = values
+        self.writes.append(((rows.start, cols.start, rows.stop - rows.start, cols.stop - cols.start), values))

@@ -20,6 +20,7 @@ from pipeline.augment import ViewAugmenter, partner_inputs, smoothed_one_hot, vi
 from pipeline.config import Config
 from pipeline.data import ImageSplit
 from pipeline.errors import StoreError
+from pipeline.rawviews import RawViews
 from pipeline.samplers import ChunkShuffleSampler
 from pipeline.targets import TeacherTargets, check_student_targets, feature_array, student_teacher_sha
 
@@ -62,12 +63,13 @@ def fresh_params(augmenter: ViewAugmenter, indices: torch.Tensor, epoch: int, nu
 
 
 def view_inputs(images: ImageSplit, augmenter: ViewAugmenter, indices: list[int], params: torch.Tensor,
-                smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(inputs, labels, training targets) of the views `params` (B, P) of samples `indices`: the label
+                smoothing: float = 0.0) -> tuple[RawViews, torch.Tensor, torch.Tensor]:
+    """(inputs, finished on the device, labels, training targets) of the views `params` (B, P) of samples
+    `indices`: the label
     is the sample's class, the target the label, or the soft one of a mixed view or label smoothing."""
     labels = images.labels[torch.as_tensor(indices)]
     pixels = images.read(indices)
-    inputs = augmenter.apply(pixels, params, partner_inputs(images, augmenter, params, pixels))
+    inputs = augmenter.raw_views(pixels, params, partner_inputs(images, augmenter, params, pixels))
     if augmenter.mixes or smoothing > 0:
         return inputs, labels, augmenter.targets(labels, params, images.labels, images.num_classes, smoothing)
     return inputs, labels, labels
@@ -163,7 +165,7 @@ class CachedTargetDataset(Dataset):
                 params[rows] = data["view_params"][local, views[rows]]
         if self.augmenter is None:
             labels = targets = self.images.labels[idx]
-            images = self.images.load(indices)
+            images = self.images.load_views(indices)
             if self.smoothing > 0:
                 targets = smoothed_one_hot(labels, self.images.num_classes, self.smoothing)
         else:
@@ -173,5 +175,6 @@ class CachedTargetDataset(Dataset):
         return images, labels, features, logits, targets
 
     def __getitem__(self, i: int):
+        """One sample, its input finished here (a loader serves batches through `__getitems__`)."""
         images, labels, features, logits, targets = self.__getitems__([i])
-        return images[0], labels[0], {loc: f[0] for loc, f in features.items()}, logits[0], targets[0]
+        return images.finish()[0], labels[0], {loc: f[0] for loc, f in features.items()}, logits[0], targets[0]

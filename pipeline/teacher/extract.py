@@ -16,6 +16,7 @@ from pipeline.config import Config
 from pipeline.data import data_loader, load_splits
 from pipeline.dvcrepo import dvc_copies
 from pipeline.errors import BkdError
+from pipeline.rawviews import device_batches
 from pipeline.teacher.fast import prepare_teacher, resolve_extract
 from pipeline.teacher.models import load_teacher, teacher_outputs
 from pipeline.teacher.plan import check_fits
@@ -105,8 +106,8 @@ class ShardExtractor:
             digests[rows], params[rows] = batch["digests"], batch["params"]
             if images is not None:
                 images[rows] = batch["raw"]
-            for v, view in enumerate(batch["views"]):
-                f, z = self.teacher.outputs(view.to(self.device, non_blocking=True), ex.features)
+            for v, view in enumerate(device_batches(batch["views"], self.device)):  # the next view in a side stream
+                f, z = self.teacher.outputs(view, ex.features)
                 for loc, values in f.items():
                     features[loc][rows, v] = values.float().cpu().numpy()
                 logits[rows, v] = z.float().cpu().numpy()
@@ -134,7 +135,7 @@ class ShardExtractor:
 
 class ViewBatches(Dataset):
     """Item i: one extraction batch of a split (rows `spans[i]`) made ready for the teacher -- the
-    rows' pixel digests, their views' parameters and every view's input (V, B, ...), and with
+    rows' pixel digests, their views' parameters and every view's input (V `RawViews` of B rows), and with
     `keep_raw` the raw source pixels (for the store's images). Runs in loader workers: decoding,
     digests and view building overlap the teacher's forward."""
 
@@ -150,8 +151,8 @@ class ViewBatches(Dataset):
         raw = split.load_raw(range(start, stop))  # one read per batch, whatever the number of views
         pixels = torch.from_numpy(np.ascontiguousarray(raw))
         params = augmenter.draw(np.arange(start, stop), self.views, num_samples=len(split))
-        views = torch.stack([augmenter.apply(pixels, params[:, v], partner_inputs(split, augmenter, params[:, v], pixels))
-                             for v in range(self.views)])
+        views = [augmenter.raw_views(pixels, params[:, v], partner_inputs(split, augmenter, params[:, v], pixels))
+                 for v in range(self.views)]  # finished on the teacher's device
         return {"start": start, "digests": pixel_digests(raw), "params": params, "views": views,
                 "raw": raw if self.keep_raw else None}
 
