@@ -126,9 +126,15 @@ class RawViews:
         return self._map(lambda t: t.pin_memory())
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> torch.Tensor:
-        """The finished views (B, ...) float32 on `device`: the batch moved there (as it is: uint8 images
-        stay one byte a pixel), normalized, erased and mixed there."""
-        moved = self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        """The finished views (B, ...) float32 on `device`: the pixels and values moved there (as they are:
+        uint8 images stay one byte a pixel), normalized, erased and mixed there. Rows, boxes and mix fields
+        stay on the host, where the loops over them read them without waiting for the device."""
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        moved = dataclasses.replace(
+            self, raw=move(self.raw), mean=move(self.mean), std=move(self.std),
+            partners=None if self.partners is None else move(self.partners),
+            erased=dataclasses.replace(self.erased, values=move(self.erased.values)),
+            partner_erased=dataclasses.replace(self.partner_erased, values=move(self.partner_erased.values)))
         return moved.finish()
 
     def finish(self) -> torch.Tensor:
