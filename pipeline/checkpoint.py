@@ -96,7 +96,8 @@ def same_weights(a: bytes, b: bytes) -> bool:
         except ValueError:
             return None, data
 
-    return split(a) == split(b) and split(a)[0] is not None
+    header, payload = split(a)
+    return header is not None and (header, payload) == split(b)
 
 
 def write_weights_bytes(data: bytes, path: str | Path) -> None:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.config import DataConfig, LoaderConfig
 from pipeline.digests import split_fingerprint
 from pipeline.errors import BkdError, ConfigError, DataError
-from pipeline.rawviews import RawViews, normalize
+from pipeline.rawviews import RawViews
 from pipeline.sources import DATASETS, ArraySource, HDF5Source, Source
 
 
@@ -60,10 +60,6 @@ class ImageSplit(Dataset):
         self._raw = torch.from_numpy(np.ascontiguousarray(source.read(self.ids))) if isinstance(source, ArraySource) \
             else None
 
-    def _normalize(self, raw: np.ndarray | torch.Tensor) -> torch.Tensor:
-        raw = torch.from_numpy(np.ascontiguousarray(raw)) if isinstance(raw, np.ndarray) else raw
-        return normalize(raw, self.scale, self.mean, self.std)
-
     def __len__(self) -> int:
         return len(self.ids)
 
@@ -82,10 +78,7 @@ class ImageSplit(Dataset):
 
     def load(self, indices) -> torch.Tensor:
         """Normalized inputs (len(indices), *image_shape) for rows of this split (the clean input)."""
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if self._raw is not None:
-            return self._normalize(self.centre_crop(self._raw[torch.from_numpy(idx)]))
-        return self._normalize(self.centre_crop(torch.from_numpy(self.source.read(self.ids[idx]))))
+        return self.load_views(indices).finish()
 
     def load_views(self, indices) -> RawViews:
         """The clean inputs of rows of this split as they cross to the device (`RawViews`: the raw values,

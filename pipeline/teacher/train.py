@@ -54,11 +54,10 @@ def write_teacher_weights(path: str | Path, data: bytes, overwrite: bool, own: s
     """Write `data` at `path` if `check_teacher_weights` allows it; equal weights already there are kept
     as they are (the same tensors and metadata need not be the same bytes, and a store extracted from the
     file names its hash). `record(sha256)`: told the hash of the file that ends up there, before it is written."""
-    check_teacher_weights(path, overwrite, own=own, data=data)
-    path = Path(path)
-    if path.is_file() and checkpoint.same_weights(path.read_bytes(), data):
+    found = check_teacher_weights(path, overwrite, own=own, data=data)  # the sha256 of what is there
+    if found is not None and checkpoint.same_weights(Path(path).read_bytes(), data):
         if record:
-            record(hashlib.sha256(path.read_bytes()).hexdigest())
+            record(found)
         return
     if record:
         record(hashlib.sha256(data).hexdigest())  # before the file: a crash between is resumable
